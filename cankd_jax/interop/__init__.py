@@ -1,0 +1,1 @@
+"""Bridges to other frameworks' checkpoints (PyTorch: `cankd_jax.interop.torch`)."""

@@ -1,0 +1,117 @@
+"""CanKD loss parameters to and from the official PyTorch `NLKD_IN_Loss` layout.
+
+Official keys (under `prefix`, e.g. a distiller's `distill_losses.loss_s0.`):
+
+    non_local_att.att.theta.{weight,bias}            (Ci, C, 1, 1), (Ci,)   not in 'gaussian'
+    non_local_att.att.phi[.0].{weight,bias}          ".0" only with sub_sample
+    non_local_att.att.concatination.0.weight         (1, 2Ci, 1, 1)         'concatenation' only
+    non_local_att.g[.0].{weight,bias}
+    non_local_att.W.0.{weight,bias}                  conv Ci -> C           bn_layer=True
+    non_local_att.W.1.{weight,bias,running_mean,running_var,num_batches_tracked}
+    non_local_att.W.{weight,bias}                    bare conv              bn_layer=False
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Optional
+
+import numpy as np
+
+from cankd_jax.interop.state_dict import StateDictReader, conv1x1_from_flax, conv1x1_to_flax
+from cankd_jax.losses.cankd import ATTENTIONS, default_inter_channels
+from cankd_jax.losses.checks import check_choice
+
+_BLOCK = "non_local_att."
+
+
+def _torch_names(*, sub_sample: bool, bn_layer: bool, attention: str) -> dict[str, str]:
+    """Our conv names in `NonLocalBlock` -> the official module paths (without `non_local_att.`)."""
+    pooled = ".0" if sub_sample else ""
+    names = {"g": "g" + pooled}
+    if attention != "gaussian":
+        names.update(theta="att.theta", phi="att.phi" + pooled)
+    names["W"] = "W.0" if bn_layer else "W"
+    return names
+
+
+def load_cankd_loss(
+    state_dict: Mapping[str, Any],
+    *,
+    in_channels: int,
+    inter_channels: Optional[int] = None,
+    sub_sample: bool = True,
+    bn_layer: bool = True,
+    attention: str = "dot",
+    prefix: str = "",
+    strict: bool = True,
+) -> dict[str, Any]:
+    """Flax variables `{'params', 'batch_stats'}` for `CanKDLoss` from an official state dict.
+
+    The options must be the ones the PyTorch module was built with (they decide
+    which keys exist). Values may be torch tensors or numpy arrays. Missing or
+    mis-shaped keys raise a `ValueError` naming them; with `strict`, so do keys
+    under `prefix + 'non_local_att.'` that belong to no parameter.
+    """
+    check_choice(attention, ATTENTIONS, field="attention", loss="load_cankd_loss")
+    c, ci = in_channels, inter_channels or default_inter_channels(in_channels)
+    rd = StateDictReader(state_dict, prefix + _BLOCK)
+    params: dict[str, Any] = {}
+    for ours, theirs in _torch_names(sub_sample=sub_sample, bn_layer=bn_layer, attention=attention).items():
+        c_in, c_out = (ci, c) if ours == "W" else (c, ci)
+        w = rd.get(f"{theirs}.weight", (c_out, c_in, 1, 1))
+        b = rd.get(f"{theirs}.bias", (c_out,))
+        if w is not None and b is not None:
+            params[ours] = {"kernel": conv1x1_to_flax(w), "bias": b.copy()}
+    if attention == "concatenation":
+        w = rd.get("att.concatination.0.weight", (1, 2 * ci, 1, 1))
+        if w is not None:
+            params["concat_project"] = {"kernel": conv1x1_to_flax(w)}
+    batch_stats: dict[str, Any] = {}
+    if bn_layer:
+        bn = {k: rd.get(f"W.1.{k}", (c,)) for k in ("weight", "bias", "running_mean", "running_var")}
+        count = rd.get("W.1.num_batches_tracked", ())
+        if all(v is not None for v in bn.values()) and count is not None:
+            params["W_bn"] = {"scale": bn["weight"].copy(), "bias": bn["bias"].copy()}
+            batch_stats["W_bn"] = {
+                "mean": bn["running_mean"].copy(),
+                "var": bn["running_var"].copy(),
+                "num_batches_tracked": np.asarray(count, np.int32),
+            }
+    rd.finish(strict=strict)
+    out: dict[str, Any] = {"params": {"non_local_att": params}}
+    if batch_stats:
+        out["batch_stats"] = {"non_local_att": batch_stats}
+    return out
+
+
+def export_cankd_loss(
+    variables: Mapping[str, Any],
+    *,
+    sub_sample: bool = True,
+    bn_layer: bool = True,
+    attention: str = "dot",
+    prefix: str = "",
+) -> dict[str, np.ndarray]:
+    """The inverse of `load_cankd_loss`: official keys -> numpy arrays.
+
+    Also maps any pytree shaped like the variables (e.g. gradients) to the
+    official names. `num_batches_tracked` is int64, as PyTorch stores it.
+    """
+    check_choice(attention, ATTENTIONS, field="attention", loss="export_cankd_loss")
+    params = variables["params"]["non_local_att"]
+    out: dict[str, np.ndarray] = {}
+    key = lambda k: prefix + _BLOCK + k  # noqa: E731
+    for ours, theirs in _torch_names(sub_sample=sub_sample, bn_layer=bn_layer, attention=attention).items():
+        out[key(f"{theirs}.weight")] = conv1x1_from_flax(np.asarray(params[ours]["kernel"]))
+        out[key(f"{theirs}.bias")] = np.asarray(params[ours]["bias"])
+    if attention == "concatenation":
+        out[key("att.concatination.0.weight")] = conv1x1_from_flax(np.asarray(params["concat_project"]["kernel"]))
+    if bn_layer:
+        out[key("W.1.weight")] = np.asarray(params["W_bn"]["scale"])
+        out[key("W.1.bias")] = np.asarray(params["W_bn"]["bias"])
+        stats = variables.get("batch_stats", {}).get("non_local_att", {}).get("W_bn")
+        if stats is not None:
+            out[key("W.1.running_mean")] = np.asarray(stats["mean"])
+            out[key("W.1.running_var")] = np.asarray(stats["var"])
+            out[key("W.1.num_batches_tracked")] = np.asarray(stats["num_batches_tracked"], np.int64)
+    return out

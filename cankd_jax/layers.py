@@ -1,0 +1,139 @@
+"""Layers shared by the losses and the networks, with PyTorch's semantics.
+
+Parameters move between this library and PyTorch checkpoints in both directions,
+so the pieces both sides have (default initialisation, BatchNorm statistics)
+follow PyTorch exactly rather than Flax's defaults. All arrays are NHWC.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+Dtype = Any
+Initializer = Callable[..., Array]
+
+# PyTorch's default conv/linear weight init is kaiming_uniform(a=sqrt(5)), i.e.
+# U(-1/sqrt(fan_in), 1/sqrt(fan_in)) = variance_scaling(1/3, fan_in, uniform).
+# Flax kernels are (..., in, out), so fan_in counts every axis but the last.
+torch_kernel_init: Initializer = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+def torch_bias_init(fan_in: int) -> Initializer:
+    """PyTorch's default bias init: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+    bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
+
+    def init(key: Array, shape, dtype=jnp.float32) -> Array:
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
+class Conv1x1(nn.Module):
+    """A 1x1 convolution, computed as a matmul over the channel axis.
+
+    Input `(..., C_in)`, output `(..., features)`. Params: `kernel (C_in, features)`
+    (PyTorch's `weight[:, :, 0, 0].T`) and `bias (features,)`. Default init is
+    PyTorch's Conv2d default, so a fresh module matches a fresh PyTorch one in law.
+    """
+
+    features: int
+    use_bias: bool = True
+    kernel_init: Initializer = torch_kernel_init
+    bias_init: Optional[Initializer] = None  # None: PyTorch's fan-in uniform
+    dtype: Optional[Dtype] = None
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        c_in = x.shape[-1]
+        kernel = self.param("kernel", self.kernel_init, (c_in, self.features), self.param_dtype)
+        dtype = self.dtype or jnp.result_type(x, kernel)
+        y = jnp.einsum("...c,cd->...d", x.astype(dtype), kernel.astype(dtype))
+        if self.use_bias:
+            bias_init = self.bias_init or torch_bias_init(c_in)
+            bias = self.param("bias", bias_init, (self.features,), self.param_dtype)
+            y = y + bias.astype(dtype)
+        return y
+
+
+class BatchNorm(nn.Module):
+    """BatchNorm over every axis but the last, with PyTorch's statistics.
+
+    Differences from `flax.linen.BatchNorm`, all to match `torch.nn.BatchNorm2d`:
+    `momentum` is PyTorch's (weight of the *new* batch, default 0.1); the running
+    variance is updated with the unbiased batch variance; a `num_batches_tracked`
+    counter is kept so PyTorch state dicts round-trip exactly. Normalisation in
+    training uses the biased batch variance. Statistics are computed in float32.
+
+    Under `jax.jit` with a sharded batch the reductions are over the global batch
+    (GSPMD inserts the cross-device sums), so no `axis_name` is needed.
+
+    Variables: `params` {scale, bias} (C,), `batch_stats` {mean, var} (C,) and
+    `num_batches_tracked` () int32.
+    """
+
+    use_running_average: Optional[bool] = None
+    momentum: float = 0.1
+    epsilon: float = 1e-5
+    use_scale: bool = True
+    use_bias: bool = True
+    scale_init: Initializer = nn.initializers.ones
+    bias_init: Initializer = nn.initializers.zeros
+    dtype: Optional[Dtype] = None
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array, use_running_average: Optional[bool] = None) -> Array:
+        use_ra = nn.merge_param("use_running_average", self.use_running_average, use_running_average)
+        c = x.shape[-1]
+        ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((c,), jnp.float32))
+        ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((c,), jnp.float32))
+        count = self.variable("batch_stats", "num_batches_tracked", lambda: jnp.zeros((), jnp.int32))
+        x32 = x.astype(jnp.float32)
+        if use_ra:
+            mean, var = ra_mean.value, ra_var.value
+        else:
+            axes = tuple(range(x.ndim - 1))
+            mean = jnp.mean(x32, axis=axes)
+            var = jnp.mean(jnp.square(x32 - mean), axis=axes)
+            if not self.is_initializing():
+                n = math.prod(x.shape[:-1])
+                unbiased = var * (n / max(n - 1, 1))
+                m = self.momentum
+                ra_mean.value = (1.0 - m) * ra_mean.value + m * mean
+                ra_var.value = (1.0 - m) * ra_var.value + m * unbiased
+                count.value = count.value + 1
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.epsilon)
+        if self.use_scale:
+            y = y * self.param("scale", self.scale_init, (c,), self.param_dtype).astype(jnp.float32)
+        if self.use_bias:
+            y = y + self.param("bias", self.bias_init, (c,), self.param_dtype).astype(jnp.float32)
+        return y.astype(self.dtype or x.dtype)
+
+
+def instance_norm(x: Array, epsilon: float = 1e-5) -> Array:
+    """Instance norm without affine parameters, as `torch.nn.InstanceNorm2d`.
+
+    `x (B, H, W, C)`: per sample and channel, subtract the mean over (H, W) and
+    divide by sqrt(biased variance + epsilon). Computed in float32.
+    """
+    x = x.astype(jnp.float32)
+    mean = jnp.mean(x, axis=(1, 2), keepdims=True)
+    var = jnp.mean(jnp.square(x - mean), axis=(1, 2), keepdims=True)
+    return (x - mean) * jax.lax.rsqrt(var + epsilon)
+
+
+def max_pool_2x2(x: Array) -> Array:
+    """2x2 max-pool, stride 2, VALID (odd edges dropped), as `nn.MaxPool2d(2)`.
+
+    `(B, H, W, C) -> (B, H // 2, W // 2, C)`. Uses reduce_window, whose gradient
+    goes to one maximum per window as in PyTorch (a reshape-max would split it
+    between ties).
+    """
+    return nn.max_pool(x, window_shape=(2, 2), strides=(2, 2), padding="VALID")

@@ -1,0 +1,56 @@
+"""Losses chosen by name, so a config names a loss instead of a code path."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+
+from cankd_jax.losses.at import ATLoss
+from cankd_jax.losses.cankd import CanKDLoss, SelfNonLocalLoss
+from cankd_jax.losses.cwd import CWDLoss
+from cankd_jax.losses.fitnet import L2Loss
+from cankd_jax.losses.mgd import MGDLoss
+from cankd_jax.losses.pkd import PKDLoss
+
+LOSSES: dict[str, type[nn.Module]] = {
+    "cankd": CanKDLoss,
+    "nonlocal_self": SelfNonLocalLoss,
+    "fitnet": L2Loss,
+    "l2": L2Loss,
+    "pkd": PKDLoss,
+    "mgd": MGDLoss,
+    "cwd": CWDLoss,
+    "at": ATLoss,
+}
+
+_MODULE_FIELDS = {"parent", "name"}
+
+
+def loss_fields(name: str) -> tuple[str, ...]:
+    """The keyword arguments `make_loss(name, ...)` accepts."""
+    cls = _lookup(name)
+    return tuple(f.name for f in dataclasses.fields(cls) if f.name not in _MODULE_FIELDS)
+
+
+def make_loss(name: str, **kwargs: Any) -> nn.Module:
+    """Build a distillation loss by registry name, e.g. `make_loss('cankd', in_channels=256, loss_weight=10)`.
+
+    Every loss is called as `loss.apply(variables, student, teacher, train=...)`
+    on NHWC maps and returns a float32 scalar. Unknown names and unknown or
+    misspelt options raise a `ValueError` that lists the valid ones.
+    """
+    cls = _lookup(name)
+    allowed = loss_fields(name)
+    unknown = sorted(set(kwargs) - set(allowed) - {"name"})
+    if unknown:
+        raise ValueError(f"loss {name!r} has no option(s) {', '.join(unknown)}; its options are {', '.join(allowed)}")
+    return cls(**kwargs)
+
+
+def _lookup(name: str) -> type[nn.Module]:
+    try:
+        return LOSSES[name.lower()]
+    except (KeyError, AttributeError):
+        raise ValueError(f"unknown loss {name!r}; choose one of {', '.join(sorted(LOSSES))}") from None

@@ -1,0 +1,43 @@
+"""Shared test helpers: NHWC <-> NCHW conversion and float32 comparisons."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))  # tests import torch_reference as a module
+
+
+def nchw(x: np.ndarray):
+    """NHWC numpy -> NCHW torch tensor (float32, a copy)."""
+    import torch
+
+    return torch.from_numpy(np.array(np.transpose(np.asarray(x, np.float32), (0, 3, 1, 2))))
+
+
+def nhwc(t) -> np.ndarray:
+    """NCHW torch tensor -> NHWC numpy."""
+    return np.transpose(t.detach().cpu().numpy(), (0, 2, 3, 1))
+
+
+def assert_close(actual, expected, *, rtol: float = 1e-4, scale: float | None = None, what: str = "") -> None:
+    """float32-rounding agreement: elementwise rtol, plus an atol of rtol x `scale`.
+
+    `scale` defaults to the largest |expected|; pass a larger one for a tensor
+    that is zero up to rounding (e.g. the gradient of a bias that a train-mode
+    BatchNorm cancels), which is then compared to the scale of its neighbours.
+    """
+    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
+    if scale is None:
+        scale = float(np.max(np.abs(expected))) if expected.size else 0.0
+    scale = max(scale, 1e-30)
+    np.testing.assert_allclose(actual, expected, rtol=rtol, atol=rtol * scale, err_msg=what)
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(0)
