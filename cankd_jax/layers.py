@@ -53,13 +53,23 @@ class Conv1x1(nn.Module):
     def __call__(self, x: Array) -> Array:
         c_in = x.shape[-1]
         kernel = self.param("kernel", self.kernel_init, (c_in, self.features), self.param_dtype)
-        dtype = self.dtype or jnp.result_type(x, kernel)
-        y = jnp.einsum("...c,cd->...d", x.astype(dtype), kernel.astype(dtype))
+        bias = None
         if self.use_bias:
-            bias_init = self.bias_init or torch_bias_init(c_in)
-            bias = self.param("bias", bias_init, (self.features,), self.param_dtype)
-            y = y + bias.astype(dtype)
-        return y
+            bias = self.param("bias", self.bias_init or torch_bias_init(c_in), (self.features,), self.param_dtype)
+        return dense_nhwc(x, kernel, bias, dtype=self.dtype)
+
+
+def dense_nhwc(x: Array, kernel: Array, bias: Optional[Array] = None, *, dtype: Optional[Dtype] = None) -> Array:
+    """`(..., C_in) @ (C_in, C_out) + bias` with the leading axes flattened first.
+
+    One 2-D matmul: on CPU its weight gradient is about twice as fast as the
+    same contraction written as a 4-D einsum (which XLA lowers with transposes).
+    """
+    dtype = dtype or jnp.result_type(x, kernel)
+    y = jnp.dot(x.reshape(-1, x.shape[-1]).astype(dtype), kernel.astype(dtype))
+    if bias is not None:
+        y = y + bias.astype(dtype)
+    return y.reshape(*x.shape[:-1], kernel.shape[-1])
 
 
 class BatchNorm(nn.Module):
@@ -132,8 +142,13 @@ def instance_norm(x: Array, epsilon: float = 1e-5) -> Array:
 def max_pool_2x2(x: Array) -> Array:
     """2x2 max-pool, stride 2, VALID (odd edges dropped), as `nn.MaxPool2d(2)`.
 
-    `(B, H, W, C) -> (B, H // 2, W // 2, C)`. Uses reduce_window, whose gradient
-    goes to one maximum per window as in PyTorch (a reshape-max would split it
-    between ties).
+    `(B, H, W, C) -> (B, H // 2, W // 2, C)`, as a reshape and a max: forward and
+    backward about 3x faster on CPU than reduce_window/select_and_scatter. The
+    one difference from PyTorch is where a window holds tied maxima: PyTorch
+    sends the gradient to one of them, this splits it evenly. Ties come from
+    identical inputs (e.g. zero padding), for which the gradient reaching the
+    parameters before the pool is the same either way.
     """
-    return nn.max_pool(x, window_shape=(2, 2), strides=(2, 2), padding="VALID")
+    b, h, w, c = x.shape
+    x = x[:, : h - h % 2, : w - w % 2]
+    return jnp.max(x.reshape(b, h // 2, 2, w // 2, 2, c), axis=(2, 4))

@@ -25,7 +25,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from cankd_jax.layers import BatchNorm, Conv1x1, instance_norm, max_pool_2x2, torch_kernel_init
+from cankd_jax.layers import BatchNorm, Conv1x1, dense_nhwc, instance_norm, max_pool_2x2, torch_bias_init, torch_kernel_init
 from cankd_jax.losses import attention as attn
 from cankd_jax.losses.checks import check_choice, check_feature_pair
 
@@ -52,6 +52,17 @@ class _ConcatScores(nn.Module):
         return q @ w[:ci, 0], k @ w[ci:, 0]
 
 
+class _Conv1x1Params(nn.Module):
+    """The parameters of a `Conv1x1` (same names and init) without applying it, for fused projections."""
+
+    features: int
+
+    @nn.compact
+    def __call__(self, c_in: int) -> tuple[Array, Array]:
+        kernel = self.param("kernel", torch_kernel_init, (c_in, self.features), jnp.float32)
+        return kernel, self.param("bias", torch_bias_init(c_in), (self.features,), jnp.float32)
+
+
 class NonLocalBlock(nn.Module):
     """Non-local operation: queries from `x`, keys and values from `context`.
 
@@ -76,12 +87,16 @@ class NonLocalBlock(nn.Module):
         pool = max_pool_2x2 if self.sub_sample else (lambda y: y)
         conv = lambda name: Conv1x1(ci, dtype=self.dtype, name=name)  # noqa: E731
 
-        v = pool(conv("g")(context)).reshape(b, -1, ci)
         if self.attention == "gaussian":  # raw maps, no theta/phi
+            v = pool(conv("g")(context))
             q, k = x.astype(v.dtype), pool(context).astype(v.dtype)
         else:
-            q, k = conv("theta")(x), pool(conv("phi")(context))
-        q, k = q.reshape(b, h * w, -1), k.reshape(b, -1, k.shape[-1])
+            q = conv("theta")(x)
+            # phi and g read the same map: one matmul with 2*Ci outputs and one pool.
+            (phi_k, phi_b), (g_k, g_b) = _Conv1x1Params(ci, name="phi")(c), _Conv1x1Params(ci, name="g")(c)
+            kv = pool(dense_nhwc(context, jnp.concatenate([phi_k, g_k], 1), jnp.concatenate([phi_b, g_b]), dtype=self.dtype))
+            k, v = kv[..., :ci], kv[..., ci:]
+        q, k, v = q.reshape(b, h * w, -1), k.reshape(b, -1, k.shape[-1]), v.reshape(b, -1, ci)
 
         if self.attention == "dot":
             y = attn.dot_attention(q, k, v, impl=self.impl)
