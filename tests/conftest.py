@@ -5,8 +5,13 @@ from __future__ import annotations
 import os
 import sys
 
-import numpy as np
-import pytest
+# Four host CPU devices for the sharding tests; set before jax is first imported.
+# Single-device code is unaffected (it runs on device 0).
+if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4").strip()
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))  # tests import torch_reference as a module
 

@@ -1,0 +1,1 @@
+"""The training system: train state, sharded step, optimizer, checkpoints."""

@@ -1,0 +1,123 @@
+"""Optimizer recipes and the Orbax checkpointer."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from cankd_jax.train.checkpoint import Checkpointer
+from cankd_jax.train.optim import make_optimizer, make_schedule
+
+
+def _cfg(**kw):
+    return ml_collections.ConfigDict(kw)
+
+
+def test_poly_schedule_is_mmseg_polylr():
+    s = make_schedule(_cfg(lr=0.01, schedule="poly", power=0.9, min_lr=1e-4), total_steps=80_000)
+    for t in (0, 1, 40_000, 79_999, 80_000):
+        expected = (0.01 - 1e-4) * (1 - t / 80_000) ** 0.9 + 1e-4
+        np.testing.assert_allclose(float(s(t)), expected, rtol=1e-5)
+
+
+def test_warmup_then_steps_is_the_detection_recipe():
+    s = make_schedule(_cfg(lr=0.005, schedule="step", boundaries=(1000, 2000), warmup_steps=500, warmup_factor=0.001),
+                      total_steps=3000)
+    np.testing.assert_allclose(float(s(0)), 0.005 * 0.001, rtol=1e-4)  # float32 schedule arithmetic
+    np.testing.assert_allclose(float(s(250)), 0.005 * (0.001 + 0.999 * 0.5), rtol=1e-5)
+    np.testing.assert_allclose([float(s(t)) for t in (500, 999, 1000, 1999, 2000)],
+                               [0.005, 0.005, 0.0005, 0.0005, 0.00005], rtol=1e-5)
+
+
+def test_sgd_chain_matches_pytorch_sgd():
+    torch = pytest.importorskip("torch")
+    w0 = np.random.default_rng(0).standard_normal((5,)).astype(np.float32)
+    grads = [np.random.default_rng(i).standard_normal((5,)).astype(np.float32) * 30 for i in range(1, 4)]
+    tx, _ = make_optimizer(_cfg(name="sgd", lr=0.1, momentum=0.9, weight_decay=1e-2, grad_clip_norm=35.0), 10)
+    p, st = jnp.asarray(w0), None
+    st = tx.init(p)
+    tp = torch.nn.Parameter(torch.from_numpy(w0.copy()))
+    topt = torch.optim.SGD([tp], lr=0.1, momentum=0.9, weight_decay=1e-2)
+    for g in grads:
+        upd, st = tx.update(jnp.asarray(g), st, p)
+        p = optax.apply_updates(p, upd)
+        tp.grad = torch.from_numpy(g.copy())
+        torch.nn.utils.clip_grad_norm_([tp], 35.0)
+        topt.step()
+    np.testing.assert_allclose(np.asarray(p), tp.detach().numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_frozen_parameters_get_no_update_at_all():
+    params = {"stem": jnp.ones((3,)), "head": jnp.ones((3,))}
+    labels = {"stem": "frozen", "head": "trainable"}
+    tx, _ = make_optimizer(_cfg(name="sgd", lr=0.1, momentum=0.9, weight_decay=0.1), 10, frozen_labels=labels)
+    st = tx.init(params)
+    g = {"stem": jnp.full((3,), 2.0), "head": jnp.full((3,), 2.0)}
+    for _ in range(3):
+        upd, st = tx.update(g, st, params)
+        params = optax.apply_updates(params, upd)
+    np.testing.assert_array_equal(params["stem"], 1.0)
+    assert not np.allclose(params["head"], 1.0)
+
+
+def test_unknown_schedule_and_optimizer_are_named():
+    with pytest.raises(ValueError, match="unknown optimizer.schedule 'linear'"):
+        make_schedule(_cfg(lr=0.1, schedule="linear"), 10)
+    with pytest.raises(ValueError, match="unknown optimizer.name 'lamb'"):
+        make_optimizer(_cfg(name="lamb", lr=0.1), 10)
+
+
+def _state(sharding):
+    w = jnp.arange(32.0).reshape(8, 4)
+    return {"w": jax.device_put(w, sharding), "step": jnp.asarray(3, jnp.int32),
+            "rng": jax.random.key_data(jax.random.key(5))}
+
+
+def test_checkpoint_round_trip_onto_another_mesh(tmp_path):
+    assert jax.device_count() >= 4
+    mesh4 = Mesh(np.array(jax.devices()[:4]), ("data",))
+    ck = Checkpointer(str(tmp_path / "ck"), max_to_keep=2)
+    state = _state(NamedSharding(mesh4, P("data")))
+    ck.save(4, state, {"data_position": "abc"})
+    ck.save(8, jax.tree.map(lambda x: x + 1, state), {"data_position": "def"})
+    ck.save(12, jax.tree.map(lambda x: x + 2, state), {"data_position": "ghi"})
+    ck.wait()
+    assert ck.steps() == [8, 12]  # keeps the newest two
+    mesh1 = Mesh(np.array(jax.devices()[:1]), ("data",))
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh1, P())), state)
+    step, restored, data = Checkpointer(str(tmp_path / "ck")).restore_latest(target)
+    assert step == 12 and data == {"data_position": "ghi"}
+    np.testing.assert_array_equal(restored["w"], np.arange(32.0).reshape(8, 4) + 2)
+    assert restored["w"].sharding == NamedSharding(mesh1, P())
+
+
+def test_corrupt_latest_checkpoint_falls_back_with_a_warning(tmp_path, caplog):
+    mesh = Mesh(np.array(jax.devices()[:1]), ("data",))
+    ck = Checkpointer(str(tmp_path / "ck"), async_save=False)
+    state = _state(NamedSharding(mesh, P()))
+    ck.save(4, state, {"pos": 4})
+    ck.save(8, jax.tree.map(lambda x: x + 1, state), {"pos": 8})
+    ck.close()
+    # Damage every file of step 8's state item, as a crash mid-write or a bad disk would.
+    for root, _, files in os.walk(tmp_path / "ck" / "8" / "state"):
+        for f in files:
+            with open(os.path.join(root, f), "wb") as fh:
+                fh.write(b"\0garbage")
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, P())), state)
+    with caplog.at_level(logging.WARNING):
+        step, restored, data = Checkpointer(str(tmp_path / "ck")).restore_latest(target)
+    assert step == 4 and data == {"pos": 4}
+    np.testing.assert_array_equal(restored["w"], np.arange(32.0).reshape(8, 4))
+    assert any("step 8" in r.getMessage() and "older" in r.getMessage() for r in caplog.records)
+
+
+def test_no_checkpoint_gives_none(tmp_path):
+    assert Checkpointer(str(tmp_path / "empty")).restore_latest({"w": jnp.zeros(2)}) is None
