@@ -1,0 +1,141 @@
+"""The train state and the distillation train step.
+
+One step: the frozen teacher runs in inference mode under `stop_gradient`; the
+student runs in training mode; each distillation term lifts a student feature
+with its connector (if any) and compares it with a teacher feature through its
+own loss module; total = task loss + sum(weight_i * distill_i). Gradients flow
+to the student, the connectors and the loss modules, all in one optimizer.
+
+The step is a pure function of (state, teacher variables, batch); the trainer
+wraps it in one `jax.jit` with `NamedSharding`s over a mesh (see `sharding.py`),
+so batch-norm statistics and every reduction are over the global batch, and the
+numbers do not depend on how many devices or processes share the batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Optional, Protocol
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from cankd_jax.train.state import TrainState
+
+Array = jax.Array
+PyTree = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class DistillTerm:
+    """One distilled feature pair: `weight * loss(connector(student[s_feat]), teacher[t_feat])`."""
+
+    name: str
+    student_feature: str
+    teacher_feature: str
+    loss: nn.Module
+    connector: Optional[nn.Module] = None
+    weight: float = 1.0
+
+
+class Task(Protocol):
+    """What the step needs from the task (segmentation or classification)."""
+
+    def loss(self, outputs: dict[str, Array], labels: Array) -> tuple[Array, dict[str, Array]]: ...
+
+
+def _features(outputs: dict[str, Array], name: str, who: str) -> Array:
+    try:
+        return outputs[name]
+    except KeyError:
+        raise ValueError(f"the {who} has no feature {name!r}; it has {', '.join(sorted(outputs))}") from None
+
+
+def teacher_features(teacher: nn.Module, teacher_vars: PyTree, images: Array, names: set[str]) -> dict[str, Array]:
+    """The teacher's named features, inference mode, no gradient."""
+    if not names:
+        return {}
+    out = teacher.apply(teacher_vars, images, train=False)
+    return {n: jax.lax.stop_gradient(_features(out, n, "teacher")) for n in names}
+
+
+def distill_losses(
+    terms: tuple[DistillTerm, ...],
+    params: PyTree,
+    batch_stats: PyTree,
+    s_out: dict[str, Array],
+    t_feats: dict[str, Array],
+    rng: Array,
+    *,
+    train: bool,
+) -> tuple[dict[str, Array], PyTree]:
+    """Each term's (unweighted) value and the terms' updated batch statistics."""
+    values, new_stats = {}, {}
+    for i, term in enumerate(terms):
+        p, bs = params[term.name], batch_stats.get(term.name, {})
+        s = _features(s_out, term.student_feature, "student")
+        if term.connector is not None:
+            s = term.connector.apply({"params": p["connector"]}, s)
+        value, upd = term.loss.apply(
+            {"params": p.get("loss", {}), "batch_stats": bs.get("loss", {})},
+            s,
+            t_feats[term.teacher_feature],
+            train=train,
+            mutable=["batch_stats"],
+            rngs={"mask": jax.random.fold_in(rng, i)},
+        )
+        values[term.name] = value
+        new_stats[term.name] = {"loss": upd.get("batch_stats", {})}
+    return values, new_stats
+
+
+def make_train_step(
+    *,
+    student: nn.Module,
+    teacher: Optional[nn.Module],
+    terms: tuple[DistillTerm, ...],
+    task: Task,
+    tx: optax.GradientTransformation,
+    schedule: Callable[[Array], Array],
+) -> Callable[[TrainState, PyTree, dict[str, Array]], tuple[TrainState, dict[str, Array]]]:
+    """`step(state, teacher_vars, batch) -> (state, metrics)`; batch = {'image', 'label'}.
+
+    `metrics`: float32 scalars `loss` (total), `task/<name>`, `distill/<term>`
+    (weighted), `lr` (of this step), `grad_norm`.
+    """
+    t_names = {t.teacher_feature for t in terms}
+
+    def step(state: TrainState, teacher_vars: PyTree, batch: dict[str, Array]):
+        images, labels = batch["image"], batch["label"]
+        rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+        dropout_rng, mask_rng = jax.random.split(rng)
+        t_feats = teacher_features(teacher, teacher_vars, images, t_names) if terms else {}
+
+        def loss_fn(params):
+            s_out, s_upd = student.apply(
+                {"params": params["student"], "batch_stats": state.batch_stats["student"]},
+                images,
+                train=True,
+                mutable=["batch_stats"],
+                rngs={"dropout": dropout_rng},
+            )
+            task_total, task_terms = task.loss(s_out, labels)
+            d_values, d_stats = distill_losses(
+                terms, params["distill"], state.batch_stats["distill"], s_out, t_feats, mask_rng, train=True
+            )
+            weighted = {name: term.weight * d_values[name] for name, term in zip(d_values, terms)}
+            total = task_total + sum(weighted.values(), jnp.float32(0.0))
+            metrics = {"loss": total, **{f"task/{k}": v for k, v in task_terms.items()},
+                       **{f"distill/{k}": v for k, v in weighted.items()}}
+            return total, (metrics, {"student": s_upd["batch_stats"], "distill": d_stats})
+
+        (_, (metrics, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {**metrics, "lr": jnp.asarray(schedule(state.step), jnp.float32), "grad_norm": optax.tree.norm(grads)}
+        new_state = state.replace(step=state.step + 1, params=params, batch_stats=new_stats, opt_state=opt_state)
+        return new_state, metrics
+
+    return step
