@@ -46,7 +46,6 @@ def _time(fn, reps: int) -> float:
 
 def worker_jax(h: int, w: int, b: int, c: int, reps: int, attention: str) -> dict:
     import jax
-    import jax.numpy as jnp
 
     from cankd_jax.losses import CanKDLoss
 

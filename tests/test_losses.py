@@ -27,7 +27,7 @@ def _live_variables(loss, s, t, seed=1):
     v = loss.init(jax.random.key(seed), s, t, train=False)
     leaves, tree = jax.tree.flatten(v["params"])
     keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
-    leaves = [x + 0.3 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)]
+    leaves = [x + 0.3 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys, strict=True)]
     return {**v, "params": jax.tree.unflatten(tree, leaves)}
 
 
@@ -45,7 +45,7 @@ def test_efficient_order_equals_quadratic(attention):
     (l_e, g_e), (l_q, g_q) = run(eff), run(quad)
     assert_close(l_e, l_q, what="loss")
     scale = max(float(jnp.abs(x).max()) for x in jax.tree.leaves(g_q))
-    for a, b in zip(jax.tree.leaves(g_e), jax.tree.leaves(g_q)):
+    for a, b in zip(jax.tree.leaves(g_e), jax.tree.leaves(g_q), strict=True):
         assert_close(a, b, scale=max(float(jnp.abs(b).max()), 0.1 * scale), what="gradient")
 
 
@@ -112,7 +112,7 @@ def test_batch_stats_update_in_train_mode_and_stay_fixed_in_eval():
     assert not np.allclose(before["mean"], after["mean"]) and not np.allclose(before["var"], after["var"])
     assert int(after["num_batches_tracked"]) == 1
     out, upd_eval = loss.apply(v, s, t, train=False, mutable=["batch_stats"])
-    for a, b in zip(jax.tree.leaves(upd_eval), jax.tree.leaves(v["batch_stats"])):
+    for a, b in zip(jax.tree.leaves(upd_eval), jax.tree.leaves(v["batch_stats"]), strict=True):
         np.testing.assert_array_equal(a, b)
     # Eval mode uses the running statistics, so it differs from the batch-statistics loss.
     assert not np.isclose(float(out), float(loss.apply(v, s, t, train=True, mutable=["batch_stats"])[0]))
@@ -233,7 +233,7 @@ def test_state_dict_round_trip_is_the_identity(opts):
     sd = export_cankd_loss(v, **opts)
     back = load_cankd_loss(sd, in_channels=C, **opts)
     assert jax.tree.structure(back) == jax.tree.structure(jax.device_get(v))
-    for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(v)):
+    for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(v), strict=True):
         np.testing.assert_array_equal(a, b)
     again = export_cankd_loss(back, **opts)
     assert sorted(again) == sorted(sd)

@@ -125,7 +125,7 @@ def make_train_step(
             d_values, d_stats = distill_losses(
                 terms, params["distill"], state.batch_stats["distill"], s_out, t_feats, mask_rng, train=True
             )
-            weighted = {name: term.weight * d_values[name] for name, term in zip(d_values, terms)}
+            weighted = {t.name: t.weight * d_values[t.name] for t in terms}
             total = task_total + sum(weighted.values(), jnp.float32(0.0))
             metrics = {"loss": total, **{f"task/{k}": v for k, v in task_terms.items()},
                        **{f"distill/{k}": v for k, v in weighted.items()}}
