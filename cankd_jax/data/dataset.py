@@ -1,0 +1,171 @@
+"""From the `data` section of a run config to train and eval iterators: what a trainer calls.
+
+    data = make_data(config.data, task="segmentation")          # opens (or generates) the data
+    it = data.train_iterator(local_batch, seed=config.seed, state=saved_or_None)
+    batch = next(it)        # {'image': (B, h, w, 3) float32, 'label': (B, h, w) int32 (255 = ignore)}
+    saved = it.get_state()  # JSON-serialisable dict: store it in the checkpoint
+    for batch in data.eval_iterator(mesh): ...  # same keys + 'valid': (B,) bool; each example once
+
+Config keys (all optional except `name`; `DATASET_DEFAULTS` fills per-dataset values):
+  name            synthetic | cityscapes | scene_parse150 (ade20k) | imagenet2012 (imagenet) | cifar10
+  data_dir        TFDS data directory ("" = TFDS's default)
+  train_split, eval_split                      ("" = the dataset's usual ones)
+  image_size, num_train, num_test, synthetic_seed    (synthetic set only)
+  crop_size (h, w), scale (w, h), ratio_range, cat_max_ratio, flip_prob, photometric   (training)
+  eval_scale (w, h) or None, eval_keep_ratio, eval_pad_size (h, w) or None   (segmentation eval)
+  crop_scale, eval_resize                      (classification: random-resized-crop area, eval short edge)
+  eval_batch_size (global), workers (Grain worker processes, 0 = in-process)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator, Mapping
+from typing import Any, Optional
+
+import grain.python as grain
+
+from cankd_jax.data import pipeline
+from cankd_jax.data.classification import ClsEvalPreprocess, ClsTrainAugment
+from cankd_jax.data.segmentation import (
+    PhotoMetricDistortion,
+    SegEvalPreprocess,
+    SegTrainAugment,
+)
+from cankd_jax.data.sources import (
+    ALIASES,
+    DatasetSpec,
+    MappedSource,
+    dataset_spec,
+    open_source,
+)
+
+_COMMON = dict(name=None, data_dir="", train_split="", eval_split="", eval_batch_size=8, workers=0,
+               flip_prob=0.5, crop_size=None)
+_SEGMENTATION = dict(scale=None, ratio_range=(0.5, 2.0), cat_max_ratio=0.75, photometric=True,
+                     eval_scale=None, eval_keep_ratio=True, eval_pad_size=None)
+_SYNTHETIC = dict(image_size=64, num_train=2000, num_test=500, synthetic_seed=0)
+_CLASSIFICATION = dict(crop_scale=(0.08, 1.0), eval_resize=None)
+
+# mmseg's / the usual settings per dataset; a config overrides any of them.
+DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
+    "synthetic": {},  # crop and scale default to the image size
+    "cityscapes": dict(scale=(2048, 1024), crop_size=(512, 1024), eval_scale=(2048, 1024)),
+    # Sizes vary, so evaluation resizes to a fixed 512 x 512 (mmseg tests keep-ratio at (2048, 512)).
+    "scene_parse150": dict(scale=(2048, 512), crop_size=(512, 512), eval_scale=(512, 512), eval_keep_ratio=False),
+    "imagenet2012": dict(crop_size=(224, 224), eval_resize=256),
+    "cifar10": dict(crop_size=(32, 32), crop_scale=(0.5, 1.0), eval_resize=32),
+}
+
+
+def _allowed_keys(spec: DatasetSpec, key: str) -> dict[str, Any]:
+    keys = dict(_COMMON)
+    keys.update(_SEGMENTATION if spec.task == "segmentation" else _CLASSIFICATION)
+    if key == "synthetic":
+        keys.update(_SYNTHETIC)
+    return keys
+
+
+def _resolve(cfg: Mapping[str, Any]) -> tuple[str, DatasetSpec, dict[str, Any]]:
+    """Config mapping -> (dataset key, spec, full option dict), rejecting unknown keys."""
+    if not cfg.get("name"):
+        raise ValueError("data config needs a dataset name: set --config.data.name")
+    spec = dataset_spec(cfg["name"])
+    key = ALIASES.get(cfg["name"], cfg["name"])
+    opts = _allowed_keys(spec, key)
+    unknown = sorted(set(cfg) - set(opts))
+    if unknown:
+        raise ValueError(f"unknown data config key(s) {unknown} for dataset {key!r}; known: {', '.join(sorted(opts))}")
+    opts.update(DATASET_DEFAULTS[key])
+    opts.update(cfg)
+    for k in ("crop_size", "scale", "eval_scale", "eval_pad_size", "ratio_range", "crop_scale"):
+        if k in opts and opts[k] is not None:
+            opts[k] = tuple(opts[k]) or None  # () means "none" too (ConfigDicts cannot always hold None)
+    if key == "synthetic":
+        side = (int(opts["image_size"]),) * 2
+        opts["crop_size"] = opts["crop_size"] or side
+        opts["scale"] = opts["scale"] or side
+    if not opts["crop_size"] or (spec.task == "segmentation" and not opts["scale"]):
+        raise ValueError(f"dataset {key!r} needs --config.data.crop_size (h, w)"
+                         + (" and --config.data.scale (w, h)" if spec.task == "segmentation" else ""))
+    return key, spec, opts
+
+
+@dataclasses.dataclass
+class Data:
+    """Opened train and eval sources of one dataset plus their preprocessing."""
+
+    name: str
+    spec: DatasetSpec
+    options: dict[str, Any]
+    train_source: MappedSource
+    eval_source: MappedSource
+    train_transform: Any  # (record, np.random.Generator) -> record
+    eval_transform: Any  # record -> record
+
+    @property
+    def task(self) -> str:
+        return self.spec.task
+
+    @property
+    def num_classes(self) -> int:
+        return self.spec.num_classes
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        """(h, w) of training images."""
+        return tuple(int(x) for x in self.options["crop_size"])
+
+    def train_iterator(self, batch_size: int, *, seed: int, state: Optional[dict] = None,
+                       shard_options: Optional[grain.ShardOptions] = None) -> pipeline.TrainIterator:
+        """Endless augmented batches of `batch_size` (per process) from this process's shard."""
+        return pipeline.make_train_iterator(
+            self.train_source, self.train_transform, batch_size=batch_size, seed=seed,
+            worker_count=int(self.options["workers"]), shard_options=shard_options, state=state)
+
+    def eval_iterator(self, mesh: Any = None, *, batch_size: Optional[int] = None,
+                      shard_options: Optional[grain.ShardOptions] = None) -> Iterator[dict]:
+        """One pass over the eval split; `batch_size` (per process) defaults to eval_batch_size / processes.
+
+        With a `mesh`, the global eval batch must split evenly over its devices.
+        """
+        if batch_size is None:
+            global_batch = int(self.options["eval_batch_size"])
+            if mesh is not None and global_batch % mesh.devices.size:
+                raise ValueError(f"eval_batch_size={global_batch} is not divisible by the {mesh.devices.size} "
+                                 f"devices; set --config.data.eval_batch_size to a multiple of {mesh.devices.size}")
+            batch_size = pipeline.per_process_batch_size(
+                global_batch, shard_options.shard_count if shard_options else None)
+        return pipeline.make_eval_iterator(self.eval_source, self.eval_transform, batch_size=batch_size,
+                                           worker_count=int(self.options["workers"]), shard_options=shard_options)
+
+
+def make_data(cfg: Mapping[str, Any], task: Optional[str] = None) -> Data:
+    """Open the dataset a `data` config names (generating the synthetic set if needed).
+
+    `cfg`: a dict or ml_collections.ConfigDict with the keys in this module's
+    docstring. `task` (if given) must match the dataset's task.
+    """
+    cfg = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
+    key, spec, o = _resolve(cfg)
+    if task is not None and task != spec.task:
+        raise ValueError(f"dataset {key!r} is for {spec.task}, but task.name is {task!r}")
+    data_dir = o["data_dir"] or None
+    synthetic_options = None
+    if key == "synthetic":
+        synthetic_options = dict(image_size=o["image_size"], num_train=o["num_train"], num_test=o["num_test"],
+                                 seed=o["synthetic_seed"])
+    train_split, eval_split = o["train_split"] or spec.train_split, o["eval_split"] or spec.eval_split
+    train = open_source(key, train_split, data_dir, synthetic_options=synthetic_options)
+    evaluation = open_source(key, eval_split, data_dir, synthetic_options=synthetic_options)
+    if spec.task == "segmentation":
+        train_t = SegTrainAugment(scale=o["scale"], crop_size=o["crop_size"], ratio_range=o["ratio_range"],
+                                  cat_max_ratio=o["cat_max_ratio"], flip_prob=o["flip_prob"],
+                                  photometric=PhotoMetricDistortion() if o["photometric"] else None)
+        eval_t = SegEvalPreprocess(scale=o["eval_scale"], keep_ratio=bool(o["eval_keep_ratio"]),
+                                   pad_size=o["eval_pad_size"])
+    else:
+        resize = o["eval_resize"] or round(o["crop_size"][0] / 0.875)  # the usual 224 / 256
+        train_t = ClsTrainAugment(crop_size=o["crop_size"], scale=o["crop_scale"], flip_prob=o["flip_prob"])
+        eval_t = ClsEvalPreprocess(crop_size=o["crop_size"], resize=int(resize))
+    return Data(key, spec, o, train, evaluation, train_t, eval_t)

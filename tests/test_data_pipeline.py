@@ -1,0 +1,251 @@
+"""Grain train/eval iterators: resumable, sharded, deterministic; the config facade; TFDS mock data."""
+
+from __future__ import annotations
+
+import json
+
+import grain.python as grain
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from cankd_jax.data import (
+    eval_batch_count,
+    make_data,
+    make_eval_iterator,
+    make_train_iterator,
+    per_process_batch_size,
+)
+from cankd_jax.data.pipeline import grain_loader_state
+
+
+class _IdSource:
+    """Record i: a 2x2 image of value i and label i, so batches reveal which examples they hold."""
+
+    def __init__(self, n):
+        self.n = n
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        return {"image": np.full((2, 2, 3), i, np.uint8), "label": np.int32(i)}
+
+    def __repr__(self):
+        return f"_IdSource({self.n})"
+
+
+def _noisy(record, rng):
+    """Keeps the id and adds an augmentation draw, so a replay must reproduce the random stream too."""
+    return {"id": record["label"], "draw": rng.random(), "image": record["image"].astype(np.float32)}
+
+
+def _ids(batch):
+    return batch["id"].tolist()
+
+
+def _all_ids(batches):
+    return [i for b in batches for i in _ids(b)]
+
+
+def _shard(i, n=2):
+    return grain.ShardOptions(shard_index=i, shard_count=n, drop_remainder=True)
+
+
+def _take(iterator, k):
+    return [next(iterator) for _ in range(k)]
+
+
+def _assert_same_batches(xs, ys):
+    for x, y in zip(xs, ys, strict=True):
+        assert x.keys() == y.keys()
+        for key in x:
+            np.testing.assert_array_equal(x[key], y[key])
+
+
+def test_restored_iterator_continues_exactly(tmp_path):
+    kwargs = dict(batch_size=3, seed=5, shard_options=_shard(0, 1))
+    straight = make_train_iterator(_IdSource(10), _noisy, **kwargs)
+    _take(straight, 4)  # crosses an epoch boundary (12 > 10)
+    state = straight.get_state()
+    state = json.loads(json.dumps(state))  # what a JSON checkpoint item gives back
+    expected = _take(straight, 6)
+    _assert_same_batches(_take(make_train_iterator(_IdSource(10), _noisy, state=state, **kwargs), 6), expected)
+    # Also when the state is set on a running iterator.
+    other = make_train_iterator(_IdSource(10), _noisy, **kwargs)
+    _take(other, 1)
+    other.set_state(state)
+    _assert_same_batches(_take(other, 6), expected)
+
+
+def test_shuffling_is_seeded():
+    a = _take(make_train_iterator(_IdSource(20), _noisy, batch_size=4, seed=1, shard_options=_shard(0, 1)), 5)
+    b = _take(make_train_iterator(_IdSource(20), _noisy, batch_size=4, seed=1, shard_options=_shard(0, 1)), 5)
+    c = _take(make_train_iterator(_IdSource(20), _noisy, batch_size=4, seed=2, shard_options=_shard(0, 1)), 5)
+    _assert_same_batches(a, b)
+    assert [_ids(x) for x in a] != [_ids(x) for x in c]
+    assert sorted(_all_ids(a)) == list(range(20))  # one epoch = a permutation
+
+
+def test_processes_read_disjoint_shards_covering_the_data():
+    n, batch = 20, 2
+    per_process = [_all_ids(_take(make_train_iterator(
+        _IdSource(n), _noisy, batch_size=batch, seed=0, shard_options=_shard(i)), n // 2 // batch)) for i in range(2)]
+    single = _all_ids(_take(make_train_iterator(
+        _IdSource(n), _noisy, batch_size=batch, seed=0, shard_options=_shard(0, 1)), n // batch))
+    assert not set(per_process[0]) & set(per_process[1])
+    assert sorted(per_process[0] + per_process[1]) == sorted(single) == list(range(n))
+
+
+def test_state_of_one_process_restores_another():
+    def make(i, state=None):
+        return make_train_iterator(_IdSource(16), _noisy, batch_size=2, seed=0, shard_options=_shard(i), state=state)
+
+    p0, p1 = make(0), make(1)
+    _take(p0, 3), _take(p1, 3)
+    expected = _take(p1, 4)
+    _assert_same_batches(_take(make(1, state=p0.get_state()), 4), expected)
+    with pytest.raises(ValueError, match="shard_count=2, this run has 4"):
+        make_train_iterator(_IdSource(16), _noisy, batch_size=2, seed=0, shard_options=_shard(0, 4),
+                            state=p0.get_state())
+
+
+def test_position_matches_grains_own_state_format():
+    """Our state -> Grain state conversion agrees with what Grain reports (guards its format)."""
+    for shard in (_shard(0, 1), _shard(1, 2)):
+        it = make_train_iterator(_IdSource(12), _noisy, batch_size=3, seed=0, shard_options=shard)
+        _take(it, 5)
+        ours = grain_loader_state(it._template, it.get_state()["examples"], shard, 0)
+        assert ours == json.loads(it.grain_iterator.get_state())
+
+
+def test_worker_processes_give_the_same_batches_and_resume_across_worker_counts():
+    kwargs = dict(batch_size=4, seed=1, shard_options=_shard(0, 1))
+    in_process = make_train_iterator(_IdSource(20), _noisy, **kwargs)
+    expected = _take(in_process, 7)
+    workers = make_train_iterator(_IdSource(20), _noisy, worker_count=2, **kwargs)
+    _assert_same_batches(_take(workers, 3), expected[:3])
+    state = workers.get_state()
+    _assert_same_batches(_take(workers, 2), expected[3:5])
+    _assert_same_batches(_take(make_train_iterator(_IdSource(20), _noisy, state=state, **kwargs), 4), expected[3:])
+    evals = list(make_eval_iterator(_IdSource(11), lambda r: r, batch_size=4, worker_count=2,
+                                    shard_options=grain.ShardOptions(0, 1)))
+    assert [b["label"][b["valid"]].tolist() for b in evals] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10]]
+
+
+@pytest.mark.parametrize("n,batch,shards", [(11, 4, 1), (11, 4, 3), (10, 5, 2), (2, 3, 3)])
+def test_eval_visits_every_example_once(n, batch, shards):
+    seen, counts = [], []
+    for i in range(shards):
+        batches = list(make_eval_iterator(_IdSource(n), lambda r: r, batch_size=batch,
+                                          shard_options=grain.ShardOptions(i, shards)))
+        counts.append(len(batches))
+        for b in batches:
+            assert b["image"].shape == (batch, 2, 2, 3) and b["valid"].shape == (batch,)
+            seen += b["label"][b["valid"]].tolist()
+            assert np.all(b["label"][~b["valid"]] == 255) and np.all(b["image"][~b["valid"]] == 0)
+    assert sorted(seen) == list(range(n))
+    assert counts == [eval_batch_count(n, batch, shards)] * shards  # same count everywhere
+
+
+def test_per_process_batch_size():
+    assert per_process_batch_size(8, 2) == 4
+    with pytest.raises(ValueError, match="multiple of the 3 processes"):
+        per_process_batch_size(8, 3)
+
+
+# --- the config facade on the synthetic set -------------------------------------------------------------
+
+
+SYNTH = dict(name="synthetic", image_size=32, num_train=40, num_test=10, crop_size=(24, 24), scale=(32, 32),
+             ratio_range=(0.75, 1.5), eval_batch_size=4, workers=0)
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    return make_data(dict(SYNTH, data_dir=str(tmp_path_factory.mktemp("tfds"))), task="segmentation")
+
+
+def test_synthetic_train_batches_and_resume(synth):
+    assert synth.input_size == (24, 24) and synth.num_classes == 7
+    it = synth.train_iterator(4, seed=0, shard_options=_shard(0, 1))
+    first = next(it)
+    assert first["image"].shape == (4, 24, 24, 3) and first["image"].dtype == np.float32
+    assert first["label"].shape == (4, 24, 24) and first["label"].dtype == np.int32
+    assert set(np.unique(first["label"])) <= set(range(7)) | {255}
+    _take(it, 2)
+    state = it.get_state()
+    expected = _take(it, 3)
+    _assert_same_batches(_take(synth.train_iterator(4, seed=0, shard_options=_shard(0, 1), state=state), 3), expected)
+
+
+def test_synthetic_eval_covers_the_test_split(synth):
+    batches = list(synth.eval_iterator(batch_size=4, shard_options=grain.ShardOptions(0, 1)))
+    assert len(batches) == 3 and sum(int(b["valid"].sum()) for b in batches) == 10
+    assert batches[0]["image"].shape == (4, 32, 32, 3) and batches[0]["label"].dtype == np.int32
+
+
+def test_config_errors(tmp_path):
+    with pytest.raises(ValueError, match="unknown data config key.*'crop'"):
+        make_data(dict(SYNTH, crop=(3, 3)))
+    with pytest.raises(ValueError, match="is for segmentation, but task.name is 'classification'"):
+        make_data(dict(SYNTH, data_dir=str(tmp_path)), task="classification")
+    with pytest.raises(ValueError, match="unknown dataset 'mnist'"):
+        make_data({"name": "mnist"})
+
+
+def test_missing_dataset_is_a_one_line_error_naming_the_fix(tmp_path):
+    with pytest.raises(FileNotFoundError) as info:
+        make_data({"name": "cityscapes", "data_dir": str(tmp_path)})
+    message = str(info.value)
+    assert "\n" not in message
+    assert f"dataset 'cityscapes' not found under {tmp_path}" in message
+    assert "manual download" in message and "https://www.tensorflow.org/datasets/catalog/cityscapes" in message
+    assert "--config.data.data_dir" in message
+
+
+# --- TFDS catalogue datasets through tfds.testing.mock_data ----------------------------------------------
+
+
+def test_mock_cifar10_classification():
+    with tfds.testing.mock_data(num_examples=12):
+        data = make_data({"name": "cifar10", "data_dir": "/nonexistent", "eval_batch_size": 5}, task="classification")
+        batch = next(data.train_iterator(4, seed=0, shard_options=_shard(0, 1)))
+        evals = list(data.eval_iterator(shard_options=grain.ShardOptions(0, 1)))
+    assert batch["image"].shape == (4, 32, 32, 3) and batch["image"].dtype == np.float32
+    assert batch["label"].shape == (4,) and batch["label"].dtype == np.int32
+    assert np.all((batch["label"] >= 0) & (batch["label"] < 10))
+    assert len(evals) == 3 and sum(int(b["valid"].sum()) for b in evals) == 12
+
+
+def test_mock_scene_parse150_reduces_zero_label():
+    with tfds.testing.mock_data(num_examples=4):
+        data = make_data({"name": "ade20k", "data_dir": "/nonexistent", "crop_size": (16, 16), "scale": (32, 16),
+                          "eval_scale": (16, 16), "eval_batch_size": 4}, task="segmentation")
+        raw = tfds.data_source("scene_parse150", split="train")[0]
+        record = data.train_source[0]
+        batch = next(data.train_iterator(2, seed=0, shard_options=_shard(0, 1)))
+        evals = list(data.eval_iterator(shard_options=grain.ShardOptions(0, 1)))
+    assert data.num_classes == 100
+    assert record["label"].shape == record["image"].shape[:2] and record["label"].dtype == np.uint8
+    red = raw["annotation"][..., 0]
+    assert set(np.unique(record["label"])) <= ({255} if (red == 0).any() else set()) | set(np.unique(red[red > 0]) - 1)
+    assert batch["image"].shape == (2, 16, 16, 3) and batch["label"].shape == (2, 16, 16)
+    assert evals[0]["image"].shape == (4, 16, 16, 3)
+
+
+def test_mock_cityscapes_maps_label_ids_to_train_ids():
+    with tfds.testing.mock_data(num_examples=2):
+        data = make_data({"name": "cityscapes", "data_dir": "/nonexistent", "crop_size": (16, 32),
+                          "scale": (64, 32), "eval_scale": (64, 32), "eval_batch_size": 2}, task="segmentation")
+        raw = tfds.data_source("cityscapes", split="train")[0]
+        record = data.train_source[0]
+        batch = next(data.train_iterator(2, seed=0, shard_options=_shard(0, 1)))
+    ids = raw["segmentation_label"][..., 0]
+    expected = np.full(ids.shape, 255, np.uint8)
+    for label_id, train_id in {7: 0, 8: 1, 26: 13, 33: 18}.items():
+        expected[ids == label_id] = train_id
+    sample = np.isin(ids, [7, 8, 26, 33]) | ~np.isin(ids, [7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26,
+                                                          27, 28, 31, 32, 33])
+    np.testing.assert_array_equal(record["label"][sample], expected[sample])
+    assert batch["image"].shape == (2, 16, 32, 3) and batch["label"].shape == (2, 16, 32)
