@@ -7,3 +7,15 @@ imported where a `.pth` file is read or written.
 """
 
 from cankd_jax.interop.torch_losses import export_cankd_loss, load_cankd_loss  # noqa: F401
+from cankd_jax.interop.torch_models import (  # noqa: F401
+    LoadReport,
+    export_pytorch_network,
+    export_state_dict,
+    import_state_dict,
+    load_checkpoint,
+    load_pth,
+    load_pytorch_network,
+    load_resnet,
+    save_pth,
+    state_dict_layout,
+)

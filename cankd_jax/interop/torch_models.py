@@ -1,0 +1,387 @@
+"""Networks in and out of PyTorch state dicts: torchvision, mmsegmentation and mmdetection layouts.
+
+Our networks name their submodules as the PyTorch ones (`layer1.0.conv1`,
+`backbone.stem.3`, `neck.fpn_convs.4.conv`, `decode_head.image_pool.1.bn`), so
+one generic converter serves every network: it traces the model once (no
+compute, `jax.eval_shape`) to learn which Flax layer owns each variable, and
+maps each to its PyTorch key and layout:
+
+| Flax layer            | Flax leaf                        | PyTorch key         | layout change                    |
+|-----------------------|----------------------------------|---------------------|----------------------------------|
+| `nn.Conv`             | `kernel (kh, kw, I/g, O)`, `bias`| `weight`, `bias`    | `(O, I/g, kh, kw)`               |
+| `Conv1x1`             | `kernel (I, O)`, `bias`          | `weight`, `bias`    | `(O, I, 1, 1)`                   |
+| `nn.Dense`            | `kernel (I, O)`, `bias`          | `weight`, `bias`    | `(O, I)`                         |
+| `BatchNorm`           | `scale`, `bias`; `mean`, `var`,  | `weight`, `bias`, `running_mean`, `running_var`, `num_batches_tracked` | none |
+|                       | `num_batches_tracked`            |                     |                                  |
+
+So `ResNet` reads torchvision's keys, `Segmenter` mmseg's whole checkpoint
+(`backbone.*`, `decode_head.*`, `auxiliary_head.*`), `DetectionTrunk` mmdet's
+`backbone.*` and `neck.*`. `key_prefixes` re-roots keys for other pairings
+(an ImageNet backbone into a segmenter, a teacher's neck and head into a
+student). torch is imported only to read or write `.pth` files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Callable, Mapping, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cankd_jax.interop.state_dict import (  # _abbrev: the same key-list format as StateDictReader's errors
+    StateDictReader,
+    _abbrev,
+    conv1x1_from_flax,
+    conv1x1_to_flax,
+    conv_from_flax,
+    conv_to_flax,
+    require_torch,
+    to_numpy,
+)
+from cankd_jax.layers import BatchNorm, Conv1x1
+from cankd_jax.models.resnet import ResNet
+
+PyTree = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class _Kind:
+    """How one variable kind converts: Flax shape -> PyTorch shape, and the array both ways."""
+
+    torch_shape: Callable[[tuple[int, ...]], tuple[int, ...]]
+    to_flax: Callable[[np.ndarray], np.ndarray]
+    from_flax: Callable[[np.ndarray], np.ndarray]
+
+
+def _same(a: np.ndarray) -> np.ndarray:
+    return a
+
+
+_KINDS: dict[str, _Kind] = {
+    "conv": _Kind(lambda s: (s[3], s[2], s[0], s[1]), conv_to_flax, conv_from_flax),
+    "conv1x1": _Kind(lambda s: (s[1], s[0], 1, 1), conv1x1_to_flax, conv1x1_from_flax),
+    "linear": _Kind(lambda s: (s[1], s[0]), lambda w: np.ascontiguousarray(w.T), lambda k: np.ascontiguousarray(k.T)),
+    "same": _Kind(tuple, _same, _same),
+}
+
+# Per Flax layer type: (collection, Flax leaf) -> (PyTorch leaf, kind), in the order PyTorch lists a layer's keys.
+_LAYER_RULES: tuple[tuple[type, dict[tuple[str, str], tuple[str, str]]], ...] = (
+    (nn.Conv, {("params", "kernel"): ("weight", "conv"), ("params", "bias"): ("bias", "same")}),
+    (Conv1x1, {("params", "kernel"): ("weight", "conv1x1"), ("params", "bias"): ("bias", "same")}),
+    (nn.Dense, {("params", "kernel"): ("weight", "linear"), ("params", "bias"): ("bias", "same")}),
+    (BatchNorm, {("params", "scale"): ("weight", "same"), ("params", "bias"): ("bias", "same"),
+                 ("batch_stats", "mean"): ("running_mean", "same"), ("batch_stats", "var"): ("running_var", "same"),
+                 ("batch_stats", "num_batches_tracked"): ("num_batches_tracked", "same")}),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Slot:
+    """One model variable: where it lives in the Flax variables and how PyTorch stores it."""
+
+    collection: str
+    path: tuple[str, ...]  # inside the collection: module path + Flax leaf name
+    kind: str
+    shape: tuple[int, ...]  # Flax shape
+    dtype: Any
+
+    @property
+    def torch_shape(self) -> tuple[int, ...]:
+        return tuple(_KINDS[self.kind].torch_shape(self.shape))
+
+    @property
+    def is_counter(self) -> bool:
+        return self.path[-1] == "num_batches_tracked"
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadReport:
+    """What an import did, by model key: `loaded` from the checkpoint, `missing` (kept from
+    `init_variables`), and checkpoint keys left `unexpected` (unused)."""
+
+    loaded: tuple[str, ...]
+    missing: tuple[str, ...]
+    unexpected: tuple[str, ...]
+
+    def __str__(self) -> str:
+        return f"loaded {len(self.loaded)} keys; missing {len(self.missing)}; unexpected {len(self.unexpected)}"
+
+
+def default_sample(model: nn.Module) -> jax.ShapeDtypeStruct:
+    """A `(1, 64, 64, C)` image spec for tracing `model`; C from the model's (or its backbone's) `in_channels`."""
+    owner = getattr(model, "backbone", model)
+    return jax.ShapeDtypeStruct((1, 64, 64, getattr(owner, "in_channels", 3)), jnp.float32)
+
+
+def _rules_for(layer_type: type) -> Optional[dict]:
+    for cls, rules in _LAYER_RULES:
+        if issubclass(layer_type, cls):
+            return rules
+    return None
+
+
+def state_dict_layout(model: nn.Module, *, sample: Any = None) -> dict[str, Slot]:
+    """PyTorch key -> `Slot` for every variable of `model`, layers in the order they run.
+
+    `sample`: the model's first call argument, as arrays or `jax.ShapeDtypeStruct`s
+    (default `default_sample(model)`; pass one for models that do not take
+    images, e.g. an `FPN` takes a list of maps). Only shapes matter; nothing is
+    computed.
+    """
+    sample = default_sample(model) if sample is None else sample
+    owners: dict[tuple[str, ...], type] = {}
+
+    def record(next_fun, args, kwargs, context):
+        if context.method_name == "__call__":
+            owners.setdefault(tuple(context.module.path), type(context.module))
+        return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(record):
+        abstract = jax.eval_shape(lambda s: model.init(jax.random.key(0), s, train=False), sample)
+
+    order = {path: i for i, path in enumerate(owners)}
+    entries = []
+    for collection, tree in abstract.items():
+        for keypath, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+            names = tuple(str(k.key) for k in keypath)
+            module, leaf_name = names[:-1], names[-1]
+            rules = _rules_for(owners.get(module, type(None)))
+            rule = rules.get((collection, leaf_name)) if rules else None
+            if rule is None:
+                raise TypeError(f"no PyTorch mapping for {collection} variable {'/'.join(names)!r} of layer "
+                                f"{owners.get(module, type(None)).__name__}")
+            torch_leaf, kind = rule
+            rank = list(rules).index((collection, leaf_name))
+            key = ".".join(module + (torch_leaf,))
+            entries.append(((order[module], rank), key, Slot(collection, names, kind, tuple(leaf.shape), leaf.dtype)))
+    return {key: slot for _, key, slot in sorted(entries, key=lambda e: e[0])}
+
+
+def _checkpoint_key(model_key: str, key_prefixes: Mapping[str, str]) -> Optional[str]:
+    # The longest matching model prefix decides; keys under no prefix are not read.
+    best = max((p for p in key_prefixes if model_key.startswith(p)), key=len, default=None)
+    return None if best is None else key_prefixes[best] + model_key[len(best):]
+
+
+def _get(tree: Mapping, path: tuple[str, ...], what: str) -> Any:
+    node = tree
+    for name in path:
+        if not isinstance(node, Mapping) or name not in node:
+            raise KeyError(f"{what} has no variable {'/'.join(path)!r}")
+        node = node[name]
+    return node
+
+
+def _put(tree: dict, path: tuple[str, ...], value: Any) -> None:
+    for name in path[:-1]:
+        tree = tree.setdefault(name, {})
+    tree[path[-1]] = value
+
+
+def import_state_dict(
+    model: nn.Module,
+    state_dict: Mapping[str, Any],
+    *,
+    key_prefixes: Optional[Mapping[str, str]] = None,
+    strict: bool = True,
+    init_variables: Optional[PyTree] = None,
+    sample: Any = None,
+) -> tuple[dict, LoadReport]:
+    """Flax variables `{'params', 'batch_stats'}` for `model` from a PyTorch state dict.
+
+    Args:
+      state_dict: key -> torch tensor or numpy array (e.g. `load_pth(path)`).
+      key_prefixes: model-key prefix -> checkpoint-key prefix; model keys under
+        no listed prefix are not read. Default `{'': ''}` (same keys). Examples:
+        `{'': 'backbone.'}` reads a `ResNet` out of an mmseg/mmdet checkpoint;
+        `{'backbone.': ''}` reads torchvision ImageNet weights into a
+        segmenter's backbone (with `strict=False`); `{'neck.': 'neck.',
+        'decode_head.': 'decode_head.'}` takes only a teacher's neck and head.
+      strict: every model key must be found, and no checkpoint key under the
+        listed checkpoint prefixes may go unused; otherwise a `ValueError`
+        names them. With `strict=False` unused keys are only reported and
+        missing variables keep their values from `init_variables`.
+      init_variables: the variables missing keys keep (a partial load).
+      sample: the model's first call argument, see `state_dict_layout`.
+
+    Shape mismatches always raise; every problem is listed in one `ValueError`,
+    each key by name (and shapes where they differ). A missing
+    `num_batches_tracked` (checkpoints from before PyTorch 0.4.1) reads as 0, as
+    PyTorch itself loads it.
+
+    Returns: `(variables, report)`.
+    """
+    layout = state_dict_layout(model, sample=sample)
+    key_prefixes = {"": ""} if key_prefixes is None else dict(key_prefixes)
+    reader = StateDictReader(state_dict)
+    variables: dict = {}
+    loaded, missing, misshaped = [], [], []
+    for key, slot in layout.items():
+        where = (slot.collection,) + slot.path
+        source = _checkpoint_key(key, key_prefixes)
+        if source is not None and slot.is_counter and not reader.has(source):
+            _put(variables, where, jnp.zeros(slot.shape, slot.dtype))
+            continue
+        if source is None or not reader.has(source):
+            missing.append(key if source is None or source == key else f"{source} (model key {key})")
+            if init_variables is not None:
+                _put(variables, where, _get(init_variables, where, "init_variables"))
+            continue
+        found = tuple(np.shape(to_numpy(state_dict[source])))
+        if found != slot.torch_shape:
+            misshaped.append(f"{source} {found} (expected {slot.torch_shape})")
+            reader.mark_used([source])
+            continue
+        value = _KINDS[slot.kind].to_flax(reader.get(source, slot.torch_shape)).astype(slot.dtype)
+        _put(variables, where, jnp.asarray(value))
+        loaded.append(key)
+    unexpected = sorted({k for p in set(key_prefixes.values()) for k in reader.unused(p)})
+    problems = []
+    if misshaped:
+        problems.append(f"keys with other shapes: {_abbrev(misshaped)}")
+    if missing and (strict or init_variables is None):
+        problems.append(f"missing keys: {_abbrev(missing)}")
+    if unexpected and strict:
+        problems.append(f"unexpected keys: {_abbrev(unexpected)}")
+    if problems:
+        hint = ""
+        if not strict and missing and init_variables is None:
+            hint = " (a partial load keeps missing variables from init_variables=, which was not given)"
+        raise ValueError(f"state dict does not match {type(model).__name__}{hint}; " + "; ".join(problems))
+    return variables, LoadReport(tuple(loaded), tuple(missing), tuple(unexpected))
+
+
+def export_state_dict(
+    model: nn.Module,
+    variables: PyTree,
+    *,
+    key_prefix: str = "",
+    tensors: bool = False,
+    sample: Any = None,
+) -> dict[str, Any]:
+    """The PyTorch state dict of `model` with `variables`, in the layout `import_state_dict` reads.
+
+    Floating variables come out as float32, `num_batches_tracked` as int64
+    (PyTorch's dtypes), as numpy arrays or (`tensors=True`) torch tensors.
+    `key_prefix` is prepended to every key (e.g. 'backbone.').
+    """
+    out: dict[str, Any] = {}
+    for key, slot in state_dict_layout(model, sample=sample).items():
+        value = np.asarray(jax.device_get(_get(variables, (slot.collection,) + slot.path, "variables")))
+        value = _KINDS[slot.kind].from_flax(value).astype(np.int64 if slot.is_counter else np.float32)
+        out[key_prefix + key] = value
+    return _as_tensors(out) if tensors else out
+
+
+def _as_tensors(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+    torch = require_torch()
+    # np.array(order="C") and not np.ascontiguousarray: the latter turns 0-d counters into shape (1,).
+    return {k: v if hasattr(v, "detach") else torch.from_numpy(np.array(to_numpy(v), order="C"))
+            for k, v in state_dict.items()}
+
+
+# --- files ----------------------------------------------------------------------------------------------
+
+
+def load_pth(path: str, *, weights_only: bool = True) -> dict[str, Any]:
+    """The state dict in a `.pth` file (torch tensors, on CPU).
+
+    mmcv/mmengine checkpoints (`{'state_dict': ..., 'meta': ...}`) and
+    `{'model': ...}` wrappers are unwrapped; a plain state dict (torchvision) is
+    returned as is. `weights_only=True` refuses pickled code; pass False only
+    for files you trust.
+    """
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"checkpoint file {path!r} not found")
+    torch = require_torch()
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=weights_only)
+    except Exception as e:  # torch raises several exception types for the same refusal
+        if not weights_only:
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(
+            f"could not read {path!r} with torch.load(weights_only=True): {first}. If the file holds more than "
+            "tensors (e.g. pickled config objects) and you trust it, read it with load_pth(path, weights_only=False); "
+            "that unpickles and can run arbitrary code."
+        ) from e
+    for wrapper in ("state_dict", "model"):
+        if isinstance(obj, Mapping) and isinstance(obj.get(wrapper), Mapping):
+            obj = obj[wrapper]
+            break
+    if not isinstance(obj, Mapping) or not all(isinstance(k, str) for k in obj):
+        raise ValueError(f"{path!r} does not hold a state dict (a mapping of names to tensors), "
+                         f"but a {type(obj).__name__}")
+    return dict(obj)
+
+
+def save_pth(state_dict: Mapping[str, Any], path: str, *, meta: Optional[Mapping[str, Any]] = None) -> None:
+    """Write a state dict as torch tensors, mmcv's way (`{'state_dict': ..., 'meta': meta}`) when `meta` is
+    given, else plain (what torchvision's `load_state_dict(torch.load(path))` expects)."""
+    torch = require_torch()
+    tensors = _as_tensors(state_dict)
+    torch.save(tensors if meta is None else {"state_dict": tensors, "meta": dict(meta)}, path)
+
+
+def load_checkpoint(
+    path: str,
+    model: nn.Module,
+    *,
+    key_prefixes: Optional[Mapping[str, str]] = None,
+    strict: bool = True,
+    init_variables: Optional[PyTree] = None,
+    weights_only: bool = True,
+    sample: Any = None,
+) -> tuple[dict, LoadReport]:
+    """`import_state_dict(model, load_pth(path), ...)`: an mmseg / mmdet / torchvision `.pth` into `model`.
+
+    E.g. mmseg's `pspnet_r101-d8` checkpoint into `make_model('pspnet',
+    backbone='resnet101_v1c_d8', num_classes=19)`, or mmdet's RetinaNet
+    checkpoint's backbone and neck into `make_model('retinanet_fpn',
+    backbone='resnet50')` (with `strict=False`: its `bbox_head.*` keys are
+    reported as unexpected).
+    """
+    return import_state_dict(model, load_pth(path, weights_only=weights_only), key_prefixes=key_prefixes,
+                             strict=strict, init_variables=init_variables, sample=sample)
+
+
+# --- conveniences ---------------------------------------------------------------------------------------
+
+
+def load_resnet(
+    state_dict: Mapping[str, Any], *, depth: int, key_prefix: str = "", strict: bool = True, **fields: Any
+) -> tuple[ResNet, dict]:
+    """A `ResNet(depth=depth, **fields)` and its variables from torchvision-style keys.
+
+    `key_prefix`: where the ResNet's keys start in `state_dict` ('' for
+    torchvision, 'backbone.' for an mmseg/mmdet checkpoint). Unless given,
+    `num_classes` is read from `fc.weight` (absent: a backbone) and
+    `deep_stem` from the presence of `stem.0.weight`.
+    """
+    if "num_classes" not in fields:
+        fc = state_dict.get(key_prefix + "fc.weight")
+        fields["num_classes"] = None if fc is None else int(to_numpy(fc).shape[0])
+    fields.setdefault("deep_stem", key_prefix + "stem.0.weight" in state_dict)
+    model = ResNet(depth=depth, **fields)
+    variables, _ = import_state_dict(model, state_dict, key_prefixes={"": key_prefix}, strict=strict)
+    return model, variables
+
+
+def load_pytorch_network(path: str, model: nn.Module, cfg: Optional[Mapping[str, Any]] = None) -> dict:
+    """A complete network's variables from a `.pth` (strict); for a config's `teacher.checkpoint`.
+
+    `cfg` (the network's config block) may give `checkpoint_prefixes`, a
+    `key_prefixes` mapping (see `import_state_dict`).
+    """
+    prefixes = cfg.get("checkpoint_prefixes") if cfg is not None else None
+    variables, _ = load_checkpoint(path, model, key_prefixes=dict(prefixes) if prefixes else None)
+    return variables
+
+
+def export_pytorch_network(model: nn.Module, variables: PyTree, path: str) -> None:
+    """Write `model`'s variables to `path` as a PyTorch state dict in mmcv's checkpoint format."""
+    save_pth(export_state_dict(model, variables), path, meta={"exported_by": "cankd_jax", "model": type(model).__name__})

@@ -1,0 +1,33 @@
+"""Teacher and student networks: ResNet/ResNeXt backbones, FPN, mmseg decode heads, segmenters.
+
+Every network's `__call__(images, *, train)` returns a dict of named NHWC
+features (`stem`, `layer1`..`layer4`, `fpn.p3`, `head.logits`, `logits`, ...)
+so a config can name the features to distill. Parameter paths joined with dots
+are the PyTorch state-dict keys (`cankd_jax.interop.torch_models` converts).
+BatchNorm statistics live in the `batch_stats` collection.
+"""
+
+from cankd_jax.models.conv import ConvModule, conv2d  # noqa: F401
+from cankd_jax.models.fpn import FPN  # noqa: F401
+from cankd_jax.models.freeze import (  # noqa: F401
+    ALL,
+    frozen_param_labels,
+    frozen_prefixes,
+    param_labels,
+)
+from cankd_jax.models.heads import ASPPHead, FCNHead, PSPHead  # noqa: F401
+from cankd_jax.models.ops import adaptive_avg_pool, resize_bilinear, resize_nearest  # noqa: F401
+from cankd_jax.models.registry import (  # noqa: F401
+    BACKBONES,
+    SEGMENTATION_HEADS,
+    TRUNKS,
+    frozen_labels,
+    make_model,
+    make_network,
+    make_segmenter,
+    make_trunk,
+    model_names,
+)
+from cankd_jax.models.resnet import BasicBlock, Bottleneck, ResNet  # noqa: F401
+from cankd_jax.models.segmenter import Segmenter  # noqa: F401
+from cankd_jax.models.trunk import DetectionTrunk  # noqa: F401

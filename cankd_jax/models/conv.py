@@ -1,0 +1,116 @@
+"""Convolutions laid out as PyTorch's, and mmcv's ConvModule (conv + BatchNorm + ReLU).
+
+A 1x1 convolution is a matmul over channels (`layers.Conv1x1`), never a general
+convolution; every other kernel size is a `flax.linen.Conv` with PyTorch's
+symmetric padding `dilation * (k // 2)`, so output sizes match PyTorch's for
+odd inputs and strides too. Default initialisation is the one the PyTorch
+networks start from: Kaiming-normal over fan-out for convolutions
+(torchvision's ResNet, mmcv's ConvModule), BatchNorm weight 1 and bias 0.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from cankd_jax.layers import BatchNorm, Conv1x1, Dtype, Initializer, torch_bias_init
+
+Array = jax.Array
+
+# kaiming_normal_(mode='fan_out', nonlinearity='relu'): N(0, 2 / fan_out), fan_out = O * kh * kw
+# (PyTorch does not divide by groups; neither does Flax for a (kh, kw, I/g, O) kernel).
+kaiming_fan_out: Initializer = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+# mmdet's FPN: xavier_uniform (gain 1) weights, zero biases.
+xavier_uniform: Initializer = nn.initializers.xavier_uniform()
+
+
+def conv2d(
+    x: Array,
+    features: int,
+    kernel_size: int,
+    *,
+    name: str,
+    stride: int = 1,
+    dilation: int = 1,
+    groups: int = 1,
+    use_bias: bool = False,
+    kernel_init: Initializer = kaiming_fan_out,
+    bias_init: Optional[Initializer] = None,
+    dtype: Optional[Dtype] = None,
+    param_dtype: Dtype = jnp.float32,
+) -> Array:
+    """`nn.Conv2d(C, features, kernel_size, stride, padding=dilation * (k // 2), dilation, groups)` on NHWC.
+
+    Call from inside a compact method: the layer is created there under `name`.
+    `(B, H, W, C) -> (B, H', W', features)` with PyTorch's size
+    `H' = floor((H + 2 * pad - dilation * (k - 1) - 1) / stride) + 1`. Params: `kernel` `(C, features)` for 1x1, else `(k, k, C / groups,
+    features)`; `bias (features,)` if `use_bias` (default init: PyTorch's
+    fan-in uniform).
+    """
+    if kernel_size == 1 and groups == 1:
+        if stride > 1:
+            # A strided 1x1 conv (padding 0) reads exactly every stride-th pixel.
+            x = x[:, ::stride, ::stride]
+        return Conv1x1(features, use_bias=use_bias, kernel_init=kernel_init, bias_init=bias_init,
+                       dtype=dtype, param_dtype=param_dtype, name=name)(x)
+    pad = dilation * (kernel_size // 2)
+    fan_in = (x.shape[-1] // groups) * kernel_size * kernel_size
+    return nn.Conv(
+        features,
+        (kernel_size, kernel_size),
+        strides=stride,
+        padding=((pad, pad), (pad, pad)),
+        kernel_dilation=dilation,
+        feature_group_count=groups,
+        use_bias=use_bias,
+        kernel_init=kernel_init,
+        bias_init=bias_init or torch_bias_init(fan_in),
+        dtype=dtype,
+        param_dtype=param_dtype,
+        name=name,
+    )(x)
+
+
+class ConvModule(nn.Module):
+    """mmcv's `ConvModule`: conv, then (optionally) BatchNorm and ReLU.
+
+    `(B, H, W, C) -> (B, H / stride, W / stride, features)`. Submodules are named
+    as mmcv's (`conv`, `bn`), so state-dict keys map one to one. With `norm` the
+    conv has no bias (mmcv's `bias='auto'`). `frozen_stats` keeps the BatchNorm
+    on its running statistics even in training (mmcv's `norm_eval`).
+    """
+
+    features: int
+    kernel_size: int = 1
+    stride: int = 1
+    dilation: int = 1
+    norm: bool = True
+    act: bool = True
+    frozen_stats: bool = False
+    kernel_init: Initializer = kaiming_fan_out
+    bias_init: Optional[Initializer] = None
+    dtype: Optional[Dtype] = None
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array, *, train: bool) -> Array:
+        x = conv2d(x, self.features, self.kernel_size, name="conv", stride=self.stride, dilation=self.dilation,
+                   use_bias=not self.norm, kernel_init=self.kernel_init, bias_init=self.bias_init,
+                   dtype=self.dtype, param_dtype=self.param_dtype)
+        if self.norm:
+            x = batch_norm(x, "bn", train=train, frozen_stats=self.frozen_stats,
+                           dtype=self.dtype, param_dtype=self.param_dtype)
+        return nn.relu(x) if self.act else x
+
+
+def batch_norm(
+    x: Array, name: str, *, train: bool, frozen_stats: bool = False,
+    dtype: Optional[Dtype] = None, param_dtype: Dtype = jnp.float32,
+) -> Array:
+    """`nn.BatchNorm2d` (PyTorch statistics) created under `name`; batch statistics
+    only when `train` and not `frozen_stats`. Call from inside a compact method."""
+    return BatchNorm(dtype=dtype, param_dtype=param_dtype, name=name)(
+        x, use_running_average=not train or frozen_stats)

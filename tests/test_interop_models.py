@@ -1,0 +1,192 @@
+"""PyTorch checkpoints in and out of the networks: exact round trips, partial loads, files, errors."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+import torch
+
+import torch_models_reference as ref
+from cankd_jax import models
+from cankd_jax.interop import torch as interop
+from conftest import assert_close, nchw, nhwc
+from models_helpers import D8, NARROW, variables_from
+
+
+
+def _torch_segmenter(seed=0, blocks=(1, 1, 1, 1)):
+    return ref.randomize_(ref.EncoderDecoder(
+        ref.ResNet(18, stage_blocks=blocks, **D8, **NARROW), ref.ASPPHead(64, 16, 5),
+        ref.FCNHead(32, 8, 5, num_convs=1, concat_input=False)), seed)
+
+
+def _segmenter(blocks=(1, 1, 1, 1), **kwargs):
+    return models.make_model("deeplabv3", backbone="resnet18_v1c_d8", num_classes=5,
+                             backbone_kwargs=dict(stage_blocks=blocks, **NARROW), **kwargs)
+
+
+def _torch_trunk(blocks=(1, 1, 1, 1), seed=0):
+    tm = torch.nn.Module()
+    tm.backbone = ref.ResNet(50, stage_blocks=blocks, **NARROW)
+    tm.neck = ref.FPN([32, 64, 128, 256], 16, num_outs=5, start_level=1, add_extra_convs="on_input")
+    return ref.randomize_(tm, seed)
+
+
+def _trunk(blocks=(1, 1, 1, 1)):
+    return models.make_model("retinanet_fpn", backbone="resnet50", out_channels=16,
+                             backbone_kwargs=dict(stage_blocks=blocks, **NARROW))
+
+
+def _assert_same_state_dict(ours, theirs):
+    assert sorted(ours) == sorted(theirs), "keys differ"
+    for k, v in theirs.items():
+        expected = v.numpy()
+        assert ours[k].shape == expected.shape and ours[k].dtype == expected.dtype, k
+        assert np.array_equal(ours[k], expected), k
+
+
+@pytest.mark.parametrize("case", ["torchvision_resnet18", "mmseg_deeplabv3_v1c_d8", "mmdet_retinanet_trunk"])
+def test_import_then_export_is_the_identity(case):
+    if case == "torchvision_resnet18":
+        tm, model = ref.randomize_(ref.ResNet(18, num_classes=10, **NARROW)), models.ResNet(18, num_classes=10, **NARROW)
+    elif case == "mmseg_deeplabv3_v1c_d8":
+        tm, model = _torch_segmenter(), _segmenter()
+    else:
+        tm, model = _torch_trunk(), _trunk()
+    sd = tm.state_dict()
+    variables, report = interop.import_state_dict(model, sd)
+    assert not report.missing and not report.unexpected and len(report.loaded) == len(sd)
+    _assert_same_state_dict(interop.export_state_dict(model, variables), sd)
+
+
+def test_layout_uses_the_source_projects_keys():
+    layout = interop.state_dict_layout(_segmenter())
+    keys = list(layout)
+    assert keys[:3] == ["backbone.stem.0.weight", "backbone.stem.1.weight", "backbone.stem.1.bias"]
+    for key in ("backbone.stem.7.num_batches_tracked", "backbone.layer4.0.downsample.0.weight",
+                "decode_head.image_pool.1.conv.weight", "decode_head.image_pool.1.bn.running_var",
+                "decode_head.aspp_modules.3.conv.weight", "decode_head.bottleneck.bn.weight",
+                "decode_head.conv_seg.bias", "auxiliary_head.convs.0.conv.weight", "auxiliary_head.conv_seg.weight"):
+        assert key in layout, key
+    assert layout["decode_head.aspp_modules.0.conv.weight"].torch_shape == (16, 64, 1, 1)
+    assert layout["decode_head.aspp_modules.1.conv.weight"].torch_shape == (16, 64, 3, 3)
+    trunk = interop.state_dict_layout(_trunk())
+    assert "neck.lateral_convs.0.conv.bias" in trunk and "neck.fpn_convs.4.conv.weight" in trunk
+
+
+def test_exported_student_loads_into_pytorch_and_computes_the_same():
+    model = _segmenter()
+    tm = _torch_segmenter()
+    variables, _ = interop.import_state_dict(model, tm.state_dict())
+    x = np.random.default_rng(0).normal(size=(2, 32, 32, 3)).astype(np.float32)
+    # One training-mode pass moves the running statistics and the counters away from the import.
+    _, upd = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"],
+                                              rngs={"dropout": jax.random.key(0)}))(variables, x)
+    trained = {"params": jax.tree.map(lambda p: p * 1.01, variables["params"]), "batch_stats": upd["batch_stats"]}
+    fresh = ref.EncoderDecoder(ref.ResNet(18, stage_blocks=(1, 1, 1, 1), **D8, **NARROW), ref.ASPPHead(64, 16, 5),
+                               ref.FCNHead(32, 8, 5, num_convs=1, concat_input=False))
+    fresh.load_state_dict(interop.export_state_dict(model, trained, tensors=True), strict=True)
+    assert int(fresh.backbone.stem[1].num_batches_tracked) == int(tm.backbone.stem[1].num_batches_tracked) + 1
+    out = jax.jit(lambda v, x: model.apply(v, x, train=False))(trained, x)
+    with torch.no_grad():
+        expected = fresh.eval()(nchw(x))
+    assert_close(out["logits"], nhwc(expected["logits"]), what="logits")
+
+
+def test_pth_files_round_trip_in_mmcv_and_plain_format(tmp_path):
+    tm, model = _torch_trunk(), _trunk()
+    sd = tm.state_dict()
+    wrapped = tmp_path / "retinanet.pth"
+    torch.save({"meta": {"epoch": 12}, "state_dict": sd, "optimizer": {}}, wrapped)
+    variables, _ = interop.load_checkpoint(str(wrapped), model)
+    out_path = tmp_path / "student.pth"
+    interop.export_pytorch_network(model, variables, str(out_path))
+    raw = torch.load(out_path, weights_only=True)
+    assert set(raw) == {"state_dict", "meta"}
+    _assert_same_state_dict({k: v.numpy() for k, v in interop.load_pth(str(out_path)).items()}, sd)
+    plain = tmp_path / "plain.pth"
+    interop.save_pth(interop.export_state_dict(model, variables), str(plain))
+    assert set(torch.load(plain, weights_only=True)) == set(sd)
+    again = interop.load_pytorch_network(str(plain), model)
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(again), jax.tree.leaves(variables)))
+
+
+def test_load_resnet_reads_a_backbone_out_of_a_segmentation_checkpoint():
+    sd = _torch_segmenter().state_dict()
+    model, variables = interop.load_resnet(sd, depth=18, key_prefix="backbone.", **NARROW, strides=(1, 2, 1, 1),
+                                           dilations=(1, 1, 2, 4), stage_blocks=(1, 1, 1, 1))
+    assert model.deep_stem and model.num_classes is None
+    assert np.array_equal(np.asarray(variables["params"]["stem.0"]["kernel"]),
+                          sd["backbone.stem.0.weight"].numpy().transpose(2, 3, 1, 0))
+
+
+def test_imagenet_backbone_into_a_segmenter_is_a_partial_load():
+    imagenet = ref.randomize_(ref.ResNet(18, num_classes=1000, stage_blocks=(1, 1, 1, 1), **D8, **NARROW)).state_dict()
+    model = _segmenter()
+    init = variables_from(model, _torch_segmenter(seed=1))
+    with pytest.raises(ValueError, match="init_variables"):
+        interop.import_state_dict(model, imagenet, key_prefixes={"backbone.": ""}, strict=False)
+    variables, report = interop.import_state_dict(model, imagenet, key_prefixes={"backbone.": ""}, strict=False,
+                                                  init_variables=init)
+    assert report.unexpected == ("fc.bias", "fc.weight")
+    assert "decode_head.conv_seg.weight" in report.missing and not any(k.startswith("backbone.") for k in report.missing)
+    assert np.array_equal(variables["params"]["decode_head"]["conv_seg"]["kernel"],
+                          init["params"]["decode_head"]["conv_seg"]["kernel"])
+    assert int(variables["batch_stats"]["backbone"]["layer2.0"]["bn1"]["num_batches_tracked"]) == int(
+        imagenet["layer2.0.bn1.num_batches_tracked"])
+
+
+def test_dagger_takes_the_teachers_neck_only():
+    teacher_sd = _torch_trunk(blocks=(1, 1, 2, 1), seed=1).state_dict()  # deeper backbone, same widths
+    student = _trunk()
+    init = variables_from(student, _torch_trunk(seed=2))
+    variables, report = interop.import_state_dict(student, teacher_sd, key_prefixes={"neck.": "neck."}, strict=False,
+                                                  init_variables=init)
+    assert report.loaded and all(k.startswith("neck.") for k in report.loaded)
+    assert not report.unexpected  # the teacher's backbone keys were not asked for
+    out = interop.export_state_dict(student, variables)
+    assert np.array_equal(out["neck.fpn_convs.4.conv.weight"], teacher_sd["neck.fpn_convs.4.conv.weight"].numpy())
+    assert np.array_equal(variables["params"]["backbone"]["conv1"]["kernel"], init["params"]["backbone"]["conv1"]["kernel"])
+
+
+def test_key_problems_are_reported_by_name():
+    tm, model = _torch_segmenter(), _segmenter()
+    sd = dict(tm.state_dict())
+    missing = {k: v for k, v in sd.items() if k != "decode_head.image_pool.1.bn.running_mean"}
+    with pytest.raises(ValueError, match=r"missing keys: decode_head\.image_pool\.1\.bn\.running_mean"):
+        interop.import_state_dict(model, missing)
+    with pytest.raises(ValueError, match=r"unexpected keys: decode_head\.extra\.weight"):
+        interop.import_state_dict(model, {**sd, "decode_head.extra.weight": torch.zeros(1)})
+    bad = {**sd, "decode_head.conv_seg.weight": torch.zeros(6, 16, 1, 1)}
+    with pytest.raises(ValueError, match=r"decode_head\.conv_seg\.weight \(6, 16, 1, 1\) \(expected \(5, 16, 1, 1\)\)"):
+        interop.import_state_dict(model, bad)
+    wrong_model = models.make_model("pspnet", backbone="resnet18_v1c_d8", num_classes=5,
+                                    backbone_kwargs=dict(stage_blocks=(1, 1, 1, 1), **NARROW))
+    with pytest.raises(ValueError, match=r"other shapes: decode_head\.bottleneck\.conv\.weight .*"
+                                         r"missing keys: .*psp_modules.*unexpected keys: .*aspp_modules"):
+        interop.import_state_dict(wrong_model, sd)
+
+
+def test_old_checkpoints_without_batch_counters_load_as_zero():
+    sd = {k: v for k, v in ref.ResNet(18, **NARROW).state_dict().items() if not k.endswith("num_batches_tracked")}
+    variables, report = interop.import_state_dict(models.ResNet(18, **NARROW), sd)
+    assert not report.missing and int(variables["batch_stats"]["bn1"]["num_batches_tracked"]) == 0
+
+
+class _Unsafe:
+    pass
+
+
+def test_reading_pth_files_names_the_problem(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nowhere.pth"):
+        interop.load_pth(str(tmp_path / "nowhere.pth"))
+    unsafe = tmp_path / "pickled.pth"
+    torch.save({"state_dict": {"w": torch.zeros(1)}, "cfg": _Unsafe()}, unsafe)
+    with pytest.raises(ValueError, match="weights_only=False"):
+        interop.load_pth(str(unsafe))
+    assert set(interop.load_pth(str(unsafe), weights_only=False)) == {"w"}
+    not_sd = tmp_path / "list.pth"
+    torch.save([torch.zeros(1)], not_sd)
+    with pytest.raises(ValueError, match="does not hold a state dict"):
+        interop.load_pth(str(not_sd))
