@@ -210,6 +210,8 @@ def test_error_on_unknown_loss_and_option():
         make_loss("cankdd")
     with pytest.raises(ValueError, match="loss 'cankd' has no option\\(s\\) loss_wieght; its options are in_channels"):
         make_loss("cankd", in_channels=8, loss_wieght=10)
+    with pytest.raises(ValueError, match="loss 'cankd' needs option\\(s\\) in_channels"):
+        make_loss("cankd", loss_weight=10)
 
 
 def test_error_when_mgd_has_no_rng():

@@ -46,6 +46,11 @@ def make_loss(name: str, **kwargs: Any) -> nn.Module:
     unknown = sorted(set(kwargs) - set(allowed) - {"name"})
     if unknown:
         raise ValueError(f"loss {name!r} has no option(s) {', '.join(unknown)}; its options are {', '.join(allowed)}")
+    required = [f.name for f in dataclasses.fields(cls) if f.name not in _MODULE_FIELDS
+                and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    missing = [f for f in required if f not in kwargs]
+    if missing:
+        raise ValueError(f"loss {name!r} needs option(s) {', '.join(missing)}")
     return cls(**kwargs)
 
 

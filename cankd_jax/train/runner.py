@@ -1,0 +1,73 @@
+"""Runs a config: one training run, or a comparison made of several (`phases`).
+
+A config with `phases` (e.g. the demo: teacher, student alone, student with
+CanKD) trains each phase in `workdir/<phase>` with the phase's overrides, in
+order, each resumable on its own, then writes `workdir/summary.json` with the
+held-out metric of every phase and prints it as a table.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from typing import Any
+
+import jax
+import ml_collections
+
+from cankd_jax.train.trainer import train_and_evaluate
+
+
+def phase_config(config: ml_collections.ConfigDict, phase: str, workdir: str) -> ml_collections.ConfigDict:
+    """The config of one phase: the base with `phase_overrides[phase]` applied.
+
+    The string `{workdir}` in a teacher checkpoint path is the comparison's
+    workdir, so a later phase can name an earlier phase's export.
+    """
+    cfg = copy.deepcopy(config.to_dict())
+    overrides = cfg.pop("phase_overrides", {}).get(phase, {})
+    cfg.pop("phases", None)
+    _merge(cfg, overrides)
+    if cfg.get("teacher") and cfg["teacher"].get("checkpoint"):
+        cfg["teacher"]["checkpoint"] = cfg["teacher"]["checkpoint"].format(workdir=workdir)
+    return ml_collections.ConfigDict(cfg)
+
+
+def _merge(base: dict, overrides: dict) -> None:
+    for k, v in overrides.items():
+        if isinstance(v, dict) and isinstance(base.get(k), dict):
+            _merge(base[k], v)
+        else:
+            base[k] = v
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    if not config.get("phases"):
+        summary = train_and_evaluate(config, workdir)
+        _print_table({"run": summary})
+        return summary
+    results = {}
+    for phase in config.phases:
+        results[phase] = train_and_evaluate(phase_config(config, phase, workdir), os.path.join(workdir, phase))
+    metric = config.get("metric", "mIoU")
+    summary: dict[str, Any] = {"metric": metric}
+    for phase, res in results.items():
+        summary[phase] = res.get("eval", {}).get(metric)
+    summary["phases"] = {p: {"workdir": r["workdir"], "eval": r.get("eval"), "steps": r.get("step")}
+                         for p, r in results.items()}
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+    _print_table(results, metric)
+    return summary
+
+
+def _print_table(results: dict[str, dict], metric: str = "mIoU") -> None:
+    if jax.process_index() != 0:
+        return
+    print(f"\n| run | steps | held-out {metric} |\n|---|---|---|")
+    for name, res in results.items():
+        value = res.get("eval", {}).get(metric)
+        shown = f"{100 * value:.2f}" if isinstance(value, float) else "-"
+        print(f"| {name} | {res.get('step', '-')} | {shown} |")
