@@ -152,3 +152,16 @@ def max_pool_2x2(x: Array) -> Array:
     b, h, w, c = x.shape
     x = x[:, : h - h % 2, : w - w % 2]
     return jnp.max(x.reshape(b, h // 2, 2, w // 2, 2, c), axis=(2, 4))
+
+
+def resize_bilinear(x: Array, size: tuple[int, int]) -> Array:
+    """`F.interpolate(mode='bilinear', align_corners=False)` to `size = (H', W')`.
+
+    `(B, H, W, C) -> (B, H', W', C)`. `jax.image.resize` uses the same
+    half-pixel sampling and border clamping; antialiasing is off because
+    PyTorch's bilinear mode never antialiases (it matters only when shrinking).
+    """
+    b, h, w, c = x.shape
+    if (h, w) == tuple(size):
+        return x
+    return jax.image.resize(x, (b, size[0], size[1], c), method="bilinear", antialias=False)

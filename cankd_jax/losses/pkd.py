@@ -6,6 +6,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from cankd_jax.layers import resize_bilinear
 from cankd_jax.losses.checks import check_feature_pair
 
 
@@ -15,15 +16,6 @@ def pkd_normalize(x: jax.Array) -> jax.Array:
     mean = jnp.mean(x, axis=(0, 1, 2), keepdims=True)
     std = jnp.std(x, axis=(0, 1, 2), keepdims=True, ddof=1)
     return (x - mean) / (std + 1e-6)
-
-
-def resize_bilinear(x: jax.Array, hw: tuple[int, int]) -> jax.Array:
-    """Bilinear resize of `(B, H, W, C)` to `hw`, as PyTorch's `interpolate(align_corners=False)`.
-
-    Without antialiasing: jax.image.resize antialiases when shrinking by default,
-    PyTorch's bilinear does not.
-    """
-    return jax.image.resize(x, (x.shape[0], *hw, x.shape[3]), method="bilinear", antialias=False)
 
 
 class PKDLoss(nn.Module):

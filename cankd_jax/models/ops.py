@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cankd_jax.layers import resize_bilinear  # noqa: F401 - shared with the losses; re-exported here
+
 Array = jax.Array
 
 
@@ -32,20 +34,6 @@ def check_nhwc(x: Array, *, who: str, channels: Optional[int] = None) -> None:
     if channels is not None and shape[-1] != channels:
         hint = " (is the batch NCHW? transpose it to NHWC)" if shape[1] == channels else ""
         raise ValueError(f"{who}: expected {channels} channels on the last axis, got shape {shape}{hint}")
-
-
-def resize_bilinear(x: Array, size: tuple[int, int]) -> Array:
-    """`F.interpolate(mode='bilinear', align_corners=False)` to `size = (H', W')`.
-
-    `(B, H, W, C) -> (B, H', W', C)`. `jax.image.resize` uses the same
-    half-pixel sampling and clamps at the borders the same way; antialiasing is
-    turned off because PyTorch's bilinear mode never antialiases (it only
-    matters when shrinking, which the heads never do).
-    """
-    b, h, w, c = x.shape
-    if (h, w) == tuple(size):
-        return x
-    return jax.image.resize(x, (b, size[0], size[1], c), method="bilinear", antialias=False)
 
 
 def _nearest_index(n_in: int, n_out: int) -> np.ndarray:
