@@ -32,7 +32,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     ))
     c.teacher = ml_collections.ConfigDict(dict(
         name="fcn", backbone="resnet50_v1c_d8", kwargs=dict(base_width=8, stem_width=8), head_channels=16,
-        checkpoint="", checkpoint_format="",
+        checkpoint="",  # a trained teacher: an export/ dir of a teacher run, or a PyTorch .pth
     ))
     c.distill = [ml_collections.ConfigDict(dict(
         name="layer4", loss="cankd", student_feature="layer4", teacher_feature="layer4",

@@ -105,7 +105,6 @@ class Run:
     schedule: Callable
     data: Any
     init_variables: Callable[[jax.Array], tuple[PyTree, PyTree]]
-    input_shape: tuple[int, ...]
 
     def student_variables(self, state) -> PyTree:
         return {"params": state.params["student"], "batch_stats": state.batch_stats["student"]}
@@ -113,8 +112,7 @@ class Run:
 
 def build_run(config: ml_collections.ConfigDict, mesh: Mesh) -> Run:
     data = data_lib.make_data(config.data, task=config.task.name)
-    input_shape = (2, *data.input_size, 3)
-    sample = jnp.zeros(input_shape, jnp.float32)
+    sample = jnp.zeros((2, *data.input_size, 3), jnp.float32)
     student = models.make_network(config.student, num_classes=config.task.num_classes)
     teacher = None
     teacher_vars = {}
@@ -153,7 +151,7 @@ def build_run(config: ml_collections.ConfigDict, mesh: Mesh) -> Run:
                   "distill": jax.tree.map(lambda _: "trainable", abstract["distill"])}
     tx, schedule = make_optimizer(config.optimizer, config.total_steps, frozen_labels=labels)
     return Run(student, teacher, teacher_vars, teacher_shardings, terms, make_task(config.task), tx, schedule,
-               data, init_variables, input_shape)
+               data, init_variables)
 
 
 def make_terms(distill_cfgs) -> tuple[DistillTerm, ...]:

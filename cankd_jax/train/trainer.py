@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import signal
+import threading
 import time
 from typing import Any, Optional
 
@@ -42,7 +43,8 @@ class _Preemption:
         self._previous = None
 
     def __enter__(self):
-        if threading_main():
+        # signal handlers can only be installed from the main thread (not e.g. under a notebook's worker)
+        if threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGTERM, self._handler)
         return self
 
@@ -54,12 +56,6 @@ class _Preemption:
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
         return False
-
-
-def threading_main() -> bool:
-    import threading  # noqa: PLC0415
-
-    return threading.current_thread() is threading.main_thread()
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
