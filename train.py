@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 
 from absl import flags
@@ -25,6 +26,8 @@ _PID = flags.DEFINE_integer("process_id", None, "index of this process in a mult
 
 def _one_line(e: BaseException) -> str:
     text = " ".join(str(e).replace("\\n", " ").replace("\\'", "'").split())
+    if "Traceback (most recent call last)" in text:  # config_flags embeds get_config's traceback: keep its message
+        text = re.split(r"\b\w*(?:Error|Exception): ", text)[-1]
     return text.replace("' Did you mean", " Did you mean").strip("'\"") or type(e).__name__
 
 

@@ -31,19 +31,19 @@ def _rows(workdir):
 
 
 def test_resume_after_a_lost_checkpoint_equals_the_straight_run(tmp_path):
-    cfg = _smoke(tmp_path, total_steps=4, log_every=1, eval_every=4, checkpoint_every=2, keep_checkpoints=3)
+    cfg = _smoke(tmp_path, total_steps=8, log_every=1, eval_every=8, checkpoint_every=4, keep_checkpoints=3)
     straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
     a = train_and_evaluate(cfg, straight)
     train_and_evaluate(cfg, resumed)
-    # Lose everything after step 2, as a crash between checkpoints would, and run the same command again.
-    shutil.rmtree(os.path.join(resumed, "checkpoints", "4"))
+    # Lose everything after step 4, as a crash between checkpoints would, and run the same command again.
+    shutil.rmtree(os.path.join(resumed, "checkpoints", "8"))
     with open(os.path.join(resumed, "metrics.jsonl")) as f:
-        kept = [line for line in f if json.loads(line)["step"] <= 2 and '"loss"' in line]
+        kept = [line for line in f if json.loads(line)["step"] <= 4 and '"loss"' in line]
     with open(os.path.join(resumed, "metrics.jsonl"), "w") as f:
         f.writelines(kept)
     b = train_and_evaluate(cfg, resumed)
     ra, rb = _rows(straight), _rows(resumed)
-    assert [r["step"] for r in ra] == [r["step"] for r in rb] == [1, 2, 3, 4]
+    assert [r["step"] for r in ra] == [r["step"] for r in rb] == list(range(1, 9))
     for x, y in zip(ra, rb, strict=True):
         for k in x:
             if k.startswith(("loss", "task/", "distill/", "lr", "grad_norm")):
@@ -53,4 +53,4 @@ def test_resume_after_a_lost_checkpoint_equals_the_straight_run(tmp_path):
     assert os.path.exists(os.path.join(resumed, "export", "student.pth"))
     # A finished run re-opened only reports.
     c = train_and_evaluate(cfg, straight)
-    assert c["step"] == 4 and c["eval"] == a["eval"] and len(_rows(straight)) == 4
+    assert c["step"] == 8 and c["eval"] == a["eval"] and len(_rows(straight)) == 8

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Optional
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,19 +12,26 @@ import numpy as np
 IGNORE_LABEL = 255
 
 
-def segmentation_cross_entropy(logits: jax.Array, labels: jax.Array, *, avg_non_ignore: bool = False) -> jax.Array:
+def segmentation_cross_entropy(logits: jax.Array, labels: jax.Array, *, avg_non_ignore: bool = False,
+                               class_weight: Optional[Sequence[float]] = None) -> jax.Array:
     """Pixel-wise softmax cross-entropy, pixels labelled 255 ignored.
 
     `logits (B, H, W, K)`, `labels (B, H, W)` int. mmseg's default
     (`avg_non_ignore=False`) averages over every pixel, ignored ones counting
     zero; `avg_non_ignore=True` averages over the labelled pixels only.
+    `class_weight` (K,) scales each pixel's loss by the weight of its label and,
+    as in mmseg (unlike PyTorch's weighted 'mean'), does not renormalise.
     """
     if logits.shape[:3] != labels.shape:
         raise ValueError(f"segmentation logits {logits.shape} and labels {labels.shape} differ in (B, H, W)")
+    if class_weight is not None and len(class_weight) != logits.shape[-1]:
+        raise ValueError(f"class_weight has {len(class_weight)} entries for {logits.shape[-1]} classes")
     valid = labels != IGNORE_LABEL
     safe = jnp.where(valid, labels, 0).astype(jnp.int32)
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     nll = -jnp.take_along_axis(logp, safe[..., None], axis=-1)[..., 0]
+    if class_weight is not None:
+        nll = nll * jnp.asarray(class_weight, jnp.float32)[safe]
     nll = jnp.where(valid, nll, 0.0)
     denom = jnp.maximum(jnp.sum(valid), 1) if avg_non_ignore else nll.size
     return jnp.sum(nll) / denom

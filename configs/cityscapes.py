@@ -1,0 +1,58 @@
+"""The paper's Cityscapes runs: DeepLabV3 / PSPNet R101-d8 teacher -> R18-d8 student, CanKD on layer4.
+
+    python train.py --config configs/cityscapes.py --workdir runs/dlv3_cankd \\
+        --config.data.data_dir=/data/tfds \\
+        --config.teacher.checkpoint=deeplabv3_r101-d8_512x1024_80k_cityscapes_20200606_113503-9e428899.pth \\
+        --config.student.pretrained=resnet18_v1c-b5776b93.pth
+    python train.py --config configs/cityscapes.py:head=pspnet --workdir runs/psp_cankd ...   # PSPNet
+    python train.py --config configs/cityscapes.py:head=pspnet,loss=cwd ...                   # a baseline
+    python train.py --config configs/cityscapes.py:loss=none ...                              # student alone
+
+As mmsegmentation trains them (`*_512x1024_80k_cityscapes`, 4 GPUs x 2 images):
+512x1024 crops from images rescaled around 2048x1024 by 0.5-2.0 (category
+ratio check 0.75), flip, photometric distortion; SGD lr 0.01, momentum 0.9,
+weight decay 5e-4, poly decay (power 0.9, floor 1e-4), 80k steps; auxiliary FCN
+head on layer3 at weight 0.4; whole-image evaluation at 2048x1024, mIoU over 19
+classes. The student's backbone starts from ImageNet weights (mmseg's
+`open-mmlab://resnet18_v1c`), the teacher from a trained mmseg checkpoint.
+
+Distillation as in the paper: the student's layer4 (512 channels) goes through
+a 1x1 connector to the teacher's 2048, CanKD with loss_weight 10 (the
+reference's /2 makes that an effective 5). Batch-norm statistics are over the
+global batch, as mmseg's SyncBN computes them. Paper results (mIoU, student ->
+CanKD, teacher): DeepLabV3 76.70 -> 77.12 (80.31); PSPNet 74.87 -> 76.24 (79.74).
+"""
+
+import ml_collections
+
+from cankd_jax import config_arg
+from cankd_jax.losses.presets import PRESET_LOSSES, distill_term
+
+HEADS = ("deeplabv3", "pspnet")
+
+def get_config(arg: str = "") -> ml_collections.ConfigDict:
+    a = config_arg.parse(arg, {"head": HEADS, "loss": (*PRESET_LOSSES, "none")}, {"head": "deeplabv3", "loss": "cankd"},
+                         config="configs/cityscapes.py")
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.total_steps = 80_000
+    c.batch_size = 8  # global: mmseg's 4 GPUs x 2 images
+    c.log_every = 50
+    c.eval_every = 8_000
+    c.checkpoint_every = 2_000
+    c.keep_checkpoints = 3
+    c.metric = "mIoU"
+
+    c.task = dict(name="segmentation", num_classes=19, aux_weight=0.4, avg_non_ignore=False)
+    c.data = dict(name="cityscapes", data_dir="", crop_size=(512, 1024), scale=(2048, 1024), ratio_range=(0.5, 2.0),
+                  cat_max_ratio=0.75, eval_scale=(2048, 1024), eval_batch_size=8, workers=8)
+    # Heads at mmseg's widths: a quarter of layer4 / layer3 (512 / 256 for R101, 128 / 64 for R18).
+    c.student = dict(name=a["head"], backbone="resnet18_v1c_d8", frozen_stages=-1, norm_eval=False,
+                     pretrained="", pretrained_prefixes=[("backbone.", "")])  # ImageNet resnet18_v1c .pth
+    c.teacher = dict(name=a["head"], backbone="resnet101_v1c_d8", checkpoint="")  # mmseg's trained R101-d8 .pth
+    c.distill = [] if a["loss"] == "none" else [distill_term(a["loss"], student_channels=512, teacher_channels=2048)]
+    c.optimizer = dict(name="sgd", lr=0.01, momentum=0.9, weight_decay=5e-4, grad_clip_norm=0.0,
+                       schedule="poly", power=0.9, min_lr=1e-4, warmup_steps=0)
+    c.mesh = dict(fsdp=False)
+    c.export = dict(pytorch=True)
+    return c
