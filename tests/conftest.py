@@ -10,6 +10,14 @@ import sys
 if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4").strip()
 
+# A compilation cache for this test session: the end-to-end tests build the same steps in several runs
+# and subprocesses (which inherit the variables), and on 2 CPU cores compiling is most of their time.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    import tempfile
+
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="cankd_jax_test_xla_cache_")
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
+
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 

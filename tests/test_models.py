@@ -98,7 +98,7 @@ def test_registry_names_and_errors():
 def test_make_network_from_a_config_block():
     cfg = ml_collections.ConfigDict(dict(
         name="pspnet", backbone="resnet18_v1c_d8", kwargs=dict(base_width=8, stem_width=8), head_channels=16,
-        frozen_stages=1, norm_eval=False, dtype="bfloat16", checkpoint="", checkpoint_format=""))
+        frozen_stages=1, norm_eval=False, dtype="bfloat16", checkpoint="", pretrained=""))
     net = models.make_network(cfg, num_classes=7)
     assert isinstance(net, models.Segmenter) and net.decode_head.channels == 16
     assert net.backbone.frozen_stages == 1 and net.backbone.dtype == jnp.bfloat16

@@ -212,7 +212,10 @@ def load_teacher(cfg: ml_collections.ConfigDict, teacher: nn.Module, sample: jax
     """Teacher variables: from `cfg.checkpoint` (our export dir or an mmseg/mmdet .pth), else random."""
     path = cfg.get("checkpoint", "")
     if not path:
-        return teacher.init(jax.random.key(seed + 1_000_003), sample, train=False)
+        # A random teacher (smoke runs, benchmarks): one compiled init with the rbg generator, which compiles
+        # in a fraction of threefry's time on CPU (eagerly, every initialiser would compile on its own).
+        # Its values only need to be deterministic, and they are replicated, so sharding never changes them.
+        return jax.jit(lambda: teacher.init(jax.random.key(seed + 1_000_003, impl="rbg"), sample, train=False))()
     if not os.path.exists(path):
         raise FileNotFoundError(f"teacher checkpoint {path!r} not found; set --config.teacher.checkpoint to a "
                                 "trained teacher (an export/ directory of a teacher run, or a PyTorch .pth)")
