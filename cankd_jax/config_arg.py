@@ -1,4 +1,4 @@
-"""The argument after ':' in `--config configs/NAME.py:ARG`, as big_vision configs take it.
+"""Config files outside `train.py`, and the argument after ':' in `--config configs/NAME.py:ARG`.
 
 `ARG` is `key=value` pairs joined by ',' (e.g. `head=pspnet,loss=cwd`); a value
 that is a list joins its items with '+' (e.g. `loss=cankd+mgd`). Configs use it
@@ -8,8 +8,23 @@ overrides cannot express one field at a time.
 
 from __future__ import annotations
 
+import importlib.util
+import os
 from collections.abc import Mapping, Sequence
 from typing import Any
+
+import ml_collections
+
+
+def load_config(path: str, arg: str = "") -> ml_collections.ConfigDict:
+    """`get_config(arg)` of the config file at `path`, as `--config path:arg` gives it (tests, benchmarks)."""
+    name = os.path.splitext(os.path.basename(path))[0]
+    spec = importlib.util.spec_from_file_location(f"cankd_jax_config_{name}", path)
+    if spec is None or not os.path.isfile(path):
+        raise FileNotFoundError(f"config file {path!r} not found")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
 
 
 def parse(arg: str, choices: Mapping[str, Sequence[str]], defaults: Mapping[str, Any], *, config: str,

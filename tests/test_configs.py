@@ -3,7 +3,6 @@ networks produce, and the channel counts line up through the connector (checked 
 
 from __future__ import annotations
 
-import importlib.util
 import os
 
 import jax
@@ -11,6 +10,7 @@ import jax.numpy as jnp
 import pytest
 
 from cankd_jax import models
+from cankd_jax.config_arg import load_config
 from cankd_jax.train.build import make_task, make_terms
 from cankd_jax.train.optim import make_optimizer
 from cankd_jax.train.runner import phase_config
@@ -34,11 +34,8 @@ CASES = [
 ]
 
 
-def load(file: str, arg: str):
-    spec = importlib.util.spec_from_file_location(file[:-3], os.path.join(CONFIGS, file))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.get_config(arg)
+def load(file: str, arg: str = ""):
+    return load_config(os.path.join(CONFIGS, file), arg)
 
 
 def runs(config):
@@ -88,3 +85,13 @@ def test_unknown_config_arguments_are_named():
         load("cityscapes.py", "heads=pspnet")
     with pytest.raises(ValueError, match="unknown loss kd"):
         load("demo.py", "loss=cankd+kd")
+
+
+@pytest.mark.parametrize("arg", ["loss=mgd+cwd", ""])
+def test_demo_phases_are_teacher_student_then_each_loss(arg):
+    cfg = load("demo.py", arg)
+    losses = ["mgd", "cwd"] if arg else ["cankd"]
+    assert list(cfg.phases) == ["teacher", "student", *losses]
+    for loss in losses:
+        (term,) = cfg.phase_overrides[loss]["distill"]
+        assert term["loss"] == loss

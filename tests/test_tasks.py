@@ -94,17 +94,13 @@ def test_student_starts_from_a_pretrained_backbone(tmp_path):
 
 
 def test_the_run_initialises_the_student_from_pretrained(tmp_path):
-    import importlib.util
     import os
 
+    from cankd_jax.config_arg import load_config
     from cankd_jax.train.build import build_run
     from cankd_jax.train.sharding import make_mesh
 
-    spec = importlib.util.spec_from_file_location(
-        "smoke", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "smoke.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    cfg = mod.get_config()
+    cfg = load_config(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "smoke.py"))
     backbone = models.make_model(cfg.student.backbone, **cfg.student.kwargs)
     bb_vars = backbone.init(jax.random.key(7), jnp.zeros((1, 32, 32, 3)), train=False)
     path = str(tmp_path / "bb.pth")

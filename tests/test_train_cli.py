@@ -9,8 +9,6 @@ import subprocess
 import sys
 import time
 
-import pytest
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = os.path.join(ROOT, "configs", "smoke.py")
 
@@ -110,18 +108,3 @@ def test_sigterm_saves_a_checkpoint_and_the_rerun_continues_from_it(tmp_path):
     logged = [r["step"] for r in _rows(workdir)]
     assert logged[-2:] == [stopped + 1, stopped + 2], logged
     assert json.loads((workdir / "summary.json").read_text())["finished"]
-
-
-@pytest.mark.parametrize("arg", ["loss=mgd+cwd", ""])
-def test_demo_config_phases(arg):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("demo", os.path.join(ROOT, "configs", "demo.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    cfg = mod.get_config(arg)
-    losses = ["mgd", "cwd"] if arg else ["cankd"]
-    assert list(cfg.phases) == ["teacher", "student", *losses]
-    for loss in losses:
-        (term,) = cfg.phase_overrides[loss]["distill"]
-        assert term["loss"] == loss

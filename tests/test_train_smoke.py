@@ -8,18 +8,14 @@ import shutil
 
 import pytest
 
+from cankd_jax.config_arg import load_config
 from cankd_jax.train.trainer import train_and_evaluate
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
 
 def _smoke(tmp_path, **overrides):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("smoke", os.path.join(CONFIGS, "smoke.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    cfg = mod.get_config()
+    cfg = load_config(os.path.join(CONFIGS, "smoke.py"))
     cfg.data.data_dir = str(tmp_path / "data")
     cfg.update(overrides)
     return cfg
