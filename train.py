@@ -55,22 +55,17 @@ def main(argv: list[str]) -> None:
     from absl import logging as absl_logging  # noqa: PLC0415
 
     absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax logs every file it writes at INFO
-    import jax  # noqa: PLC0415 - after flag parsing, so --help and flag errors are instant
-
-    if _COORD.value or _NPROC.value:
-        jax.distributed.initialize(_COORD.value, _NPROC.value, _PID.value)
-    else:
-        try:  # TPU pods and SLURM announce themselves; a plain machine is one process
-            jax.distributed.initialize()
-        except (ValueError, RuntimeError):
-            pass
-
-    from cankd_jax.train.runner import run  # noqa: PLC0415
+    from cankd_jax.train import distributed  # noqa: PLC0415 - after flag parsing, so --help and flag errors are instant
 
     try:
+        distributed.initialize(_COORD.value, _NPROC.value, _PID.value)
+        from cankd_jax.train.runner import run  # noqa: PLC0415 - nothing may touch a JAX backend before initialize
+
         run(_CONFIG.value, _WORKDIR.value)
-    except (ValueError, FileNotFoundError) as e:
-        # Configuration and input mistakes: one line that says what to fix, not a traceback.
+    except (ValueError, FileNotFoundError, distributed.DistributedSetupError, distributed.ProcessesDisagree,
+            FloatingPointError) as e:
+        # Configuration, input and setup mistakes, processes that disagree, a diverged run (FloatingPointError:
+        # the trainer's non-finite check): one line that says what happened, not a traceback.
         sys.exit(f"train.py: error: {_one_line(e)}")
 
 

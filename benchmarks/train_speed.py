@@ -69,7 +69,7 @@ def reference_loss_config(case: str):
 
 def time_step(config, mesh, size: tuple[int, int], steps: int) -> dict[str, float]:
     config = config.copy_and_resolve_references()
-    config.teacher.checkpoint = ""  # random teacher weights: speed does not depend on them
+    config.teacher.checkpoint, config.teacher.random_init = "", True  # speed does not depend on the weights
     run = build.build_run(config, mesh, input_size=size)
     state, shardings = create_sharded_state(run.init_variables, run.tx, config.seed, mesh)
     step = jax.jit(

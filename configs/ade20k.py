@@ -38,10 +38,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
                   cat_max_ratio=0.75, eval_scale=(512, 512), eval_keep_ratio=False, eval_batch_size=16, workers=8)
     c.student = dict(name=a["head"], backbone="resnet18_v1c_d8", frozen_stages=-1, norm_eval=False,
                      pretrained="", pretrained_prefixes=[("backbone.", "")])
-    c.teacher = dict(name=a["head"], backbone="resnet101_v1c_d8", checkpoint="")
+    c.teacher = dict(name=a["head"], backbone="resnet101_v1c_d8", checkpoint="", random_init=False)
     c.distill = [] if a["loss"] == "none" else [distill_term(a["loss"], student_channels=512, teacher_channels=2048)]
     c.optimizer = dict(name="sgd", lr=0.01, momentum=0.9, weight_decay=5e-4, grad_clip_norm=0.0,
                        schedule="poly", power=0.9, min_lr=1e-4, warmup_steps=0)
-    c.mesh = dict(fsdp=False)
+    c.mesh = dict(fsdp=False, fsdp_min_size=2**16)  # FSDP spreads arrays of at least this many elements
     c.export = dict(pytorch=True)
     return c

@@ -49,10 +49,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     # Heads at mmseg's widths: a quarter of layer4 / layer3 (512 / 256 for R101, 128 / 64 for R18).
     c.student = dict(name=a["head"], backbone="resnet18_v1c_d8", frozen_stages=-1, norm_eval=False,
                      pretrained="", pretrained_prefixes=[("backbone.", "")])  # ImageNet resnet18_v1c .pth
-    c.teacher = dict(name=a["head"], backbone="resnet101_v1c_d8", checkpoint="")  # mmseg's trained R101-d8 .pth
+    c.teacher = dict(name=a["head"], backbone="resnet101_v1c_d8", checkpoint="", random_init=False)  # mmseg's trained R101-d8 .pth
     c.distill = [] if a["loss"] == "none" else [distill_term(a["loss"], student_channels=512, teacher_channels=2048)]
     c.optimizer = dict(name="sgd", lr=0.01, momentum=0.9, weight_decay=5e-4, grad_clip_norm=0.0,
                        schedule="poly", power=0.9, min_lr=1e-4, warmup_steps=0)
-    c.mesh = dict(fsdp=False)
+    c.mesh = dict(fsdp=False, fsdp_min_size=2**16)  # FSDP spreads arrays of at least this many elements
     c.export = dict(pytorch=True)
     return c

@@ -48,13 +48,13 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.task = dict(name="classification", num_classes=1000 if a["data"] == "imagenet2012" else 10)
     c.data = dict(name=a["data"], data_dir="", eval_batch_size=batch, workers=8)
     c.student = dict(name=student)
-    c.teacher = dict(name=teacher, checkpoint="")
+    c.teacher = dict(name=teacher, checkpoint="", random_init=False)
     if a["loss"] == "cwd":
         raise ValueError("configs/classification.py: cwd distills dense logits; choose a feature loss here")
     c.distill = [] if a["loss"] == "none" else [distill_term(a["loss"], student_channels=s_ch, teacher_channels=t_ch)]
     boundaries = [e * steps_per_epoch for e in opt.pop("boundaries_epochs", ())]
     c.optimizer = dict(name="sgd", momentum=0.9, nesterov=False, grad_clip_norm=0.0, warmup_steps=0,
                        **opt, **(dict(boundaries=boundaries, decay_factor=0.1) if boundaries else {}))
-    c.mesh = dict(fsdp=False)
+    c.mesh = dict(fsdp=False, fsdp_min_size=2**16)  # FSDP spreads arrays of at least this many elements
     c.export = dict(pytorch=True)
     return c

@@ -62,7 +62,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     # ImageNet-initialised backbone and 80k steps; see configs/cityscapes.py).
     c.optimizer = dict(name="adamw", lr=3e-3, weight_decay=1e-4, grad_clip_norm=0.0,
                        schedule="poly", power=0.9, min_lr=1e-5, warmup_steps=50)
-    c.mesh = dict(fsdp=False)
+    c.mesh = dict(fsdp=False, fsdp_min_size=2**16)  # FSDP spreads arrays of at least this many elements
     c.export = dict(pytorch=True)
 
     c.phases = ["teacher", "student", *losses]

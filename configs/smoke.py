@@ -1,7 +1,7 @@
 """A tiny distillation run for tests and a first look: 10 steps, well under a minute on 2 CPU cores.
 
-Narrow ResNet-18-d8 student and ResNet-50-d8 teacher (random teacher: the point is the
-machinery, not the numbers) with FCN heads on the built-in synthetic scenes at 32x32,
+Narrow ResNet-18-d8 student (width 8) and a ResNet-18-d8 teacher of twice its width (a random teacher, asked for with
+`teacher.random_init`: the point is the machinery, not the numbers) with FCN heads on the built-in synthetic scenes at 32x32,
 CanKD on layer4 through a connector.
 
     python train.py --config configs/smoke.py --workdir /tmp/smoke
@@ -31,17 +31,18 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         frozen_stages=-1, norm_eval=False,
     ))
     c.teacher = ml_collections.ConfigDict(dict(
-        name="fcn", backbone="resnet50_v1c_d8", kwargs=dict(base_width=8, stem_width=8), head_channels=16,
+        name="fcn", backbone="resnet18_v1c_d8", kwargs=dict(base_width=16, stem_width=16), head_channels=32,
         checkpoint="",  # a trained teacher: an export/ dir of a teacher run, or a PyTorch .pth
+        random_init=True,  # this config exercises the machinery: a random teacher, on purpose
     ))
     c.distill = [ml_collections.ConfigDict(dict(
         name="layer4", loss="cankd", student_feature="layer4", teacher_feature="layer4",
-        connector=256, weight=1.0, options=dict(in_channels=256, loss_weight=10.0),  # teacher layer4: 8 * 8 * 4
+        connector=128, weight=1.0, options=dict(in_channels=128, loss_weight=10.0),  # teacher layer4: 16 * 8
     ))]
     c.optimizer = ml_collections.ConfigDict(dict(
         name="sgd", lr=0.01, momentum=0.9, weight_decay=5e-4, grad_clip_norm=0.0,
         schedule="poly", power=0.9, min_lr=1e-4, warmup_steps=0,
     ))
-    c.mesh = ml_collections.ConfigDict(dict(fsdp=False))
+    c.mesh = ml_collections.ConfigDict(dict(fsdp=False, fsdp_min_size=2**16))
     c.export = ml_collections.ConfigDict(dict(pytorch=True))
     return c

@@ -11,7 +11,8 @@ import pytest
 
 from cankd_jax import models
 from cankd_jax.config_arg import load_config
-from cankd_jax.train.build import make_task, make_terms
+from cankd_jax.train.build import make_terms
+from cankd_jax.train.tasks import make_task
 from cankd_jax.train.optim import make_optimizer
 from cankd_jax.train.runner import phase_config
 

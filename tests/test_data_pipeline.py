@@ -16,7 +16,6 @@ from cankd_jax.data import (
     make_train_iterator,
     per_process_batch_size,
 )
-from cankd_jax.data.pipeline import grain_loader_state
 
 
 class _IdSource:
@@ -48,10 +47,6 @@ def _all_ids(batches):
     return [i for b in batches for i in _ids(b)]
 
 
-def _shard(i, n=2):
-    return grain.ShardOptions(shard_index=i, shard_count=n, drop_remainder=True)
-
-
 def _take(iterator, k):
     return [next(iterator) for _ in range(k)]
 
@@ -63,11 +58,17 @@ def _assert_same_batches(xs, ys):
             np.testing.assert_array_equal(x[key], y[key])
 
 
-def test_restored_iterator_continues_exactly(tmp_path):
-    kwargs = dict(batch_size=3, seed=5, shard_options=_shard(0, 1))
+def _concat(parts):
+    """Per-process row blocks of the same global batches -> the global batches."""
+    return [{k: np.concatenate([p[k] for p in step]) for k in step[0]} for step in zip(*parts, strict=True)]
+
+
+def test_restored_iterator_continues_exactly():
+    kwargs = dict(global_batch_size=3, seed=5)
     straight = make_train_iterator(_IdSource(10), _noisy, **kwargs)
     _take(straight, 4)  # crosses an epoch boundary (12 > 10)
     state = straight.get_state()
+    assert state["global_batches"] == 4
     state = json.loads(json.dumps(state))  # what a JSON checkpoint item gives back
     expected = _take(straight, 6)
     _assert_same_batches(_take(make_train_iterator(_IdSource(10), _noisy, state=state, **kwargs), 6), expected)
@@ -78,49 +79,52 @@ def test_restored_iterator_continues_exactly(tmp_path):
     _assert_same_batches(_take(other, 6), expected)
 
 
-def test_shuffling_is_seeded():
-    a = _take(make_train_iterator(_IdSource(20), _noisy, batch_size=4, seed=1, shard_options=_shard(0, 1)), 5)
-    b = _take(make_train_iterator(_IdSource(20), _noisy, batch_size=4, seed=1, shard_options=_shard(0, 1)), 5)
-    c = _take(make_train_iterator(_IdSource(20), _noisy, batch_size=4, seed=2, shard_options=_shard(0, 1)), 5)
+def test_shuffling_is_seeded_and_an_epoch_is_a_permutation():
+    a = _take(make_train_iterator(_IdSource(20), _noisy, global_batch_size=4, seed=1), 10)
+    b = _take(make_train_iterator(_IdSource(20), _noisy, global_batch_size=4, seed=1), 10)
+    c = _take(make_train_iterator(_IdSource(20), _noisy, global_batch_size=4, seed=2), 10)
     _assert_same_batches(a, b)
     assert [_ids(x) for x in a] != [_ids(x) for x in c]
-    assert sorted(_all_ids(a)) == list(range(20))  # one epoch = a permutation
+    assert sorted(_all_ids(a[:5])) == sorted(_all_ids(a[5:])) == list(range(20))
+    assert _all_ids(a[:5]) != _all_ids(a[5:])  # each epoch its own order
 
 
-def test_processes_read_disjoint_shards_covering_the_data():
-    n, batch = 20, 2
-    per_process = [_all_ids(_take(make_train_iterator(
-        _IdSource(n), _noisy, batch_size=batch, seed=0, shard_options=_shard(i)), n // 2 // batch)) for i in range(2)]
-    single = _all_ids(_take(make_train_iterator(
-        _IdSource(n), _noisy, batch_size=batch, seed=0, shard_options=_shard(0, 1)), n // batch))
-    assert not set(per_process[0]) & set(per_process[1])
-    assert sorted(per_process[0] + per_process[1]) == sorted(single) == list(range(n))
+@pytest.mark.parametrize("splits", [2, 4])
+def test_processes_read_their_rows_of_the_same_global_batches(splits):
+    """The order is a function of the global step: any split of the rows reassembles the one-process batches."""
+    n, batch, steps = 22, 8, 7  # 56 examples: crosses two epoch boundaries, 22 not a multiple of the batch
+    single = _take(make_train_iterator(_IdSource(n), _noisy, global_batch_size=batch, seed=3), steps)
+    rows = batch // splits
+    parts = [_take(make_train_iterator(_IdSource(n), _noisy, global_batch_size=batch, seed=3,
+                                       rows=(i * rows, (i + 1) * rows)), steps) for i in range(splits)]
+    _assert_same_batches(_concat(parts), single)  # ids and augmentation draws alike
 
 
-def test_state_of_one_process_restores_another():
-    def make(i, state=None):
-        return make_train_iterator(_IdSource(16), _noisy, batch_size=2, seed=0, shard_options=_shard(i), state=state)
+def test_a_position_saved_on_one_topology_resumes_on_another():
+    one = make_train_iterator(_IdSource(16), _noisy, global_batch_size=4, seed=0)
+    _take(one, 3)
+    state = one.get_state()
+    expected = _take(one, 4)
+    parts = [_take(make_train_iterator(_IdSource(16), _noisy, global_batch_size=4, seed=0, rows=(2 * i, 2 * i + 2),
+                                       state=state), 4) for i in range(2)]
+    _assert_same_batches(_concat(parts), expected)
+    for key, value in (("global_batch_size", 8), ("seed", 1)):
+        kwargs = {"global_batch_size": 4, "seed": 0, key: value}
+        with pytest.raises(ValueError, match=f"saved with {key}="):
+            make_train_iterator(_IdSource(16), _noisy, state=state, **kwargs)
 
-    p0, p1 = make(0), make(1)
-    _take(p0, 3), _take(p1, 3)
-    expected = _take(p1, 4)
-    _assert_same_batches(_take(make(1, state=p0.get_state()), 4), expected)
-    with pytest.raises(ValueError, match="shard_count=2, this run has 4"):
-        make_train_iterator(_IdSource(16), _noisy, batch_size=2, seed=0, shard_options=_shard(0, 4),
-                            state=p0.get_state())
 
-
-def test_position_matches_grains_own_state_format():
-    """Our state -> Grain state conversion agrees with what Grain reports (guards its format)."""
-    for shard in (_shard(0, 1), _shard(1, 2)):
-        it = make_train_iterator(_IdSource(12), _noisy, batch_size=3, seed=0, shard_options=shard)
-        _take(it, 5)
-        ours = grain_loader_state(it._template, it.get_state()["examples"], shard, 0)
-        assert ours == json.loads(it.grain_iterator.get_state())
+def test_bad_rows_and_states_are_named():
+    with pytest.raises(ValueError, match="rows .* global batch of 4"):
+        make_train_iterator(_IdSource(8), _noisy, global_batch_size=4, seed=0, rows=(2, 6))
+    with pytest.raises(ValueError, match="not a data-iterator state"):
+        make_train_iterator(_IdSource(8), _noisy, global_batch_size=4, seed=0, state={"examples": 3})
 
 
 def test_worker_processes_give_the_same_batches_and_resume_across_worker_counts():
-    kwargs = dict(batch_size=4, seed=1, shard_options=_shard(0, 1))
+    """Pins what we rely on from Grain: in-order delivery with workers, and the sampler's generator reaching
+    the augmentation."""
+    kwargs = dict(global_batch_size=4, seed=1, rows=(1, 3))
     in_process = make_train_iterator(_IdSource(20), _noisy, **kwargs)
     expected = _take(in_process, 7)
     workers = make_train_iterator(_IdSource(20), _noisy, worker_count=2, **kwargs)
@@ -128,6 +132,8 @@ def test_worker_processes_give_the_same_batches_and_resume_across_worker_counts(
     state = workers.get_state()
     _assert_same_batches(_take(workers, 2), expected[3:5])
     _assert_same_batches(_take(make_train_iterator(_IdSource(20), _noisy, state=state, **kwargs), 4), expected[3:])
+    _assert_same_batches(_take(make_train_iterator(_IdSource(20), _noisy, state=state, worker_count=3, **kwargs), 4),
+                         expected[3:])
     evals = list(make_eval_iterator(_IdSource(11), lambda r: r, batch_size=4, worker_count=2,
                                     shard_options=grain.ShardOptions(0, 1)))
     assert [b["label"][b["valid"]].tolist() for b in evals] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10]]
@@ -168,7 +174,7 @@ def synth(tmp_path_factory):
 
 def test_synthetic_train_batches_and_resume(synth):
     assert synth.input_size == (24, 24) and synth.num_classes == 7
-    it = synth.train_iterator(4, seed=0, shard_options=_shard(0, 1))
+    it = synth.train_iterator(4, seed=0)
     first = next(it)
     assert first["image"].shape == (4, 24, 24, 3) and first["image"].dtype == np.float32
     assert first["label"].shape == (4, 24, 24) and first["label"].dtype == np.int32
@@ -176,7 +182,7 @@ def test_synthetic_train_batches_and_resume(synth):
     _take(it, 2)
     state = it.get_state()
     expected = _take(it, 3)
-    _assert_same_batches(_take(synth.train_iterator(4, seed=0, shard_options=_shard(0, 1), state=state), 3), expected)
+    _assert_same_batches(_take(synth.train_iterator(4, seed=0, state=state), 3), expected)
 
 
 def test_synthetic_eval_covers_the_test_split(synth):
@@ -210,7 +216,7 @@ def test_missing_dataset_is_a_one_line_error_naming_the_fix(tmp_path):
 def test_mock_cifar10_classification():
     with tfds.testing.mock_data(num_examples=12):
         data = make_data({"name": "cifar10", "data_dir": "/nonexistent", "eval_batch_size": 5}, task="classification")
-        batch = next(data.train_iterator(4, seed=0, shard_options=_shard(0, 1)))
+        batch = next(data.train_iterator(4, seed=0))
         evals = list(data.eval_iterator(shard_options=grain.ShardOptions(0, 1)))
     assert batch["image"].shape == (4, 32, 32, 3) and batch["image"].dtype == np.float32
     assert batch["label"].shape == (4,) and batch["label"].dtype == np.int32
@@ -224,7 +230,7 @@ def test_mock_scene_parse150_reduces_zero_label():
                           "eval_scale": (16, 16), "eval_batch_size": 4}, task="segmentation")
         raw = tfds.data_source("scene_parse150", split="train")[0]
         record = data.train_source[0]
-        batch = next(data.train_iterator(2, seed=0, shard_options=_shard(0, 1)))
+        batch = next(data.train_iterator(2, seed=0))
         evals = list(data.eval_iterator(shard_options=grain.ShardOptions(0, 1)))
     assert data.num_classes == 100
     assert record["label"].shape == record["image"].shape[:2] and record["label"].dtype == np.uint8
@@ -240,7 +246,7 @@ def test_mock_cityscapes_maps_label_ids_to_train_ids():
                           "scale": (64, 32), "eval_scale": (64, 32), "eval_batch_size": 2}, task="segmentation")
         raw = tfds.data_source("cityscapes", split="train")[0]
         record = data.train_source[0]
-        batch = next(data.train_iterator(2, seed=0, shard_options=_shard(0, 1)))
+        batch = next(data.train_iterator(2, seed=0))
     ids = raw["segmentation_label"][..., 0]
     expected = np.full(ids.shape, 255, np.uint8)
     for label_id, train_id in {7: 0, 8: 1, 26: 13, 33: 18}.items():

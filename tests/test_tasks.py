@@ -10,7 +10,8 @@ import pytest
 
 from cankd_jax import models
 from cankd_jax.interop.torch import export_state_dict, save_pth
-from cankd_jax.train.build import SegmentationTask, load_pretrained, make_task
+from cankd_jax.train.tasks import SegmentationTask, make_task
+from cankd_jax.train.weights import load_pretrained
 from cankd_jax.train.tasks import confusion_matrix, mean_iou, segmentation_cross_entropy
 
 

@@ -1,9 +1,9 @@
 """From the `data` section of a run config to train and eval iterators: what a trainer calls.
 
     data = make_data(config.data, task="segmentation")          # opens (or generates) the data
-    it = data.train_iterator(local_batch, seed=config.seed, state=saved_or_None)
-    batch = next(it)        # {'image': (B, h, w, 3) float32, 'label': (B, h, w) int32 (255 = ignore)}
-    saved = it.get_state()  # JSON-serialisable dict: store it in the checkpoint
+    it = data.train_iterator(global_batch, seed=config.seed, rows=(r0, r1), state=saved_or_None)
+    batch = next(it)        # this process's rows: {'image': (r1-r0, h, w, 3) float32, 'label': (r1-r0, h, w) int32}
+    saved = it.get_state()  # JSON-serialisable dict, valid on any topology: store it in the checkpoint
     for batch in data.eval_iterator(mesh): ...  # same keys + 'valid': (B,) bool; each example once
 
 Config keys (all optional except `name`; `DATASET_DEFAULTS` fills per-dataset values):
@@ -116,12 +116,12 @@ class Data:
         """(h, w) of training images."""
         return tuple(int(x) for x in self.options["crop_size"])
 
-    def train_iterator(self, batch_size: int, *, seed: int, state: Optional[dict] = None,
-                       shard_options: Optional[grain.ShardOptions] = None) -> pipeline.TrainIterator:
-        """Endless augmented batches of `batch_size` (per process) from this process's shard."""
+    def train_iterator(self, global_batch_size: int, *, seed: int, rows: Optional[tuple[int, int]] = None,
+                       state: Optional[Mapping[str, Any]] = None) -> pipeline.TrainIterator:
+        """Endless augmented training batches: rows `[r0, r1)` (default: all) of each global batch."""
         return pipeline.make_train_iterator(
-            self.train_source, self.train_transform, batch_size=batch_size, seed=seed,
-            worker_count=int(self.options["workers"]), shard_options=shard_options, state=state)
+            self.train_source, self.train_transform, global_batch_size=global_batch_size, seed=seed, rows=rows,
+            worker_count=int(self.options["workers"]), state=state)
 
     def eval_iterator(self, mesh: Any = None, *, batch_size: Optional[int] = None,
                       shard_options: Optional[grain.ShardOptions] = None) -> Iterator[dict]:

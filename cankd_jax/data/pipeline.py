@@ -1,19 +1,27 @@
-"""Batches with Grain: deterministic shuffling, one shard per process, resumable position.
+"""Batches with Grain: one global order, each process reading its rows of every global batch, resumable anywhere.
 
-Training: `grain.python.DataLoader` over an `IndexSampler` (global shuffle from
-the seed, endless epochs, this process's shard) and a random augmentation;
-examples are stacked into batches in this process (see `TrainIterator`).
-The augmentation of the element at global stream position i (which fixes
-its epoch and example) draws from
-`np.random.default_rng([seed, x_i])`, x_i the first draw of Grain's per-element
-Philox generator keyed by seed + i; so a batch depends on (seed, step, shard)
-only, not on worker count or timing.
+Training order is a function of (seed, global step) alone, never of the
+number of processes, devices or Grain workers:
 
-Position: `TrainIterator.get_state()` is a small JSON-serialisable dict (store
-it in the checkpoint as is); `set_state` takes it back. Processes advance in
-lockstep (one batch per step each), so the position is the same number on
-every process: the state saved by process 0 restores every process, whatever
-the worker count.
+- the *global stream* visits the records epoch after epoch, each epoch a
+  permutation drawn from `(seed, epoch)`;
+- global batch k is stream positions `[k*G, (k+1)*G)` (G = global batch size);
+- a process reads only its rows `[r0, r1)` of each global batch: the rows its
+  devices hold in the global array (`sharding.process_rows`);
+- the augmentation of stream position g draws from `np.random.default_rng([seed, g])`.
+
+So the global batch of step k is the same on 1 device, 8 devices or 2 hosts, and
+the data position is one number, the count of global batches consumed, valid
+on any topology. Grain runs the reading and augmentation (in worker processes
+when `workers > 0`), through a `Sampler` that maps Grain's local index i to
+stream position `(k0 + i // L) * G + r0 + i % L` (L = r1 - r0, k0 the batch the
+iterator starts at). A resumed iterator is a new Grain loader started at k0:
+Grain's own iterator state records per-worker positions of one shard layout and
+refuses another worker count, so it cannot carry a position across topologies.
+What we rely on from Grain (pinned by `tests/test_data_pipeline.py`): the
+`DataLoader` asks its sampler for indices 0, 1, 2, ... and delivers the records
+in that order whatever the worker count, and a `RandomMapTransform` receives
+the `rng` its sampler put in the record's metadata.
 
 Evaluation: one pass over the split in order, split evenly across processes,
 every batch full-sized with `valid` marking real examples, and every process
@@ -23,8 +31,8 @@ producing the same number of batches (collectives in the eval step need that).
 from __future__ import annotations
 
 import itertools
-import json
 import math
+import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Optional
 
@@ -34,7 +42,7 @@ import numpy as np
 from cankd_jax.data.image_ops import IGNORE
 
 Record = dict[str, np.ndarray]
-_STATE_VERSION = 1
+_STATE_VERSION = 2
 
 
 def per_process_batch_size(global_batch_size: int, process_count: Optional[int] = None) -> int:
@@ -65,13 +73,13 @@ def default_read_options(batch_size: int) -> grain.ReadOptions:
 
 
 class _Augment(grain.RandomMapTransform):
-    """Grain random map calling `fn(record, generator)` with a generator derived from (seed, position)."""
+    """Grain random map calling `fn(record, generator)` with the generator of the record's stream position."""
 
-    def __init__(self, fn: Callable[[Record, np.random.Generator], Record], seed: int):
-        self.fn, self.seed = fn, seed
+    def __init__(self, fn: Callable[[Record, np.random.Generator], Record]):
+        self.fn = fn
 
     def random_map(self, element: Record, rng: np.random.Generator) -> Record:
-        return self.fn(element, np.random.default_rng([self.seed, int(rng.integers(2**63))]))
+        return self.fn(element, rng)
 
 
 class _Preprocess(grain.MapTransform):
@@ -82,107 +90,140 @@ class _Preprocess(grain.MapTransform):
         return self.fn(element)
 
 
-class TrainIterator(Iterator[Record]):
-    """Endless iterator of training batches with a savable position.
+def _check_rows(rows: Sequence[int], global_batch_size: int) -> tuple[int, int]:
+    r0, r1 = (int(r) for r in rows)
+    if not 0 <= r0 < r1 <= global_batch_size:
+        raise ValueError(f"rows {tuple(rows)} are not a non-empty part of a global batch of {global_batch_size}")
+    return r0, r1
 
-    Grain delivers single examples in stream order (with workers too: it
-    interleaves them back into order); this iterator stacks `batch_size` of them.
-    Batching here rather than in a Grain `Batch` inside the workers keeps every
-    batch independent of the worker count (each worker would batch its own
-    round-robin share).
 
-    `get_state()` -> JSON-serialisable dict `{"version", "examples", "seed",
-    "num_records", "shard_count"}`: examples consumed per process, the same on
-    every process, so any process's state resumes any process, with any
-    worker count. `set_state(state)` restores it.
+class GlobalOrderSampler:
+    """Grain sampler: this process's rows of the global batches, from global batch `start_batch` on.
+
+    Local index i -> stream position g = (start_batch + i // L) * G + r0 + i % L,
+    record `permutation(seed, g // n)[g % n]`, generator `default_rng([seed, g])`.
+    Endless (epochs follow each other); `len` is effectively infinite.
     """
 
-    def __init__(self, loader: grain.DataLoader, *, batch_size: int, seed: int, num_records: int,
-                 shard_options: grain.ShardOptions, worker_count: int):
-        self.grain_iterator = iter(loader)
-        self._batch_size, self._seed, self._num_records = batch_size, seed, num_records
-        self._shard, self._workers = shard_options, worker_count
-        self._template = json.loads(self.grain_iterator.get_state())  # Grain's state fields, position 0
-        self._examples = 0
+    def __init__(self, num_records: int, *, global_batch_size: int, rows: tuple[int, int], seed: int,
+                 start_batch: int = 0):
+        r0, r1 = _check_rows(rows, global_batch_size)
+        self.num_records, self.global_batch_size, self.rows = num_records, global_batch_size, (r0, r1)
+        self.seed, self.start_batch = seed, start_batch
+        self._epoch, self._order = -1, None
+
+    def __len__(self) -> int:
+        return sys.maxsize // 4  # endless; a length spares Grain a bisection over indices
+
+    def position(self, index: int) -> int:
+        """The global stream position of local index `index`."""
+        r0, r1 = self.rows
+        batch, row = divmod(index, r1 - r0)
+        return (self.start_batch + batch) * self.global_batch_size + r0 + row
+
+    def record_key(self, position: int) -> int:
+        epoch, offset = divmod(position, self.num_records)
+        if epoch != self._epoch:  # one permutation per epoch, drawn from (seed, epoch)
+            self._epoch, self._order = epoch, np.random.default_rng([self.seed, epoch]).permutation(self.num_records)
+        return int(self._order[offset])
+
+    def __getitem__(self, index: int) -> grain.RecordMetadata:
+        if index < 0:
+            raise IndexError(index)
+        g = self.position(index)
+        return grain.RecordMetadata(index=index, record_key=self.record_key(g),
+                                    rng=np.random.default_rng([self.seed, g]))
+
+    def __repr__(self) -> str:  # Grain logs it
+        return (f"GlobalOrderSampler(num_records={self.num_records}, global_batch_size={self.global_batch_size}, "
+                f"rows={self.rows}, seed={self.seed}, start_batch={self.start_batch})")
+
+
+class TrainIterator(Iterator[Record]):
+    """Endless iterator of this process's rows of each global training batch, with a savable position.
+
+    `next()` -> dict of stacked arrays, `rows[1] - rows[0]` examples. Grain
+    delivers single examples in stream order (workers included); they are
+    stacked here rather than in a Grain `Batch` inside the workers, which would
+    batch each worker's own round-robin share.
+
+    `get_state()` -> `{"version", "global_batches", "global_batch_size", "seed",
+    "num_records"}`, JSON-serialisable: the position is `global_batches`, the
+    same on every process and valid for any number of processes, devices and
+    workers. `set_state(state)` continues from it.
+    """
+
+    def __init__(self, source: Sequence[Record], augment: Callable[[Record, np.random.Generator], Record], *,
+                 global_batch_size: int, rows: tuple[int, int], seed: int, worker_count: int = 0,
+                 read_options: Optional[grain.ReadOptions] = None):
+        self._source, self._augment = source, augment
+        self._global_batch_size, self._rows, self._seed = global_batch_size, _check_rows(rows, global_batch_size), seed
+        self._workers = worker_count
+        self._read_options = read_options or default_read_options(rows[1] - rows[0])
+        self._batches = 0
+        self._examples: Optional[Iterator[Record]] = None
+
+    def _start(self, batch: int) -> None:
+        sampler = GlobalOrderSampler(len(self._source), global_batch_size=self._global_batch_size, rows=self._rows,
+                                     seed=self._seed, start_batch=batch)
+        loader = grain.DataLoader(data_source=self._source, sampler=sampler, shard_options=grain.NoSharding(),
+                                  worker_count=self._workers, operations=[_Augment(self._augment)],
+                                  read_options=self._read_options)
+        self._examples, self._batches = iter(loader), batch
 
     def __iter__(self) -> TrainIterator:
         return self
 
     def __next__(self) -> Record:
-        examples = [next(self.grain_iterator) for _ in range(self._batch_size)]
-        self._examples += self._batch_size
+        if self._examples is None:
+            self._start(self._batches)
+        examples = [next(self._examples) for _ in range(self._rows[1] - self._rows[0])]
+        self._batches += 1
         return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
 
     def get_state(self) -> dict[str, Any]:
-        return {"version": _STATE_VERSION, "examples": self._examples, "seed": self._seed,
-                "num_records": self._num_records, "shard_count": self._shard.shard_count}
+        return {"version": _STATE_VERSION, "global_batches": self._batches, "seed": self._seed,
+                "global_batch_size": self._global_batch_size, "num_records": len(self._source)}
 
-    def set_state(self, state: dict[str, Any]) -> None:
+    def set_state(self, state: Mapping[str, Any]) -> None:
         if not isinstance(state, Mapping) or state.get("version") != _STATE_VERSION:
             raise ValueError(f"not a data-iterator state of version {_STATE_VERSION}: {state!r:.200}")
-        for key, mine in (("seed", self._seed), ("num_records", self._num_records),
-                          ("shard_count", self._shard.shard_count)):
+        for key, mine in (("seed", self._seed), ("num_records", len(self._source)),
+                          ("global_batch_size", self._global_batch_size)):
             if state[key] != mine:
                 raise ValueError(f"the data position was saved with {key}={state[key]}, this run has {mine}; "
-                                 "resume with the same data, seed and number of processes")
-        grain_state = grain_loader_state(self._template, int(state["examples"]), self._shard, self._workers)
-        self.grain_iterator.set_state(json.dumps(grain_state).encode())
-        self._examples = int(state["examples"])
-
-
-def grain_loader_state(template: dict, examples: int, shard: grain.ShardOptions, worker_count: int) -> dict:
-    """Grain's DataLoader state (format version 2) after `examples` elements of shard `shard`.
-
-    Grain hands stream positions round-robin to its W workers (one "worker"
-    when running in-process) and records, per worker, the global index of the
-    last element it produced: shard_index - W*P + i*P + n_i*W*P for worker i
-    having produced n_i, with P shards. `template` is a fresh iterator's state
-    (sampler and source descriptions, worker count), of which this sets the position.
-    """
-    if template.get("version") != 2:
-        raise ValueError(f"unsupported Grain DataLoader state version {template.get('version')!r}")
-    w, p = max(worker_count, 1), shard.shard_count
-    produced = [(examples - i + w - 1) // w for i in range(w)]
-    return dict(template,
-                last_seen_indices={str(i): shard.shard_index - w * p + i * p + n * w * p
-                                   for i, n in enumerate(produced)},
-                last_worker_index=(examples % w) - 1 if worker_count else -1)
+                                 "resume with the same data, seed and global batch size")
+        self._start(int(state["global_batches"]))
 
 
 def make_train_iterator(source: Sequence[Record], augment: Callable[[Record, np.random.Generator], Record], *,
-                        batch_size: int, seed: int, worker_count: int = 0,
-                        shard_options: Optional[grain.ShardOptions] = None,
-                        read_options: Optional[grain.ReadOptions] = None,
-                        state: Optional[dict] = None) -> TrainIterator:
-    """Endless shuffled, augmented batches of this process's shard of `source`.
+                        global_batch_size: int, seed: int, rows: Optional[tuple[int, int]] = None,
+                        worker_count: int = 0, read_options: Optional[grain.ReadOptions] = None,
+                        state: Optional[Mapping[str, Any]] = None) -> TrainIterator:
+    """Endless shuffled, augmented training batches: this process's rows of each global batch.
 
     Args:
       source: random-access records (`len`, `[]`), e.g. `sources.open_source(...)`.
       augment: `augment(record, generator) -> record` (e.g. `SegTrainAugment`); must be picklable
         when `worker_count > 0`.
-      batch_size: per-process batch size (see `per_process_batch_size`).
+      global_batch_size: examples per global batch (all processes together).
       seed: shuffling and augmentation seed, in [0, 2**32).
+      rows: `(r0, r1)`, the rows of each global batch this process reads (default: all of them);
+        `cankd_jax.train.sharding.process_rows(mesh, global_batch_size)` gives them for a mesh.
       worker_count: Grain worker processes; 0 runs in this process.
-      shard_options: default `ShardByJaxProcess(drop_remainder=True)`.
       state: a `TrainIterator.get_state()` result to resume from.
     Returns:
-      a `TrainIterator` of dicts of stacked arrays, e.g. image (B, h, w, 3) float32, label (B, h, w) int32.
+      a `TrainIterator` of dicts of stacked arrays, e.g. image (r1-r0, h, w, 3) float32, label (r1-r0, h, w) int32.
     """
-    if batch_size <= 0:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
-    shard_options = shard_options or grain.ShardByJaxProcess(drop_remainder=True)
-    if len(source) < shard_options.shard_count:
-        raise ValueError(f"{len(source)} training examples cannot be split across {shard_options.shard_count} "
-                         "processes")
+    if global_batch_size <= 0:
+        raise ValueError(f"global_batch_size must be positive, got {global_batch_size}")
+    if len(source) == 0:
+        raise ValueError("the training split is empty")
     if worker_count:
         _absl_flags_ready()
-    sampler = grain.IndexSampler(num_records=len(source), shard_options=shard_options, shuffle=True,
-                                 num_epochs=None, seed=int(seed))
-    loader = grain.DataLoader(
-        data_source=source, sampler=sampler, shard_options=shard_options, worker_count=worker_count,
-        operations=[_Augment(augment, int(seed))], read_options=read_options or default_read_options(batch_size))
-    iterator = TrainIterator(loader, batch_size=batch_size, seed=int(seed), num_records=len(source),
-                             shard_options=shard_options, worker_count=worker_count)
+    iterator = TrainIterator(source, augment, global_batch_size=global_batch_size,
+                             rows=rows or (0, global_batch_size), seed=int(seed), worker_count=worker_count,
+                             read_options=read_options)
     if state is not None:
         iterator.set_state(state)
     return iterator

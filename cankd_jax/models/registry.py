@@ -150,7 +150,7 @@ def make_model(name: str, **kwargs: Any) -> nn.Module:
 
 
 # Config fields read by the checkpoint loader, not by the network builder.
-_LOADER_FIELDS = {"checkpoint", "checkpoint_prefixes", "pretrained", "pretrained_prefixes"}
+_LOADER_FIELDS = {"checkpoint", "checkpoint_prefixes", "random_init", "pretrained", "pretrained_prefixes"}
 
 
 def _dtype(value: Any) -> Any:

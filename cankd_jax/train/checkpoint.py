@@ -4,9 +4,11 @@ A checkpoint holds two items: `state` (the train state pytree: params, optimizer
 state, batch statistics, step, RNG) and `data` (a JSON dict: the input
 pipeline's position and anything else the loop needs to resume exactly).
 Restoring places the arrays directly into the shardings of a target (the new
-run's mesh may differ from the one that saved). A newest checkpoint that fails
-to restore (corrupt, or cut short by a crash) is skipped with a warning and the
-previous one is used.
+run's mesh, and its number of processes, may differ from the one that saved).
+Every process restores the same step, chosen by process 0: a newest
+checkpoint that process 0 cannot restore (corrupt, or cut short by a crash) is
+skipped by all with a warning and the previous one is tried; one that process 0
+can read but another process cannot stops every process with an error naming them.
 """
 
 from __future__ import annotations
@@ -15,7 +17,11 @@ import logging
 from typing import Any, Optional
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
+
+from cankd_jax.train.distributed import ProcessesDisagree
 
 log = logging.getLogger(__name__)
 
@@ -49,18 +55,31 @@ class Checkpointer:
 
         `target`: a pytree of `jax.ShapeDtypeStruct` with `sharding` (e.g. from
         `jax.eval_shape` plus the shardings of the new mesh), or of arrays.
+        Collective: every process calls it and gets the same step.
         """
         abstract = jax.tree.map(_abstract, target)
-        for step in sorted(self._mngr.all_steps(), reverse=True):
+        for step in _broadcast_steps(sorted(self._mngr.all_steps(), reverse=True)):
+            out, error = None, ""
             try:
-                out = self._mngr.restore(
-                    step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore())
-                )
-            except Exception as e:  # noqa: BLE001 - any failure means: this one is unusable
-                log.warning("checkpoint at step %d in %s cannot be restored (%s: %s); trying an older one",
-                            step, self.directory, type(e).__name__, str(e).splitlines()[0][:200])
+                # The items' handlers directly, not the manager: its restore ends in a barrier that a process
+                # whose restore failed never reaches, so the processes could not then compare notes.
+                handler = ocp.CompositeCheckpointHandler()
+                out = handler.restore(
+                    self._mngr.directory / str(step),
+                    ocp.args.Composite(state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()))
+            except Exception as e:  # noqa: BLE001 - any failure means: this one is unusable here
+                error = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+            ok = _all_processes(out is not None)
+            if ok.all():
+                return step, out["state"], dict(out["data"])
+            if not ok[0]:
+                log.warning("checkpoint at step %d in %s cannot be restored (%s); trying an older one",
+                            step, self.directory, error or "on process 0")
                 continue
-            return step, out["state"], dict(out["data"])
+            bad = [int(i) for i in np.flatnonzero(~ok)]
+            raise ProcessesDisagree(f"checkpoint at step {step} in {self.directory} restores on process 0 but not on "
+                               f"process(es) {bad}" + (f": {error}" if error else " (see their logs)")
+                               + "; every process must see the same checkpoint directory")
         return None
 
     def wait(self) -> None:
@@ -78,3 +97,20 @@ def _abstract(x: Any) -> Any:
     if isinstance(x, jax.Array):
         return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
     return x
+
+
+def _broadcast_steps(steps: list[int]) -> list[int]:
+    """Process 0's list of steps, on every process."""
+    if jax.process_count() == 1:
+        return steps
+    count = int(multihost_utils.broadcast_one_to_all(np.int32(len(steps))))
+    padded = np.full((max(count, 1),), -1, np.int32)
+    padded[:min(len(steps), count)] = steps[:count]
+    return [int(s) for s in multihost_utils.broadcast_one_to_all(padded)[:count]]
+
+
+def _all_processes(flag: bool) -> np.ndarray:
+    """`(process_count,)` bool: each process's `flag`, on every process."""
+    if jax.process_count() == 1:
+        return np.array([flag])
+    return np.asarray(multihost_utils.process_allgather(np.array(flag))).reshape(-1).astype(bool)

@@ -2,6 +2,8 @@
 
 Only process 0 writes. JSON lines hold plain floats and ints, one object per
 logging step, so `pandas.read_json(path, lines=True)` or `jq` read them as is.
+A resumed run first cuts both back to the step it resumed from, so a crash
+between checkpoints never leaves a step logged twice.
 """
 
 from __future__ import annotations
@@ -26,19 +28,26 @@ def _plain(v: Any) -> Any:
 
 
 class MetricsWriter:
-    """Appends to `workdir/metrics.jsonl` and writes TensorBoard scalars to `workdir` (process 0 only)."""
+    """Appends to `workdir/metrics.jsonl` and writes TensorBoard scalars to `workdir` (process 0 only).
 
-    def __init__(self, workdir: str, *, tensorboard: bool = True):
+    `resume_step`: the step the run (re)starts from. Rows written after it by an
+    earlier attempt (one that crashed after its last checkpoint) are dropped
+    from `metrics.jsonl` (rewritten atomically) and hidden from TensorBoard
+    (`purge_step`); at 0 every earlier row goes.
+    """
+
+    def __init__(self, workdir: str, *, resume_step: int = 0, tensorboard: bool = True):
         self.enabled = jax.process_index() == 0
         self._tb = None
         if not self.enabled:
             return
         os.makedirs(workdir, exist_ok=True)
         self.path = os.path.join(workdir, "metrics.jsonl")
+        _truncate_after(self.path, resume_step if resume_step > 0 else -1)
         if tensorboard:
             from tensorboardX import SummaryWriter  # noqa: PLC0415 - only process 0 needs it
 
-            self._tb = SummaryWriter(workdir, flush_secs=30)
+            self._tb = SummaryWriter(workdir, flush_secs=30, purge_step=resume_step + 1 if resume_step > 0 else 0)
 
     def write(self, step: int, metrics: Mapping[str, Any]) -> None:
         if not self.enabled:
@@ -54,6 +63,30 @@ class MetricsWriter:
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
+
+
+def _truncate_after(path: str, step: int) -> None:
+    """Keep the rows of `path` with `"step" <= step` (and drop a torn last line); atomic by rename."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = f.readlines()
+    kept = []
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:  # a line cut short by the crash
+            continue
+        if row.get("step", 0) <= step:
+            kept.append(line if line.endswith("\n") else line + "\n")
+    if len(kept) == len(lines):
+        return
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.writelines(kept)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 class Progress:

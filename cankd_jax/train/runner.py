@@ -45,12 +45,12 @@ def _merge(base: dict, overrides: dict) -> None:
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     if not config.get("phases"):
         summary = train_and_evaluate(config, workdir)
-        _print_table({"run": summary})
+        _print_table({"run": summary}, summary["metric"])
         return summary
     results = {}
     for phase in config.phases:
         results[phase] = train_and_evaluate(phase_config(config, phase, workdir), os.path.join(workdir, phase))
-    metric = config.get("metric", "mIoU")
+    metric = config.get("metric") or next(iter(results.values()))["metric"]
     summary: dict[str, Any] = {"metric": metric}
     for phase, res in results.items():
         summary[phase] = res.get("eval", {}).get(metric)
@@ -63,7 +63,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     return summary
 
 
-def _print_table(results: dict[str, dict], metric: str = "mIoU") -> None:
+def _print_table(results: dict[str, dict], metric: str) -> None:
     if jax.process_index() != 0:
         return
     print(f"\n| run | steps | held-out {metric} |\n|---|---|---|")

@@ -1,16 +1,18 @@
 """Where arrays live: the device mesh, parameter layouts, and the global batch.
 
 One mesh axis, `data`, over every device of every process. The batch is split
-along it; parameters and optimizer state are replicated, or (`fsdp=True`) each
-array of at least `fsdp_min_size` elements is split along its largest axis
-that the axis size divides, so a large teacher or student fits. Either way XLA
-(GSPMD) inserts the collectives, and the numbers equal a single-device run's.
+along it; parameters and optimizer state are replicated, or (`ParamLayout(fsdp=True)`,
+the config's `mesh.fsdp`) each array of at least `min_size` elements is split
+along its largest axis that the axis size divides, so a large teacher or student
+fits. Either way XLA (GSPMD) inserts the collectives, and the numbers equal a
+single-device run's.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 import jax
 import numpy as np
@@ -33,11 +35,35 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
-def param_sharding(x: Any, mesh: Mesh, *, fsdp: bool, fsdp_min_size: int = 2**16) -> NamedSharding:
+@dataclasses.dataclass(frozen=True)
+class ParamLayout:
+    """How parameters, optimizer state and statistics are laid out: replicated, or spread (FSDP).
+
+    `min_size`: arrays with fewer elements stay replicated (spreading them
+    costs more in collectives than it saves in memory).
+    """
+
+    fsdp: bool = False
+    min_size: int = 2**16
+
+    @classmethod
+    def from_config(cls, mesh_cfg: Optional[Mapping[str, Any]]) -> ParamLayout:
+        """From a config's `mesh` block: `fsdp` (bool) and optionally `fsdp_min_size`."""
+        mesh_cfg = dict(mesh_cfg or {})
+        unknown = sorted(set(mesh_cfg) - {"fsdp", "fsdp_min_size"})
+        if unknown:
+            raise ValueError(f"unknown mesh config key(s) {', '.join(unknown)}; known: fsdp, fsdp_min_size")
+        return cls(bool(mesh_cfg.get("fsdp", False)), int(mesh_cfg.get("fsdp_min_size", cls.min_size)))
+
+
+REPLICATED = ParamLayout()
+
+
+def param_sharding(x: Any, mesh: Mesh, layout: ParamLayout = REPLICATED) -> NamedSharding:
     """Sharding for one parameter-like array (anything with `.shape`)."""
     n = mesh.shape[DATA]
     shape = tuple(getattr(x, "shape", ()))
-    if not fsdp or n == 1 or math.prod(shape) < fsdp_min_size:
+    if not layout.fsdp or n == 1 or math.prod(shape) < layout.min_size:
         return replicated(mesh)
     for axis in sorted(range(len(shape)), key=lambda a: -shape[a]):
         if shape[axis] % n == 0:
@@ -47,15 +73,15 @@ def param_sharding(x: Any, mesh: Mesh, *, fsdp: bool, fsdp_min_size: int = 2**16
     return replicated(mesh)
 
 
-def tree_shardings(tree: Any, mesh: Mesh, *, fsdp: bool = False) -> Any:
+def tree_shardings(tree: Any, mesh: Mesh, layout: ParamLayout = REPLICATED) -> Any:
     """Shardings for a pytree of arrays or `ShapeDtypeStruct`s (e.g. from `jax.eval_shape`)."""
-    return jax.tree.map(lambda x: param_sharding(x, mesh, fsdp=fsdp), tree)
+    return jax.tree.map(lambda x: param_sharding(x, mesh, layout), tree)
 
 
 def check_global_batch(global_batch: int, mesh: Mesh) -> int:
     """The per-process batch; a clear error if the global batch cannot be split evenly."""
     n_dev, n_proc = mesh.devices.size, jax.process_count()
-    if global_batch % n_dev:
+    if global_batch <= 0 or global_batch % n_dev:
         raise ValueError(
             f"batch_size={global_batch} is not divisible by the {n_dev} devices; "
             f"use a multiple of {n_dev} (--config.batch_size={max(n_dev, global_batch // n_dev * n_dev)})"
@@ -63,7 +89,22 @@ def check_global_batch(global_batch: int, mesh: Mesh) -> int:
     return global_batch // n_proc
 
 
+def process_rows(mesh: Mesh, global_batch: int) -> tuple[int, int]:
+    """`(r0, r1)`: the rows of a `(global_batch, ...)` array that this process's devices hold.
+
+    The input pipeline reads exactly these rows of every global batch, so the
+    global array assembled by `global_batch` is the same whatever the topology.
+    """
+    check_global_batch(global_batch, mesh)
+    index_map = batch_sharding(mesh).addressable_devices_indices_map((global_batch,))
+    rows = sorted({r for index in index_map.values() for r in range(*index[0].indices(global_batch))})
+    if rows != list(range(rows[0], rows[-1] + 1)):
+        raise ValueError(f"process {jax.process_index()}'s devices hold rows {rows} of the batch, not one block; "
+                         "order the mesh's devices by process")
+    return rows[0], rows[-1] + 1
+
+
 def global_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-    """This process's slice of the batch -> global arrays sharded along `data`."""
+    """This process's rows of the batch (`process_rows`) -> global arrays sharded along `data`."""
     sharding = batch_sharding(mesh)
     return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local.items()}

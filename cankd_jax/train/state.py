@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
-from cankd_jax.train.sharding import replicated, tree_shardings
+from cankd_jax.train.sharding import REPLICATED, ParamLayout, replicated, tree_shardings
 
 Array = jax.Array
 PyTree = Any
@@ -31,13 +31,13 @@ class TrainState:
     rng: Array
 
 
-def state_shardings(abstract_state: TrainState, mesh: Mesh, *, fsdp: bool) -> TrainState:
+def state_shardings(abstract_state: TrainState, mesh: Mesh, layout: ParamLayout = REPLICATED) -> TrainState:
     """Shardings for every leaf: params, stats and optimizer state by `tree_shardings`; step and RNG replicated."""
     return TrainState(
         step=replicated(mesh),
-        params=tree_shardings(abstract_state.params, mesh, fsdp=fsdp),
-        batch_stats=tree_shardings(abstract_state.batch_stats, mesh, fsdp=fsdp),
-        opt_state=tree_shardings(abstract_state.opt_state, mesh, fsdp=fsdp),
+        params=tree_shardings(abstract_state.params, mesh, layout),
+        batch_stats=tree_shardings(abstract_state.batch_stats, mesh, layout),
+        opt_state=tree_shardings(abstract_state.opt_state, mesh, layout),
         rng=replicated(mesh),
     )
 
@@ -48,7 +48,7 @@ def create_sharded_state(
     seed: int,
     mesh: Mesh,
     *,
-    fsdp: bool = False,
+    layout: ParamLayout = REPLICATED,
 ) -> tuple[TrainState, TrainState]:
     """`(state, shardings)`: the state initialised inside one jit, straight into its shardings.
 
@@ -68,5 +68,18 @@ def create_sharded_state(
             rng=jax.random.key_data(state_key),
         )
 
-    shardings = state_shardings(jax.eval_shape(init), mesh, fsdp=fsdp)
-    return jax.jit(init, out_shardings=shardings)(), shardings
+    shardings = state_shardings(jax.eval_shape(init), mesh, layout)
+    return run_once(init, out_shardings=shardings), shardings
+
+
+def run_once(fn: Callable[[], Any], *, out_shardings: Any) -> Any:
+    """`fn()` compiled into `out_shardings`, for work done once per run (initialisation).
+
+    On CPU it is compiled without LLVM optimisation: an init's compile is almost
+    all random-number code, which this makes about 8x faster to compile (82 s ->
+    10 s for the smoke student on this project's 2-core machine), and running it
+    once costs nothing. The values are deterministic and the same on every
+    topology; they may differ in the last bit from an optimised compile's.
+    """
+    options = {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else None
+    return jax.jit(fn, out_shardings=out_shardings).lower().compile(compiler_options=options)()

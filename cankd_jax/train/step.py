@@ -1,4 +1,4 @@
-"""The train state and the distillation train step.
+"""The distillation train step (the state it updates is `state.TrainState`).
 
 One step: the frozen teacher runs in inference mode under `stop_gradient`; the
 student runs in training mode; each distillation term lifts a student feature
@@ -15,14 +15,16 @@ numbers do not depend on how many devices or processes share the batch.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Optional, Protocol
+from typing import Any, Callable, Optional
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
 
 from cankd_jax.train.state import TrainState
+from cankd_jax.train.tasks import Task
 
 Array = jax.Array
 PyTree = Any
@@ -38,12 +40,6 @@ class DistillTerm:
     loss: nn.Module
     connector: Optional[nn.Module] = None
     weight: float = 1.0
-
-
-class Task(Protocol):
-    """What the step needs from the task (segmentation or classification)."""
-
-    def loss(self, outputs: dict[str, Array], labels: Array) -> tuple[Array, dict[str, Array]]: ...
 
 
 def _features(outputs: dict[str, Array], name: str, who: str) -> Array:
@@ -100,15 +96,21 @@ def make_train_step(
     tx: optax.GradientTransformation,
     schedule: Callable[[Array], Array],
 ) -> Callable[[TrainState, PyTree, dict[str, Array]], tuple[TrainState, dict[str, Array]]]:
-    """`step(state, teacher_vars, batch) -> (state, metrics)`; batch = {'image', 'label'}.
+    """`step(state, teacher_vars, batch) -> (state, metrics)`.
 
-    `metrics`: float32 scalars `loss` (total), `task/<name>`, `distill/<term>`
-    (weighted), `lr` (of this step), `grad_norm`.
+    `batch`: `image (B, H, W, 3)` float and `label`, an array (or tree of
+    arrays) with leading dimension B. `metrics`: float32 scalars `loss`
+    (total), `task/<name>`, `distill/<term>` (weighted), `lr` (of this step),
+    `grad_norm` (global) and `grad_norm/student`, `grad_norm/<term>` (the
+    student's and each term's own parameters).
     """
     t_names = {t.teacher_feature for t in terms}
 
     def step(state: TrainState, teacher_vars: PyTree, batch: dict[str, Array]):
         images, labels = batch["image"], batch["label"]
+        chex.assert_rank(images, 4)
+        chex.assert_axis_dimension(images, 3, 3)
+        chex.assert_tree_shape_prefix(labels, images.shape[:1])
         rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
         dropout_rng, mask_rng = jax.random.split(rng)
         t_feats = teacher_features(teacher, teacher_vars, images, t_names) if terms else {}
@@ -134,7 +136,9 @@ def make_train_step(
         (_, (metrics, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = {**metrics, "lr": jnp.asarray(schedule(state.step), jnp.float32), "grad_norm": optax.tree.norm(grads)}
+        metrics = {**metrics, "lr": jnp.asarray(schedule(state.step), jnp.float32),
+                   "grad_norm": optax.tree.norm(grads), "grad_norm/student": optax.tree.norm(grads["student"]),
+                   **{f"grad_norm/{t.name}": optax.tree.norm(grads["distill"][t.name]) for t in terms}}
         new_state = state.replace(step=state.step + 1, params=params, batch_stats=new_stats, opt_state=opt_state)
         return new_state, metrics
 

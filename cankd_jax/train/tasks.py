@@ -1,9 +1,16 @@
-"""Task losses and evaluation metrics: segmentation (ignore label 255) and classification."""
+"""Tasks: what the student is trained for and how it is evaluated (segmentation, classification).
+
+A task is chosen by `config.task.name` from `TASKS` and gives the train step its
+loss and the evaluator its per-batch counts and their summary (`Task`).
+Segmentation ignores label 255.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from collections.abc import Sequence
-from typing import Optional
+from typing import Any, Mapping, Optional, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -58,3 +65,94 @@ def mean_iou(confusion: np.ndarray) -> tuple[float, np.ndarray]:
     union = confusion.sum(0) + confusion.sum(1) - inter
     iou = np.where(union > 0, inter / np.maximum(union, 1), np.nan)
     return float(np.nanmean(iou)) if np.any(union > 0) else 0.0, iou
+
+
+# --- the tasks ------------------------------------------------------------------------------------------
+
+
+class Task(Protocol):
+    """What the train step and the evaluator need from a task.
+
+    `loss(outputs, labels) -> (total, terms)`: float32 scalars, under jit.
+    `counts(outputs, labels, valid) -> array`: integer sufficient statistics of one
+    eval batch (under jit; `valid (B,)` marks real examples), summed over batches on the host.
+    `summarize(counts) -> {name: float}`: the metrics, `metric` among them (the headline).
+    """
+
+    metric: str
+
+    def loss(self, outputs: Mapping[str, jax.Array], labels: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]: ...
+
+    def counts(self, outputs: Mapping[str, jax.Array], labels: jax.Array, valid: jax.Array) -> jax.Array: ...
+
+    def summarize(self, counts: np.ndarray) -> dict[str, float]: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class SegmentationTask:
+    """Pixel cross-entropy on `logits` (+ `aux_weight` x on `aux_logits`), evaluated by mIoU."""
+
+    num_classes: int
+    aux_weight: float = 0.4
+    avg_non_ignore: bool = False
+    class_weight: Optional[tuple[float, ...]] = None  # mmseg's CrossEntropyLoss(class_weight=...), both heads
+    metric: str = "mIoU"
+
+    def __post_init__(self):
+        if self.class_weight is not None:
+            if len(self.class_weight) != self.num_classes:
+                raise ValueError(f"task.class_weight has {len(self.class_weight)} entries for "
+                                 f"task.num_classes={self.num_classes}")
+            object.__setattr__(self, "class_weight", tuple(float(w) for w in self.class_weight))
+
+    def loss(self, outputs: Mapping[str, jax.Array], labels: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+        ce = functools.partial(segmentation_cross_entropy, avg_non_ignore=self.avg_non_ignore,
+                               class_weight=self.class_weight)
+        terms = {"seg": ce(outputs["logits"], labels)}
+        if self.aux_weight and "aux_logits" in outputs:
+            terms["aux"] = self.aux_weight * ce(outputs["aux_logits"], labels)
+        return sum(terms.values()), terms
+
+    def counts(self, outputs: Mapping[str, jax.Array], labels: jax.Array, valid: jax.Array) -> jax.Array:
+        preds = jnp.argmax(outputs["logits"], axis=-1)
+        return confusion_matrix(preds, labels, valid[:, None, None], self.num_classes)
+
+    def summarize(self, counts: np.ndarray) -> dict[str, float]:
+        miou, _ = mean_iou(counts)
+        total = counts.sum()
+        return {"mIoU": miou, "pixel_acc": float(np.trace(counts) / total) if total else 0.0}
+
+
+@dataclasses.dataclass(frozen=True)
+class ClassificationTask:
+    """Softmax cross-entropy on `logits`, evaluated by top-1 accuracy."""
+
+    num_classes: int
+    metric: str = "top1"
+
+    def loss(self, outputs: Mapping[str, jax.Array], labels: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+        ce = classification_cross_entropy(outputs["logits"], labels)
+        return ce, {"ce": ce}
+
+    def counts(self, outputs: Mapping[str, jax.Array], labels: jax.Array, valid: jax.Array) -> jax.Array:
+        correct = (jnp.argmax(outputs["logits"], -1) == labels) & valid
+        return jnp.stack([jnp.sum(correct), jnp.sum(valid)]).astype(jnp.int32)
+
+    def summarize(self, counts: np.ndarray) -> dict[str, float]:
+        return {"top1": float(counts[0] / max(counts[1], 1))}
+
+
+TASKS: dict[str, Any] = {"segmentation": SegmentationTask, "classification": ClassificationTask}
+
+
+def make_task(cfg: Any) -> Task:
+    """The task of a `config.task` block: `name` (a key of `TASKS`) and the task's fields."""
+    cfg = dict(cfg.to_dict() if hasattr(cfg, "to_dict") else cfg)
+    name = cfg.pop("name", None)
+    if name not in TASKS:
+        raise ValueError(f"unknown task.name {name!r}; choose one of {', '.join(sorted(TASKS))}")
+    fields = {f.name for f in dataclasses.fields(TASKS[name])} - {"metric"}
+    unknown = sorted(set(cfg) - fields)
+    if unknown:
+        raise ValueError(f"unknown task key(s) {', '.join(unknown)} for task {name!r}; known: {', '.join(sorted(fields))}")
+    return TASKS[name](**cfg)

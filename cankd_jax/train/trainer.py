@@ -4,22 +4,29 @@
 tests drive. The loop owns every side effect (checkpoints, metrics files,
 signals); the step and evaluation it calls are pure and jitted once.
 
+Every decision is taken the same way on every process: the data order is a
+function of the global step alone (`data/pipeline.py`), the restored step is
+process 0's choice (`checkpoint.py`), preemption is agreed (`preemption.py`),
+and the non-finite check reads metrics that are replicated, so identical
+everywhere.
+
 Resuming: a run that finds checkpoints in `workdir` restores the newest good
-one (state and data position) and continues as if never stopped; a finished
-run only reports. SIGTERM (pod preemption) makes the loop save at the end of
-the current step and exit.
+one (state and data position, on any number of devices and processes), cuts
+`metrics.jsonl` and TensorBoard back to that step, and continues as if never
+stopped; a finished run only reports. SIGTERM (preemption) makes every process
+save at the same step and exit.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
-import signal
-import threading
 import time
 from typing import Any, Optional
 
+import chex
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -27,46 +34,46 @@ import numpy as np
 
 from cankd_jax.train import build
 from cankd_jax.train.checkpoint import Checkpointer
+from cankd_jax.train.evaluate import make_evaluator
+from cankd_jax.train.export import export_student
 from cankd_jax.train.metrics import MetricsWriter, Progress
-from cankd_jax.train.sharding import batch_sharding, check_global_batch, global_batch, make_mesh, replicated
+from cankd_jax.train.preemption import Preemption
+from cankd_jax.train.sharding import ParamLayout, batch_sharding, global_batch, make_mesh, process_rows, replicated
 from cankd_jax.train.state import create_sharded_state
 from cankd_jax.train.step import make_train_step
 
 log = logging.getLogger(__name__)
 
 
-class _Preemption:
-    """Turns SIGTERM into a flag the loop polls at step boundaries."""
+class NonFiniteError(FloatingPointError):
+    """A step produced a non-finite loss or gradient; its state was not saved."""
 
-    def __init__(self):
-        self.requested = False
-        self._previous = None
 
-    def __enter__(self):
-        # signal handlers can only be installed from the main thread (not e.g. under a notebook's worker)
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._handler)
-        return self
-
-    def _handler(self, signum, frame):  # noqa: ARG002
-        log.warning("SIGTERM received: saving a checkpoint at the end of this step, then stopping")
-        self.requested = True
-
-    def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-        return False
+def check_finite(step: int, metrics: dict[str, float], last_saved: Optional[int]) -> None:
+    """Raise `NonFiniteError` naming the step and every non-finite term (host floats in, nothing out)."""
+    bad = sorted(k for k, v in metrics.items() if not math.isfinite(v))
+    if bad:
+        where = f"the newest checkpoint is step {last_saved}" if last_saved else "no checkpoint was written"
+        raise NonFiniteError(f"non-finite value at step {step}: " + ", ".join(f"{k}={metrics[k]}" for k in bad)
+                             + f"; stopped without saving this state ({where})")
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Train (or resume) the run described by `config` in `workdir`; returns its summary dict."""
+    # From the very start: a notice that arrives while the run is still starting up stops it after its first step.
+    with Preemption() as preempt:
+        return _train_and_evaluate(config, workdir, preempt)
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, preempt: Preemption) -> dict[str, Any]:
+    t_start = time.perf_counter()
     os.makedirs(workdir, exist_ok=True)
     mesh = make_mesh()
-    local_batch = check_global_batch(config.batch_size, mesh)
+    rows = process_rows(mesh, config.batch_size)
     run = build.build_run(config, mesh)
-    writer = MetricsWriter(workdir)
 
-    state, state_shardings = create_sharded_state(run.init_variables, run.tx, config.seed, mesh, fsdp=config.mesh.fsdp)
+    state, state_shardings = create_sharded_state(run.init_variables, run.tx, config.seed, mesh,
+                                                  layout=ParamLayout.from_config(config.get("mesh")))
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=config.keep_checkpoints)
     data_state: Optional[dict] = None
     restored = ckpt.restore_latest(jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
@@ -74,47 +81,80 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     if restored is not None:
         step0, state, data_state = restored
         log.info("resumed from step %d in %s", step0, ckpt.directory)
+    log.info("state ready (%.1f s since the start)", time.perf_counter() - t_start)
     start = int(jax.device_get(state.step))
+    last_saved = start or None
+    writer = MetricsWriter(workdir, resume_step=start)
 
-    train_iter = run.data.train_iterator(local_batch, seed=config.seed, state=(data_state or {}).get("train"))
+    train_iter = run.data.train_iterator(config.batch_size, seed=config.seed, rows=rows,
+                                         state=(data_state or {}).get("train"))
+    # A second trace would mean a batch of another shape or dtype: a compile per step, never intended.
     step_fn = jax.jit(
-        make_train_step(student=run.student, teacher=run.teacher, terms=run.terms, task=run.task, tx=run.tx,
-                        schedule=run.schedule),
+        chex.assert_max_traces(make_train_step(student=run.student, teacher=run.teacher, terms=run.terms,
+                                               task=run.task, tx=run.tx, schedule=run.schedule), n=1),
         in_shardings=(state_shardings, run.teacher_shardings, batch_sharding(mesh)),
         out_shardings=(state_shardings, replicated(mesh)),
         donate_argnums=(0,),
     )
-    evaluate = build.make_evaluator(run, mesh)
+    evaluate = make_evaluator(run.task, run.data, mesh)
 
-    summary: dict[str, Any] = {"workdir": workdir, "total_steps": config.total_steps}
+    summary: dict[str, Any] = {"workdir": workdir, "total_steps": config.total_steps, "metric": run.task.metric}
     if run.teacher is not None and start == 0 and config.get("evaluate_teacher", True):
+        log.info("evaluating the teacher")
         summary["teacher"] = evaluate(run.teacher, run.teacher_vars)
         writer.write(0, {f"teacher/{k}": v for k, v in summary["teacher"].items()})
 
     progress = Progress(config.total_steps, start)
-    with jax.set_mesh(mesh), _Preemption() as preempt:
-        step, t_last, last_metrics = start, time.perf_counter(), {}
-        while step < config.total_steps:
-            batch = global_batch(next(train_iter), mesh)
-            state, metrics = step_fn(state, run.teacher_vars, batch)
-            step += 1
-            if step % config.log_every == 0 or step == config.total_steps:
-                now = time.perf_counter()
-                host = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                n = config.log_every if step % config.log_every == 0 else step % config.log_every
-                host["steps_per_sec"] = n / max(now - t_last, 1e-9)
-                host["images_per_sec"] = host["steps_per_sec"] * config.batch_size
-                t_last, last_metrics = now, host
-                writer.write(step, host)
-                progress.update(step, f"loss {host['loss']:.4f}")
-            if step % config.eval_every == 0 or step == config.total_steps:
-                ev = evaluate(run.student, run.student_variables(state))
-                writer.write(step, {f"eval/{k}": v for k, v in ev.items()})
-                summary["eval"] = ev
-            if step % config.checkpoint_every == 0 or step == config.total_steps or preempt.requested:
-                ckpt.save(step, state, {"train": train_iter.get_state()})
-            if preempt.requested:
-                break
+    timer = {"step": start, "time": time.perf_counter()}
+    last_metrics: dict[str, float] = {}
+
+    def finish(step: int, metrics: Any) -> None:
+        """Host-side bookkeeping of a completed step: the non-finite check, then the log row."""
+        nonlocal last_metrics
+        host = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        check_finite(step, host, last_saved)
+        if step % config.log_every == 0 or step == config.total_steps:
+            now = time.perf_counter()
+            host["steps_per_sec"] = (step - timer["step"]) / max(now - timer["time"], 1e-9)
+            host["images_per_sec"] = host["steps_per_sec"] * config.batch_size
+            timer.update(step=step, time=now)
+            writer.write(step, host)
+            progress.update(step, f"loss {host['loss']:.4f}")
+            last_metrics = host
+
+    log.info("training from step %d of %d in %s (%.1f s since the start)", start, config.total_steps, workdir,
+             time.perf_counter() - t_start)
+    try:
+        with jax.set_mesh(mesh):
+            step, pending = start, None
+            while step < config.total_steps:
+                batch = global_batch(next(train_iter), mesh)
+                state, metrics = step_fn(state, run.teacher_vars, batch)
+                step += 1
+                # The previous step's metrics are read while this one runs, so the check costs no idle device time.
+                if pending is not None:
+                    finish(*pending)
+                pending = (step, metrics)
+                stop = preempt.reached(step)
+                save = stop or step % config.checkpoint_every == 0 or step == config.total_steps
+                if save or step % config.eval_every == 0:
+                    finish(*pending)  # never save or report a state before its step has been checked
+                    pending = None
+                if step % config.eval_every == 0 or step == config.total_steps:
+                    ev = evaluate(run.student, run.student_variables(state))
+                    writer.write(step, {f"eval/{k}": v for k, v in ev.items()})
+                    summary["eval"] = ev
+                if save:
+                    ckpt.save(step, state, {"train": train_iter.get_state()})
+                    last_saved = step
+                if stop:
+                    break
+            if pending is not None:
+                finish(*pending)
+    except NonFiniteError:
+        ckpt.close()  # the saves already under way hold the newest good state: let them finish
+        writer.close()
+        raise
     progress.close()
     ckpt.wait()
 
@@ -122,7 +162,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     if summary["finished"]:
         if "eval" not in summary:  # a finished run re-opened: report its final evaluation again
             summary["eval"] = evaluate(run.student, run.student_variables(state))
-        build.export_student(run, state, os.path.join(workdir, "export"), pytorch=config.export.pytorch)
+        export_student(run.student, run.student_variables(state), os.path.join(workdir, "export"),
+                       pytorch=config.export.pytorch)
     ckpt.close()
     writer.close()
     if jax.process_index() == 0:

@@ -1,0 +1,83 @@
+"""Joining a multi-process job: from explicit flags, or from a cluster that announces itself.
+
+`initialize(...)` returns quietly on a plain machine (one process), initialises
+JAX's distributed runtime for an explicit `--coordinator_address/--num_processes/
+--process_id` or for an environment JAX recognises (TPU pods, complete SLURM
+`srun` steps, Open MPI, ...), and turns every failure into a `DistributedSetupError`
+with a one-line message: never a traceback, and never a silent single-process run
+inside what looks like a multi-task job.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Optional
+
+import jax
+
+log = logging.getLogger(__name__)
+
+# What JAX needs from SLURM to place a process (jax/_src/clusters/slurm_cluster.py); srun sets them all.
+_SLURM_STEP_VARS = ("SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID")
+
+
+class DistributedSetupError(RuntimeError):
+    """The multi-process setup cannot proceed; the message says why and what to pass instead."""
+
+
+class ProcessesDisagree(RuntimeError):
+    """The processes of a job cannot take a decision together (e.g. one cannot read the chosen checkpoint)."""
+
+
+def _partial_slurm() -> Optional[str]:
+    """A description of a SLURM job whose step variables are incomplete, or None."""
+    if "SLURM_JOB_ID" not in os.environ:
+        return None
+    missing = [v for v in _SLURM_STEP_VARS if v not in os.environ]
+    return f"SLURM_JOB_ID is set but {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not" if missing else None
+
+
+def initialize(coordinator_address: Optional[str] = None, num_processes: Optional[int] = None,
+               process_id: Optional[int] = None) -> None:
+    """Join the job the flags (or else the environment) describe; one process when there is none."""
+    explicit = coordinator_address is not None or num_processes is not None or process_id is not None
+    if explicit:
+        if num_processes == 1 and coordinator_address is None:
+            return  # asked for one process on purpose (e.g. inside a SLURM allocation, outside srun)
+        missing = [f"--{n}" for n, v in (("coordinator_address", coordinator_address),
+                                         ("num_processes", num_processes), ("process_id", process_id)) if v is None]
+        if missing:
+            raise DistributedSetupError(f"a multi-process run needs {', '.join(missing)} as well "
+                                        "(or none of these flags, to let a TPU pod / SLURM / MPI job be detected)")
+        try:
+            jax.distributed.initialize(coordinator_address, num_processes, process_id)
+        except Exception as e:  # noqa: BLE001 - any failure: one line naming the flags
+            raise DistributedSetupError(f"cannot join the job at {coordinator_address} as process {process_id} of "
+                                        f"{num_processes}: {type(e).__name__}: {_first_line(e)}") from None
+        return
+
+    partial = _partial_slurm()
+    try:
+        jax.distributed.initialize()
+    except ValueError as e:
+        if "coordinator_address should be defined" not in str(e):
+            raise DistributedSetupError(f"multi-host auto-detection failed: {_first_line(e)}; pass "
+                                        "--coordinator_address, --num_processes and --process_id") from None
+        # No cluster was detected: a plain machine, one process.
+        if partial:
+            raise DistributedSetupError(
+                f"{partial} (not inside `srun`?), so this job's processes cannot find each other; run the "
+                "command under srun, pass --coordinator_address, --num_processes and --process_id, or pass "
+                "--num_processes=1 to train as one process") from None
+    except Exception as e:  # noqa: BLE001 - a detected cluster whose description is broken
+        raise DistributedSetupError(f"multi-host auto-detection failed ({type(e).__name__}: {_first_line(e)}); "
+                                    "pass --coordinator_address, --num_processes and --process_id, or "
+                                    "--num_processes=1 to train as one process") from None
+    else:
+        log.info("joined a %d-process job as process %d", jax.process_count(), jax.process_index())
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0][:300] if text else type(e).__name__

@@ -1,0 +1,138 @@
+"""`train.py` end to end as a pod would run it: one data order and one set of numbers on any topology,
+preemption and crashes survived exactly, FSDP equal to replication, honest files after a crash.
+
+Every run is the smoke config for 8 steps; the reference is one process on one device. Three compiled
+programs serve all the runs (the session's compilation cache shares them): 1 device; 1 process x 4 devices,
+replicated; 2 processes x 2 devices, FSDP. The slow tier: `pytest -m slow`.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import numpy as np
+import pytest
+
+import train_cli as cli
+from train_cli import EIGHT_STEPS
+
+FSDP = ("--config.mesh.fsdp=True", "--config.mesh.fsdp_min_size=256")  # small enough to spread most smoke arrays
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("tfds"))
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, data_dir):
+    """One process, one device, 8 steps straight through."""
+    workdir = tmp_path_factory.mktemp("reference") / "run"
+    cli.run(cli.command(workdir, f"--config.data.data_dir={data_dir}", *EIGHT_STEPS), devices=1)
+    return workdir
+
+
+def _args(workdir, data_dir, *extra):
+    return cli.command(workdir, f"--config.data.data_dir={data_dir}", *EIGHT_STEPS, *extra)
+
+
+def test_reference_run_logs_every_step_once_and_a_finished_run_only_reports(reference, data_dir):
+    rows = cli.rows(reference)
+    assert [r["step"] for r in rows] == list(range(1, 9))
+    assert all(np.isfinite(r["loss"]) for r in rows)
+    done = cli.summary(reference)
+    assert done["finished"] and done["metric"] == "mIoU" and cli.checkpoint_steps(reference) == [4, 8]
+    assert os.path.exists(reference / "export" / "student.pth")
+    before = cli.all_rows(reference)
+    out = cli.run(_args(reference, data_dir), devices=1)[0]
+    assert "resumed from step 8" in out and "| run | 8 |" in out
+    assert cli.all_rows(reference) == before and cli.summary(reference)["eval"] == done["eval"]
+
+
+def test_sigterm_during_start_up_saves_after_one_step_and_the_rerun_is_exact(tmp_path, reference, data_dir):
+    workdir = tmp_path / "run"
+    procs = cli.start(_args(workdir, data_dir), devices=1, log_dir=tmp_path)
+    cli.signal_when(procs, 0, signal.SIGTERM, lambda: "training from step 0" in cli.read_log(tmp_path), "the loop")
+    [(code, _)] = cli.finish(procs)
+    log = cli.read_log(tmp_path)
+    assert code == 0, log[-3000:]
+    assert "SIGTERM received" in log
+    assert cli.checkpoint_steps(workdir) == [1] and not cli.summary(workdir)["finished"]
+    assert not (workdir / "export").exists()  # only a finished run exports
+    out = cli.run(_args(workdir, data_dir), devices=1)[0]
+    assert "resumed from step 1" in out
+    cli.assert_same_training(cli.rows(workdir), cli.rows(reference))  # same topology: bit for bit
+    assert cli.summary(workdir)["eval"] == cli.summary(reference)["eval"]
+
+
+def test_kill_9_then_resume_on_two_processes_under_fsdp(tmp_path, reference, data_dir):
+    """A crash between checkpoints of a 1-process, 4-device run; the job resumes as 2 processes x 2 devices with
+    FSDP: another process count, device count and parameter layout, the same numbers."""
+    workdir = tmp_path / "run"
+    logs = tmp_path / "first"
+    logs.mkdir()
+    # An evaluation after step 6 holds the run for seconds: the kill lands between the checkpoints at 4 and 8.
+    procs = cli.start(_args(workdir, data_dir, "--config.eval_every=6"), devices=4, log_dir=logs)
+    cli.signal_when(procs, 0, signal.SIGKILL,
+                    lambda: 4 in cli.checkpoint_steps(workdir) and any(r["step"] >= 5 for r in cli.rows(workdir)),
+                    "step 5 after the checkpoint at 4")
+    cli.finish(procs)
+    assert cli.checkpoint_steps(workdir) == [4], "the kill should land between the checkpoints at 4 and 8"
+    crashed = [r["step"] for r in cli.rows(workdir)]
+    assert crashed[:5] == [1, 2, 3, 4, 5] and max(crashed) < 8
+
+    resume = tmp_path / "resume"
+    resume.mkdir()
+    outs = cli.run(_args(workdir, data_dir, *FSDP, "--config.eval_every=6"), processes=2, devices=2, log_dir=resume)
+    assert all("resumed from step 4" in out for out in outs)
+    # The steps logged after step 4 by the crashed run are gone: each step once, and all as the reference ran them.
+    cli.assert_same_training(cli.rows(workdir), cli.rows(reference), rtol=1e-4)
+    assert [r["step"] for r in cli.all_rows(workdir) if "teacher/mIoU" in r] == [0]
+    assert cli.summary(workdir)["eval"]["mIoU"] == pytest.approx(cli.summary(reference)["eval"]["mIoU"], abs=2e-3)
+
+
+def test_sigterm_to_one_process_of_two_stops_both_at_one_step_then_fsdp_resumes(tmp_path, reference, data_dir):
+    """2 processes x 2 devices with FSDP; the scheduler signals process 1 only. Both save at the same step and
+    exit 0; the same two commands resume and finish with the reference's numbers; the export gathers the
+    parameters spread over both processes."""
+    workdir = tmp_path / "run"
+    args = _args(workdir, data_dir, *FSDP)
+    logs = tmp_path / "first"
+    logs.mkdir()
+    procs = cli.start(args, processes=2, devices=2, log_dir=logs)
+    cli.signal_when(procs, 1, signal.SIGTERM, lambda: "training from step 0" in cli.read_log(logs, 1), "the loop")
+    results = cli.finish(procs)
+    outs = [cli.read_log(logs, i) for i in range(2)]
+    assert [code for code, _ in results] == [0, 0], outs[0][-2000:] + outs[1][-2000:]
+    [stopped] = cli.checkpoint_steps(workdir)
+    assert 1 <= stopped < 8
+    assert all(f"every process saves a checkpoint at step {stopped}" in out for out in outs)
+    assert not cli.summary(workdir)["finished"] and cli.summary(workdir)["step"] == stopped
+
+    again = tmp_path / "again"
+    again.mkdir()
+    outs = cli.run(args, processes=2, devices=2, log_dir=again)
+    assert all(f"resumed from step {stopped}" in out for out in outs)
+    cli.assert_same_training(cli.rows(workdir), cli.rows(reference), rtol=1e-4)
+
+    torch = pytest.importorskip("torch")
+    ours = torch.load(workdir / "export" / "student.pth", map_location="cpu")["state_dict"]
+    theirs = torch.load(reference / "export" / "student.pth", map_location="cpu")["state_dict"]
+    assert ours.keys() == theirs.keys()
+    for k in theirs:
+        np.testing.assert_allclose(ours[k].numpy(), theirs[k].numpy(), rtol=1e-4, atol=1e-5, err_msg=k)
+
+
+def test_a_diverging_run_stops_naming_the_step_and_never_saves_that_state(tmp_path, data_dir):
+    workdir = tmp_path / "run"
+    [(code, out)] = cli.finish(cli.start(_args(workdir, data_dir, "--config.optimizer.lr=1e30",
+                                               "--config.checkpoint_every=1"), devices=1))
+    assert code != 0 and "Traceback" not in out, out[-3000:]
+    last = out.strip().splitlines()[-1]
+    assert last.startswith("train.py: error: non-finite value at step "), last
+    bad = int(last.split("at step ")[1].split(":")[0])
+    assert "stopped without saving this state" in last
+    assert cli.checkpoint_steps(workdir) and max(cli.checkpoint_steps(workdir)) == bad - 1
+    assert max(r["step"] for r in cli.rows(workdir)) == bad - 1  # the bad step's row is not logged either

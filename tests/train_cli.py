@@ -1,0 +1,142 @@
+"""Running `train.py` as users do, from tests: one process or several (jax.distributed over 127.0.0.1, gloo)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from typing import Callable, Optional
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMOKE = os.path.join(ROOT, "configs", "smoke.py")
+# The runs the end-to-end tests compare: 8 steps, every step logged, checkpoints at 4 and 8, one evaluation.
+EIGHT_STEPS = ("--config.total_steps=8", "--config.log_every=1", "--config.checkpoint_every=4",
+               "--config.eval_every=8")
+
+
+def command(workdir, *overrides, config: str = SMOKE) -> list[str]:
+    return [sys.executable, os.path.join(ROOT, "train.py"), f"--config={config}", f"--workdir={workdir}", *overrides]
+
+
+def env(devices: int = 4, **extra: str) -> dict[str, str]:
+    """This environment with `devices` host CPU devices per process (conftest's compilation cache is inherited)."""
+    flags = " ".join(f for f in os.environ.get("XLA_FLAGS", "").split()
+                     if not f.startswith("--xla_force_host_platform_device_count"))
+    return dict(os.environ, PYTHONUNBUFFERED="1", **extra,
+                XLA_FLAGS=f"{flags} --xla_force_host_platform_device_count={devices}".strip())
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(args: list[str], *, processes: int = 1, devices: int = 4, log_dir=None) -> list[subprocess.Popen]:
+    """Start `args` as one process, or as `processes` processes of one job (each with `devices` devices).
+
+    Output goes to `log_dir/process{i}.log` when given (read it with `read_log`), else to a pipe.
+    """
+    extra = []
+    if processes > 1:
+        port = free_port()
+        extra = [f"--coordinator_address=127.0.0.1:{port}", f"--num_processes={processes}"]
+    procs = []
+    for i in range(processes):
+        out = subprocess.PIPE
+        if log_dir is not None:
+            out = open(os.path.join(log_dir, f"process{i}.log"), "w")  # noqa: SIM115 - the child owns it
+        pid_flag = [f"--process_id={i}"] if processes > 1 else []
+        procs.append(subprocess.Popen([*args, *extra, *pid_flag], stdout=out, stderr=subprocess.STDOUT, text=True,
+                                      env=env(devices), cwd=ROOT))
+    return procs
+
+
+def finish(procs: list[subprocess.Popen], timeout: float = 400) -> list[tuple[int, str]]:
+    """Wait for every process; `(returncode, output)` each (output '' when it went to a log file)."""
+    results = []
+    try:
+        for p in procs:
+            out, _ = p.communicate(timeout=timeout)
+            results.append((p.returncode, out or ""))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    return results
+
+
+def run(args: list[str], *, processes: int = 1, devices: int = 4, log_dir=None) -> list[str]:
+    """Run to the end; every process must exit 0. Returns each process's output (or its log file's)."""
+    results = finish(start(args, processes=processes, devices=devices, log_dir=log_dir))
+    outputs = [out or read_log(log_dir, i) for i, (_, out) in enumerate(results)]
+    for (code, _), out in zip(results, outputs, strict=True):
+        assert code == 0, out[-4000:]
+    return outputs
+
+
+def read_log(log_dir, i: int = 0) -> str:
+    path = os.path.join(log_dir, f"process{i}.log")
+    return open(path).read() if os.path.exists(path) else ""
+
+
+def wait_for(condition: Callable[[], bool], procs: list[subprocess.Popen], what: str, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while not condition():
+        if any(p.poll() is not None for p in procs):
+            raise AssertionError(f"a process ended before {what}")
+        if time.time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def signal_when(procs, target: int, sig: int, condition: Callable[[], bool], what: str) -> None:
+    try:
+        wait_for(condition, procs, what)
+    except AssertionError:
+        for p in procs:
+            p.kill()
+        raise
+    procs[target].send_signal(sig)
+
+
+def rows(workdir) -> list[dict]:
+    """Training rows of `metrics.jsonl` (those with a loss), in file order."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if '"loss"' in line]
+
+
+def all_rows(workdir) -> list[dict]:
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def checkpoint_steps(workdir) -> list[int]:
+    directory = os.path.join(workdir, "checkpoints")
+    return sorted(int(d) for d in os.listdir(directory) if d.isdigit()) if os.path.isdir(directory) else []
+
+
+def summary(workdir) -> dict:
+    with open(os.path.join(workdir, "summary.json")) as f:
+        return json.load(f)
+
+
+TRAINING_KEYS = ("loss", "task/", "distill/", "lr", "grad_norm")
+
+
+def assert_same_training(actual: list[dict], expected: list[dict], *, rtol: Optional[float] = None) -> None:
+    """Same steps, and the same training numbers: bit for bit (`rtol=None`) or to `rtol`."""
+    assert [r["step"] for r in actual] == [r["step"] for r in expected], [r["step"] for r in actual]
+    for a, e in zip(actual, expected, strict=True):
+        for k in e:
+            if k.startswith(TRAINING_KEYS):
+                if rtol is None:
+                    assert a[k] == e[k], (e["step"], k, a[k], e[k])
+                else:
+                    assert abs(a[k] - e[k]) <= rtol * max(abs(e[k]), 1e-3), (e["step"], k, a[k], e[k])
