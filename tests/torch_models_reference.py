@@ -177,17 +177,19 @@ class FCNHead(DecodeHead):
 
 
 class EncoderDecoder(nn.Module):
-    """mmseg's segmenter: keys backbone.*, decode_head.*, auxiliary_head.*."""
+    """mmseg's segmenter: keys backbone.*, decode_head.*, auxiliary_head.*; the heads read the backbone
+    features `decode_in` / `aux_in` (mmseg's in_index 3 / 2: layer4 / layer3 of a ResNet)."""
 
-    def __init__(self, backbone, decode_head, auxiliary_head=None):
+    def __init__(self, backbone, decode_head, auxiliary_head=None, decode_in="layer4", aux_in="layer3"):
         super().__init__()
         self.backbone, self.decode_head, self.auxiliary_head = backbone, decode_head, auxiliary_head
+        self.decode_in, self.aux_in = decode_in, aux_in
 
     def forward(self, img):
         out = self.backbone(img)
-        heads = [("head", self.decode_head, "layer4", "logits")]
+        heads = [("head", self.decode_head, self.decode_in, "logits")]
         if self.auxiliary_head is not None:
-            heads.append(("aux", self.auxiliary_head, "layer3", "aux_logits"))
+            heads.append(("aux", self.auxiliary_head, self.aux_in, "aux_logits"))
         for prefix, head, source, full in heads:
             res = head(out[source])
             out[f"{prefix}.feature"], out[f"{prefix}.logits"] = res["feature"], res["logits"]

@@ -9,6 +9,7 @@ imported where a `.pth` file is read or written.
 from cankd_jax.interop.torch_losses import export_cankd_loss, load_cankd_loss  # noqa: F401
 from cankd_jax.interop.torch_models import (  # noqa: F401
     LoadReport,
+    default_key_prefixes,
     export_pytorch_network,
     export_state_dict,
     import_state_dict,

@@ -13,17 +13,23 @@ maps each to its PyTorch key and layout:
 | `nn.Dense`            | `kernel (I, O)`, `bias`          | `weight`, `bias`    | `(O, I)`                         |
 | `BatchNorm`           | `scale`, `bias`; `mean`, `var`,  | `weight`, `bias`, `running_mean`, `running_var`, `num_batches_tracked` | none |
 |                       | `num_batches_tracked`            |                     |                                  |
+| `nn.GroupNorm`        | `scale`, `bias`                  | `weight`, `bias`    | none                             |
+| `Scale` (mmcv's)      | `scale ()`                       | `scale` (0-d)       | none                             |
 
-So `ResNet` reads torchvision's keys, `Segmenter` mmseg's whole checkpoint
-(`backbone.*`, `decode_head.*`, `auxiliary_head.*`), `DetectionTrunk` mmdet's
-`backbone.*` and `neck.*`. `key_prefixes` re-roots keys for other pairings
-(an ImageNet backbone into a segmenter, a teacher's neck and head into a
-student). torch is imported only to read or write `.pth` files.
+So `ResNet` reads torchvision's keys, `MobileNetV2` and `Segmenter` mmseg's
+(`backbone.*`, `decode_head.*`, `auxiliary_head.*`), `RetinaNet` / `FCOS` a
+whole mmdet checkpoint (`backbone.*`, `neck.*`, `bbox_head.*`), and
+`DetectionTrunk` only the `backbone.*` and `neck.*` keys of any mmdet
+detector's (its `checkpoint_prefixes()`; the rest is reported as `ignored`).
+`key_prefixes` re-roots keys for other pairings (an ImageNet backbone into a
+segmenter, a teacher's neck and head into a student). torch is imported only
+to read or write `.pth` files.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from typing import Any, Callable, Mapping, Optional
 
@@ -43,9 +49,11 @@ from cankd_jax.interop.state_dict import (  # _abbrev: the same key-list format 
     to_numpy,
 )
 from cankd_jax.layers import BatchNorm, Conv1x1
+from cankd_jax.models.dense_heads import Scale
 from cankd_jax.models.resnet import ResNet
 
 PyTree = Any
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,6 +84,8 @@ _LAYER_RULES: tuple[tuple[type, dict[tuple[str, str], tuple[str, str]]], ...] = 
     (BatchNorm, {("params", "scale"): ("weight", "same"), ("params", "bias"): ("bias", "same"),
                  ("batch_stats", "mean"): ("running_mean", "same"), ("batch_stats", "var"): ("running_var", "same"),
                  ("batch_stats", "num_batches_tracked"): ("num_batches_tracked", "same")}),
+    (nn.GroupNorm, {("params", "scale"): ("weight", "same"), ("params", "bias"): ("bias", "same")}),
+    (Scale, {("params", "scale"): ("scale", "same")}),
 )
 
 
@@ -101,14 +111,18 @@ class Slot:
 @dataclasses.dataclass(frozen=True)
 class LoadReport:
     """What an import did, by model key: `loaded` from the checkpoint, `missing` (kept from
-    `init_variables`), and checkpoint keys left `unexpected` (unused)."""
+    `init_variables`); checkpoint keys under the read prefixes left `unexpected` (unused), and
+    checkpoint keys under none of them `ignored` (never looked at, e.g. a detector's `bbox_head.*`
+    when a trunk reads only `backbone.*` and `neck.*`)."""
 
     loaded: tuple[str, ...]
     missing: tuple[str, ...]
     unexpected: tuple[str, ...]
+    ignored: tuple[str, ...] = ()
 
     def __str__(self) -> str:
-        return f"loaded {len(self.loaded)} keys; missing {len(self.missing)}; unexpected {len(self.unexpected)}"
+        return (f"loaded {len(self.loaded)} keys; missing {len(self.missing)}; unexpected {len(self.unexpected)}; "
+                f"ignored {len(self.ignored)}")
 
 
 def default_sample(model: nn.Module) -> jax.ShapeDtypeStruct:
@@ -161,6 +175,13 @@ def state_dict_layout(model: nn.Module, *, sample: Any = None) -> dict[str, Slot
     return {key: slot for _, key, slot in sorted(entries, key=lambda e: e[0])}
 
 
+def default_key_prefixes(model: nn.Module) -> dict[str, str]:
+    """The key prefixes `import_state_dict` uses when given none: the model's `checkpoint_prefixes()`
+    (a `DetectionTrunk` reads `backbone.*` and `neck.*`), else `{'': ''}` (every key, same names)."""
+    method = getattr(model, "checkpoint_prefixes", None)
+    return dict(method()) if callable(method) else {"": ""}
+
+
 def _checkpoint_key(model_key: str, key_prefixes: Mapping[str, str]) -> Optional[str]:
     # The longest matching model prefix decides; keys under no prefix are not read.
     best = max((p for p in key_prefixes if model_key.startswith(p)), key=len, default=None)
@@ -196,7 +217,11 @@ def import_state_dict(
     Args:
       state_dict: key -> torch tensor or numpy array (e.g. `load_pth(path)`).
       key_prefixes: model-key prefix -> checkpoint-key prefix; model keys under
-        no listed prefix are not read. Default `{'': ''}` (same keys). Examples:
+        no listed prefix are not read, checkpoint keys under no listed
+        checkpoint prefix are not looked at (reported as `ignored`). Default:
+        `default_key_prefixes(model)`, i.e. `{'': ''}` (same keys) except for a
+        `DetectionTrunk`, which reads `{'backbone.': 'backbone.', 'neck.':
+        'neck.'}` out of a whole detector checkpoint. Examples:
         `{'': 'backbone.'}` reads a `ResNet` out of an mmseg/mmdet checkpoint;
         `{'backbone.': ''}` reads torchvision ImageNet weights into a
         segmenter's backbone (with `strict=False`); `{'neck.': 'neck.',
@@ -216,7 +241,7 @@ def import_state_dict(
     Returns: `(variables, report)`.
     """
     layout = state_dict_layout(model, sample=sample)
-    key_prefixes = {"": ""} if key_prefixes is None else dict(key_prefixes)
+    key_prefixes = default_key_prefixes(model) if key_prefixes is None else dict(key_prefixes)
     reader = StateDictReader(state_dict)
     variables: dict = {}
     loaded, missing, misshaped = [], [], []
@@ -240,6 +265,8 @@ def import_state_dict(
         _put(variables, where, jnp.asarray(value))
         loaded.append(key)
     unexpected = sorted({k for p in set(key_prefixes.values()) for k in reader.unused(p)})
+    read_prefixes = tuple(set(key_prefixes.values()))
+    ignored = sorted(k for k in state_dict if not k.startswith(read_prefixes))
     problems = []
     if misshaped:
         problems.append(f"keys with other shapes: {_abbrev(misshaped)}")
@@ -252,7 +279,7 @@ def import_state_dict(
         if not strict and missing and init_variables is None:
             hint = " (a partial load keeps missing variables from init_variables=, which was not given)"
         raise ValueError(f"state dict does not match {type(model).__name__}{hint}; " + "; ".join(problems))
-    return variables, LoadReport(tuple(loaded), tuple(missing), tuple(unexpected))
+    return variables, LoadReport(tuple(loaded), tuple(missing), tuple(unexpected), tuple(ignored))
 
 
 def export_state_dict(
@@ -340,10 +367,11 @@ def load_checkpoint(
     """`import_state_dict(model, load_pth(path), ...)`: an mmseg / mmdet / torchvision `.pth` into `model`.
 
     E.g. mmseg's `pspnet_r101-d8` checkpoint into `make_model('pspnet',
-    backbone='resnet101_v1c_d8', num_classes=19)`, or mmdet's RetinaNet
-    checkpoint's backbone and neck into `make_model('retinanet_fpn',
-    backbone='resnet50')` (with `strict=False`: its `bbox_head.*` keys are
-    reported as unexpected).
+    backbone='resnet101_v1c_d8', num_classes=19)`, mmdet's RetinaNet checkpoint
+    into `make_model('retinanet', backbone='resnet50', num_classes=80)`, or its
+    backbone and neck alone into `make_model('retinanet_fpn',
+    backbone='resnet50')` (strict on those; its `bbox_head.*` keys come back in
+    `report.ignored`).
     """
     return import_state_dict(model, load_pth(path, weights_only=weights_only), key_prefixes=key_prefixes,
                              strict=strict, init_variables=init_variables, sample=sample)
@@ -378,7 +406,10 @@ def load_pytorch_network(path: str, model: nn.Module, cfg: Optional[Mapping[str,
     `key_prefixes` mapping (see `import_state_dict`).
     """
     prefixes = cfg.get("checkpoint_prefixes") if cfg is not None else None
-    variables, _ = load_checkpoint(path, model, key_prefixes=dict(prefixes) if prefixes else None)
+    variables, report = load_checkpoint(path, model, key_prefixes=dict(prefixes) if prefixes else None)
+    if report.ignored:
+        log.info("%s: %d checkpoint keys not read by %s (%s)", path, len(report.ignored), type(model).__name__,
+                 _abbrev(list(report.ignored), limit=5))
     return variables
 
 

@@ -1,4 +1,4 @@
-"""Convolutions laid out as PyTorch's, and mmcv's ConvModule (conv + BatchNorm + ReLU).
+"""Convolutions laid out as PyTorch's, and mmcv's ConvModule (conv + BatchNorm/GroupNorm + ReLU/ReLU6).
 
 A 1x1 convolution is a matmul over channels (`layers.Conv1x1`), never a general
 convolution; every other kernel size is a `flax.linen.Conv` with PyTorch's
@@ -10,7 +10,7 @@ networks start from: Kaiming-normal over fan-out for convolutions
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 import flax.linen as nn
 import jax
@@ -74,36 +74,84 @@ def conv2d(
     )(x)
 
 
+NORMS = ("bn", "gn")
+ACTIVATIONS = ("relu", "relu6")
+
+
+def _choice(value: Union[bool, str, None], default: str, known: tuple[str, ...], what: str) -> Optional[str]:
+    if value is True:
+        return default
+    if value is False or value is None:
+        return None
+    if value not in known:
+        raise ValueError(f"ConvModule: {what} must be True, False or one of {', '.join(known)}; got {value!r}")
+    return value
+
+
 class ConvModule(nn.Module):
-    """mmcv's `ConvModule`: conv, then (optionally) BatchNorm and ReLU.
+    """mmcv's `ConvModule`: conv, then (optionally) a norm layer and an activation.
 
     `(B, H, W, C) -> (B, H / stride, W / stride, features)`. Submodules are named
-    as mmcv's (`conv`, `bn`), so state-dict keys map one to one. With `norm` the
-    conv has no bias (mmcv's `bias='auto'`). `frozen_stats` keeps the BatchNorm
-    on its running statistics even in training (mmcv's `norm_eval`).
+    as mmcv's (`conv`, and `bn` or `gn` for the norm), so state-dict keys map one
+    to one.
+
+    Fields:
+      norm: `True` / `'bn'` BatchNorm (PyTorch statistics), `'gn'` GroupNorm with
+        `num_groups` groups (PyTorch's eps 1e-5; mmdet's heads use 32 groups),
+        `False` none.
+      act: `True` / `'relu'` ReLU, `'relu6'` ReLU6 (MobileNetV2), `False` none.
+      use_bias: None is mmcv's `bias='auto'`: a bias only without a norm layer.
+      groups: grouped / depthwise convolution (`groups == C`).
+      frozen_stats: keep the BatchNorm on its running statistics even in
+        training (mmcv's `norm_eval`). GroupNorm has no statistics.
     """
 
     features: int
     kernel_size: int = 1
     stride: int = 1
     dilation: int = 1
-    norm: bool = True
-    act: bool = True
+    groups: int = 1
+    norm: Union[bool, str] = True
+    num_groups: int = 32
+    act: Union[bool, str] = True
+    use_bias: Optional[bool] = None
     frozen_stats: bool = False
     kernel_init: Initializer = kaiming_fan_out
     bias_init: Optional[Initializer] = None
     dtype: Optional[Dtype] = None
     param_dtype: Dtype = jnp.float32
 
+    def __post_init__(self):
+        _choice(self.act, "relu", ACTIVATIONS, "act")
+        if _choice(self.norm, "bn", NORMS, "norm") == "gn" and self.features % self.num_groups:
+            raise ValueError(f"ConvModule: GroupNorm needs the {self.features} channels to split into "
+                             f"num_groups={self.num_groups} equal groups")
+        super().__post_init__()
+
     @nn.compact
     def __call__(self, x: Array, *, train: bool) -> Array:
+        norm = _choice(self.norm, "bn", NORMS, "norm")
+        act = _choice(self.act, "relu", ACTIVATIONS, "act")
+        use_bias = norm is None if self.use_bias is None else self.use_bias
         x = conv2d(x, self.features, self.kernel_size, name="conv", stride=self.stride, dilation=self.dilation,
-                   use_bias=not self.norm, kernel_init=self.kernel_init, bias_init=self.bias_init,
+                   groups=self.groups, use_bias=use_bias, kernel_init=self.kernel_init, bias_init=self.bias_init,
                    dtype=self.dtype, param_dtype=self.param_dtype)
-        if self.norm:
+        if norm == "bn":
             x = batch_norm(x, "bn", train=train, frozen_stats=self.frozen_stats,
                            dtype=self.dtype, param_dtype=self.param_dtype)
-        return nn.relu(x) if self.act else x
+        elif norm == "gn":
+            x = group_norm(x, "gn", self.num_groups, dtype=self.dtype, param_dtype=self.param_dtype)
+        if act == "relu":
+            return nn.relu(x)
+        return nn.relu6(x) if act == "relu6" else x
+
+
+def group_norm(x: Array, name: str, num_groups: int, *, dtype: Optional[Dtype] = None,
+               param_dtype: Dtype = jnp.float32) -> Array:
+    """`nn.GroupNorm(num_groups, C)` (eps 1e-5, weight 1, bias 0) created under `name`, statistics per
+    sample and group over (H, W, C / num_groups), two-pass variance in float32. Call from inside a compact method."""
+    return nn.GroupNorm(num_groups=num_groups, epsilon=1e-5, use_fast_variance=False, dtype=dtype,
+                        param_dtype=param_dtype, name=name)(x)
 
 
 def batch_norm(

@@ -3,7 +3,10 @@
     make_model("resnet101_v1c_d8")                                   # a backbone
     make_model("resnet18", num_classes=1000)                         # a classifier
     make_model("pspnet", backbone="resnet18_v1c_d8", num_classes=19) # a segmenter
+    make_model("deeplabv3", backbone="mobilenet_v2_d8", num_classes=19)
     make_model("fpn", backbone="resnet50")                           # a detection trunk
+    make_model("retinanet", backbone="resnet50", num_classes=80)     # a detector
+    make_model("fcos", backbone="resnet50_caffe", num_classes=80)
 
 `make_network(cfg, num_classes=...)` does the same from a config block.
 """
@@ -16,12 +19,14 @@ from typing import Any, Callable, Mapping, Optional
 import flax.linen as nn
 import jax.numpy as jnp
 
+from cankd_jax.models.dense_heads import FCOSHead, RetinaHead
 from cankd_jax.models.fpn import FPN
 from cankd_jax.models.freeze import frozen_prefixes, param_labels
 from cankd_jax.models.heads import ASPPHead, FCNHead, PSPHead
+from cankd_jax.models.mobilenet_v2 import MobileNetV2
 from cankd_jax.models.resnet import ARCHITECTURES, ResNet
 from cankd_jax.models.segmenter import Segmenter
-from cankd_jax.models.trunk import DetectionTrunk
+from cankd_jax.models.trunk import FCOS, DetectionTrunk, RetinaNet, SingleStageDetector, pyramid_level_names
 
 PyTree = Any
 _D8 = dict(strides=(1, 2, 1, 1), dilations=(1, 1, 2, 4))
@@ -29,24 +34,59 @@ _D8 = dict(strides=(1, 2, 1, 1), dilations=(1, 1, 2, 4))
 
 def _backbone_presets() -> dict[str, dict[str, Any]]:
     presets: dict[str, dict[str, Any]] = {}
-    for depth in ARCHITECTURES:
+    for depth, (kind, _) in ARCHITECTURES.items():
         presets[f"resnet{depth}"] = dict(depth=depth)
         presets[f"resnet{depth}_v1c"] = dict(depth=depth, deep_stem=True)
         presets[f"resnet{depth}_v1c_d8"] = dict(depth=depth, deep_stem=True, **_D8)
+        if kind == "bottleneck":
+            # mmdet's FCOS backbones: style='caffe', norm_cfg=dict(type='BN', requires_grad=False), norm_eval=True.
+            presets[f"resnet{depth}_caffe"] = dict(depth=depth, style="caffe", norm_requires_grad=False, norm_eval=True)
     for groups in (32, 64):
         presets[f"resnext101_{groups}x4d"] = dict(depth=101, groups=groups, width_per_group=4)
+    # mmseg's MobileNetV2: its defaults, and the output-stride-8 setting of `deeplabv3_m-v2-d8` & co.
+    presets["mobilenet_v2"] = {}
+    presets["mobilenet_v2_d8"] = dict(strides=(1, 2, 2, 1, 1, 1, 1), dilations=(1, 1, 1, 2, 2, 4, 4))
     return presets
 
 
 BACKBONES: dict[str, dict[str, Any]] = _backbone_presets()
+# The class each backbone name builds (ResNet unless listed).
+BACKBONE_TYPES: dict[str, type[nn.Module]] = {"mobilenet_v2": MobileNetV2, "mobilenet_v2_d8": MobileNetV2}
 SEGMENTATION_HEADS: dict[str, type[nn.Module]] = {"fcn": FCNHead, "deeplabv3": ASPPHead, "pspnet": PSPHead}
-# Faster R-CNN's neck (P2-P6, P6 by max-pool) and RetinaNet's (P3-P7 by convs on C5).
-TRUNKS: dict[str, dict[str, Any]] = {"fpn": {}, "retinanet_fpn": dict(start_level=1, add_extra_convs="on_input")}
+# Necks by detector: Faster R-CNN's (P2-P6, P6 by max-pool), RetinaNet's (P3-P7 by convs on C5), FCOS's (P3-P7 by
+# convs on P5, ReLU before P7's), GFL's / ATSS's (P3-P7 by convs on P5, no ReLU).
+TRUNKS: dict[str, dict[str, Any]] = {
+    "fpn": {},
+    "retinanet_fpn": dict(start_level=1, add_extra_convs="on_input"),
+    "fcos_fpn": dict(start_level=1, add_extra_convs="on_output", relu_before_extra_convs=True),
+    "gfl_fpn": dict(start_level=1, add_extra_convs="on_output"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class DetectorSpec:
+    """How a detector name is built: its class, neck preset, head class and the head fields its configs set."""
+
+    cls: type[SingleStageDetector]
+    trunk: str
+    head: type[nn.Module]
+    backbone: str
+    head_defaults: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+
+DETECTORS: dict[str, DetectorSpec] = {
+    "retinanet": DetectorSpec(RetinaNet, "retinanet_fpn", RetinaHead, "resnet50"),
+    # The project's FCOS student: norm_on_bbox=True, centerness on the classification branch. mmdet's own
+    # fcos_r50-caffe_fpn_gn-head_1x_coco (and its R101 / X101 checkpoints) use norm_on_bbox=False:
+    # pass head_kwargs=dict(norm_on_bbox=False) to reproduce those.
+    "fcos": DetectorSpec(FCOS, "fcos_fpn", FCOSHead, "resnet50_caffe",
+                         dict(norm_on_bbox=True, centerness_on_reg=False)),
+}
 
 
 def model_names() -> list[str]:
     """Every name `make_model` accepts."""
-    return sorted([*BACKBONES, *SEGMENTATION_HEADS, *TRUNKS])
+    return sorted([*BACKBONES, *SEGMENTATION_HEADS, *TRUNKS, *DETECTORS])
 
 
 def _fields(cls: type) -> set[str]:
@@ -60,10 +100,20 @@ def _build(cls: type, what: str, kwargs: Mapping[str, Any]) -> nn.Module:
     return cls(**kwargs)
 
 
-def _backbone(name: str, kwargs: Mapping[str, Any]) -> ResNet:
+def _backbone(name: str, kwargs: Mapping[str, Any]) -> nn.Module:
     if name not in BACKBONES:
         raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(sorted(BACKBONES))}")
-    return _build(ResNet, f"backbone {name!r}", {**BACKBONES[name], **kwargs})
+    return _build(BACKBONE_TYPES.get(name, ResNet), f"backbone {name!r}", {**BACKBONES[name], **kwargs})
+
+
+def _segmentation_inputs(bb: nn.Module) -> tuple[tuple[str, int], tuple[str, int]]:
+    """(feature, default channels) of the decode head and of the auxiliary head, as mmseg's configs set them."""
+    if isinstance(bb, MobileNetV2):
+        # deeplabv3_m-v2-d8 & co. keep the ResNet-101 config's head widths (channels 512, auxiliary 256) and read
+        # out_indices[3] / out_indices[2] of (1, 2, 4, 6): layer7 (320 channels) and layer5 (96 channels).
+        return ("layer7", 512), ("layer5", 256)
+    ch = bb.feature_channels()
+    return ("layer4", ch["layer4"] // 4), ("layer3", ch["layer3"] // 4)
 
 
 def make_segmenter(
@@ -81,12 +131,14 @@ def make_segmenter(
     dtype: Any = None,
     param_dtype: Any = jnp.float32,
 ) -> Segmenter:
-    """mmseg's `{fcn,deeplabv3,pspnet}_r{depth}-d8` segmenters, the auxiliary FCN head included.
+    """mmseg's `{fcn,deeplabv3,pspnet}_r{depth}-d8` and `_m-v2-d8` segmenters, the auxiliary FCN head included.
 
-    `channels` / `aux_channels` default to a quarter of the layer4 / layer3
-    channels, which is mmseg's choice for every depth (512 / 256 for
-    ResNet-50/101, 128 / 64 for ResNet-18); `aux_channels=0` drops the
-    auxiliary head. `head_kwargs` go to the decode head (e.g. `dilations`,
+    With a ResNet the heads read `layer4` / `layer3`, and `channels` /
+    `aux_channels` default to a quarter of their channels, which is mmseg's
+    choice for every depth (512 / 256 for ResNet-50/101, 128 / 64 for
+    ResNet-18). With a MobileNetV2 (`mobilenet_v2_d8`) they read `layer7` (320
+    channels) / `layer5` (96) and default to 512 / 256, as mmseg's `m-v2-d8`
+    configs. `aux_channels=0` drops the auxiliary head. `head_kwargs` go to the decode head (e.g. `dilations`,
     `pool_scales`); `frozen_stages`, `norm_eval` and the dtypes reach the
     backbone, the dtypes also the heads.
     """
@@ -94,16 +146,16 @@ def make_segmenter(
         raise ValueError(f"unknown segmentation head {head!r}; choose one of {', '.join(sorted(SEGMENTATION_HEADS))}")
     dtypes = dict(dtype=dtype, param_dtype=param_dtype)
     bb = _backbone(backbone, {"frozen_stages": frozen_stages, "norm_eval": norm_eval, **dtypes, **(backbone_kwargs or {})})
-    ch = bb.feature_channels()
+    (decode_in, default_channels), (aux_in, default_aux) = _segmentation_inputs(bb)
     decode = _build(SEGMENTATION_HEADS[head], f"head {head!r}", dict(
-        num_classes=num_classes, channels=channels or ch["layer4"] // 4, dropout_ratio=dropout_ratio,
+        num_classes=num_classes, channels=channels or default_channels, dropout_ratio=dropout_ratio,
         **dtypes, **(head_kwargs or {})))
-    aux_channels = ch["layer3"] // 4 if aux_channels is None else aux_channels
+    aux_channels = default_aux if aux_channels is None else aux_channels
     aux = None
     if aux_channels:
         aux = FCNHead(num_classes=num_classes, channels=aux_channels, num_convs=1, concat_input=False,
                       dropout_ratio=dropout_ratio, **dtypes)
-    return Segmenter(backbone=bb, decode_head=decode, auxiliary_head=aux)
+    return Segmenter(backbone=bb, decode_head=decode, auxiliary_head=aux, decode_in=decode_in, aux_in=aux_in)
 
 
 def make_trunk(
@@ -121,23 +173,87 @@ def make_trunk(
 
     `fpn_kwargs` override the preset's `FPN` fields (`out_channels`,
     `num_outs`, `start_level`, `add_extra_convs`, `relu_before_extra_convs`).
+    A detection teacher that only gives features is a trunk: `retinanet_fpn`
+    for RetinaNet, `fcos_fpn` for FCOS, `gfl_fpn` for GFL / ATSS, `fpn` for
+    Faster R-CNN; it reads the `backbone.*` and `neck.*` keys of the detector's
+    mmdet checkpoint and reports the others as ignored (`DetectionTrunk`).
     """
     if name not in TRUNKS:
         raise ValueError(f"unknown detection trunk {name!r}; choose one of {', '.join(sorted(TRUNKS))}")
+    bb, neck = _backbone_and_neck(name, f"trunk {name!r}", backbone, backbone_kwargs, frozen_stages, norm_eval,
+                                  dtype, param_dtype, fpn_kwargs)
+    return DetectionTrunk(backbone=bb, neck=neck)
+
+
+def _backbone_and_neck(trunk: str, what: str, backbone: str, backbone_kwargs: Optional[Mapping[str, Any]],
+                       frozen_stages: int, norm_eval: bool, dtype: Any, param_dtype: Any,
+                       fpn_kwargs: Mapping[str, Any]) -> tuple[nn.Module, FPN]:
     dtypes = dict(dtype=dtype, param_dtype=param_dtype)
     bb = _backbone(backbone, {"frozen_stages": frozen_stages, "norm_eval": norm_eval, **dtypes, **(backbone_kwargs or {})})
-    neck = _build(FPN, f"trunk {name!r}", {**TRUNKS[name], **dtypes, **fpn_kwargs})
-    return DetectionTrunk(backbone=bb, neck=neck)
+    if not isinstance(bb, ResNet):
+        raise ValueError(f"{what}: the FPN reads a ResNet's layer1..layer4; backbone {backbone!r} is a "
+                         f"{type(bb).__name__}")
+    return bb, _build(FPN, what, {**TRUNKS[trunk], **dtypes, **fpn_kwargs})
+
+
+def make_detector(
+    name: str,
+    *,
+    num_classes: int,
+    backbone: Optional[str] = None,
+    backbone_kwargs: Optional[Mapping[str, Any]] = None,
+    neck_kwargs: Optional[Mapping[str, Any]] = None,
+    head_kwargs: Optional[Mapping[str, Any]] = None,
+    frozen_stages: int = 1,
+    norm_eval: bool = True,
+    dtype: Any = None,
+    param_dtype: Any = jnp.float32,
+) -> SingleStageDetector:
+    """mmdet's single-stage detectors: `retinanet` (`RetinaNet`) and `fcos` (`FCOS`).
+
+    - `retinanet`: default backbone `resnet50` (pytorch style); neck
+      `retinanet_fpn`; `RetinaHead` (9 anchors). Teachers: `resnet101`,
+      `resnext101_64x4d`. Inputs RGB, normalised with ImageNet's mean/std.
+    - `fcos`: default backbone `resnet50_caffe` (caffe style, frozen BatchNorm);
+      neck `fcos_fpn`; `FCOSHead` with `norm_on_bbox=True`,
+      `centerness_on_reg=False`. Teachers: `resnet101_caffe`, and
+      `resnext101_64x4d` (mmdet's FCOS X101 is pytorch style with trainable
+      BatchNorm, norm_eval, the same GroupNorm head). The caffe backbones take
+      BGR images minus the mean (102.9801, 115.9465, 122.7717), std 1 (mmdet's
+      `DetDataPreprocessor(bgr_to_rgb=False)`); the pytorch-style ones RGB with
+      ImageNet's mean/std. Normalising is the data layer's job.
+
+    `backbone_kwargs` override backbone fields (e.g. `base_width`,
+    `stage_blocks`), `neck_kwargs` the FPN's (`out_channels`, ...),
+    `head_kwargs` the head's (`feat_channels`, `stacked_convs`, `num_groups`,
+    `num_anchors`, `norm_on_bbox`, ...). FCOS's head `strides` default to the
+    neck levels' strides. `frozen_stages=1`, `norm_eval=True`: mmdet's.
+    """
+    if name not in DETECTORS:
+        raise ValueError(f"unknown detector {name!r}; choose one of {', '.join(sorted(DETECTORS))}")
+    spec = DETECTORS[name]
+    bb, neck = _backbone_and_neck(spec.trunk, f"detector {name!r}", backbone or spec.backbone, backbone_kwargs,
+                                  frozen_stages, norm_eval, dtype, param_dtype, neck_kwargs or {})
+    head_fields = {**spec.head_defaults, **(head_kwargs or {})}
+    if "strides" in _fields(spec.head) and "strides" not in head_fields:
+        levels = pyramid_level_names(bb, neck, spec.cls.in_features)
+        head_fields["strides"] = tuple(2 ** int(n[len("fpn.p"):]) for n in levels)
+    head = _build(spec.head, f"detector {name!r} head", dict(num_classes=num_classes, dtype=dtype,
+                                                               param_dtype=param_dtype, **head_fields))
+    return spec.cls(backbone=bb, neck=neck, bbox_head=head)
 
 
 def make_model(name: str, **kwargs: Any) -> nn.Module:
     """A network by registry name (see `model_names()`).
 
-    Backbone names (`resnet50`, `resnet101_v1c_d8`, `resnext101_32x4d`, ...)
-    give a `ResNet`; `kwargs` override its fields (`num_classes` makes it a
-    classifier). Segmenter names (`fcn`, `deeplabv3`, `pspnet`) go to
-    `make_segmenter`, trunk names (`fpn`, `retinanet_fpn`) to `make_trunk`.
-    Unknown names and options raise a `ValueError` listing the valid ones.
+    Backbone names (`resnet50`, `resnet101_v1c_d8`, `resnet50_caffe`,
+    `resnext101_32x4d`, ...) give a `ResNet`, `mobilenet_v2` / `mobilenet_v2_d8`
+    a `MobileNetV2`; `kwargs` override its fields (`num_classes` makes a ResNet
+    a classifier). Segmenter names (`fcn`, `deeplabv3`, `pspnet`) go to
+    `make_segmenter`, trunk names (`fpn`, `retinanet_fpn`, `fcos_fpn`,
+    `gfl_fpn`) to `make_trunk`, detector names (`retinanet`, `fcos`) to
+    `make_detector`. Unknown names and options raise a `ValueError` listing
+    the valid ones.
     """
     key = name.lower() if isinstance(name, str) else name
     if key in BACKBONES:
@@ -146,6 +262,8 @@ def make_model(name: str, **kwargs: Any) -> nn.Module:
         return make_segmenter(key, **kwargs)
     if key in TRUNKS:
         return make_trunk(key, **kwargs)
+    if key in DETECTORS:
+        return make_detector(key, **kwargs)
     raise ValueError(f"unknown model {name!r}; choose one of {', '.join(model_names())}")
 
 
@@ -160,32 +278,50 @@ def _dtype(value: Any) -> Any:
 def make_network(cfg: Any, *, num_classes: int) -> nn.Module:
     """The network of a config block (`config.student` / `config.teacher`).
 
-    Fields: `name` (a backbone name for a classifier, or `fcn` / `deeplabv3` /
-    `pspnet`), `backbone` and `kwargs` (backbone fields, e.g. `base_width`),
-    `head_channels`, `aux_channels`, `dropout_ratio`, `head_kwargs`,
-    `frozen_stages`, `norm_eval`, `dtype` / `param_dtype` (names such as
-    'bfloat16'), `frozen_prefixes` (extra frozen keys, see `frozen_labels`);
-    the checkpoint fields are left to the loader.
+    Fields: `name` (a backbone name for a classifier; a segmenter `fcn` /
+    `deeplabv3` / `pspnet`; a detector `retinanet` / `fcos`; a trunk `fpn` /
+    `retinanet_fpn` / `fcos_fpn` / `gfl_fpn`), `backbone` and `kwargs`
+    (backbone fields, e.g. `base_width`), `frozen_stages`, `norm_eval`,
+    `dtype` / `param_dtype` (names such as 'bfloat16'), `frozen_prefixes`
+    (extra frozen keys, see `frozen_labels`); segmenters also `head_channels`,
+    `aux_channels`, `dropout_ratio`, `head_kwargs`; detectors `neck_kwargs` and
+    `head_kwargs`; trunks `neck_kwargs`. `frozen_stages` / `norm_eval` left out
+    take each builder's default (mmdet's 1 / True for detectors and trunks,
+    -1 / False otherwise). The checkpoint fields are left to the loader;
+    `num_classes` (the task's) is not used by a trunk.
     """
     fields = dict(cfg.to_dict() if hasattr(cfg, "to_dict") else cfg)
     name = fields.pop("name", None)
     if name is None:
-        raise ValueError("network config needs a `name` (a backbone or a segmenter name)")
+        raise ValueError("network config needs a `name` (a backbone, segmenter, detector or trunk name)")
     for key in _LOADER_FIELDS | {"frozen_prefixes"}:
         fields.pop(key, None)
-    common = dict(frozen_stages=fields.pop("frozen_stages", -1), norm_eval=fields.pop("norm_eval", False),
-                  dtype=_dtype(fields.pop("dtype", None)), param_dtype=_dtype(fields.pop("param_dtype", None)) or jnp.float32)
+    common = {k: fields.pop(k) for k in ("frozen_stages", "norm_eval") if k in fields}
+    common.update(dtype=_dtype(fields.pop("dtype", None)),
+                  param_dtype=_dtype(fields.pop("param_dtype", None)) or jnp.float32)
     kwargs = dict(fields.pop("kwargs", None) or {})
+
+    def take(renamed: Mapping[str, str]) -> dict[str, Any]:
+        return {renamed[k]: fields.pop(k) for k in list(fields) if k in renamed}
+
     if name in SEGMENTATION_HEADS:
-        renamed = {"backbone": "backbone", "head_channels": "channels", "aux_channels": "aux_channels",
-                   "dropout_ratio": "dropout_ratio", "head_kwargs": "head_kwargs"}
-        options = {renamed[k]: fields.pop(k) for k in list(fields) if k in renamed}
+        options = take({"backbone": "backbone", "head_channels": "channels", "aux_channels": "aux_channels",
+                        "dropout_ratio": "dropout_ratio", "head_kwargs": "head_kwargs"})
         model = make_segmenter(name, num_classes=num_classes, backbone_kwargs=kwargs, **options, **common)
+    elif name in DETECTORS:
+        options = take({"backbone": "backbone", "neck_kwargs": "neck_kwargs", "head_kwargs": "head_kwargs"})
+        model = make_detector(name, num_classes=num_classes, backbone_kwargs=kwargs, **options, **common)
+    elif name in TRUNKS:
+        options = take({"backbone": "backbone"})
+        neck = dict(fields.pop("neck_kwargs", None) or {})
+        model = make_trunk(name, backbone_kwargs=kwargs, **options, **common, **neck)
     elif name in BACKBONES:
         model = make_model(name, num_classes=num_classes, **common, **kwargs)
     else:
-        raise ValueError(f"network config name {name!r} is neither a segmenter ({', '.join(sorted(SEGMENTATION_HEADS))}) "
-                         f"nor a backbone ({', '.join(sorted(BACKBONES))})")
+        raise ValueError(f"network config name {name!r} is none of the segmenters "
+                         f"({', '.join(sorted(SEGMENTATION_HEADS))}), "
+                         f"detectors ({', '.join(sorted(DETECTORS))}), trunks ({', '.join(sorted(TRUNKS))}) "
+                         f"or backbones ({', '.join(sorted(BACKBONES))})")
     if fields:
         raise ValueError(f"network config {name!r} has unknown field(s) {', '.join(sorted(fields))}")
     return model

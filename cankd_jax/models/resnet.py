@@ -1,4 +1,5 @@
-"""ResNet and ResNeXt in torchvision's layout, with mmsegmentation's deep stem and dilation.
+"""ResNet and ResNeXt in torchvision's layout, with mmsegmentation's deep stem and dilation and mmdetection's
+caffe style and frozen BatchNorm.
 
 Submodules carry PyTorch's names (`conv1`, `bn1`, `layer3.5`, `downsample.0`,
 `stem.3`), so a parameter's path joined with dots is its state-dict key.
@@ -6,7 +7,7 @@ Submodules carry PyTorch's names (`conv1`, `bn1`, `layer3.5`, `downsample.0`,
 
 from __future__ import annotations
 
-from typing import ClassVar, Optional
+from typing import ClassVar, Iterator, NamedTuple, Optional
 
 import flax.linen as nn
 import jax
@@ -27,6 +28,7 @@ ARCHITECTURES: dict[int, tuple[str, tuple[int, ...]]] = {
     152: ("bottleneck", (3, 8, 36, 3)),
 }
 STAGES = ("layer1", "layer2", "layer3", "layer4")
+STYLES = ("pytorch", "caffe")
 
 
 class _ResBlock(nn.Module):
@@ -38,6 +40,7 @@ class _ResBlock(nn.Module):
     downsample: bool = False
     width: int = 0  # bottleneck inner width; 0 means `planes`
     groups: int = 1
+    style: str = "pytorch"
     frozen_stats: bool = False
     dtype: Optional[Dtype] = None
     param_dtype: Dtype = jnp.float32
@@ -77,8 +80,10 @@ class BasicBlock(_ResBlock):
 class Bottleneck(_ResBlock):
     """1x1 -> 3x3 (strided, dilated, grouped) -> 1x1 x4: `(B, H, W, C) -> (B, H / stride, W / stride, 4 planes)`.
 
-    The stride sits on the 3x3 conv (torchvision's "ResNet v1.5", mmcv's
-    `style='pytorch'`).
+    With `style='pytorch'` (torchvision's "ResNet v1.5") the stride sits on the
+    3x3 conv; with `style='caffe'` (mmdet's, the original ResNet and Detectron's
+    `resnet50_caffe` weights) on the first 1x1 conv. The shortcut's strided 1x1
+    `downsample.0` is the same in both.
     """
 
     expansion: ClassVar[int] = 4
@@ -86,14 +91,25 @@ class Bottleneck(_ResBlock):
     @nn.compact
     def __call__(self, x: Array, *, train: bool) -> Array:
         width = self.width or self.planes
-        out = nn.relu(self._bn(self._conv(x, width, 1, "conv1"), "bn1", train))
-        out = self._conv(out, width, 3, "conv2", stride=self.stride, dilation=self.dilation, groups=self.groups)
+        s1, s3 = (self.stride, 1) if self.style == "caffe" else (1, self.stride)
+        out = nn.relu(self._bn(self._conv(x, width, 1, "conv1", stride=s1), "bn1", train))
+        out = self._conv(out, width, 3, "conv2", stride=s3, dilation=self.dilation, groups=self.groups)
         out = nn.relu(self._bn(out, "bn2", train))
         out = self._bn(self._conv(out, self.planes * 4, 1, "conv3"), "bn3", train)
         return nn.relu(out + self._shortcut(x, self.planes * 4, train))
 
 
 BLOCKS: dict[str, type[_ResBlock]] = {"basic": BasicBlock, "bottleneck": Bottleneck}
+
+
+class _BlockSpec(NamedTuple):
+    stage: int
+    name: str  # e.g. "layer3.0"
+    planes: int
+    width: int
+    stride: int
+    dilation: int
+    downsample: bool
 
 
 class ResNet(nn.Module):
@@ -135,12 +151,17 @@ class ResNet(nn.Module):
         (mmseg's `contract_dilation=True`; torchvision's
         `replace_stride_with_dilation` gives the same numbers).
       stage_blocks: override the depth's blocks per stage (small test nets).
+      style: mmdet's `'pytorch'` (stride on the bottleneck's 3x3 conv) or
+        `'caffe'` (stride on its first 1x1 conv); basic blocks are the same in both.
       frozen_stages: -1 none; k >= 0 freezes the stem and stages 1..k. Frozen
         layers keep their BatchNorm on running statistics, and
         `frozen_prefixes()` names their parameters for the optimizer
         (`cankd_jax.models.frozen_param_labels`).
       norm_eval: every BatchNorm here stays on its running statistics in
         training (scale and bias still train), as mmdet's detection backbones.
+      norm_requires_grad: False is mmdet's `norm_cfg=dict(type='BN',
+        requires_grad=False)` (FCOS's caffe backbones): every BatchNorm's scale
+        and bias are frozen too (`frozen_prefixes()` names them all).
       dtype, param_dtype: computation and parameter dtypes (BatchNorm statistics
         are float32 regardless).
     """
@@ -157,8 +178,10 @@ class ResNet(nn.Module):
     dilations: tuple[int, ...] = (1, 1, 1, 1)
     contract_dilation: bool = True
     stage_blocks: Optional[tuple[int, ...]] = None
+    style: str = "pytorch"
     frozen_stages: int = -1
     norm_eval: bool = False
+    norm_requires_grad: bool = True
     dtype: Optional[Dtype] = None
     param_dtype: Dtype = jnp.float32
 
@@ -181,6 +204,8 @@ class ResNet(nn.Module):
                              f"groups={self.groups}, width_per_group={self.width_per_group})")
         if not -1 <= self.frozen_stages <= 4:
             raise ValueError(f"ResNet: frozen_stages must be in -1..4 (-1: none), got {self.frozen_stages}")
+        if self.style not in STYLES:
+            raise ValueError(f"ResNet: style must be one of {', '.join(STYLES)}, got {self.style!r}")
         if self.deep_stem and self.stem_width < 2:
             raise ValueError(f"ResNet: the deep stem needs stem_width >= 2, got {self.stem_width}")
 
@@ -215,12 +240,40 @@ class ResNet(nn.Module):
             strides[name] = s
         return strides
 
+    def blocks(self) -> Iterator[_BlockSpec]:
+        """Every residual block in order, with its state-dict name and settings."""
+        expansion = BLOCKS[self.block_kind].expansion
+        blocks = self.stage_blocks or ARCHITECTURES[self.depth][1]
+        inplanes = self.stem_width
+        for i, (planes, width) in enumerate(self.stage_widths()):
+            stride, dilation = self.strides[i], self.dilations[i]
+            first_dilation = dilation // 2 if self.contract_dilation and dilation > 1 else dilation
+            for j in range(blocks[i]):
+                first = j == 0
+                yield _BlockSpec(i, f"{STAGES[i]}.{j}", planes, width, stride if first else 1,
+                                 first_dilation if first else dilation,
+                                 first and (stride != 1 or inplanes != planes * expansion))
+                inplanes = planes * expansion
+
+    def norm_names(self) -> list[str]:
+        """State-dict names of every BatchNorm layer (`bn1`, `layer1.0.bn2`, `layer1.0.downsample.1`, ...)."""
+        names = ["stem.1", "stem.4", "stem.7"] if self.deep_stem else ["bn1"]
+        n_bn = 2 if self.block_kind == "basic" else 3
+        for b in self.blocks():
+            names += [f"{b.name}.bn{k}" for k in range(1, n_bn + 1)]
+            names += [f"{b.name}.downsample.1"] if b.downsample else []
+        return names
+
     def frozen_prefixes(self) -> tuple[str, ...]:
-        """State-dict prefixes of the parameters `frozen_stages` freezes."""
-        if self.frozen_stages < 0:
-            return ()
-        stem = ("stem.",) if self.deep_stem else ("conv1.", "bn1.")
-        return stem + tuple(f"layer{i}." for i in range(1, self.frozen_stages + 1))
+        """State-dict prefixes of the parameters `frozen_stages` (and `norm_requires_grad=False`) freeze."""
+        prefixes: tuple[str, ...] = ()
+        if self.frozen_stages >= 0:
+            stem = ("stem.",) if self.deep_stem else ("conv1.", "bn1.")
+            prefixes = stem + tuple(f"layer{i}." for i in range(1, self.frozen_stages + 1))
+        if not self.norm_requires_grad:
+            # Layers already under a frozen stage's prefix need no entry of their own.
+            prefixes += tuple(f"{n}." for n in self.norm_names() if not f"{n}.".startswith(prefixes))
+        return prefixes
 
     def _conv_bn_relu(self, x: Array, features: int, k: int, conv: str, bn: str, *, stride: int, train: bool,
                       frozen: bool) -> Array:
@@ -249,31 +302,26 @@ class ResNet(nn.Module):
     @nn.compact
     def __call__(self, x: Array, *, train: bool) -> dict[str, Array]:
         check_nhwc(x, who=f"ResNet-{self.depth}", channels=self.in_channels)
-        kind, default_blocks = ARCHITECTURES[self.depth]
-        block_cls = BLOCKS[kind]
-        blocks = self.stage_blocks or default_blocks
+        block_cls = BLOCKS[self.block_kind]
         feats = {"stem": self._frozen_boundary(self._stem(x, train), self.frozen_stages >= 0)}
         x = max_pool_3x3_s2(feats["stem"])
-        inplanes = self.stem_width
-        for i, (planes, width) in enumerate(self.stage_widths()):
-            stride, dilation = self.strides[i], self.dilations[i]
-            first_dilation = dilation // 2 if self.contract_dilation and dilation > 1 else dilation
-            for j in range(blocks[i]):
-                first = j == 0
-                x = block_cls(
-                    planes=planes,
-                    stride=stride if first else 1,
-                    dilation=first_dilation if first else dilation,
-                    downsample=first and (stride != 1 or inplanes != planes * block_cls.expansion),
-                    width=width,
-                    groups=self.groups,
-                    frozen_stats=self.norm_eval or self.frozen_stages > i,
-                    dtype=self.dtype,
-                    param_dtype=self.param_dtype,
-                    name=f"{STAGES[i]}.{j}",
-                )(x, train=train)
-                inplanes = planes * block_cls.expansion
-            x = feats[STAGES[i]] = self._frozen_boundary(x, self.frozen_stages > i)
+        specs = list(self.blocks())
+        for k, b in enumerate(specs):
+            x = block_cls(
+                planes=b.planes,
+                stride=b.stride,
+                dilation=b.dilation,
+                downsample=b.downsample,
+                width=b.width,
+                groups=self.groups,
+                style=self.style,
+                frozen_stats=self.norm_eval or self.frozen_stages > b.stage,
+                dtype=self.dtype,
+                param_dtype=self.param_dtype,
+                name=b.name,
+            )(x, train=train)
+            if k + 1 == len(specs) or specs[k + 1].stage != b.stage:
+                x = feats[STAGES[b.stage]] = self._frozen_boundary(x, self.frozen_stages > b.stage)
         if self.num_classes is not None:
             feats["pool"] = jnp.mean(x, axis=(1, 2))
             c = feats["pool"].shape[-1]
