@@ -1,0 +1,23 @@
+"""Pure building blocks of the one-stage detectors RetinaNet and FCOS, mmdetection 3.x semantics.
+
+Static shapes throughout (ground truth padded to a fixed count with a validity mask),
+every function jit-able and vmap-able over the batch. One module per job:
+
+- `boxes`: areas, IoU/GIoU, clipping and rescaling, the delta and distance box coders
+- `anchors`: RetinaNet's anchors and their valid flags, FCOS's points and regress ranges
+"""
+
+from cankd_jax.detection.anchors import (
+    FCOS_REGRESS_RANGES, FCOS_STRIDES, RETINANET_STRIDES, AnchorGenerator, FCOSPriors, fcos_priors,
+    flatten_level_maps, grid_points,
+)
+from cankd_jax.detection.boxes import (
+    DeltaXYWHCoder, DistancePointCoder, aligned_giou, aligned_iou, box_area, clip_boxes, pairwise_iou,
+    rescale_boxes,
+)
+
+__all__ = [
+    "aligned_giou", "aligned_iou", "AnchorGenerator", "box_area", "clip_boxes", "DeltaXYWHCoder",
+    "DistancePointCoder", "fcos_priors", "FCOS_REGRESS_RANGES", "FCOS_STRIDES", "FCOSPriors", "flatten_level_maps",
+    "grid_points", "pairwise_iou", "rescale_boxes", "RETINANET_STRIDES",
+]
