@@ -5,11 +5,16 @@ every function jit-able and vmap-able over the batch. One module per job:
 
 - `boxes`: areas, IoU/GIoU, clipping and rescaling, the delta and distance box coders
 - `anchors`: RetinaNet's anchors and their valid flags, FCOS's points and regress ranges
+- `assigners`: max-IoU assignment, RetinaNet and FCOS training targets
 """
 
 from cankd_jax.detection.anchors import (
     FCOS_REGRESS_RANGES, FCOS_STRIDES, RETINANET_STRIDES, AnchorGenerator, FCOSPriors, fcos_priors,
     flatten_level_maps, grid_points,
+)
+from cankd_jax.detection.assigners import (
+    BACKGROUND, IGNORE, AssignResult, FCOSTargets, RetinaNetTargets, centerness_target, fcos_targets,
+    max_iou_assign, retinanet_targets,
 )
 from cankd_jax.detection.boxes import (
     DeltaXYWHCoder, DistancePointCoder, aligned_giou, aligned_iou, box_area, clip_boxes, pairwise_iou,
@@ -17,7 +22,8 @@ from cankd_jax.detection.boxes import (
 )
 
 __all__ = [
-    "aligned_giou", "aligned_iou", "AnchorGenerator", "box_area", "clip_boxes", "DeltaXYWHCoder",
-    "DistancePointCoder", "fcos_priors", "FCOS_REGRESS_RANGES", "FCOS_STRIDES", "FCOSPriors", "flatten_level_maps",
-    "grid_points", "pairwise_iou", "rescale_boxes", "RETINANET_STRIDES",
+    "aligned_giou", "aligned_iou", "AnchorGenerator", "AssignResult", "BACKGROUND", "box_area", "centerness_target",
+    "clip_boxes", "DeltaXYWHCoder", "DistancePointCoder", "fcos_priors", "FCOS_REGRESS_RANGES", "FCOS_STRIDES",
+    "fcos_targets", "FCOSPriors", "FCOSTargets", "flatten_level_maps", "grid_points", "IGNORE", "max_iou_assign",
+    "pairwise_iou", "rescale_boxes", "RETINANET_STRIDES", "retinanet_targets", "RetinaNetTargets",
 ]
