@@ -6,6 +6,7 @@ every function jit-able and vmap-able over the batch. One module per job:
 - `boxes`: areas, IoU/GIoU, clipping and rescaling, the delta and distance box coders
 - `anchors`: RetinaNet's anchors and their valid flags, FCOS's points and regress ranges
 - `assigners`: max-IoU assignment, RetinaNet and FCOS training targets
+- `losses`: focal, L1, GIoU, BCE, and the two heads' loss assembly
 """
 
 from cankd_jax.detection.anchors import (
@@ -20,10 +21,16 @@ from cankd_jax.detection.boxes import (
     DeltaXYWHCoder, DistancePointCoder, aligned_giou, aligned_iou, box_area, clip_boxes, pairwise_iou,
     rescale_boxes,
 )
+from cankd_jax.detection.losses import (
+    bce_loss, fcos_loss, giou_loss, l1_loss, retinanet_avg_factor, retinanet_loss, sigmoid_focal_loss,
+    weight_reduce,
+)
 
 __all__ = [
-    "aligned_giou", "aligned_iou", "AnchorGenerator", "AssignResult", "BACKGROUND", "box_area", "centerness_target",
-    "clip_boxes", "DeltaXYWHCoder", "DistancePointCoder", "fcos_priors", "FCOS_REGRESS_RANGES", "FCOS_STRIDES",
-    "fcos_targets", "FCOSPriors", "FCOSTargets", "flatten_level_maps", "grid_points", "IGNORE", "max_iou_assign",
-    "pairwise_iou", "rescale_boxes", "RETINANET_STRIDES", "retinanet_targets", "RetinaNetTargets",
+    "aligned_giou", "aligned_iou", "AnchorGenerator", "AssignResult", "BACKGROUND", "bce_loss", "box_area",
+    "centerness_target", "clip_boxes", "DeltaXYWHCoder", "DistancePointCoder", "fcos_loss", "fcos_priors",
+    "FCOS_REGRESS_RANGES", "FCOS_STRIDES", "fcos_targets", "FCOSPriors", "FCOSTargets", "flatten_level_maps",
+    "giou_loss", "grid_points", "IGNORE", "l1_loss", "max_iou_assign", "pairwise_iou", "rescale_boxes",
+    "retinanet_avg_factor", "retinanet_loss", "RETINANET_STRIDES", "retinanet_targets", "RetinaNetTargets",
+    "sigmoid_focal_loss", "weight_reduce",
 ]
