@@ -7,6 +7,7 @@ every function jit-able and vmap-able over the batch. One module per job:
 - `anchors`: RetinaNet's anchors and their valid flags, FCOS's points and regress ranges
 - `assigners`: max-IoU assignment, RetinaNet and FCOS training targets
 - `losses`: focal, L1, GIoU, BCE, and the two heads' loss assembly
+- `nms`: class-aware greedy NMS
 """
 
 from cankd_jax.detection.anchors import (
@@ -25,12 +26,13 @@ from cankd_jax.detection.losses import (
     bce_loss, fcos_loss, giou_loss, l1_loss, retinanet_avg_factor, retinanet_loss, sigmoid_focal_loss,
     weight_reduce,
 )
+from cankd_jax.detection.nms import NMSResult, batched_nms
 
 __all__ = [
-    "aligned_giou", "aligned_iou", "AnchorGenerator", "AssignResult", "BACKGROUND", "bce_loss", "box_area",
-    "centerness_target", "clip_boxes", "DeltaXYWHCoder", "DistancePointCoder", "fcos_loss", "fcos_priors",
-    "FCOS_REGRESS_RANGES", "FCOS_STRIDES", "fcos_targets", "FCOSPriors", "FCOSTargets", "flatten_level_maps",
-    "giou_loss", "grid_points", "IGNORE", "l1_loss", "max_iou_assign", "pairwise_iou", "rescale_boxes",
-    "retinanet_avg_factor", "retinanet_loss", "RETINANET_STRIDES", "retinanet_targets", "RetinaNetTargets",
-    "sigmoid_focal_loss", "weight_reduce",
+    "aligned_giou", "aligned_iou", "AnchorGenerator", "AssignResult", "BACKGROUND", "batched_nms", "bce_loss",
+    "box_area", "centerness_target", "clip_boxes", "DeltaXYWHCoder", "DistancePointCoder", "fcos_loss",
+    "fcos_priors", "FCOS_REGRESS_RANGES", "FCOS_STRIDES", "fcos_targets", "FCOSPriors", "FCOSTargets",
+    "flatten_level_maps", "giou_loss", "grid_points", "IGNORE", "l1_loss", "max_iou_assign", "NMSResult",
+    "pairwise_iou", "rescale_boxes", "retinanet_avg_factor", "retinanet_loss", "RETINANET_STRIDES",
+    "retinanet_targets", "RetinaNetTargets", "sigmoid_focal_loss", "weight_reduce",
 ]
