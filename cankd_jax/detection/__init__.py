@@ -8,6 +8,7 @@ every function jit-able and vmap-able over the batch. One module per job:
 - `assigners`: max-IoU assignment, RetinaNet and FCOS training targets
 - `losses`: focal, L1, GIoU, BCE, and the two heads' loss assembly
 - `nms`: class-aware greedy NMS
+- `postprocess`: scores -> top-k -> decode -> NMS -> detections in original-image pixels
 """
 
 from cankd_jax.detection.anchors import (
@@ -27,12 +28,18 @@ from cankd_jax.detection.losses import (
     weight_reduce,
 )
 from cankd_jax.detection.nms import NMSResult, batched_nms
+from cankd_jax.detection.postprocess import (
+    FCOS_TEST_CFG, RETINANET_TEST_CFG, Detections, PostprocessConfig, fcos_postprocess, fcos_postprocess_single,
+    retinanet_postprocess, retinanet_postprocess_single,
+)
 
 __all__ = [
     "aligned_giou", "aligned_iou", "AnchorGenerator", "AssignResult", "BACKGROUND", "batched_nms", "bce_loss",
-    "box_area", "centerness_target", "clip_boxes", "DeltaXYWHCoder", "DistancePointCoder", "fcos_loss",
-    "fcos_priors", "FCOS_REGRESS_RANGES", "FCOS_STRIDES", "fcos_targets", "FCOSPriors", "FCOSTargets",
-    "flatten_level_maps", "giou_loss", "grid_points", "IGNORE", "l1_loss", "max_iou_assign", "NMSResult",
-    "pairwise_iou", "rescale_boxes", "retinanet_avg_factor", "retinanet_loss", "RETINANET_STRIDES",
-    "retinanet_targets", "RetinaNetTargets", "sigmoid_focal_loss", "weight_reduce",
+    "box_area", "centerness_target", "clip_boxes", "DeltaXYWHCoder", "Detections", "DistancePointCoder",
+    "fcos_loss", "fcos_postprocess", "fcos_postprocess_single", "fcos_priors", "FCOS_REGRESS_RANGES",
+    "FCOS_STRIDES", "fcos_targets", "FCOS_TEST_CFG", "FCOSPriors", "FCOSTargets", "flatten_level_maps", "giou_loss",
+    "grid_points", "IGNORE", "l1_loss", "max_iou_assign", "NMSResult", "pairwise_iou", "PostprocessConfig",
+    "rescale_boxes", "retinanet_avg_factor", "retinanet_loss", "retinanet_postprocess",
+    "retinanet_postprocess_single", "RETINANET_STRIDES", "retinanet_targets", "RETINANET_TEST_CFG",
+    "RetinaNetTargets", "sigmoid_focal_loss", "weight_reduce",
 ]
