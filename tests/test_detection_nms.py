@@ -12,7 +12,10 @@ from cankd_jax.detection import batched_nms
 F = np.float32
 K = 16  # every hand case is padded to K candidates: one compilation per (threshold, max_out)
 
-_nms = jax.jit(batched_nms, static_argnames=("iou_threshold", "max_out"))
+# The threshold is traced (only compared against), so every threshold shares one compilation.
+_nms = jax.jit(batched_nms, static_argnames=("max_out",))
+_nms_batch = jax.jit(jax.vmap(lambda b, s, l, v, t: batched_nms(b, s, l, v, iou_threshold=t, max_out=40),
+                              in_axes=(0, 0, 0, 0, None)))
 
 
 def run(boxes, scores, labels, valid=None, *, thr=0.5, max_out=K):
@@ -23,7 +26,7 @@ def run(boxes, scores, labels, valid=None, *, thr=0.5, max_out=K):
     # Padding rows are high-scoring copies of the first box: only `valid` keeps them out.
     res = _nms(np.concatenate([boxes, np.resize(boxes[:1], (pad, 4))]), np.concatenate([scores, np.full(pad, 9.0, F)]),
                np.concatenate([labels, np.resize(labels[:1], pad)]), np.concatenate([valid, np.zeros(pad, bool)]),
-               iou_threshold=thr, max_out=max_out)
+               iou_threshold=np.float32(thr), max_out=max_out)
     keep, n_kept = np.asarray(res.keep), int(res.num_kept)
     assert (keep[n_kept:] == -1).all() and (keep[:n_kept] >= 0).all()
     return keep[:n_kept].tolist()
@@ -80,8 +83,7 @@ def test_matches_numpy_reference(seed, thr):
     valid = r.random(n) < 0.9
     want = ref.nms_numpy(boxes[valid], scores[valid], labels[valid], thr)
     want = np.flatnonzero(valid)[want]
-    res = jax.jit(jax.vmap(lambda b, s, l, v: batched_nms(b, s, l, v, iou_threshold=thr, max_out=40)))(
-        *(np.stack([x, x]) for x in (boxes, scores, labels, valid)))
+    res = _nms_batch(*(np.stack([x, x]) for x in (boxes, scores, labels, valid)), np.float32(thr))
     assert len(want) > 40  # the cut at max_out is exercised
     for i in range(2):
         np.testing.assert_array_equal(np.asarray(res.keep[i]), want[:40])

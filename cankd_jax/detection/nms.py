@@ -57,7 +57,8 @@ def batched_nms(boxes: Array, scores: Array, labels: Array, valid: Array, *, iou
                 max_out: int) -> NMSResult:
     """Class-aware NMS of one image's candidates.
 
-    boxes `(K, 4)` x1y1x2y2 pixels, scores `(K,)`, labels `(K,)` int, valid `(K,)` bool.
+    boxes `(K, 4)` x1y1x2y2 pixels, scores `(K,)`, labels `(K,)` int, valid `(K,)` bool;
+    `iou_threshold` compared in float32, may be a traced scalar; `max_out` is static.
     Returns at most `max_out` kept indices, ranked as mmcv's output (descending score),
     the same as mmcv's kept list cut to its first `max_out`. jit/vmap-able.
     """
