@@ -104,6 +104,7 @@ class AnchorGenerator:
         the assignment (`assigners.max_iou_assign`'s `anchor_valid`).
         """
         pad = jnp.asarray(pad_shape, jnp.float32)
+        chex.assert_shape(pad, (2,))
         flags = []
         for level, (fh, fw) in enumerate(featmap_sizes):
             stride = float(self.strides[level])

@@ -28,6 +28,7 @@ from typing import NamedTuple, Optional, Sequence
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from cankd_jax.detection.boxes import DeltaXYWHCoder, DistancePointCoder, rescale_boxes
 from cankd_jax.detection.nms import batched_nms
@@ -88,7 +89,11 @@ def _finish(boxes, scores, labels, valid, scale_factor, cfg: PostprocessConfig) 
     )
 
 
-def _check_levels(cls_logits, bbox_pred, priors, prior_dim):
+def _check_levels(cls_logits, bbox_pred, priors, prior_dim, img_shape, scale_factor):
+    # np.shape: tuples are accepted as well as (traced) arrays.
+    if np.shape(img_shape) != (2,) or (scale_factor is not None and np.shape(scale_factor) != (2,)):
+        raise ValueError(f"post-processing takes one image's (h, w) and (w_scale, h_scale), got shapes "
+                         f"{np.shape(img_shape)} and {None if scale_factor is None else np.shape(scale_factor)}")
     if not len(cls_logits) == len(bbox_pred) == len(priors):
         raise ValueError("post-processing needs one cls, bbox and prior array per level")
     for cl, bp, pr in zip(cls_logits, bbox_pred, priors):
@@ -111,7 +116,7 @@ def retinanet_postprocess_single(
     (N_l = H_l * W_l * 9, the order of `anchors.AnchorGenerator`). img_shape `(2,)` = (h, w) of the
     resized, un-padded image; scale_factor `(2,)` = (w_scale, h_scale) resized / original, or None
     to stay in network-input pixels. Returns `Detections` with `max_per_img` rows."""
-    _check_levels(cls_logits, bbox_pred, anchors, 4)
+    _check_levels(cls_logits, bbox_pred, anchors, 4, img_shape, scale_factor)
     sc, pri, dl, lab, val = [], [], [], [], []
     for cl, bp, an in zip(cls_logits, bbox_pred, anchors):
         top, loc, cls, ok = _level_topk(cl, cfg.score_thr, cfg.nms_pre)
@@ -137,7 +142,7 @@ def fcos_postprocess_single(
     multiplies by the stride at test time, as done here), centerness `(N_l,)` logits, points
     `(N_l, 2)` (`anchors.grid_points`), strides: one int per level. img_shape, scale_factor as in
     `retinanet_postprocess_single`."""
-    _check_levels(cls_logits, bbox_pred, points, 2)
+    _check_levels(cls_logits, bbox_pred, points, 2, img_shape, scale_factor)
     if not len(centerness) == len(strides) == len(points):
         raise ValueError("fcos post-processing needs one centerness array and one stride per level")
     sc, pts, dist, lab, val = [], [], [], [], []
