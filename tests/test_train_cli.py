@@ -58,5 +58,34 @@ def test_batch_not_divisible_by_the_devices(tmp_path):
 
 def test_missing_dataset_names_how_to_prepare_it(tmp_path):
     _fails_with_one_line(_command(tmp_path / "run", f"--config.data.data_dir={tmp_path / 'empty'}",
+                                  "--config.teacher.random_init=True",
                                   config=os.path.join(ROOT, "configs", "cityscapes.py")),
                          "cityscapes", "not found", "--config.data.data_dir")
+
+
+def test_a_teacher_without_weights_is_refused_before_any_data_is_read(tmp_path):
+    """The paper configs would otherwise distil from a random teacher for 80k steps."""
+    for config in ("cityscapes.py", "ade20k.py", "classification.py"):
+        last = _fails_with_one_line(
+            _command(tmp_path / "run", f"--config.data.data_dir={tmp_path / 'empty'}",
+                     config=os.path.join(ROOT, "configs", config)),
+            "teacher.checkpoint is empty", "--config.teacher.checkpoint", "teacher.random_init")
+        assert "data_dir" not in last  # refused before the (missing) data set was opened
+    assert not (tmp_path / "empty").exists()
+
+
+def test_partial_slurm_environment_is_one_line_and_complete_but_broken_too(tmp_path):
+    args = _command(tmp_path / "run", f"--config.data.data_dir={tmp_path / 'data'}")
+    partial = dict(_env(), SLURM_JOB_ID="1234", SLURM_NTASKS="2")
+    proc = subprocess.run(args, capture_output=True, text=True, env=partial, timeout=300, cwd=ROOT)
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert last.startswith("train.py: error: SLURM_JOB_ID is set but SLURM_STEP_NODELIST"), last
+    assert "--num_processes=1" in last
+    broken = dict(partial, SLURM_STEP_NODELIST="node[001-002]", SLURM_PROCID="0", SLURM_LOCALID="0",
+                  SLURM_JOB_ID="not-a-number")
+    proc = subprocess.run(args, capture_output=True, text=True, env=broken, timeout=300, cwd=ROOT)
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert last.startswith("train.py: error: multi-host auto-detection failed"), last
+    assert "--coordinator_address" in last

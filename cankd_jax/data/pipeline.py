@@ -3,8 +3,9 @@
 Training order is a function of (seed, global step) alone, never of the
 number of processes, devices or Grain workers:
 
-- the *global stream* visits the records epoch after epoch, each epoch a
-  permutation drawn from `(seed, epoch)`;
+- the *global stream* visits the records epoch after epoch, each epoch an
+  order drawn from `(seed, epoch)` by an *epoch plan* (`ShuffledEpochs`: a
+  permutation; a task may plan epochs otherwise, e.g. batches of one image shape);
 - global batch k is stream positions `[k*G, (k+1)*G)` (G = global batch size);
 - a process reads only its rows `[r0, r1)` of each global batch: the rows its
   devices hold in the global array (`sharding.process_rows`);
@@ -97,18 +98,35 @@ def _check_rows(rows: Sequence[int], global_batch_size: int) -> tuple[int, int]:
     return r0, r1
 
 
+class ShuffledEpochs:
+    """The default epoch plan: epoch e visits every record once, in a permutation drawn from `(seed, e)`.
+
+    An epoch plan is any picklable object with `length` (records per epoch, the
+    same every epoch) and `__call__(epoch) -> (length,) int array` of record indices.
+    """
+
+    def __init__(self, num_records: int, seed: int):
+        self.length, self.seed = num_records, seed
+
+    def __call__(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, epoch]).permutation(self.length)
+
+    def __repr__(self) -> str:
+        return f"ShuffledEpochs({self.length}, seed={self.seed})"
+
+
 class GlobalOrderSampler:
     """Grain sampler: this process's rows of the global batches, from global batch `start_batch` on.
 
     Local index i -> stream position g = (start_batch + i // L) * G + r0 + i % L,
-    record `permutation(seed, g // n)[g % n]`, generator `default_rng([seed, g])`.
+    record `plan(g // plan.length)[g % plan.length]`, generator `default_rng([seed, g])`.
     Endless (epochs follow each other); `len` is effectively infinite.
     """
 
-    def __init__(self, num_records: int, *, global_batch_size: int, rows: tuple[int, int], seed: int,
+    def __init__(self, plan: Any, *, global_batch_size: int, rows: tuple[int, int], seed: int,
                  start_batch: int = 0):
         r0, r1 = _check_rows(rows, global_batch_size)
-        self.num_records, self.global_batch_size, self.rows = num_records, global_batch_size, (r0, r1)
+        self.plan, self.global_batch_size, self.rows = plan, global_batch_size, (r0, r1)
         self.seed, self.start_batch = seed, start_batch
         self._epoch, self._order = -1, None
 
@@ -122,9 +140,9 @@ class GlobalOrderSampler:
         return (self.start_batch + batch) * self.global_batch_size + r0 + row
 
     def record_key(self, position: int) -> int:
-        epoch, offset = divmod(position, self.num_records)
-        if epoch != self._epoch:  # one permutation per epoch, drawn from (seed, epoch)
-            self._epoch, self._order = epoch, np.random.default_rng([self.seed, epoch]).permutation(self.num_records)
+        epoch, offset = divmod(position, self.plan.length)
+        if epoch != self._epoch:  # one plan per epoch, kept while the epoch lasts
+            self._epoch, self._order = epoch, self.plan(epoch)
         return int(self._order[offset])
 
     def __getitem__(self, index: int) -> grain.RecordMetadata:
@@ -135,7 +153,7 @@ class GlobalOrderSampler:
                                     rng=np.random.default_rng([self.seed, g]))
 
     def __repr__(self) -> str:  # Grain logs it
-        return (f"GlobalOrderSampler(num_records={self.num_records}, global_batch_size={self.global_batch_size}, "
+        return (f"GlobalOrderSampler({self.plan!r}, global_batch_size={self.global_batch_size}, "
                 f"rows={self.rows}, seed={self.seed}, start_batch={self.start_batch})")
 
 
@@ -155,8 +173,9 @@ class TrainIterator(Iterator[Record]):
 
     def __init__(self, source: Sequence[Record], augment: Callable[[Record, np.random.Generator], Record], *,
                  global_batch_size: int, rows: tuple[int, int], seed: int, worker_count: int = 0,
-                 read_options: Optional[grain.ReadOptions] = None):
+                 read_options: Optional[grain.ReadOptions] = None, epoch_plan: Any = None):
         self._source, self._augment = source, augment
+        self._plan = epoch_plan or ShuffledEpochs(len(source), seed)
         self._global_batch_size, self._rows, self._seed = global_batch_size, _check_rows(rows, global_batch_size), seed
         self._workers = worker_count
         self._read_options = read_options or default_read_options(rows[1] - rows[0])
@@ -164,7 +183,7 @@ class TrainIterator(Iterator[Record]):
         self._examples: Optional[Iterator[Record]] = None
 
     def _start(self, batch: int) -> None:
-        sampler = GlobalOrderSampler(len(self._source), global_batch_size=self._global_batch_size, rows=self._rows,
+        sampler = GlobalOrderSampler(self._plan, global_batch_size=self._global_batch_size, rows=self._rows,
                                      seed=self._seed, start_batch=batch)
         loader = grain.DataLoader(data_source=self._source, sampler=sampler, shard_options=grain.NoSharding(),
                                   worker_count=self._workers, operations=[_Augment(self._augment)],
@@ -199,7 +218,7 @@ class TrainIterator(Iterator[Record]):
 def make_train_iterator(source: Sequence[Record], augment: Callable[[Record, np.random.Generator], Record], *,
                         global_batch_size: int, seed: int, rows: Optional[tuple[int, int]] = None,
                         worker_count: int = 0, read_options: Optional[grain.ReadOptions] = None,
-                        state: Optional[Mapping[str, Any]] = None) -> TrainIterator:
+                        epoch_plan: Any = None, state: Optional[Mapping[str, Any]] = None) -> TrainIterator:
     """Endless shuffled, augmented training batches: this process's rows of each global batch.
 
     Args:
@@ -211,6 +230,7 @@ def make_train_iterator(source: Sequence[Record], augment: Callable[[Record, np.
       rows: `(r0, r1)`, the rows of each global batch this process reads (default: all of them);
         `cankd_jax.train.sharding.process_rows(mesh, global_batch_size)` gives them for a mesh.
       worker_count: Grain worker processes; 0 runs in this process.
+      epoch_plan: the order of each epoch (default `ShuffledEpochs(len(source), seed)`).
       state: a `TrainIterator.get_state()` result to resume from.
     Returns:
       a `TrainIterator` of dicts of stacked arrays, e.g. image (r1-r0, h, w, 3) float32, label (r1-r0, h, w) int32.
@@ -223,7 +243,7 @@ def make_train_iterator(source: Sequence[Record], augment: Callable[[Record, np.
         _absl_flags_ready()
     iterator = TrainIterator(source, augment, global_batch_size=global_batch_size,
                              rows=rows or (0, global_batch_size), seed=int(seed), worker_count=worker_count,
-                             read_options=read_options)
+                             read_options=read_options, epoch_plan=epoch_plan)
     if state is not None:
         iterator.set_state(state)
     return iterator

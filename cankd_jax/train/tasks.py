@@ -74,22 +74,35 @@ class Task(Protocol):
     """What the train step and the evaluator need from a task.
 
     `loss(outputs, labels) -> (total, terms)`: float32 scalars, under jit.
-    `counts(outputs, labels, valid) -> array`: integer sufficient statistics of one
-    eval batch (under jit; `valid (B,)` marks real examples), summed over batches on the host.
-    `summarize(counts) -> {name: float}`: the metrics, `metric` among them (the headline).
+    `eval_outputs(outputs, batch) -> pytree`: what evaluation keeps of one eval
+      batch (under jit; `batch['valid'] (B,)` marks real examples), e.g. a confusion
+      matrix or the decoded detections; it reaches the host replicated, on every process.
+    `accumulate(total, outputs) -> total`: folds one batch's host outputs into the running
+      total (`total` is None for the first batch); the same on every process.
+    `summarize(total) -> {name: float}`: the metrics, `metric` among them (the headline).
     """
 
     metric: str
 
-    def loss(self, outputs: Mapping[str, jax.Array], labels: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]: ...
+    def loss(self, outputs: Mapping[str, jax.Array], labels: Any) -> tuple[jax.Array, dict[str, jax.Array]]: ...
 
-    def counts(self, outputs: Mapping[str, jax.Array], labels: jax.Array, valid: jax.Array) -> jax.Array: ...
+    def eval_outputs(self, outputs: Mapping[str, jax.Array], batch: Mapping[str, Any]) -> Any: ...
 
-    def summarize(self, counts: np.ndarray) -> dict[str, float]: ...
+    def accumulate(self, total: Any, outputs: Any) -> Any: ...
+
+    def summarize(self, total: Any) -> dict[str, float]: ...
+
+
+class _SummedCounts:
+    """`accumulate` for tasks whose eval outputs are integer counts: a sum in int64 on the host."""
+
+    def accumulate(self, total: Optional[np.ndarray], outputs: np.ndarray) -> np.ndarray:
+        outputs = np.asarray(outputs, np.int64)
+        return outputs if total is None else total + outputs
 
 
 @dataclasses.dataclass(frozen=True)
-class SegmentationTask:
+class SegmentationTask(_SummedCounts):
     """Pixel cross-entropy on `logits` (+ `aux_weight` x on `aux_logits`), evaluated by mIoU."""
 
     num_classes: int
@@ -113,9 +126,10 @@ class SegmentationTask:
             terms["aux"] = self.aux_weight * ce(outputs["aux_logits"], labels)
         return sum(terms.values()), terms
 
-    def counts(self, outputs: Mapping[str, jax.Array], labels: jax.Array, valid: jax.Array) -> jax.Array:
+    def eval_outputs(self, outputs: Mapping[str, jax.Array], batch: Mapping[str, Any]) -> jax.Array:
+        """`(K, K)` int32 confusion counts [true, predicted] of the batch's real examples."""
         preds = jnp.argmax(outputs["logits"], axis=-1)
-        return confusion_matrix(preds, labels, valid[:, None, None], self.num_classes)
+        return confusion_matrix(preds, batch["label"], batch["valid"][:, None, None], self.num_classes)
 
     def summarize(self, counts: np.ndarray) -> dict[str, float]:
         miou, _ = mean_iou(counts)
@@ -124,7 +138,7 @@ class SegmentationTask:
 
 
 @dataclasses.dataclass(frozen=True)
-class ClassificationTask:
+class ClassificationTask(_SummedCounts):
     """Softmax cross-entropy on `logits`, evaluated by top-1 accuracy."""
 
     num_classes: int
@@ -134,8 +148,10 @@ class ClassificationTask:
         ce = classification_cross_entropy(outputs["logits"], labels)
         return ce, {"ce": ce}
 
-    def counts(self, outputs: Mapping[str, jax.Array], labels: jax.Array, valid: jax.Array) -> jax.Array:
-        correct = (jnp.argmax(outputs["logits"], -1) == labels) & valid
+    def eval_outputs(self, outputs: Mapping[str, jax.Array], batch: Mapping[str, Any]) -> jax.Array:
+        """`(2,)` int32: correct top-1 predictions and real examples in the batch."""
+        valid = batch["valid"]
+        correct = (jnp.argmax(outputs["logits"], -1) == batch["label"]) & valid
         return jnp.stack([jnp.sum(correct), jnp.sum(valid)]).astype(jnp.int32)
 
     def summarize(self, counts: np.ndarray) -> dict[str, float]:
