@@ -3,13 +3,13 @@
     python train.py --config configs/detection_demo.py --workdir /tmp/det_demo
     python train.py --config configs/detection_demo.py:loss=pkd --workdir /tmp/det_demo         # a baseline instead
     python train.py --config configs/detection_demo.py:loss=cankd+fitnet --workdir /tmp/det_demo  # several, one table
-    python train.py --config configs/detection_demo.py:detector=fcos --workdir /tmp/det_demo_fcos
+    python train.py --config configs/detection_demo.py:detector=retinanet --workdir /tmp/det_demo_retina
 
 Phases on the built-in synthetic scenes seen as detection (64x64 images resized to 128x128
 as mmdet's keep-ratio resize would, 6 shape classes, no download), each in `workdir/<phase>`
 and each resumable on its own:
 
-  teacher   RetinaNet (or FCOS) on a ResNet-18 layout at a quarter of the standard width,
+  teacher   FCOS (or RetinaNet) on a ResNet-18 layout at a quarter of the standard width,
             from scratch; re-used when `workdir/teacher` already holds a finished run
   student   the same detector with an eighth-width backbone (the teacher's FPN and head
             widths), detection losses only
@@ -25,7 +25,8 @@ the original 64x64 images, so AP_M and AP_L are -1 (COCOeval's "no such objects"
 
 From scratch in minutes: AdamW with a cosine decay and the networks' BatchNorm in training
 mode (no frozen stages, no norm_eval), where the paper fine-tunes ImageNet backbones with SGD
-for 24 epochs (configs/coco.py).
+for 24 epochs (configs/coco.py). FCOS by default: from scratch it reached a higher mAP than
+RetinaNet in the same steps here (8.7 vs 6.7 after 600 teacher steps).
 """
 
 import ml_collections
@@ -33,8 +34,8 @@ import ml_collections
 from cankd_jax import config_arg
 from cankd_jax.losses.presets import PRESET_LOSSES, detection_terms
 
-STEPS = 1200             # each student phase
-TEACHER_STEPS = 2000
+STEPS = 700              # each student phase
+TEACHER_STEPS = 1000
 TEACHER_WIDTH = 16       # ResNet-18 layer4: 16 * 8 = 128 channels
 STUDENT_WIDTH = 8        # ResNet-18 layer4: 8 * 8 = 64 channels
 NECK = 32                # FPN and head channels of both networks (the paper's 256 -> 256)
@@ -50,13 +51,13 @@ def _network(detector: str, width: int) -> dict:
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
     a = config_arg.parse(arg, {"loss": PRESET_LOSSES, "detector": ("retinanet", "fcos")},
-                         {"loss": ["cankd"], "detector": "retinanet"}, config="configs/detection_demo.py",
+                         {"loss": ["cankd"], "detector": "fcos"}, config="configs/detection_demo.py",
                          lists=("loss",))
     detector, losses = a["detector"], a["loss"]
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.total_steps = STEPS
-    c.batch_size = 16  # global
+    c.batch_size = 8  # global
     c.log_every = 50
     c.eval_every = 100_000  # once, at the end
     c.checkpoint_every = 400

@@ -115,3 +115,35 @@ def test_task_config_errors_are_named():
         make_task(dict(name="detection", num_classes=3, ground_truth={}))
     with pytest.raises(ValueError, match="has 5 levels but task.strides"):
         DetectionTask(num_classes=3, strides=(8, 16))._levels({"cls_scores": [np.zeros((1, 2, 2, 3))] * 5})
+
+
+def test_dagger_student_takes_neck_and_head_from_the_teacher_and_the_backbone_from_imagenet(tmp_path):
+    from flax import traverse_util
+
+    from cankd_jax import models
+    from cankd_jax.train.weights import load_pretrained
+    from test_detection_models import BACKBONE, FPN_CH, HEAD_CH, STACKED
+
+    teacher_sd = {k: v.numpy() for k, v in torch_retinanet(seed=5).state_dict().items()}
+    imagenet = {k[len("backbone."):]: v.numpy() for k, v in torch_retinanet(seed=6).state_dict().items()
+                if k.startswith("backbone.")}
+    imagenet["fc.weight"] = np.zeros((10, 256), np.float32)  # an ImageNet head: reported, not loaded
+    interop.save_pth(teacher_sd, str(tmp_path / "teacher.pth"))
+    interop.save_pth(imagenet, str(tmp_path / "r50.pth"))
+    cfg = ml_collections.ConfigDict(dict(
+        name="retinanet", backbone="resnet50", kwargs=BACKBONE, neck_kwargs=dict(out_channels=FPN_CH),
+        head_kwargs=dict(feat_channels=HEAD_CH, stacked_convs=STACKED), pretrained=str(tmp_path / "r50.pth"),
+        inherit="teacher"))
+    student = models.make_network(cfg, num_classes=K)
+    sample = np.zeros((1, 64, 64, 3), np.float32)
+    loaded = load_pretrained(cfg, student, sample, teacher_cfg=ml_collections.ConfigDict(
+        dict(checkpoint=str(tmp_path / "teacher.pth"))))
+    init = jax.eval_shape(lambda: student.init(jax.random.key(0), sample, train=False))
+    flat = traverse_util.flatten_dict(jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), init))
+    assert set(loaded) == set(flat)  # backbone from one file, neck and head from the other: everything
+    exported = interop.export_state_dict(student, traverse_util.unflatten_dict({**flat, **loaded}))
+    for key, value in exported.items():
+        expected = imagenet[key[len("backbone."):]] if key.startswith("backbone.") else teacher_sd[key]
+        np.testing.assert_array_equal(value, expected, err_msg=key)
+    with pytest.raises(ValueError, match="teacher.checkpoint is empty"):
+        load_pretrained(cfg, student, sample, teacher_cfg=ml_collections.ConfigDict(dict(checkpoint="")))

@@ -26,7 +26,6 @@ import os
 import time
 from typing import Any, Optional
 
-import chex
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -39,9 +38,9 @@ from cankd_jax.train.evaluate import make_evaluator
 from cankd_jax.train.export import export_student
 from cankd_jax.train.metrics import MetricsWriter, Progress
 from cankd_jax.train.preemption import Preemption
-from cankd_jax.train.sharding import ParamLayout, batch_sharding, global_batch, make_mesh, process_rows, replicated
+from cankd_jax.train.sharding import ParamLayout, global_batch, make_mesh, process_rows
 from cankd_jax.train.state import create_sharded_state
-from cankd_jax.train.step import make_train_step
+from cankd_jax.train.step import jit_train_step, make_train_step
 
 log = logging.getLogger(__name__)
 
@@ -92,13 +91,10 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, preempt
     # One trace per batch shape the data yields (detection: one per bucket); another would mean a batch of an
     # unplanned shape or dtype: a compile per step, never intended.
     shapes = run.data.num_train_shapes(config.batch_size) if hasattr(run.data, "num_train_shapes") else 1
-    step_fn = jax.jit(
-        chex.assert_max_traces(make_train_step(student=run.student, teacher=run.teacher, terms=run.terms,
-                                               task=run.task, tx=run.tx, schedule=run.schedule), n=shapes),
-        in_shardings=(state_shardings, run.teacher_shardings, batch_sharding(mesh)),
-        out_shardings=(state_shardings, replicated(mesh)),
-        donate_argnums=(0,),
-    )
+    step_fn = jit_train_step(make_train_step(student=run.student, teacher=run.teacher, terms=run.terms, task=run.task,
+                                             tx=run.tx, schedule=run.schedule),
+                             mesh=mesh, state_shardings=state_shardings, teacher_shardings=run.teacher_shardings,
+                             max_traces=shapes)
     evaluate = make_evaluator(run.task, run.data, mesh)
 
     summary: dict[str, Any] = {"workdir": workdir, "total_steps": config.total_steps, "metric": run.task.metric}
