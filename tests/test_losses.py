@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -112,8 +113,7 @@ def test_batch_stats_update_in_train_mode_and_stay_fixed_in_eval():
     assert not np.allclose(before["mean"], after["mean"]) and not np.allclose(before["var"], after["var"])
     assert int(after["num_batches_tracked"]) == 1
     out, upd_eval = loss.apply(v, s, t, train=False, mutable=["batch_stats"])
-    for a, b in zip(jax.tree.leaves(upd_eval), jax.tree.leaves(v["batch_stats"]), strict=True):
-        np.testing.assert_array_equal(a, b)
+    chex.assert_trees_all_equal(upd_eval, v["batch_stats"])
     # Eval mode uses the running statistics, so it differs from the batch-statistics loss.
     assert not np.isclose(float(out), float(loss.apply(v, s, t, train=True, mutable=["batch_stats"])[0]))
 
@@ -234,9 +234,7 @@ def test_state_dict_round_trip_is_the_identity(opts):
     v = {**v, **loss.apply(v, s, t, train=True, mutable=["batch_stats"])[1]}
     sd = export_cankd_loss(v, **opts)
     back = load_cankd_loss(sd, in_channels=C, **opts)
-    assert jax.tree.structure(back) == jax.tree.structure(jax.device_get(v))
-    for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(v), strict=True):
-        np.testing.assert_array_equal(a, b)
+    chex.assert_trees_all_equal(back, jax.device_get(v))
     again = export_cankd_loss(back, **opts)
     assert sorted(again) == sorted(sd)
     for key in sd:

@@ -155,11 +155,21 @@ def _grad_parity(jax_loss_fn, torch_loss_fn, s, t):
     assert_close(g, nhwc(s_t.grad), what="d loss / d student")
 
 
-@pytest.mark.parametrize("opts", [{}, dict(normalize=False, loss_weight=3.0), dict(div_element=True, dist=True, mult=2.0)])
+@pytest.mark.parametrize("opts", [{}, dict(normalize=False, loss_weight=3.0), dict(div_element=True, mult=2.0),
+                                  dict(dist=True, mult=2.0), dict(dist=True, normalize=False, loss_weight=0.5)])
 def test_l2_matches_pytorch(opts, rng):
-    s, t = rng.standard_normal((2, 5, 6, 4)).astype(np.float32), rng.standard_normal((2, 5, 6, 4)).astype(np.float32)
+    s, t = rng.standard_normal((4, 5, 6, 4)).astype(np.float32), rng.standard_normal((4, 5, 6, 4)).astype(np.float32)
     mod = L2Loss(**opts)
     _grad_parity(lambda a, b: mod.apply({}, a, b), lambda a, b: ref.l2_loss(a, b, **opts), s, t)
+
+
+def test_l2_dist_is_the_two_norm_of_the_difference(rng):
+    """mmrazor's `dist=True` is torch.dist(s, t, p=2) of the (normalised) maps: no division by the batch."""
+    torch = pytest.importorskip("torch")
+    s, t = rng.standard_normal((4, 5, 6, 4)).astype(np.float32), rng.standard_normal((4, 5, 6, 4)).astype(np.float32)
+    flat = [torch.nn.functional.normalize(torch.from_numpy(x).reshape(4, -1), dim=1) for x in (s, t)]
+    expected = torch.dist(*flat, p=2).item()
+    assert_close(L2Loss(dist=True).apply({}, s, t), expected, what="dist")
 
 
 @pytest.mark.parametrize("sizes,resize_stu", [((6, 8), True), ((3, 5), True), ((12, 10), True), ((3, 5), False)])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import chex
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -109,6 +110,6 @@ def test_the_run_initialises_the_student_from_pretrained(tmp_path):
     cfg.student.pretrained = path
     run = build_run(cfg, make_mesh(), input_size=(32, 32))
     params, stats = jax.jit(run.init_variables)(jax.random.key(0))
-    jax.tree.map(np.testing.assert_array_equal, params["student"]["backbone"], bb_vars["params"])
-    jax.tree.map(np.testing.assert_array_equal, stats["student"]["backbone"], bb_vars["batch_stats"])
+    chex.assert_trees_all_equal(params["student"]["backbone"], bb_vars["params"])
+    chex.assert_trees_all_equal(stats["student"]["backbone"], bb_vars["batch_stats"])
     assert "decode_head" in params["student"]  # the heads keep their own initialisation

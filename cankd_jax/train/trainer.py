@@ -26,7 +26,6 @@ import os
 import time
 from typing import Any, Optional
 
-import chex
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -38,9 +37,9 @@ from cankd_jax.train.evaluate import make_evaluator
 from cankd_jax.train.export import export_student
 from cankd_jax.train.metrics import MetricsWriter, Progress
 from cankd_jax.train.preemption import Preemption
-from cankd_jax.train.sharding import ParamLayout, batch_sharding, global_batch, make_mesh, process_rows, replicated
+from cankd_jax.train.sharding import ParamLayout, global_batch, make_mesh, process_rows
 from cankd_jax.train.state import create_sharded_state
-from cankd_jax.train.step import make_train_step
+from cankd_jax.train.step import jit_train_step, make_train_step
 
 log = logging.getLogger(__name__)
 
@@ -88,14 +87,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, preempt
 
     train_iter = run.data.train_iterator(config.batch_size, seed=config.seed, rows=rows,
                                          state=(data_state or {}).get("train"))
-    # A second trace would mean a batch of another shape or dtype: a compile per step, never intended.
-    step_fn = jax.jit(
-        chex.assert_max_traces(make_train_step(student=run.student, teacher=run.teacher, terms=run.terms,
-                                               task=run.task, tx=run.tx, schedule=run.schedule), n=1),
-        in_shardings=(state_shardings, run.teacher_shardings, batch_sharding(mesh)),
-        out_shardings=(state_shardings, replicated(mesh)),
-        donate_argnums=(0,),
-    )
+    step_fn = jit_train_step(make_train_step(student=run.student, teacher=run.teacher, terms=run.terms, task=run.task,
+                                             tx=run.tx, schedule=run.schedule),
+                             mesh=mesh, state_shardings=state_shardings, teacher_shardings=run.teacher_shardings)
     evaluate = make_evaluator(run.task, run.data, mesh)
 
     summary: dict[str, Any] = {"workdir": workdir, "total_steps": config.total_steps, "metric": run.task.metric}
