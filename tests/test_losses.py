@@ -113,7 +113,7 @@ def test_batch_stats_update_in_train_mode_and_stay_fixed_in_eval():
     assert not np.allclose(before["mean"], after["mean"]) and not np.allclose(before["var"], after["var"])
     assert int(after["num_batches_tracked"]) == 1
     out, upd_eval = loss.apply(v, s, t, train=False, mutable=["batch_stats"])
-    chex.assert_trees_all_equal(upd_eval, v["batch_stats"])
+    chex.assert_trees_all_equal(upd_eval["batch_stats"], v["batch_stats"])
     # Eval mode uses the running statistics, so it differs from the batch-statistics loss.
     assert not np.isclose(float(out), float(loss.apply(v, s, t, train=True, mutable=["batch_stats"])[0]))
 

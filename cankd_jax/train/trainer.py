@@ -38,7 +38,7 @@ from cankd_jax.train.export import export_student
 from cankd_jax.train.metrics import MetricsWriter, Progress
 from cankd_jax.train.preemption import Preemption
 from cankd_jax.train.sharding import ParamLayout, global_batch, make_mesh, process_rows
-from cankd_jax.train.state import create_sharded_state
+from cankd_jax.train.state import plan_state
 from cankd_jax.train.step import jit_train_step, make_train_step
 
 log = logging.getLogger(__name__)
@@ -71,15 +71,15 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, preempt
     rows = process_rows(mesh, config.batch_size)
     run = build.build_run(config, mesh)
 
-    state, state_shardings = create_sharded_state(run.init_variables, run.tx, config.seed, mesh,
-                                                  layout=ParamLayout.from_config(config.get("mesh")))
+    plan = plan_state(run.init_variables, run.tx, config.seed, mesh, layout=ParamLayout.from_config(config.get("mesh")))
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=config.keep_checkpoints)
     data_state: Optional[dict] = None
-    restored = ckpt.restore_latest(jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                                                state, state_shardings))
+    restored = ckpt.restore_latest(plan.abstract)
     if restored is not None:
         step0, state, data_state = restored
         log.info("resumed from step %d in %s", step0, ckpt.directory)
+    else:
+        state = plan.init()
     log.info("state ready (%.1f s since the start)", time.perf_counter() - t_start)
     start = int(jax.device_get(state.step))
     last_saved = start or None
@@ -89,7 +89,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, preempt
                                          state=(data_state or {}).get("train"))
     step_fn = jit_train_step(make_train_step(student=run.student, teacher=run.teacher, terms=run.terms, task=run.task,
                                              tx=run.tx, schedule=run.schedule),
-                             mesh=mesh, state_shardings=state_shardings, teacher_shardings=run.teacher_shardings)
+                             mesh=mesh, state_shardings=plan.shardings, teacher_shardings=run.teacher_shardings)
     evaluate = make_evaluator(run.task, run.data, mesh)
 
     summary: dict[str, Any] = {"workdir": workdir, "total_steps": config.total_steps, "metric": run.task.metric}
