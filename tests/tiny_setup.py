@@ -12,7 +12,7 @@ from cankd_jax.layers import BatchNorm
 from cankd_jax.losses import Connector, make_loss
 from cankd_jax.train.optim import make_optimizer
 from cankd_jax.train.sharding import REPLICATED, ParamLayout, global_batch, make_mesh, replicated, tree_shardings
-from cankd_jax.train.state import create_sharded_state
+from cankd_jax.train.state import plan_state
 from cankd_jax.train.step import DistillTerm, jit_train_step, make_train_step
 from cankd_jax.train.tasks import segmentation_cross_entropy
 
@@ -61,7 +61,8 @@ def setup(mesh, loss_name="cankd", layout: ParamLayout = REPLICATED):
             distill_p[term.name], distill_bs[term.name] = p, {"loss": lv.get("batch_stats", {})}
         return {"student": sv["params"], "distill": distill_p}, {"student": sv["batch_stats"], "distill": distill_bs}
 
-    state, shardings = create_sharded_state(init_variables, tx, seed=0, mesh=mesh, layout=layout)
+    plan = plan_state(init_variables, tx, seed=0, mesh=mesh, layout=layout)
+    state, shardings = plan.init(), plan.shardings
     teacher_vars = teacher.init(jax.random.key(42), x, train=False)
     teacher_shardings = tree_shardings(teacher_vars, mesh, layout)
     teacher_vars = jax.device_put(teacher_vars, teacher_shardings)

@@ -84,19 +84,6 @@ def plan_state(
     return StatePlan(lambda: run_once(init, out_shardings=shardings), shardings, abstract)
 
 
-def create_sharded_state(
-    init_variables: Callable[[Array], tuple[PyTree, PyTree]],
-    tx: optax.GradientTransformation,
-    seed: int,
-    mesh: Mesh,
-    *,
-    layout: ParamLayout = REPLICATED,
-) -> tuple[TrainState, TrainState]:
-    """`(state, shardings)`: `plan_state(...)` initialised."""
-    plan = plan_state(init_variables, tx, seed, mesh, layout=layout)
-    return plan.init(), plan.shardings
-
-
 def run_once(fn: Callable[[], Any], *, out_shardings: Any) -> Any:
     """`fn()` compiled into `out_shardings`, for work done once per run (initialisation).
 
