@@ -33,6 +33,7 @@ import numpy as np
 
 from cankd_jax.train import build
 from cankd_jax.train.checkpoint import Checkpointer
+from cankd_jax.train.distributed import barrier
 from cankd_jax.train.evaluate import make_evaluator
 from cankd_jax.train.export import export_student
 from cankd_jax.train.metrics import MetricsWriter, Progress
@@ -93,6 +94,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, preempt
     evaluate = make_evaluator(run.task, run.data, mesh)
 
     summary: dict[str, Any] = {"workdir": workdir, "total_steps": config.total_steps, "metric": run.task.metric}
+    barrier("teacher evaluation")  # its first collective, after the metrics files only process 0 opens
     if run.teacher is not None and start == 0 and config.get("evaluate_teacher", True):
         log.info("evaluating the teacher")
         summary["teacher"] = evaluate(run.teacher, run.teacher_vars)
@@ -116,6 +118,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, preempt
             progress.update(step, f"loss {host['loss']:.4f}")
             last_metrics = host
 
+    barrier("train loop")
     log.info("training from step %d of %d in %s (%.1f s since the start)", start, config.total_steps, workdir,
              time.perf_counter() - t_start)
     try:
