@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from cankd_jax.train.sharding import ParamLayout, global_batch, make_mesh
-from cankd_jax.train.step import RetraceError
+from cankd_jax.train.compiled import RecompileError
 from tiny_setup import batches, run, setup
 
 FSDP = ParamLayout(fsdp=True, min_size=16)
@@ -83,5 +83,5 @@ def test_the_step_compiles_once_and_a_batch_of_another_shape_is_refused():
         for b in batches(2):
             state, _ = step(state, teacher_vars, global_batch(b, mesh))
         other = {"image": jnp.zeros((8, 16, 16, 3)), "label": jnp.zeros((8, 16, 16), jnp.int32)}
-        with pytest.raises(RetraceError, match="compiled again"):
+        with pytest.raises(RecompileError, match="train step would be compiled again"):
             step(state, teacher_vars, global_batch(other, mesh))
