@@ -18,7 +18,7 @@ from cankd_jax.config_arg import load_config
 from cankd_jax.interop import torch as interop
 from cankd_jax.train import build
 from cankd_jax.train.sharding import batch_sharding, global_batch, make_mesh, replicated
-from cankd_jax.train.state import create_sharded_state
+from cankd_jax.train.state import plan_state
 from cankd_jax.train.step import make_train_step
 from cankd_jax.train.tasks import DetectionTask, make_task
 from conftest import assert_close, nchw, nhwc
@@ -71,7 +71,8 @@ def _step_setup(mesh):
     for net in (config.student, config.teacher):  # one block per stage: what 4 CPU devices compile in seconds
         net.kwargs.stage_blocks = (1, 1, 1, 1)
     run = build.build_run(config, mesh, input_size=(64, 64))
-    state, shardings = create_sharded_state(run.init_variables, run.tx, 0, mesh)
+    plan = plan_state(run.init_variables, run.tx, 0, mesh)
+    state, shardings = plan.init(), plan.shardings
     step = jax.jit(make_train_step(student=run.student, teacher=run.teacher, terms=run.terms, task=run.task,
                                    tx=run.tx, schedule=run.schedule),
                    in_shardings=(shardings, run.teacher_shardings, batch_sharding(mesh)),

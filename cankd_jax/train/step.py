@@ -23,16 +23,13 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from cankd_jax.train.compiled import CompiledPerShape
 from cankd_jax.train.sharding import batch_sharding, replicated
 from cankd_jax.train.state import TrainState
 from cankd_jax.train.tasks import Task
 
 Array = jax.Array
 PyTree = Any
-
-
-class RetraceError(RuntimeError):
-    """The jitted train step was traced more often than the data's input shapes allow."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,6 +84,8 @@ def distill_losses(
             mutable=["batch_stats"],
             rngs={"mask": jax.random.fold_in(rng, i)},
         )
+        chex.assert_shape(value, ())  # every loss returns a float32 scalar
+        chex.assert_type(value, jnp.float32)
         values[term.name] = value
         new_stats[term.name] = {"loss": upd.get("batch_stats", {})}
     return values, new_stats
@@ -156,26 +155,12 @@ def jit_train_step(
     mesh: Any,
     state_shardings: PyTree,
     teacher_shardings: PyTree,
-    max_traces: int = 1,
-) -> Callable[[TrainState, PyTree, dict[str, Array]], tuple[TrainState, dict[str, Array]]]:
+    max_shapes: int = 1,
+) -> CompiledPerShape:
     """`step` as one `jax.jit` over `mesh`: the state in its shardings (and donated), the teacher in its own,
-    the batch split along `data`, the metrics replicated.
-
-    A trace beyond `max_traces` (one per input shape the data yields) raises `RetraceError`: it would mean a
-    batch of an unforeseen shape or dtype, i.e. a recompilation per step that nobody asked for. (A counter of
-    this jitted function's own traces; `chex.assert_max_traces` counts per code object, which every run of a
-    multi-phase comparison in one process shares.)
+    the batch split along `data`, the metrics replicated; compiled ahead of its first run for each batch shape,
+    at most `max_shapes` of them (the shapes the data yields), beyond which a batch is a `RecompileError`.
     """
-    traces = 0
-
-    def counted(state: TrainState, teacher_vars: PyTree, batch: dict[str, Array]):
-        nonlocal traces
-        traces += 1
-        if traces > max_traces:
-            shapes = {k: (tuple(v.shape), str(v.dtype)) for k, v in batch.items() if hasattr(v, "shape")}
-            raise RetraceError(f"the train step is being compiled again (trace {traces}, {max_traces} expected) for "
-                               f"a batch of {shapes}; every batch must keep the shapes and dtypes of the first")
-        return step(state, teacher_vars, batch)
-
-    return jax.jit(counted, in_shardings=(state_shardings, teacher_shardings, batch_sharding(mesh)),
-                   out_shardings=(state_shardings, replicated(mesh)), donate_argnums=(0,))
+    jitted = jax.jit(step, in_shardings=(state_shardings, teacher_shardings, batch_sharding(mesh)),
+                     out_shardings=(state_shardings, replicated(mesh)), donate_argnums=(0,))
+    return CompiledPerShape(jitted, what="train step", key_argnums=(2,), max_shapes=max_shapes)
