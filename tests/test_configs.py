@@ -36,6 +36,16 @@ CASES = [
     ("classification.py", ""),
     ("classification.py", "data=cifar10"),
     ("classification.py", "data=cifar10,loss=at"),
+    ("coco.py", ""),
+    ("coco.py", "detector=fcos,teacher=fcos_r101"),
+    ("coco.py", "teacher=fcos_x101"),
+    ("coco.py", "teacher=gfl_r101,loss=pkd"),
+    ("coco.py", "teacher=retinanet_x101,dagger=true,loss=mgd"),
+    ("coco.py", "loss=none"),
+    ("detection_smoke.py", ""),
+    ("detection_smoke.py", "detector=fcos"),
+    ("detection_demo.py", ""),
+    ("detection_demo.py", "detector=fcos,loss=cankd+fitnet+cwd"),
 ]
 
 
@@ -100,6 +110,32 @@ def test_demo_phases_are_teacher_student_then_each_loss(arg):
     for loss in losses:
         (term,) = cfg.phase_overrides[loss]["distill"]
         assert term["loss"] == loss
+
+
+def test_coco_config_follows_the_paper():
+    cfg = load("coco.py")
+    assert (cfg.task.detector, cfg.student.name, cfg.student.backbone, cfg.data.norm) == (
+        "retinanet", "retinanet", "resnet50", "pytorch")
+    assert (cfg.teacher.name, cfg.teacher.backbone, cfg.teacher.checkpoint, cfg.teacher.random_init) == (
+        "retinanet_fpn", "resnet101", "", False)
+    terms = make_terms(cfg.distill)
+    assert [(t.student_feature, t.loss.in_channels, t.loss.loss_weight) for t in terms] == [
+        (f"fpn.p{k}", 256, 10.0) for k in (3, 4, 5, 6)]
+    assert len({t.name for t in terms}) == 4 and all(t.connector is None for t in terms)
+    epoch = 117_266 // 4
+    o = cfg.optimizer
+    assert (o.lr, o.momentum, o.weight_decay, o.grad_clip_norm, o.warmup_steps, o.warmup_factor) == (
+        0.005, 0.9, 1e-4, 35.0, 500, 0.001)
+    assert cfg.total_steps == 24 * epoch and list(o.boundaries) == [16 * epoch, 22 * epoch] and cfg.batch_size == 4
+    one_x = load("coco.py", "teacher=fcos_x101")
+    assert one_x.total_steps == 12 * epoch and list(one_x.optimizer.boundaries) == [8 * epoch, 11 * epoch]
+    assert (one_x.teacher.name, one_x.teacher.backbone) == ("fcos_fpn", "resnext101_64x4d")
+    f = load("coco.py", "detector=fcos")
+    assert (f.teacher.backbone, f.student.backbone, f.data.norm, f.student.head_kwargs.norm_on_bbox) == (
+        "resnet101_caffe", "resnet50_caffe", "caffe", True)
+    assert load("coco.py", "dagger=true").student.inherit == "teacher" and not cfg.student.inherit
+    with pytest.raises(ValueError, match="teacher must be a retinanet"):
+        load("coco.py", "teacher=fcos_r101,dagger=true")
 
 
 @pytest.mark.parametrize("arg,teacher_head,student_keys,weight", [

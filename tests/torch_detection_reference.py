@@ -304,3 +304,26 @@ def predict_single(levels, img_shape, scale_factor, *, kind, score_thr=0.05, nms
     boxes, scores, labels = boxes[ok], scores[ok], labels[ok]
     kept = nms_numpy(boxes.numpy(), scores.numpy(), labels.numpy(), iou_thr)[:max_per_img]
     return boxes.numpy()[kept], scores.numpy()[kept], labels.numpy()[kept]
+
+
+def predict_detector(head_outputs, priors, img_shapes, scale_factors, *, kind, **cfg):
+    """mmdet's `predict_by_feat` for a batch, from a whole detector's eval-mode head outputs (lists of NCHW tensors).
+
+    Per image, each level's `(A*C, H, W)` map is flattened as mmdet does (`permute(1, 2, 0).reshape(-1, C)`);
+    `priors` are the levels' anchors / points. FCOS's eval-mode `bbox_preds` are already pixels (mmdet's
+    `forward_single` multiplies them by the stride outside training), so they decode with stride 1. Returns a
+    list of (boxes, scores, labels) per image.
+    """
+    cls, reg = head_outputs["cls_scores"], head_outputs["bbox_preds"]
+    num_classes = cls[0].shape[1] // (reg[0].shape[1] // 4)
+    out = []
+    for i in range(cls[0].shape[0]):
+        levels = []
+        for lv in range(len(cls)):
+            d = dict(cls=cls[lv][i].permute(1, 2, 0).reshape(-1, num_classes),
+                     reg=reg[lv][i].permute(1, 2, 0).reshape(-1, 4), priors=torch.as_tensor(priors[lv]), stride=1)
+            if kind == "fcos":
+                d["ctr"] = head_outputs["centernesses"][lv][i].reshape(-1)
+            levels.append(d)
+        out.append(predict_single(levels, tuple(img_shapes[i]), tuple(scale_factors[i]), kind=kind, **cfg))
+    return out

@@ -7,25 +7,34 @@
     for batch in data.eval_iterator(mesh): ...  # same keys + 'valid': (B,) bool; each example once
 
 Config keys (all optional except `name`; `DATASET_DEFAULTS` fills per-dataset values):
-  name            synthetic | cityscapes | scene_parse150 (ade20k) | imagenet2012 (imagenet) | cifar10
+  name            synthetic | synthetic_detection | cityscapes | scene_parse150 (ade20k) |
+                  imagenet2012 (imagenet) | cifar10 | coco (coco/2017)
   data_dir        TFDS data directory ("" = TFDS's default)
   train_split, eval_split                      ("" = the dataset's usual ones)
-  image_size, num_train, num_test, synthetic_seed    (synthetic set only)
+  image_size, num_train, num_test, synthetic_seed    (synthetic sets only)
   crop_size (h, w), scale (w, h), ratio_range, cat_max_ratio, flip_prob, photometric   (training)
   eval_scale (w, h) or None, eval_keep_ratio, eval_pad_size (h, w) or None   (segmentation eval)
   crop_scale, eval_resize                      (classification: random-resized-crop area, eval short edge)
+  scale (long, short), norm ('pytorch' | 'caffe'), max_boxes (0 = the split's most), filter_empty, min_size,
+  index_cache ("" = <data_dir>/cankd_jax_index, "none" = off)   (detection, see `detection.py`)
   eval_batch_size (global), workers (Grain worker processes, 0 = in-process)
+
+Detection data (`DetectionData`) yields batches of a few fixed shapes (one per
+bucket) and says how many: `num_train_shapes(global_batch_size)`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Iterator, Mapping
 from typing import Any, Optional
 
 import grain.python as grain
 
-from cankd_jax.data import pipeline
+import tensorflow_datasets as tfds
+
+from cankd_jax.data import detection, pipeline
 from cankd_jax.data.classification import ClsEvalPreprocess, ClsTrainAugment
 from cankd_jax.data.segmentation import (
     PhotoMetricDistortion,
@@ -46,22 +55,27 @@ _SEGMENTATION = dict(scale=None, ratio_range=(0.5, 2.0), cat_max_ratio=0.75, pho
                      eval_scale=None, eval_keep_ratio=True, eval_pad_size=None)
 _SYNTHETIC = dict(image_size=64, num_train=2000, num_test=500, synthetic_seed=0)
 _CLASSIFICATION = dict(crop_scale=(0.08, 1.0), eval_resize=None)
+_DETECTION = dict(scale=(1333, 800), norm="pytorch", max_boxes=0, filter_empty=True, min_size=0, index_cache="")
+NORMS = {"pytorch": detection.PYTORCH_NORM, "caffe": detection.CAFFE_NORM}
 
 # mmseg's / the usual settings per dataset; a config overrides any of them.
 DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
     "synthetic": {},  # crop and scale default to the image size
+    "synthetic_detection": {},  # scale defaults to the image size
     "cityscapes": dict(scale=(2048, 1024), crop_size=(512, 1024), eval_scale=(2048, 1024)),
     # Sizes vary, so evaluation resizes to a fixed 512 x 512 (mmseg tests keep-ratio at (2048, 512)).
     "scene_parse150": dict(scale=(2048, 512), crop_size=(512, 512), eval_scale=(512, 512), eval_keep_ratio=False),
     "imagenet2012": dict(crop_size=(224, 224), eval_resize=256),
     "cifar10": dict(crop_size=(32, 32), crop_scale=(0.5, 1.0), eval_resize=32),
+    # mmdet's coco_detection: 1333 x 800, filter_cfg=dict(filter_empty_gt=True, min_size=32).
+    "coco": dict(scale=(1333, 800), min_size=32),
 }
 
 
 def _allowed_keys(spec: DatasetSpec, key: str) -> dict[str, Any]:
     keys = dict(_COMMON)
-    keys.update(_SEGMENTATION if spec.task == "segmentation" else _CLASSIFICATION)
-    if key == "synthetic":
+    keys.update({"segmentation": _SEGMENTATION, "classification": _CLASSIFICATION, "detection": _DETECTION}[spec.task])
+    if key in ("synthetic", "synthetic_detection"):
         keys.update(_SYNTHETIC)
     return keys
 
@@ -85,6 +99,14 @@ def _resolve(cfg: Mapping[str, Any]) -> tuple[str, DatasetSpec, dict[str, Any]]:
         side = (int(opts["image_size"]),) * 2
         opts["crop_size"] = opts["crop_size"] or side
         opts["scale"] = opts["scale"] or side
+    if spec.task == "detection":
+        if key == "synthetic_detection" and "scale" not in cfg:
+            opts["scale"] = (int(opts["image_size"]),) * 2
+        if not opts["scale"] or len(opts["scale"]) != 2:
+            raise ValueError(f"dataset {key!r} needs --config.data.scale (long, short), e.g. (1333, 800)")
+        if opts["norm"] not in NORMS:
+            raise ValueError(f"unknown data.norm {opts['norm']!r}; choose one of {', '.join(NORMS)}")
+        return key, spec, opts
     if not opts["crop_size"] or (spec.task == "segmentation" and not opts["scale"]):
         raise ValueError(f"dataset {key!r} needs --config.data.crop_size (h, w)"
                          + (" and --config.data.scale (w, h)" if spec.task == "segmentation" else ""))
@@ -116,6 +138,16 @@ class Data:
         """(h, w) of training images."""
         return tuple(int(x) for x in self.options["crop_size"])
 
+    def _eval_batch_size(self, mesh: Any, batch_size: Optional[int],
+                         shard_options: Optional[grain.ShardOptions]) -> int:
+        if batch_size is not None:
+            return batch_size
+        global_batch = int(self.options["eval_batch_size"])
+        if mesh is not None and global_batch % mesh.devices.size:
+            raise ValueError(f"eval_batch_size={global_batch} is not divisible by the {mesh.devices.size} "
+                             f"devices; set --config.data.eval_batch_size to a multiple of {mesh.devices.size}")
+        return pipeline.per_process_batch_size(global_batch, shard_options.shard_count if shard_options else None)
+
     def train_iterator(self, global_batch_size: int, *, seed: int, rows: Optional[tuple[int, int]] = None,
                        state: Optional[Mapping[str, Any]] = None) -> pipeline.TrainIterator:
         """Endless augmented training batches: rows `[r0, r1)` (default: all) of each global batch."""
@@ -129,15 +161,60 @@ class Data:
 
         With a `mesh`, the global eval batch must split evenly over its devices.
         """
-        if batch_size is None:
-            global_batch = int(self.options["eval_batch_size"])
-            if mesh is not None and global_batch % mesh.devices.size:
-                raise ValueError(f"eval_batch_size={global_batch} is not divisible by the {mesh.devices.size} "
-                                 f"devices; set --config.data.eval_batch_size to a multiple of {mesh.devices.size}")
-            batch_size = pipeline.per_process_batch_size(
-                global_batch, shard_options.shard_count if shard_options else None)
+        batch_size = self._eval_batch_size(mesh, batch_size, shard_options)
         return pipeline.make_eval_iterator(self.eval_source, self.eval_transform, batch_size=batch_size,
                                            worker_count=int(self.options["workers"]), shard_options=shard_options)
+
+
+@dataclasses.dataclass
+class DetectionData(Data):
+    """Detection data: batches of one bucket shape each (`detection.py`), the split's COCO ground truth.
+
+    `train_source` holds only the trained records (`filter_empty`, `min_size`);
+    `splits` the per-split indices, buckets and box count.
+    """
+
+    splits: detection.DetectionSplits = None
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        """(h, w) of the first (landscape) bucket."""
+        return self.splits.buckets[0]
+
+    @property
+    def category_ids(self) -> tuple[int, ...]:
+        """Contiguous label -> the data set's category id."""
+        return self.spec.category_ids
+
+    def epoch_plan(self, global_batch_size: int, seed: int) -> pipeline.GroupedEpochs:
+        return pipeline.GroupedEpochs(self.splits.train_groups, global_batch_size, seed)
+
+    def num_train_shapes(self, global_batch_size: int) -> int:
+        """How many batch shapes training yields (buckets holding at least one whole global batch)."""
+        return self.epoch_plan(global_batch_size, 0).num_groups
+
+    def train_iterator(self, global_batch_size: int, *, seed: int, rows: Optional[tuple[int, int]] = None,
+                       state: Optional[Mapping[str, Any]] = None) -> pipeline.TrainIterator:
+        return pipeline.make_train_iterator(
+            self.train_source, self.train_transform, global_batch_size=global_batch_size, seed=seed, rows=rows,
+            worker_count=int(self.options["workers"]), epoch_plan=self.epoch_plan(global_batch_size, seed),
+            state=state)
+
+    def eval_iterator(self, mesh: Any = None, *, batch_size: Optional[int] = None,
+                      shard_options: Optional[grain.ShardOptions] = None) -> Iterator[dict]:
+        """One pass over the eval split, landscape images first, then portrait ones; each batch one shape."""
+        batch_size = self._eval_batch_size(mesh, batch_size, shard_options)
+        if shard_options is None:
+            import jax  # see pipeline.per_process_batch_size
+
+            shard_options = grain.ShardOptions(jax.process_index(), jax.process_count())
+        return detection.grouped_eval_batches(self.eval_source, self.eval_transform, self.splits.eval_parts(),
+                                              self.splits.eval_index.image_ids, batch_size=batch_size,
+                                              worker_count=int(self.options["workers"]), shard_options=shard_options)
+
+    def coco_ground_truth(self) -> dict:
+        """The eval split as a COCO-format ground truth (what `COCOeval` compares detections with)."""
+        return self.splits.eval_index.coco_ground_truth(self.category_ids)
 
 
 def make_data(cfg: Mapping[str, Any], task: Optional[str] = None) -> Data:
@@ -152,12 +229,14 @@ def make_data(cfg: Mapping[str, Any], task: Optional[str] = None) -> Data:
         raise ValueError(f"dataset {key!r} is for {spec.task}, but task.name is {task!r}")
     data_dir = o["data_dir"] or None
     synthetic_options = None
-    if key == "synthetic":
+    if key in ("synthetic", "synthetic_detection"):
         synthetic_options = dict(image_size=o["image_size"], num_train=o["num_train"], num_test=o["num_test"],
                                  seed=o["synthetic_seed"])
     train_split, eval_split = o["train_split"] or spec.train_split, o["eval_split"] or spec.eval_split
     train = open_source(key, train_split, data_dir, synthetic_options=synthetic_options)
     evaluation = open_source(key, eval_split, data_dir, synthetic_options=synthetic_options)
+    if spec.task == "detection":
+        return _detection_data(key, spec, o, train, evaluation, train_split, eval_split, synthetic_options)
     if spec.task == "segmentation":
         train_t = SegTrainAugment(scale=o["scale"], crop_size=o["crop_size"], ratio_range=o["ratio_range"],
                                   cat_max_ratio=o["cat_max_ratio"], flip_prob=o["flip_prob"],
@@ -169,3 +248,24 @@ def make_data(cfg: Mapping[str, Any], task: Optional[str] = None) -> Data:
         train_t = ClsTrainAugment(crop_size=o["crop_size"], scale=o["crop_scale"], flip_prob=o["flip_prob"])
         eval_t = ClsEvalPreprocess(crop_size=o["crop_size"], resize=int(resize))
     return Data(key, spec, o, train, evaluation, train_t, eval_t)
+
+
+def _detection_data(key: str, spec: DatasetSpec, o: dict[str, Any], train: MappedSource, evaluation: MappedSource,
+                    train_split: str, eval_split: str, synthetic_options: Optional[dict]) -> DetectionData:
+    cache = o["index_cache"]
+    if cache == "none":
+        cache = None
+    elif not cache:
+        cache = os.path.join(os.path.expanduser(o["data_dir"] or tfds.core.constants.DATA_DIR), "cankd_jax_index")
+    variant = "-".join(f"{k}{v}" for k, v in sorted((synthetic_options or {}).items()))
+    splits = detection.make_splits(
+        train, evaluation, scale=o["scale"], cache_dir=cache,
+        cache_key="-".join(filter(None, (key, variant, f"{train_split}.{eval_split}"))),
+        max_boxes=int(o["max_boxes"]), filter_empty=bool(o["filter_empty"]), min_size=int(o["min_size"]))
+    norm = NORMS[o["norm"]]
+    scale = tuple(int(x) for x in o["scale"])
+    train_t = detection.DetTrainAugment(scale=scale, max_boxes=splits.max_boxes, flip_prob=float(o["flip_prob"]),
+                                        **norm)
+    eval_t = detection.DetEvalPreprocess(scale=scale, **norm)
+    records = detection.IndexedRecords(train, splits.train_records, splits.train_index.image_ids)
+    return DetectionData(key, spec, o, records, evaluation, train_t, eval_t, splits=splits)

@@ -5,7 +5,8 @@ number of processes, devices or Grain workers:
 
 - the *global stream* visits the records epoch after epoch, each epoch an
   order drawn from `(seed, epoch)` by an *epoch plan* (`ShuffledEpochs`: a
-  permutation; a task may plan epochs otherwise, e.g. batches of one image shape);
+  permutation; `GroupedEpochs`: detection's batches of one padded image shape,
+  mmdet's aspect-ratio grouping);
 - global batch k is stream positions `[k*G, (k+1)*G)` (G = global batch size);
 - a process reads only its rows `[r0, r1)` of each global batch: the rows its
   devices hold in the global array (`sharding.process_rows`);
@@ -115,6 +116,59 @@ class ShuffledEpochs:
         return f"ShuffledEpochs({self.length}, seed={self.seed})"
 
 
+class GroupedEpochs:
+    """Epoch plan whose every global batch holds records of one group (e.g. one padded image shape).
+
+    mmdet's aspect-ratio grouping (`AspectRatioBatchSampler`), made a function of
+    `(seed, epoch)` alone: epoch e draws the permutation `ShuffledEpochs` would, walks
+    it putting each record in its group's bucket, and emits a batch whenever a bucket
+    holds `global_batch_size` records, so batches come in the order they fill, as
+    mmdet yields them. What is left in the buckets at the end of the walk (fewer than
+    a batch per group) sits this epoch out; another permutation puts other records
+    there next epoch. Every epoch therefore has the same `length` (the sum over
+    groups of their whole batches), a multiple of the global batch, so a global
+    batch never straddles an epoch or a group. A group with fewer records than one
+    batch never trains (`num_groups` counts the groups that do).
+
+    `groups`: `(N,)` small ints, the group of each record (computed once from the
+    records' sizes, not from decoded images).
+    """
+
+    def __init__(self, groups: np.ndarray, global_batch_size: int, seed: int):
+        self.groups = np.asarray(groups, np.int32)
+        self.global_batch_size, self.seed = int(global_batch_size), int(seed)
+        if self.groups.ndim != 1 or not len(self.groups) or self.groups.min() < 0:
+            raise ValueError("GroupedEpochs needs one non-negative group index per record")
+        counts = np.bincount(self.groups)
+        self.batches_per_group = counts // self.global_batch_size
+        self.length = int(self.batches_per_group.sum()) * self.global_batch_size
+        if self.length == 0:
+            raise ValueError(f"no group holds a whole global batch of {self.global_batch_size} records "
+                             f"(group sizes {counts.tolist()}); lower the batch size or use more data")
+
+    @property
+    def num_groups(self) -> int:
+        """Groups that yield batches (each one distinct batch shape)."""
+        return int(np.count_nonzero(self.batches_per_group))
+
+    def __call__(self, epoch: int) -> np.ndarray:
+        perm = np.random.default_rng([self.seed, epoch]).permutation(len(self.groups))
+        in_order = self.groups[perm]
+        ends, members = [], []
+        for group, whole in enumerate(self.batches_per_group):
+            if not whole:
+                continue
+            slots = np.flatnonzero(in_order == group)[: whole * self.global_batch_size].reshape(whole, -1)
+            ends.append(slots[:, -1])  # the walk position at which each batch fills
+            members.append(perm[slots])
+        order = np.argsort(np.concatenate(ends), kind="stable")
+        return np.concatenate(members)[order].reshape(-1)
+
+    def __repr__(self) -> str:
+        return (f"GroupedEpochs({len(self.groups)} records, {self.num_groups} groups, "
+                f"global_batch_size={self.global_batch_size}, seed={self.seed})")
+
+
 class GlobalOrderSampler:
     """Grain sampler: this process's rows of the global batches, from global batch `start_batch` on.
 
@@ -198,7 +252,7 @@ class TrainIterator(Iterator[Record]):
             self._start(self._batches)
         examples = [next(self._examples) for _ in range(self._rows[1] - self._rows[0])]
         self._batches += 1
-        return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
+        return stack_records(examples)
 
     def get_state(self) -> dict[str, Any]:
         return {"version": _STATE_VERSION, "global_batches": self._batches, "seed": self._seed,
@@ -317,12 +371,30 @@ def _padded_batches(loader: Optional[grain.DataLoader], count: int, batch_size: 
         yield _pad_batch(rows, template, batch_size)
 
 
+def stack_records(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Records (dicts of arrays, possibly nested: a detection label is a dict) -> one dict of stacked arrays."""
+    return {k: stack_records([r[k] for r in records]) if isinstance(v, Mapping) else np.stack([r[k] for r in records])
+            for k, v in records[0].items()}
+
+
 def _pad_batch(rows: list[Record], template: Record, batch_size: int) -> Record:
-    """Stack `rows` (k <= batch_size examples) and pad to batch_size (zeros; label 255); add `valid` (B,) bool."""
+    """Stack `rows` (k <= batch_size examples) and pad to batch_size (zeros; label 255); add `valid` (B,) bool.
+
+    Nested dicts (a detection label) are stacked and padded leaf by leaf, with zeros.
+    """
+    out = _pad_rows(rows, template, batch_size)
+    out["valid"] = np.arange(batch_size) < len(rows)
+    return out
+
+
+def _pad_rows(rows: list[Mapping[str, Any]], template: Mapping[str, Any], batch_size: int,
+              top: bool = True) -> dict[str, Any]:
     out = {}
     for key, value in template.items():
-        fill = IGNORE if key == "label" else 0
+        if isinstance(value, Mapping):
+            out[key] = _pad_rows([r[key] for r in rows], value, batch_size, top=False)
+            continue
+        fill = IGNORE if key == "label" and top else 0
         pad = [np.full(np.shape(value), fill, np.asarray(value).dtype)] * (batch_size - len(rows))
         out[key] = np.stack([r[key] for r in rows] + pad)
-    out["valid"] = np.arange(batch_size) < len(rows)
     return out

@@ -2,8 +2,10 @@
 
 Every source yields `{'image': (H, W, 3) uint8 RGB, 'label': ...}` where the
 label is an (H, W) uint8 class map (255 = ignore) for segmentation or an int32
-class id for classification. The per-dataset differences (feature names, label
-encodings, splits, how to obtain the data) live in the `DATASETS` table.
+class id for classification; detection records carry the objects instead
+(`to_detection_record`: boxes in pixels, contiguous labels, crowd flags, the image
+id). The per-dataset differences (feature names, label encodings, splits, how to
+obtain the data) live in the `DATASETS` table.
 
 Reading goes through `tfds.data_source` (ArrayRecord, random access, no
 TensorFlow). Catalogue image features are PNG/JPEG inside the records, and TFDS
@@ -15,6 +17,8 @@ neither.
 from __future__ import annotations
 
 import dataclasses
+import io
+import logging
 from collections.abc import Sequence
 from typing import Any, Optional
 
@@ -24,6 +28,14 @@ import tensorflow_datasets as tfds
 from cankd_jax.data import image_ops, synthetic
 from cankd_jax.data.image_ops import IGNORE
 from cankd_jax.data.scenes import NUM_CLASSES as SYNTHETIC_CLASSES
+
+log = logging.getLogger(__name__)
+
+# COCO's 80 category ids in the order of TFDS coco's contiguous labels 0..79 (the annotation file's order).
+COCO_CATEGORY_IDS = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 27, 28,
+                     31, 32, 33, 34, 35, 36, 37, 38, 39, 40, 41, 42, 43, 44, 46, 47, 48, 49, 50, 51, 52, 53, 54, 55,
+                     56, 57, 58, 59, 60, 61, 62, 63, 64, 65, 67, 70, 72, 73, 74, 75, 76, 77, 78, 79, 80, 81, 82, 84,
+                     85, 86, 87, 88, 89, 90)
 
 
 def _lut(pairs: dict[int, int]) -> np.ndarray:
@@ -46,7 +58,7 @@ class DatasetSpec:
     """How one catalogue dataset maps onto the common record."""
 
     tfds_name: str
-    task: str  # "segmentation" | "classification"
+    task: str  # "segmentation" | "classification" | "detection"
     num_classes: int
     image_key: str
     label_key: str
@@ -54,6 +66,10 @@ class DatasetSpec:
     eval_split: str
     how_to_get: str  # the fix named in the "not found" error
     label_lut: Optional[np.ndarray] = None  # uint8 -> uint8 remapping of segmentation labels
+    # Detection: the objects feature is `label_key` (a Sequence of bbox / label / is_crowd / area).
+    image_id_key: str = ""  # the image's id in the data set ("": the record's index)
+    label_offset: int = 0  # contiguous label = stored label - label_offset (the synthetic set's 0 is background)
+    category_ids: tuple[int, ...] = ()  # contiguous label -> the data set's category id (what COCO's tools expect)
 
 
 _TFDS_CATALOG = "https://www.tensorflow.org/datasets/catalog/"
@@ -61,6 +77,18 @@ DATASETS: dict[str, DatasetSpec] = {
     "synthetic": DatasetSpec(
         synthetic.NAME, "segmentation", SYNTHETIC_CLASSES, "image", "mask", "train", "test",
         "it is generated on first use by cankd_jax.data.prepare_synthetic"),
+    # The same scenes seen as detection: each visible object's box, its shape class 1-6 as labels 0-5.
+    "synthetic_detection": DatasetSpec(
+        synthetic.NAME, "detection", SYNTHETIC_CLASSES - 1, "image", "objects", "train", "test",
+        "it is generated on first use by cankd_jax.data.prepare_synthetic",
+        label_offset=1, category_ids=tuple(range(1, SYNTHETIC_CLASSES))),
+    # The version is named so TFDS reads the prepared files' own metadata: building the `coco` class from code
+    # would import TensorFlow.
+    "coco": DatasetSpec(
+        "coco/2017:1.1.0", "detection", 80, "image", "objects", "train", "validation",
+        f"prepare it with `tfds build coco/2017 --file_format=array_record` (see {_TFDS_CATALOG}coco), "
+        "then pass --config.data.data_dir",
+        image_id_key="image/id", category_ids=COCO_CATEGORY_IDS),
     "cityscapes": DatasetSpec(
         "cityscapes/semantic_segmentation", "segmentation", 19, "image_left", "segmentation_label",
         "train", "validation",
@@ -83,7 +111,7 @@ DATASETS: dict[str, DatasetSpec] = {
         f"prepare it with `tfds build cifar10 --file_format=array_record` (see {_TFDS_CATALOG}cifar10), "
         "then pass --config.data.data_dir"),
 }
-ALIASES = {"ade20k": "scene_parse150", "imagenet": "imagenet2012"}
+ALIASES = {"ade20k": "scene_parse150", "imagenet": "imagenet2012", "coco/2017": "coco"}
 
 
 def dataset_spec(name: str) -> DatasetSpec:
@@ -99,26 +127,90 @@ class MappedSource:
 
     The repr names only the dataset, split and length, so a saved iterator
     position stays valid when the data directory moves (Grain checks it).
+
+    Detection sources also give `annotations(i)`: a record's objects and image size
+    without decoding its pixels where the image is an encoded feature (the size comes
+    from the JPEG/PNG header of the undecoded bytes, `header_source`), so indexing a
+    whole split reads no pixels.
     """
 
-    def __init__(self, source: Sequence[dict], spec: DatasetSpec, name: str, split: str):
+    def __init__(self, source: Sequence[dict], spec: DatasetSpec, name: str, split: str,
+                 header_source: Optional[Sequence[dict]] = None):
         self._source, self._spec, self._name, self._split = source, spec, name, split
+        self._header_source = header_source
 
     def __len__(self) -> int:
         return len(self._source)
 
     def __getitem__(self, key: int) -> dict[str, np.ndarray]:
-        return to_record(self._source[int(key)], self._spec)
+        return to_record(self._source[int(key)], self._spec, int(key))
+
+    def annotations(self, key: int) -> dict[str, np.ndarray]:
+        """A detection record without `image`: `size` (2,) int32 (h, w) plus the objects of `to_detection_record`."""
+        key = int(key)
+        if self._header_source is not None:
+            try:
+                example = self._header_source[key]
+                size = encoded_image_size(example[self._spec.image_key])
+                return {"size": np.asarray(size, np.int32), **detection_objects(example, self._spec, size, key)}
+            except Exception as e:  # noqa: BLE001 - anything wrong with the cheap path: decode instead
+                log.info("%r: reading image sizes from headers failed (%s); decoding images instead", self, e)
+                self._header_source = None
+        record = self[key]
+        image = record.pop("image")
+        return {"size": np.asarray(image.shape[:2], np.int32), **record}
 
     def __repr__(self) -> str:
         return f"MappedSource({self._name!r}, split={self._split!r}, len={len(self)})"
 
 
-def to_record(example: dict[str, Any], spec: DatasetSpec) -> dict[str, np.ndarray]:
-    """One TFDS example -> `{'image': (H, W, 3) uint8, 'label': (H, W) uint8 or () int32}`."""
+def encoded_image_size(data: Any) -> tuple[int, int]:
+    """(h, w) of an encoded image (JPEG/PNG bytes) from its header, without decoding the pixels."""
+    from PIL import Image  # pillow is a dependency (TFDS decodes the catalogue images with it)
+
+    if isinstance(data, np.ndarray):
+        data = data.item()
+    with Image.open(io.BytesIO(bytes(data))) as image:
+        width, height = image.size
+    return int(height), int(width)
+
+
+def detection_objects(example: dict[str, Any], spec: DatasetSpec, size: tuple[int, int],
+                      key: int) -> dict[str, np.ndarray]:
+    """The objects of one TFDS detection example, in pixels of its (h, w) = `size` image.
+
+    `boxes (N, 4)` float32 x1y1x2y2 (TFDS stores normalised ymin, xmin, ymax, xmax),
+    `labels (N,)` int32 contiguous class ids, `is_crowd (N,)` bool, `area (N,)`
+    float32 (the data set's area, COCO's segment area; the box's where it has none),
+    `image_id` () int64 (the data set's id, else the record's index).
+    """
+    objects = example[spec.label_key]
+    bbox = np.asarray(objects["bbox"], np.float32).reshape(-1, 4)
+    labels = np.asarray(objects["label"]).reshape(-1)
+    n = min(len(bbox), len(labels))
+    crowd = np.asarray(objects["is_crowd"], bool).reshape(-1) if "is_crowd" in objects else np.zeros(n, bool)
+    area = np.asarray(objects["area"], np.float32).reshape(-1) if "area" in objects else None
+    # Real examples hold equally long sequences; TFDS mock data draws each length on its own.
+    n = min(n, len(crowd), n if area is None else len(area))
+    h, w = size
+    boxes = bbox[:n][:, [1, 0, 3, 2]] * np.array([w, h, w, h], np.float32)
+    if area is None:
+        area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    image_id = np.asarray(example[spec.image_id_key]).reshape(()) if spec.image_id_key else key
+    return {"image_id": np.asarray(image_id, np.int64), "boxes": boxes,
+            "labels": (labels[:n].astype(np.int64) - spec.label_offset).astype(np.int32),
+            "is_crowd": crowd[:n], "area": np.asarray(area[:n], np.float32)}
+
+
+def to_record(example: dict[str, Any], spec: DatasetSpec, key: int = 0) -> dict[str, np.ndarray]:
+    """One TFDS example -> `{'image': (H, W, 3) uint8, 'label': (H, W) uint8 or () int32}`, or for detection
+    `{'image', 'image_id', 'boxes', 'labels', 'is_crowd', 'area'}` (`detection_objects`; `key` is the record's
+    index, the image id of a data set without ids)."""
     image = np.asarray(example[spec.image_key], np.uint8)
     if image.ndim == 2 or image.shape[-1] == 1:  # grayscale -> RGB
         image = np.repeat(image.reshape(image.shape[:2] + (1,)), 3, axis=-1)
+    if spec.task == "detection":
+        return {"image": image, **detection_objects(example, spec, image.shape[:2], key)}
     label = np.asarray(example[spec.label_key])
     if spec.task == "classification":
         return {"image": image, "label": label.astype(np.int32).reshape(())}
@@ -142,6 +234,7 @@ def open_source(name: str, split: str, data_dir: Optional[str] = None, *,
     prepared there in ArrayRecord format; if not, a FileNotFoundError names the fix.
     """
     spec = dataset_spec(name)
+    header = None
     if spec.tfds_name == synthetic.NAME:
         source = synthetic.prepare_synthetic(data_dir, **(synthetic_options or {})).as_data_source(split=split)
     else:
@@ -149,7 +242,13 @@ def open_source(name: str, split: str, data_dir: Optional[str] = None, *,
             source = tfds.data_source(spec.tfds_name, split=split, data_dir=data_dir, download=False)
         except Exception as e:  # TFDS raises assorted errors (NotImplementedError, AssertionError, ...)
             raise _missing_error(name, spec, data_dir, split) from e
-    return MappedSource(source, spec, ALIASES.get(name, name), split)
+        if spec.task == "detection":
+            try:  # the same records with the image left encoded: sizes from headers, for indexing a split
+                header = tfds.data_source(spec.tfds_name, split=split, data_dir=data_dir, download=False,
+                                          decoders={spec.image_key: tfds.decode.SkipDecoding()})
+            except Exception:  # noqa: BLE001 - annotations() decodes the images instead
+                header = None
+    return MappedSource(source, spec, ALIASES.get(name, name), split, header_source=header)
 
 
 def _missing_error(name: str, spec: DatasetSpec, data_dir: Optional[str], split: str) -> Exception:

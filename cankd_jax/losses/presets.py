@@ -62,3 +62,27 @@ def distill_term(loss: str, *, student_channels: int, teacher_channels: int, fea
     s_name = (student_feature or feature) if reads == "feature" else logits
     return dict(name=loss, loss=loss, student_feature=s_name, teacher_feature=t_name, connector=connector,
                 weight=weight, options=options)
+
+
+# The paper's detection setting: the four FPN outputs P3-P6 (256 channels each, P7 not distilled), one loss per level.
+FPN_LEVELS = ("fpn.p3", "fpn.p4", "fpn.p5", "fpn.p6")
+# mmrazor's detection settings where they differ from the table above (MGD's mask ratio for detection; CWD on the
+# FPN maps, as its detection configs distill them).
+_DETECTION_OPTIONS: dict[str, dict[str, Any]] = {
+    "mgd": dict(lambda_mgd=0.65),
+    "cwd": dict(tau=1.0, loss_weight=10.0),
+}
+
+
+def detection_terms(loss: str, *, student_channels: int = 256, teacher_channels: int = 256,
+                    levels: tuple[str, ...] = FPN_LEVELS, weight: float = 1.0) -> list[dict[str, Any]]:
+    """One `distill` entry per pyramid level (`fpn.p3`..`fpn.p6` by default), each its own loss module
+    (named `<loss>_p3`, ...): CanKD with `in_channels=256`, `loss_weight=10` for the paper's pairs."""
+    terms = []
+    for level in levels:
+        term = distill_term(loss, student_channels=student_channels, teacher_channels=teacher_channels,
+                            feature=level, logits=level, weight=weight)
+        term["options"].update(_DETECTION_OPTIONS.get(loss, {}))
+        term["name"] = f"{loss}_{level.rsplit('.', 1)[-1]}"
+        terms.append(term)
+    return terms

@@ -268,7 +268,8 @@ def make_model(name: str, **kwargs: Any) -> nn.Module:
 
 
 # Config fields read by the checkpoint loader, not by the network builder.
-_LOADER_FIELDS = {"checkpoint", "checkpoint_prefixes", "random_init", "pretrained", "pretrained_prefixes"}
+_LOADER_FIELDS = {"checkpoint", "checkpoint_prefixes", "random_init", "pretrained", "pretrained_prefixes", "inherit",
+                  "inherit_prefixes"}
 
 
 def _dtype(value: Any) -> Any:

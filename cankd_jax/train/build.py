@@ -64,13 +64,15 @@ def build_run(config: ml_collections.ConfigDict, mesh: Mesh, *, input_size: Opti
         teacher = models.make_network(config.teacher, num_classes=config.task.num_classes)
         check_teacher_source(config.teacher)
     data = data_lib.make_data(config.data, task=config.task.name) if input_size is None else None
+    if data is not None and hasattr(task, "with_data"):  # detection scores against the eval split's ground truth
+        task = task.with_data(data)
     sample = jnp.zeros((2, *(input_size or data.input_size), 3), jnp.float32)
     teacher_vars, teacher_shardings = {}, {}
     if teacher is not None:
         teacher_vars, teacher_shardings = load_teacher(config.teacher, teacher, sample, seed=config.seed, mesh=mesh,
                                                        layout=ParamLayout.from_config(config.get("mesh")))
 
-    pretrained = load_pretrained(config.student, student, sample)
+    pretrained = load_pretrained(config.student, student, sample, teacher_cfg=config.get("teacher"))
 
     def init_variables(key):
         ks, kd = jax.random.split(key)

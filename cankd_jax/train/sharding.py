@@ -104,7 +104,10 @@ def process_rows(mesh: Mesh, global_batch: int) -> tuple[int, int]:
     return rows[0], rows[-1] + 1
 
 
-def global_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-    """This process's rows of the batch (`process_rows`) -> global arrays sharded along `data`."""
+def global_batch(local: dict[str, Any], mesh: Mesh) -> dict[str, Any]:
+    """This process's rows of the batch (`process_rows`) -> global arrays sharded along `data`.
+
+    `local` is a dict of arrays, possibly nested (a detection label is a dict of arrays).
+    """
     sharding = batch_sharding(mesh)
-    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local.items()}
+    return jax.tree.map(lambda v: jax.make_array_from_process_local_data(sharding, np.asarray(v)), local)

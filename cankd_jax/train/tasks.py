@@ -1,20 +1,29 @@
-"""Tasks: what the student is trained for and how it is evaluated (segmentation, classification).
+"""Tasks: what the student is trained for and how it is evaluated (segmentation, classification, detection).
 
 A task is chosen by `config.task.name` from `TASKS` and gives the train step its
-loss and the evaluator its per-batch counts and their summary (`Task`).
-Segmentation ignores label 255.
+loss and the evaluator its per-batch outputs and their summary (`Task`).
+Segmentation ignores label 255. Detection (RetinaNet, FCOS) trains on mmdet's
+targets and losses (`cankd_jax.detection`) and is scored by pycocotools' COCOeval.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import dataclasses
 import functools
+import io
+import logging
 from collections.abc import Sequence
 from typing import Any, Mapping, Optional, Protocol
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from cankd_jax import detection as det
+
+log = logging.getLogger(__name__)
 
 IGNORE_LABEL = 255
 
@@ -158,7 +167,169 @@ class ClassificationTask(_SummedCounts):
         return {"top1": float(counts[0] / max(counts[1], 1))}
 
 
-TASKS: dict[str, Any] = {"segmentation": SegmentationTask, "classification": ClassificationTask}
+@dataclasses.dataclass(frozen=True)
+class DetectionTask:
+    """One-stage detection (`detector` 'retinanet' or 'fcos'): mmdet's training losses, COCO mAP.
+
+    `loss(outputs, labels)`: the student's per-level head outputs (`cls_scores`,
+    `bbox_preds`, FCOS `centernesses`) against the batch's padded ground truth
+    (`labels`: `boxes (B, G, 4)` pixels of the network input, `labels (B, G)`,
+    `valid (B, G)`, `pad_shape (B, 2)`, `img_shape (B, 2)`; `data/detection.py`). Targets
+    are built per image (vmapped, static shapes) by `cankd_jax.detection`: RetinaNet's
+    max-IoU assignment on anchors valid within each image's `pad_shape`, FCOS's
+    centre-sampled points with regress ranges. Terms: `loss_cls` (focal), `loss_bbox`
+    (L1 on deltas / GIoU weighted by centerness targets) and FCOS's `loss_centerness`
+    (BCE), each normalised over the global batch (mmdet's numbers on one device).
+
+    `eval_outputs`: mmdet's test-time post-processing inside the jitted evaluation
+    (per level the top `nms_pre` (anchor, class) pairs above `score_thr`; decode; clip
+    to the resized image; back to the original image by the scale factor; class-aware
+    NMS at `iou_threshold` (0: the detector's, 0.5 RetinaNet / 0.6 FCOS); the best
+    `max_per_img`), plus the image ids and valid flags. `accumulate` gathers them on the
+    host; `summarize` runs COCOeval (bbox) against `ground_truth`, the eval split in
+    COCO's format (`with_data` sets it and `category_ids`, the map from contiguous
+    labels back to the data set's category ids). Metrics: `mAP` (AP at IoU
+    0.50:0.95), `AP50`, `AP75`, `AP_S`, `AP_M`, `AP_L` (-1 where the split has no
+    object of that size, as COCOeval), fractions in [0, 1].
+
+    `strides`: the neck levels' (P3-P7); `norm_on_bbox`: FCOS's head setting (its
+    training distances in strides; must match the student's head).
+    """
+
+    num_classes: int
+    detector: str = "retinanet"
+    strides: tuple[int, ...] = (8, 16, 32, 64, 128)
+    norm_on_bbox: bool = True
+    score_thr: float = 0.05
+    nms_pre: int = 1000
+    iou_threshold: float = 0.0
+    max_per_img: int = 100
+    metric: str = "mAP"
+    category_ids: tuple[int, ...] = dataclasses.field(default=(), metadata={"internal": True})
+    ground_truth: Optional[dict] = dataclasses.field(default=None, compare=False, repr=False,
+                                                     metadata={"internal": True})
+
+    DETECTORS = ("retinanet", "fcos")
+
+    def __post_init__(self):
+        if self.detector not in self.DETECTORS:
+            raise ValueError(f"unknown task.detector {self.detector!r}; choose one of {', '.join(self.DETECTORS)}")
+        object.__setattr__(self, "strides", tuple(int(s) for s in self.strides))
+
+    def with_data(self, data: Any) -> DetectionTask:
+        """This task scoring against `data`'s eval split (its COCO ground truth and category ids)."""
+        if data.num_classes != self.num_classes:
+            raise ValueError(f"task.num_classes={self.num_classes} but data set {data.name!r} has "
+                             f"{data.num_classes} classes")
+        return dataclasses.replace(self, category_ids=tuple(data.category_ids), ground_truth=data.coco_ground_truth())
+
+    @property
+    def postprocess_config(self) -> det.PostprocessConfig:
+        default = det.RETINANET_TEST_CFG if self.detector == "retinanet" else det.FCOS_TEST_CFG
+        return det.PostprocessConfig(score_thr=self.score_thr, nms_pre=self.nms_pre,
+                                     iou_threshold=self.iou_threshold or default.iou_threshold,
+                                     max_per_img=self.max_per_img)
+
+    def _levels(self, outputs: Mapping[str, Any]) -> tuple[list[tuple[int, int]], tuple[int, ...]]:
+        sizes = [tuple(int(d) for d in m.shape[1:3]) for m in outputs["cls_scores"]]
+        if len(sizes) != len(self.strides):
+            raise ValueError(f"the detector has {len(sizes)} levels but task.strides={self.strides}")
+        return sizes, self.strides
+
+    def loss(self, outputs: Mapping[str, Any], labels: Mapping[str, jax.Array]) -> tuple[jax.Array, dict]:
+        sizes, strides = self._levels(outputs)
+        k = self.num_classes
+        cls = det.flatten_level_maps(outputs["cls_scores"], k)
+        reg = det.flatten_level_maps(outputs["bbox_preds"], 4)
+        gt = (labels["boxes"], labels["labels"], labels["valid"])
+        if self.detector == "retinanet":
+            gen = det.AnchorGenerator(strides=strides)
+            anchors = np.concatenate(gen.grid_anchors(sizes))
+
+            def targets(pad_shape, boxes, gt_labels, valid):
+                flags = jnp.concatenate(gen.valid_flags(sizes, pad_shape))
+                return det.retinanet_targets(anchors, flags, boxes, gt_labels, valid, num_classes=k)
+
+            terms = det.retinanet_loss(cls, reg, jax.vmap(targets)(labels["pad_shape"], *gt))
+        else:
+            priors = det.fcos_priors(sizes, strides)
+            tg = jax.vmap(lambda b, l, v: det.fcos_targets(priors, b, l, v, num_classes=k,
+                                                           norm_on_bbox=self.norm_on_bbox))(*gt)
+            ctr = det.flatten_level_maps(outputs["centernesses"], 1)[..., 0]
+            terms = det.fcos_loss(cls, reg, ctr, priors, tg)
+        return sum(terms.values()), terms
+
+    def detect(self, outputs: Mapping[str, Any], img_shapes: jax.Array, scale_factors: jax.Array) -> det.Detections:
+        """Inference-mode head outputs -> `Detections` in original-image pixels (jit-able)."""
+        sizes, strides = self._levels(outputs)
+        b, k, cfg = outputs["cls_scores"][0].shape[0], self.num_classes, self.postprocess_config
+        cls = [m.reshape(b, -1, k) for m in outputs["cls_scores"]]
+        reg = [m.reshape(b, -1, 4) for m in outputs["bbox_preds"]]
+        if self.detector == "retinanet":
+            anchors = det.AnchorGenerator(strides=strides).grid_anchors(sizes)
+            return det.retinanet_postprocess(cls, reg, anchors, img_shapes, scale_factors, cfg=cfg)
+        ctr = [m.reshape(b, -1) for m in outputs["centernesses"]]
+        # The head's inference distances are already pixels (x stride with norm_on_bbox, exp otherwise).
+        return det.fcos_postprocess(cls, reg, ctr, det.grid_points(sizes, strides), (1,) * len(sizes), img_shapes,
+                                    scale_factors, cfg=cfg)
+
+    def eval_outputs(self, outputs: Mapping[str, Any], batch: Mapping[str, Any]) -> dict[str, jax.Array]:
+        """Detections of the batch (`max_per_img` rows per image) with the image ids and valid flags."""
+        d = self.detect(outputs, batch["img_shape"], batch["scale_factor"])
+        return {"boxes": d.boxes, "scores": d.scores, "labels": d.labels, "num_valid": d.num_valid,
+                "image_id": batch["image_id"], "valid": batch["valid"]}
+
+    def accumulate(self, total: Optional[list], outputs: Mapping[str, np.ndarray]) -> list:
+        """Append the batch's detections as COCO result rows `[image_id, x, y, w, h, score, category_id]`."""
+        total = [] if total is None else total
+        ids = np.asarray(self.category_ids or range(1, self.num_classes + 1), np.float64)
+        for i in np.flatnonzero(np.asarray(outputs["valid"])):
+            n = int(outputs["num_valid"][i])
+            boxes = np.asarray(outputs["boxes"][i][:n], np.float64)
+            rows = np.empty((n, 7), np.float64)
+            rows[:, 0] = int(outputs["image_id"][i])
+            rows[:, 1:3] = boxes[:, :2]
+            rows[:, 3:5] = boxes[:, 2:] - boxes[:, :2]
+            rows[:, 5] = outputs["scores"][i][:n]
+            rows[:, 6] = ids[np.asarray(outputs["labels"][i][:n])]
+            total.append(rows)
+        return total
+
+    def summarize(self, total: Optional[list]) -> dict[str, float]:
+        return coco_eval(self.ground_truth, np.concatenate(total) if total else np.zeros((0, 7)))
+
+
+COCO_METRICS = ("mAP", "AP50", "AP75", "AP_S", "AP_M", "AP_L")
+COCO_AREAS = ((0.0, 32.0**2), (32.0**2, 96.0**2), (96.0**2, 1e10))  # COCOeval's small / medium / large
+
+
+def coco_eval(ground_truth: Optional[dict], results: np.ndarray) -> dict[str, float]:
+    """pycocotools' bbox COCOeval of `results` (`(N, 7)` rows `[image_id, x, y, w, h, score, category_id]`)
+    against `ground_truth` (a COCO-format dict): AP at IoU 0.50:0.95 (`mAP`), 0.5, 0.75, and per object size."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    if ground_truth is None:
+        raise ValueError("the detection task has no ground truth to score against (DetectionTask.with_data)")
+    if not len(results):  # COCOeval cannot load an empty result list: 0, or -1 where no object is of that size
+        areas = [a["area"] for a in ground_truth["annotations"] if not a.get("iscrowd")]
+        present = [bool(areas), *(any(lo <= a < hi for a in areas) for lo, hi in COCO_AREAS)]
+        return {name: 0.0 if p else -1.0 for name, p in zip(COCO_METRICS, [present[0]] * 2 + present)}
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):  # pycocotools prints its progress and table
+        gt = COCO()
+        gt.dataset = copy.deepcopy(ground_truth)
+        gt.createIndex()
+        evaluator = COCOeval(gt, gt.loadRes(np.asarray(results, np.float64)), "bbox")
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    log.info("COCOeval:\n%s", "\n".join(line for line in printed.getvalue().splitlines() if line.startswith(" Average")))
+    return {name: float(v) for name, v in zip(COCO_METRICS, evaluator.stats[:6])}
+
+
+TASKS: dict[str, Any] = {"segmentation": SegmentationTask, "classification": ClassificationTask,
+                         "detection": DetectionTask}
 
 
 def make_task(cfg: Any) -> Task:
@@ -167,7 +338,7 @@ def make_task(cfg: Any) -> Task:
     name = cfg.pop("name", None)
     if name not in TASKS:
         raise ValueError(f"unknown task.name {name!r}; choose one of {', '.join(sorted(TASKS))}")
-    fields = {f.name for f in dataclasses.fields(TASKS[name])} - {"metric"}
+    fields = {f.name for f in dataclasses.fields(TASKS[name]) if not f.metadata.get("internal")} - {"metric"}
     unknown = sorted(set(cfg) - fields)
     if unknown:
         raise ValueError(f"unknown task key(s) {', '.join(unknown)} for task {name!r}; known: {', '.join(sorted(fields))}")

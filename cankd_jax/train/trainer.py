@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from cankd_jax.models import DetectionTrunk
 from cankd_jax.train import build
 from cankd_jax.train.checkpoint import Checkpointer
 from cankd_jax.train.distributed import barrier
@@ -88,14 +89,20 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, preempt
 
     train_iter = run.data.train_iterator(config.batch_size, seed=config.seed, rows=rows,
                                          state=(data_state or {}).get("train"))
+    # One compilation per batch shape the data yields (detection: one per bucket); another would mean a batch of
+    # an unplanned shape or dtype: a compile per step, never intended.
+    shapes = run.data.num_train_shapes(config.batch_size) if hasattr(run.data, "num_train_shapes") else 1
     step_fn = jit_train_step(make_train_step(student=run.student, teacher=run.teacher, terms=run.terms, task=run.task,
                                              tx=run.tx, schedule=run.schedule),
-                             mesh=mesh, state_shardings=plan.shardings, teacher_shardings=run.teacher_shardings)
+                             mesh=mesh, state_shardings=plan.shardings, teacher_shardings=run.teacher_shardings,
+                             max_shapes=shapes)
     evaluate = make_evaluator(run.task, run.data, mesh)
 
     summary: dict[str, Any] = {"workdir": workdir, "total_steps": config.total_steps, "metric": run.task.metric}
     barrier("teacher evaluation")  # its first collective, after the metrics files only process 0 opens
-    if run.teacher is not None and start == 0 and config.get("evaluate_teacher", True):
+    # A teacher that is only a trunk (a detector's backbone and neck) has no head to evaluate.
+    if (run.teacher is not None and start == 0 and config.get("evaluate_teacher", True)
+            and not isinstance(run.teacher, DetectionTrunk)):
         log.info("evaluating the teacher")
         summary["teacher"] = evaluate(run.teacher, run.teacher_vars)
         writer.write(0, {f"teacher/{k}": v for k, v in summary["teacher"].items()})
@@ -119,8 +126,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, preempt
             last_metrics = host
 
     barrier("train loop")
-    log.info("training from step %d of %d in %s (%.1f s since the start)", start, config.total_steps, workdir,
-             time.perf_counter() - t_start)
+    log.info("training from step %d of %d in %s (%.1f s since the start; %d batch shape%s)", start,
+             config.total_steps, workdir, time.perf_counter() - t_start, shapes, "" if shapes == 1 else "s")
     try:
         with jax.set_mesh(mesh):
             step, pending = start, None

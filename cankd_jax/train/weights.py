@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any
+from typing import Any, Optional
 
 import flax.linen as nn
 import jax
@@ -57,37 +57,80 @@ def load_teacher(cfg: ml_collections.ConfigDict, teacher: nn.Module, sample: jax
         key = jax.random.key(seed + 1_000_003)
         return run_once(lambda: teacher.init(key, sample, train=False), out_shardings=shardings), shardings
     if os.path.isdir(path):
-        target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-        return ocp.StandardCheckpointer().restore(os.path.abspath(path), target), shardings
+        return _restore_export(os.path.abspath(path), abstract, shardings), shardings
     variables = torch_interop.load_pytorch_network(path, teacher, cfg)  # every process reads the same file
     return jax.device_put(variables, shardings), shardings
 
 
-def load_pretrained(cfg: ml_collections.ConfigDict, student: nn.Module, sample: jax.Array) -> dict:
-    """Initial student weights from `cfg.pretrained` (a PyTorch .pth, e.g. mmseg's ImageNet `resnet18_v1c`).
+def _restore_export(path: str, abstract: PyTree, shardings: PyTree) -> PyTree:
+    """An export/ directory (Orbax) into the teacher: straight into its shardings when the trees match; a part
+    of the saved tree otherwise (a trunk teacher from a whole detector's export: its backbone and neck)."""
+    ckptr = ocp.StandardCheckpointer()
+    saved = ckptr.metadata(path)
+    saved = getattr(saved, "item_metadata", saved)
+    if jax.tree.structure(jax.tree.map(lambda _: 0, dict(saved))) == jax.tree.structure(abstract):
+        target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+        return ckptr.restore(path, target)
+    full = ckptr.restore(path)  # on the host, then the teacher's part placed
+    flat_saved = traverse_util.flatten_dict(full)
+    out = {}
+    for key, a in traverse_util.flatten_dict(abstract).items():
+        if key not in flat_saved or tuple(np.shape(flat_saved[key])) != tuple(a.shape):
+            raise ValueError(f"teacher checkpoint {path!r} has no {'/'.join(map(str, key))} of shape {a.shape}")
+        out[key] = np.asarray(flat_saved[key], a.dtype)
+    dropped = sorted({k[1] for k in flat_saved if k not in out and len(k) > 1})
+    log.info("teacher: %d arrays from %s (not used: %s)", len(out), path, ", ".join(dropped) or "none")
+    return jax.device_put(traverse_util.unflatten_dict(out), shardings)
+
+
+def load_pretrained(cfg: ml_collections.ConfigDict, student: nn.Module, sample: jax.Array,
+                    teacher_cfg: Optional[ml_collections.ConfigDict] = None) -> dict:
+    """Initial student weights from `cfg.pretrained` (a PyTorch .pth, e.g. mmseg's ImageNet `resnet18_v1c`), and
+    from `cfg.inherit` (the paper's "dagger" runs: the student's neck and head start from the teacher's).
 
     `cfg.pretrained_prefixes` lists `(model-key prefix, checkpoint-key prefix)`
     pairs (default `[('backbone.', '')]`: a bare ResNet checkpoint into a
-    segmenter's backbone). Variables the checkpoint does not cover keep their random
-    initialisation; checkpoint keys left over (an ImageNet `fc.*`) are logged.
-    Returns `{(collection, *path): array}` of the loaded variables ({} without `pretrained`).
+    segmenter's or detector's backbone). `cfg.inherit`: `'teacher'` (the teacher's
+    `checkpoint`) or a path, a .pth or an export/ directory holding `student.pth`,
+    read through `cfg.inherit_prefixes` (default `[('neck.', 'neck.'), ('bbox_head.',
+    'bbox_head.')]`); what it gives wins over `pretrained`. Variables neither
+    covers keep their random initialisation; checkpoint keys left over (an
+    ImageNet `fc.*`, a teacher's backbone) are logged.
+    Returns `{(collection, *path): array}` of the loaded variables ({} without either).
     """
+    loaded: dict = {}
     path = cfg.get("pretrained", "")
-    if not path:
-        return {}
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"student pretrained weights {path!r} not found; set --config.student.pretrained to "
-                                "a PyTorch .pth (e.g. an ImageNet ResNet), or to '' to start from scratch")
-    prefixes = dict(cfg.get("pretrained_prefixes") or [("backbone.", "")])
+    if path:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"student pretrained weights {path!r} not found; set --config.student.pretrained "
+                                    "to a PyTorch .pth (e.g. an ImageNet ResNet), or to '' to start from scratch")
+        loaded.update(_load_into(student, sample, path, dict(cfg.get("pretrained_prefixes") or [("backbone.", "")]),
+                                 "student pretrained weights"))
+    inherit = cfg.get("inherit", "")
+    if inherit:
+        source = (teacher_cfg or {}).get("checkpoint", "") if inherit == "teacher" else inherit
+        if not source:
+            raise ValueError("student.inherit='teacher' starts the student's neck and head from the teacher's "
+                             "checkpoint, but teacher.checkpoint is empty; set --config.teacher.checkpoint")
+        if os.path.isdir(source):
+            source = os.path.join(source, "student.pth")
+        if not os.path.isfile(source):
+            raise FileNotFoundError(f"student.inherit: checkpoint {source!r} not found")
+        prefixes = dict(cfg.get("inherit_prefixes") or [("neck.", "neck."), ("bbox_head.", "bbox_head.")])
+        loaded.update(_load_into(student, sample, source, prefixes, "student.inherit"))
+    return loaded
+
+
+def _load_into(student: nn.Module, sample: jax.Array, path: str, prefixes: dict, what: str) -> dict:
     abstract = jax.eval_shape(lambda: student.init(jax.random.key(0), sample, train=False))
     zeros = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), abstract)
     variables, report = torch_interop.load_checkpoint(path, student, key_prefixes=prefixes, strict=False,
                                                       init_variables=zeros, sample=sample)
     if not report.loaded:
-        raise ValueError(f"student pretrained weights {path!r}: no key matched with pretrained_prefixes {prefixes}; "
+        raise ValueError(f"{what} {path!r}: no key matched with prefixes {prefixes}; "
                          f"the file's keys look like {', '.join(sorted(torch_interop.load_pth(path))[:3])}")
     layout = torch_interop.state_dict_layout(student, sample=sample)
     loaded = {(layout[k].collection, *layout[k].path) for k in report.loaded}
-    log.info("student: %d tensors from %s (%d left at their initialisation; unused in the file: %s)",
+    log.info("student: %d tensors from %s (%d left as they were; unused in the file: %s)",
              len(loaded), path, len(report.missing), ", ".join(report.unexpected[:5]) or "none")
     return {k: v for k, v in traverse_util.flatten_dict(variables).items() if k in loaded}

@@ -1,0 +1,123 @@
+"""The paper's COCO detection runs: RetinaNet / FCOS R50 students distilled on FPN P3-P6 from an mmdet teacher.
+
+    python train.py --config configs/coco.py --workdir runs/retina_r101_cankd \\
+        --config.data.data_dir=/data/tfds \\
+        --config.teacher.checkpoint=retinanet_r101_fpn_2x_coco.pth \\      # mmdet's trained teacher
+        --config.student.pretrained=resnet50-0676ba61.pth                  # torchvision's ImageNet R50
+    python train.py --config configs/coco.py:teacher=retinanet_x101 ...           # RetinaNet X101 -> R50
+    python train.py --config configs/coco.py:detector=fcos,teacher=fcos_r101 ...  # FCOS R101 -> R50 (caffe)
+    python train.py --config configs/coco.py:teacher=fcos_x101 ...                # FCOS X101 -> RetinaNet R50, 1x
+    python train.py --config configs/coco.py:dagger=true ...     # the "dagger" runs: neck + head from the teacher
+    python train.py --config configs/coco.py:loss=pkd ...        # a baseline; loss=none: the student alone
+
+The argument after `:`:
+- `detector` (retinanet | fcos): the student. RetinaNet R50: pytorch-style ResNet-50
+  (`frozen_stages=1`, `norm_eval`), FPN P3-P7 (`start_level=1`, extra convs on the
+  input), 4-conv head with 9 anchors; RGB input with ImageNet's mean/std. FCOS R50:
+  caffe-style ResNet-50 with frozen BatchNorm, FPN with extra convs on P5's output
+  (ReLU before them), GroupNorm head with learnable scales, centre sampling 1.5,
+  centerness on the classification branch, GIoU weighted by the centerness targets;
+  BGR input minus the caffe mean, std 1. The FCOS head is built with
+  `norm_on_bbox=True, centerness_on_reg=False` (this project's FCOS, as the issue
+  specifies; mmdet's own `FCOSHead` class default, and its `fcos_r50-caffe` checkpoints,
+  have `norm_on_bbox=False`). The student's backbone starts from an ImageNet `.pth`
+  (`student.pretrained`: torchvision's `resnet50` for RetinaNet, the detectron
+  `resnet50_caffe` for FCOS), its neck and head from scratch.
+- `teacher` (retinanet_r101 | retinanet_x101 | fcos_r101 | fcos_x101 | gfl_r101): the
+  teacher's backbone + FPN (a trunk: no head, frozen, BatchNorm in inference mode, no
+  gradient). Only the `backbone.*` and `neck.*` keys of its mmdet `.pth` are read (the
+  rest are listed as ignored); `--config.teacher.checkpoint` is required (the run refuses
+  a teacher without weights unless `teacher.random_init=True`). The teacher sees the
+  student's normalised input, as mmrazor feeds it (RetinaNet/FCOS-X101/GFL teachers and a
+  RetinaNet student share the RGB ImageNet normalisation, FCOS R101 and the FCOS student
+  the caffe one).
+- `dagger` (false | true): the student's `neck.*` and `bbox_head.*` start from the
+  teacher's checkpoint (same detector family only); the backbone stays ImageNet R50.
+- `loss` (a preset of `cankd_jax/losses/presets.py`, or none): one loss module per level
+  P3-P6 (P7 not distilled), each with its own parameters; CanKD `in_channels=256`,
+  `loss_weight=10` (the reference's /2 makes that an effective 5).
+- `schedule` (auto | 1x | 2x): 2x (24 epochs, lr x0.1 at 16 and 22) for the paper's
+  pairs, 1x (12 epochs, 8 and 11) for FCOS X101 -> RetinaNet R50 (auto picks these).
+
+Recipe (mmrazor's, as the paper trains): SGD lr 0.005 for the global batch of 4 (0.02 x
+4/16), momentum 0.9, weight decay 1e-4 (on every parameter, BatchNorm and loss modules
+included), global gradient-norm clip 35, linear warm-up over 500 steps from 0.001x. An
+epoch is the 117,266 training images that have annotations / 4 = 29,316 steps (the
+grouped batches drop each epoch's few leftovers of an orientation). COCO evaluation
+(mAP = COCOeval's AP at IoU 0.50:0.95) of val2017 every epoch and at the end.
+
+Paper results (COCO val mAP, teacher / student / student+CanKD / dagger):
+RetinaNet R101 -> R50 38.9 / 37.4 / 39.7 / 39.8; RetinaNet X101 -> R50 41.0 / 37.4 / 41.0 / 41.1;
+FCOS R101 -> R50 40.8 / 38.5 / 42.4 / 42.4; FCOS X101 -> RetinaNet R50 (1x) 42.7 / 37.4 / 40.5.
+"""
+
+import ml_collections
+
+from cankd_jax import config_arg
+from cankd_jax.losses.presets import PRESET_LOSSES, detection_terms
+
+TRAIN_IMAGES = 117_266  # COCO train2017 images with annotations (mmdet's filter_empty_gt)
+BATCH = 4  # global: the paper's 2 GPUs x 2 images
+STEPS_PER_EPOCH = TRAIN_IMAGES // BATCH
+
+# detector -> the student's network block and its input normalisation
+STUDENTS = {
+    "retinanet": (dict(name="retinanet", backbone="resnet50"), "pytorch"),
+    "fcos": (dict(name="fcos", backbone="resnet50_caffe", head_kwargs=dict(norm_on_bbox=True,
+                                                                            centerness_on_reg=False)), "caffe"),
+}
+# teacher -> (its detector family, the trunk that reads its backbone and neck)
+TEACHERS = {
+    "retinanet_r101": ("retinanet", dict(name="retinanet_fpn", backbone="resnet101")),
+    "retinanet_x101": ("retinanet", dict(name="retinanet_fpn", backbone="resnext101_64x4d")),
+    "fcos_r101": ("fcos", dict(name="fcos_fpn", backbone="resnet101_caffe")),
+    "fcos_x101": ("fcos", dict(name="fcos_fpn", backbone="resnext101_64x4d")),
+    "gfl_r101": ("gfl", dict(name="gfl_fpn", backbone="resnet101")),
+}
+SCHEDULES = {"1x": (12, (8, 11)), "2x": (24, (16, 22))}
+
+
+def get_config(arg: str = "") -> ml_collections.ConfigDict:
+    a = config_arg.parse(arg, {"detector": tuple(STUDENTS), "teacher": tuple(TEACHERS), "dagger": ("false", "true"),
+                               "loss": (*PRESET_LOSSES, "none"), "schedule": ("auto", "1x", "2x")},
+                         {"detector": "retinanet", "teacher": "", "dagger": "false", "loss": "cankd",
+                          "schedule": "auto"}, config="configs/coco.py")
+    detector = a["detector"]
+    teacher = a["teacher"] or f"{detector}_r101"
+    family, trunk = TEACHERS[teacher]
+    schedule = a["schedule"]
+    if schedule == "auto":
+        schedule = "1x" if (teacher, detector) == ("fcos_x101", "retinanet") else "2x"
+    epochs, decay_epochs = SCHEDULES[schedule]
+    dagger = a["dagger"] == "true"
+    if dagger and family != detector:
+        raise ValueError(f"configs/coco.py: dagger starts the student's neck and head from the teacher's, so the "
+                         f"teacher must be a {detector} (teacher={teacher} is a {family})")
+
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.total_steps = epochs * STEPS_PER_EPOCH
+    c.batch_size = BATCH
+    c.log_every = 50
+    c.eval_every = STEPS_PER_EPOCH
+    c.checkpoint_every = 2_000
+    c.keep_checkpoints = 3
+    c.metric = "mAP"
+
+    student, norm = STUDENTS[detector]
+    c.task = dict(name="detection", num_classes=80, detector=detector)
+    c.data = dict(name="coco", data_dir="", scale=(1333, 800), norm=norm, flip_prob=0.5, max_boxes=0, min_size=32,
+                  filter_empty=True, eval_batch_size=8, workers=8, index_cache="")
+    c.student = dict(student, frozen_stages=1, norm_eval=True,
+                     pretrained="",  # the ImageNet backbone .pth (torchvision resnet50 / detectron resnet50_caffe)
+                     pretrained_prefixes=[("backbone.", "")],
+                     inherit="teacher" if dagger else "",  # dagger: neck.* and bbox_head.* from teacher.checkpoint
+                     inherit_prefixes=[("neck.", "neck."), ("bbox_head.", "bbox_head.")])
+    c.teacher = dict(trunk, checkpoint="", random_init=False)  # mmdet's trained detector .pth: backbone.*, neck.*
+    c.distill = [] if a["loss"] == "none" else detection_terms(a["loss"])
+    c.optimizer = dict(name="sgd", lr=0.005, momentum=0.9, weight_decay=1e-4, grad_clip_norm=35.0,
+                       schedule="step", boundaries=[e * STEPS_PER_EPOCH for e in decay_epochs], decay_factor=0.1,
+                       warmup_steps=500, warmup_factor=0.001)
+    c.mesh = dict(fsdp=False, fsdp_min_size=2**16)  # FSDP spreads arrays of at least this many elements
+    c.export = dict(pytorch=True)
+    return c

@@ -1,0 +1,87 @@
+"""Detection's twin of configs/demo.py: does CanKD on P3-P6 help a small detector? On 2 CPU cores in under 15 minutes.
+
+    python train.py --config configs/detection_demo.py --workdir /tmp/det_demo
+    python train.py --config configs/detection_demo.py:loss=pkd --workdir /tmp/det_demo         # a baseline instead
+    python train.py --config configs/detection_demo.py:loss=cankd+fitnet --workdir /tmp/det_demo  # several, one table
+    python train.py --config configs/detection_demo.py:detector=retinanet --workdir /tmp/det_demo_retina
+
+Phases on the built-in synthetic scenes seen as detection (64x64 images resized to 128x128
+as mmdet's keep-ratio resize would, 6 shape classes, no download), each in `workdir/<phase>`
+and each resumable on its own:
+
+  teacher   FCOS (or RetinaNet) on a ResNet-18 layout at a quarter of the standard width,
+            from scratch; re-used when `workdir/teacher` already holds a finished run
+  student   the same detector with an eighth-width backbone (the teacher's FPN and head
+            widths), detection losses only
+  <loss>    the same student, same steps and data order, plus the distillation loss on each
+            of P3-P6 against the trained teacher's backbone + FPN (its trunk; the head is not
+            used): the paper's recipe scaled down (four loss modules, loss_weight 10, equal
+            FPN widths so no connector)
+
+`workdir/summary.json` gets `{"metric": "mAP", "teacher": x, "student": y, "cankd": z, ...}`:
+COCO AP (IoU 0.50:0.95, pycocotools' COCOeval) on the 500 held-out scenes, with the teacher's
+and every phase's AP50/AP75/AP_S in its `phases` entry. Every object is under 32x32 pixels in
+the original 64x64 images, so AP_M and AP_L are -1 (COCOeval's "no such objects").
+
+From scratch in minutes: AdamW with a cosine decay and the networks' BatchNorm in training
+mode (no frozen stages, no norm_eval), where the paper fine-tunes ImageNet backbones with SGD
+for 24 epochs (configs/coco.py). FCOS by default: from scratch it reached a higher mAP than
+RetinaNet in the same steps here (8.7 vs 6.7 after 600 teacher steps).
+"""
+
+import ml_collections
+
+from cankd_jax import config_arg
+from cankd_jax.losses.presets import PRESET_LOSSES, detection_terms
+
+STEPS = 700              # each student phase
+TEACHER_STEPS = 1000
+TEACHER_WIDTH = 16       # ResNet-18 layer4: 16 * 8 = 128 channels
+STUDENT_WIDTH = 8        # ResNet-18 layer4: 8 * 8 = 64 channels
+NECK = 32                # FPN and head channels of both networks (the paper's 256 -> 256)
+
+
+def _network(detector: str, width: int) -> dict:
+    head = dict(feat_channels=NECK, stacked_convs=2)
+    if detector == "fcos":
+        head["num_groups"] = 8
+    return dict(name=detector, backbone="resnet18", kwargs=dict(base_width=width, stem_width=width),
+                neck_kwargs=dict(out_channels=NECK), head_kwargs=head, frozen_stages=-1, norm_eval=False)
+
+
+def get_config(arg: str = "") -> ml_collections.ConfigDict:
+    a = config_arg.parse(arg, {"loss": PRESET_LOSSES, "detector": ("retinanet", "fcos")},
+                         {"loss": ["cankd"], "detector": "fcos"}, config="configs/detection_demo.py",
+                         lists=("loss",))
+    detector, losses = a["detector"], a["loss"]
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.total_steps = STEPS
+    c.batch_size = 8  # global
+    c.log_every = 50
+    c.eval_every = 100_000  # once, at the end
+    c.checkpoint_every = 400
+    c.keep_checkpoints = 2
+    c.metric = "mAP"
+
+    c.task = dict(name="detection", num_classes=6, detector=detector)
+    c.data = dict(name="synthetic_detection", data_dir="", image_size=64, num_train=2000, num_test=500,
+                  scale=(128, 128), norm="pytorch", eval_batch_size=50, workers=0)
+    c.student = _network(detector, STUDENT_WIDTH)
+    # The teacher run's export holds the whole detector; the distilling runs read its backbone and neck.
+    trunk = {k: v for k, v in _network(detector, TEACHER_WIDTH).items() if k != "head_kwargs"}
+    c.teacher = dict(trunk, name=f"{detector}_fpn", checkpoint="{workdir}/teacher/export")
+    c.distill = []
+    c.optimizer = dict(name="adamw", lr=2e-3, weight_decay=1e-4, grad_clip_norm=35.0, schedule="cosine",
+                       min_lr=2e-5, warmup_steps=100, warmup_factor=0.001)
+    c.mesh = dict(fsdp=False, fsdp_min_size=2**16)
+    c.export = dict(pytorch=False)
+
+    c.phases = ["teacher", "student", *losses]
+    c.phase_overrides = {
+        "teacher": dict(student=_network(detector, TEACHER_WIDTH), total_steps=TEACHER_STEPS),
+        "student": {},
+        **{name: dict(distill=detection_terms(name, student_channels=NECK, teacher_channels=NECK))
+           for name in losses},
+    }
+    return c

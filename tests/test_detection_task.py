@@ -1,0 +1,150 @@
+"""The detection task: whole RetinaNet / FCOS (random weights, mmdet key names) against their PyTorch formulation,
+head outputs and final detections; the distillation step with detection targets on 1 and 4 devices; config
+checks."""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+import torch
+
+import torch_detection_reference as ref
+from cankd_jax import detection as det
+from cankd_jax.config_arg import load_config
+from cankd_jax.interop import torch as interop
+from cankd_jax.train import build
+from cankd_jax.train.sharding import batch_sharding, global_batch, make_mesh, replicated
+from cankd_jax.train.state import plan_state
+from cankd_jax.train.step import make_train_step
+from cankd_jax.train.tasks import DetectionTask, make_task
+from conftest import assert_close, nchw, nhwc
+from test_detection_models import K, _images, fcos, retinanet, torch_fcos, torch_retinanet
+
+CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+
+@pytest.mark.parametrize("kind", ["retinanet", "fcos"])
+def test_whole_detector_outputs_and_final_detections_match_pytorch(kind):
+    tm, model = (torch_retinanet(seed=3), retinanet()) if kind == "retinanet" else (torch_fcos(seed=3), fcos())
+    variables, report = interop.import_state_dict(model, tm.state_dict())
+    assert not report.missing and not report.unexpected
+    x = _images((2, 64, 96, 3), seed=4) * 3
+    img_shapes = np.array([[60, 90], [64, 72]], np.float32)  # un-padded extents: boxes are clipped to them
+    scales = np.array([[1.5, 1.5], [0.8, 0.75]], np.float32)  # and mapped back to the original images
+    task = DetectionTask(num_classes=K, detector=kind, nms_pre=60, max_per_img=30)
+
+    @jax.jit
+    def forward(v, x, shapes, factors):
+        out = model.apply(v, x, train=False)
+        return out, task.detect(out, shapes, factors)
+
+    ours, dets = forward(variables, x, img_shapes, scales)
+    tm.eval()
+    with torch.no_grad():
+        theirs = tm(nchw(x))
+    for key in ("cls_scores", "bbox_preds") + (("centernesses",) if kind == "fcos" else ()):
+        for level, (a, b) in enumerate(zip(ours[key], theirs[key], strict=True)):
+            assert_close(a, nhwc(b), what=f"{key}[{level}]")
+    sizes = [m.shape[1:3] for m in ours["cls_scores"]]
+    priors = det.AnchorGenerator().grid_anchors(sizes) if kind == "retinanet" else det.grid_points(sizes)
+    cfg = task.postprocess_config
+    expected = ref.predict_detector(theirs, priors, img_shapes, scales, kind=kind, nms_pre=cfg.nms_pre,
+                                    iou_thr=cfg.iou_threshold, max_per_img=cfg.max_per_img)
+    assert cfg.iou_threshold == (0.5 if kind == "retinanet" else 0.6)
+    for i, (boxes, scores, labels) in enumerate(expected):
+        k = int(dets.num_valid[i])
+        assert k == len(scores) and k > 5, (k, len(scores))
+        np.testing.assert_array_equal(np.asarray(dets.labels[i])[:k], labels)
+        np.testing.assert_allclose(np.asarray(dets.scores[i])[:k], scores, rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(np.asarray(dets.boxes[i])[:k], boxes, rtol=1e-4, atol=1e-3)
+        assert (np.asarray(dets.boxes[i])[:k, 2] <= img_shapes[i, 1] / scales[i, 0] + 1e-3).all()
+
+
+def _step_setup(mesh):
+    """The smoke config's step (narrow RetinaNet, CanKD on P3 and P4 against a random trunk) at 64 x 64."""
+    config = load_config(os.path.join(CONFIGS, "detection_smoke.py"))
+    config.distill = config.distill[:2]
+    for net in (config.student, config.teacher):  # one block per stage: what 4 CPU devices compile in seconds
+        net.kwargs.stage_blocks = (1, 1, 1, 1)
+    run = build.build_run(config, mesh, input_size=(64, 64))
+    plan = plan_state(run.init_variables, run.tx, 0, mesh)
+    state, shardings = plan.init(), plan.shardings
+    step = jax.jit(make_train_step(student=run.student, teacher=run.teacher, terms=run.terms, task=run.task,
+                                   tx=run.tx, schedule=run.schedule),
+                   in_shardings=(shardings, run.teacher_shardings, batch_sharding(mesh)),
+                   out_shardings=(shardings, replicated(mesh)), donate_argnums=(0,))
+    return run, state, step
+
+
+def _batches(n, seed=0):
+    r = np.random.default_rng(seed)
+    for _ in range(n):
+        xy = r.uniform(0, 40, (4, 6, 2))
+        boxes = np.concatenate([xy, np.minimum(xy + r.uniform(8, 40, (4, 6, 2)), 64)], -1).astype(np.float32)
+        yield {"image": r.standard_normal((4, 64, 64, 3)).astype(np.float32),
+               "label": {"boxes": boxes, "labels": r.integers(0, 6, (4, 6)).astype(np.int32),
+                         "valid": np.arange(6)[None] < np.array([[3], [0], [6], [1]]),  # one image without objects
+                         "img_shape": np.array([[64, 64], [50, 60], [64, 40], [64, 64]], np.float32),
+                         "pad_shape": np.array([[64, 64], [64, 64], [64, 64], [64, 64]], np.float32)}}
+
+
+def test_detection_step_gives_the_same_numbers_on_one_and_four_devices():
+    history = {}
+    for n in (1, 4):
+        mesh = make_mesh(jax.devices()[:n])
+        run, state, step = _step_setup(mesh)
+        history[n] = []
+        with jax.set_mesh(mesh):
+            for b in _batches(3):
+                state, metrics = step(state, run.teacher_vars, global_batch(b, mesh))
+                history[n].append(jax.device_get(metrics))
+    for m1, m4 in zip(history[1], history[4], strict=True):
+        assert set(m1) >= {"task/loss_cls", "task/loss_bbox", "distill/cankd_p3", "distill/cankd_p4"}
+        for k in m1:
+            np.testing.assert_allclose(m4[k], m1[k], rtol=2e-5, atol=1e-7, err_msg=k)
+    assert history[1][0]["task/loss_bbox"] > 0 and history[1][-1]["loss"] != history[1][0]["loss"]
+
+
+def test_task_config_errors_are_named():
+    with pytest.raises(ValueError, match="unknown task.detector 'yolo'"):
+        make_task(ml_collections.ConfigDict(dict(name="detection", num_classes=3, detector="yolo")))
+    with pytest.raises(ValueError, match="unknown task key.*ground_truth"):
+        make_task(dict(name="detection", num_classes=3, ground_truth={}))
+    with pytest.raises(ValueError, match="has 5 levels but task.strides"):
+        DetectionTask(num_classes=3, strides=(8, 16))._levels({"cls_scores": [np.zeros((1, 2, 2, 3))] * 5})
+
+
+def test_dagger_student_takes_neck_and_head_from_the_teacher_and_the_backbone_from_imagenet(tmp_path):
+    from flax import traverse_util
+
+    from cankd_jax import models
+    from cankd_jax.train.weights import load_pretrained
+    from test_detection_models import BACKBONE, FPN_CH, HEAD_CH, STACKED
+
+    teacher_sd = {k: v.numpy() for k, v in torch_retinanet(seed=5).state_dict().items()}
+    imagenet = {k[len("backbone."):]: v.numpy() for k, v in torch_retinanet(seed=6).state_dict().items()
+                if k.startswith("backbone.")}
+    imagenet["fc.weight"] = np.zeros((10, 256), np.float32)  # an ImageNet head: reported, not loaded
+    interop.save_pth(teacher_sd, str(tmp_path / "teacher.pth"))
+    interop.save_pth(imagenet, str(tmp_path / "r50.pth"))
+    cfg = ml_collections.ConfigDict(dict(
+        name="retinanet", backbone="resnet50", kwargs=BACKBONE, neck_kwargs=dict(out_channels=FPN_CH),
+        head_kwargs=dict(feat_channels=HEAD_CH, stacked_convs=STACKED), pretrained=str(tmp_path / "r50.pth"),
+        inherit="teacher"))
+    student = models.make_network(cfg, num_classes=K)
+    sample = np.zeros((1, 64, 64, 3), np.float32)
+    loaded = load_pretrained(cfg, student, sample, teacher_cfg=ml_collections.ConfigDict(
+        dict(checkpoint=str(tmp_path / "teacher.pth"))))
+    init = jax.eval_shape(lambda: student.init(jax.random.key(0), sample, train=False))
+    flat = traverse_util.flatten_dict(jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), init))
+    assert set(loaded) == set(flat)  # backbone from one file, neck and head from the other: everything
+    exported = interop.export_state_dict(student, traverse_util.unflatten_dict({**flat, **loaded}))
+    for key, value in exported.items():
+        expected = imagenet[key[len("backbone."):]] if key.startswith("backbone.") else teacher_sd[key]
+        np.testing.assert_array_equal(value, expected, err_msg=key)
+    with pytest.raises(ValueError, match="teacher.checkpoint is empty"):
+        load_pretrained(cfg, student, sample, teacher_cfg=ml_collections.ConfigDict(dict(checkpoint="")))

@@ -1,0 +1,58 @@
+"""`train.py` on the tiny detection config end to end: COCO mAP in the summary and metrics, export, and a run
+stopped by SIGTERM that resumes to the same numbers. The slow tier: `pytest -m slow`."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+
+import train_cli as cli
+from train_cli import EIGHT_STEPS
+
+SMOKE = os.path.join(cli.ROOT, "configs", "detection_smoke.py")
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("tfds"))
+
+
+def _args(workdir, data_dir, *extra):
+    return cli.command(workdir, f"--config.data.data_dir={data_dir}", *EIGHT_STEPS, *extra, config=SMOKE)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, data_dir):
+    workdir = tmp_path_factory.mktemp("reference") / "run"
+    cli.run(_args(workdir, data_dir), devices=1)
+    return workdir
+
+
+def test_smoke_run_reports_coco_map_and_exports_the_student(reference, data_dir):
+    rows = cli.rows(reference)
+    assert [r["step"] for r in rows] == list(range(1, 9))
+    assert all(k in rows[0] for k in ("task/loss_cls", "task/loss_bbox", "distill/cankd_p3", "distill/cankd_p6"))
+    done = cli.summary(reference)
+    assert done["finished"] and done["metric"] == "mAP"
+    assert set(done["eval"]) == {"mAP", "AP50", "AP75", "AP_S", "AP_M", "AP_L"}
+    assert "teacher" not in done  # a trunk teacher has no head to evaluate
+    assert any("eval/mAP" in r for r in cli.all_rows(reference))
+    assert os.path.exists(reference / "export" / "student.pth")
+    out = cli.run(_args(reference, data_dir), devices=1)[0]
+    assert "resumed from step 8" in out and "| run | 8 |" in out
+
+
+def test_sigterm_then_resume_gives_the_reference_numbers(tmp_path, reference, data_dir):
+    workdir = tmp_path / "run"
+    procs = cli.start(_args(workdir, data_dir), devices=1, log_dir=tmp_path)
+    cli.signal_when(procs, 0, signal.SIGTERM, lambda: "training from step 0" in cli.read_log(tmp_path), "the loop")
+    [(code, _)] = cli.finish(procs)
+    assert code == 0, cli.read_log(tmp_path)[-3000:]
+    assert cli.checkpoint_steps(workdir) == [1] and not cli.summary(workdir)["finished"]
+    out = cli.run(_args(workdir, data_dir), devices=1)[0]
+    assert "resumed from step 1" in out
+    cli.assert_same_training(cli.rows(workdir), cli.rows(reference))
+    assert cli.summary(workdir)["eval"] == cli.summary(reference)["eval"]
