@@ -371,7 +371,7 @@ def run_cell(study: str, setting: str, loss: str, seed: str, root: str, data_dir
     cfg = run_config(setting, loss, int(seed), root=root, study=study, data_dir=data_dir)
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, "config.json"), "w") as f:
-        json.dump(cfg.to_dict(), f, indent=2, default=str)
+        json.dump(cfg.to_dict(), f, indent=2, default=lambda o: o.to_dict() if hasattr(o, "to_dict") else str(o))
     print(f"=== {study} {setting} {loss} seed {seed} -> {workdir}", flush=True)
     summary = train_and_evaluate(cfg, workdir)
     print(f"=== done: step {summary.get('step')} eval {summary.get('eval')}", flush=True)
