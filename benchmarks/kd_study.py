@@ -10,9 +10,9 @@ accumulates compiled programs in one process. Finished cells are skipped, an int
 newest checkpoint, so a study may be stopped (SIGTERM or Ctrl-C: the running cell saves a checkpoint first) and
 continued in later sittings, or extended by more seeds (`--seeds 8`) or losses (`--losses`).
 
-Each setting trains ONE teacher (seed 0) that every loss and seed of that setting distils from: the teacher is
-the most expensive run of a setting (twice the student's steps at twice its width), and one shared teacher makes
-every comparison paired (same teacher, same seed = same student initialisation and data order, only the loss
+Each setting trains ONE teacher (seed 0), just before the setting's first cell, that every loss and seed of
+that setting distils from: the teacher is the most expensive run of a setting (twice the student's steps at
+twice its width), and one shared teacher makes every comparison paired (same teacher, same seed = same student initialisation and data order, only the loss
 differs). The spread over seeds is therefore that of the student's initialisation and data order for a fixed
 teacher; teacher-to-teacher variation is not part of it.
 
@@ -313,25 +313,31 @@ def run_study(a: argparse.Namespace) -> None:
             _git_commit([out], f"kd_study {a.study}: {n} cells finished")
             last_commit = time.time()
 
+    def ensure_teacher(setting: str) -> None:
+        """Train the setting's shared teacher if it has not finished (when its first cell needs it)."""
+        nonlocal workdir
+        tdir = workdir = teacher_dir(a.root, a.study, setting)
+        if finished(tdir):
+            return
+        say(f"{setting}: training the shared teacher in {tdir} (load {_load()})")
+        rc, wall, l0, l1 = run_child(["--_cell", a.study, setting, "teacher", str(TEACHER_SEED),
+                                      a.root, data_dir, tdir], log_path, cache_dir)
+        _record_sitting(tdir, wall, l0, l1, rc)
+        if rc:
+            raise SystemExit(f"the {setting} teacher failed (exit {rc}); see {log_path}")
+        say(f"{setting}: teacher done in {wall:.0f} s, held-out {100 * teacher_value(a.root, a.study, setting):.2f}")
+
+    workdir = ""
     try:
-        for setting in dict.fromkeys(c.setting for c in cells):
-            tdir = teacher_dir(a.root, a.study, setting)
-            if not finished(tdir):
-                say(f"{setting}: training the shared teacher in {tdir}")
-                rc, wall, l0, l1 = run_child(["--_cell", a.study, setting, "teacher", str(TEACHER_SEED),
-                                              a.root, data_dir, tdir], log_path, cache_dir)
-                _record_sitting(tdir, wall, l0, l1, rc)
-                if rc:
-                    raise SystemExit(f"the {setting} teacher failed (exit {rc}); see {log_path}")
-                say(f"{setting}: teacher done in {wall:.0f} s, held-out {100 * teacher_value(a.root, a.study, setting):.2f}")
         for i, cell in enumerate(cells):
             if a.max_cells and done_now >= a.max_cells:
                 say(f"stopping after {done_now} cells (--max-cells)")
                 break
-            workdir = cell_dir(a.root, a.study, cell)
             prev = rows.get(cell.key)
             if prev and (prev["status"] == "ok" or not a.retry_failed):
                 continue
+            ensure_teacher(cell.setting)
+            workdir = cell_dir(a.root, a.study, cell)
             t_val = teacher_value(a.root, a.study, cell.setting)
             if not finished(workdir):
                 say(f"cell {i + 1}/{len(cells)} {cell.setting} {cell.loss} seed {cell.seed} (load {_load()})")
@@ -346,7 +352,7 @@ def run_study(a: argparse.Namespace) -> None:
             commit()
     except Stop as e:
         rc, wall, l0, l1 = e.args[0]
-        if "workdir" in locals() and os.path.isdir(workdir):
+        if workdir and os.path.isdir(workdir):
             _record_sitting(workdir, wall, l0, l1, rc)
         say("stopped: the running cell saved a checkpoint and resumes on the next run")
     finally:
