@@ -310,6 +310,8 @@ def run_study(a: argparse.Namespace) -> None:
         if a.commit and (force or time.time() - last_commit >= a.commit_every):
             report(a.study, a.results)
             n = sum(1 for r in read_cells(csv_path).values() if r["status"] == "ok")
+            if not n:
+                return
             _git_commit([out], f"kd_study {a.study}: {n} cells finished")
             last_commit = time.time()
 
