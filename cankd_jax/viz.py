@@ -193,7 +193,7 @@ def _metric(run_dir: str) -> str:
 
 def collect(teacher_dir: str, student_dir: str, cankd_dir: str, *, config_path: str = DEMO_CONFIG,
             workdir: Optional[str] = None, indices: Sequence[int] = (0, 1, 2),
-            pixels: Optional[Sequence[tuple[int, int]]] = None) -> dict[str, Any]:
+            pixels: Optional[Sequence[tuple[int, int]]] = None, data_dir: Optional[str] = None) -> dict[str, Any]:
     """Everything the picture shows, as arrays (what `render` draws and the tests check), plus the CanKD term's
     loss module, its variables and the maps it compared (`student_map` after the connector, `teacher_map`)."""
     from cankd_jax.train import build  # noqa: PLC0415
@@ -201,6 +201,8 @@ def collect(teacher_dir: str, student_dir: str, cankd_dir: str, *, config_path: 
 
     cfg = _config(cankd_dir, workdir, config_path)
     cfg.teacher.checkpoint = os.path.join(teacher_dir, "export")
+    if data_dir is not None:
+        cfg.data.data_dir = data_dir
     mesh = make_mesh()
     run = build.build_run(cfg, mesh)
     term = next((t for t in run.terms if isinstance(t.loss, CanKDLoss)), None)
@@ -321,6 +323,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     p.add_argument("--cankd", help="the CanKD run's directory (default WORKDIR/cankd)")
     p.add_argument("--config", default=DEMO_CONFIG, help="the config that made WORKDIR (path[:arg]); a run "
                    "directory's config.json takes precedence")
+    p.add_argument("--data-dir", default=None, help="the TFDS dir the run read (if it set --config.data.data_dir)")
     p.add_argument("--out", default="attention.png")
     p.add_argument("--indices", default="0,1,2", help="held-out images to show (comma-separated)")
     p.add_argument("--pixels", default="", help="'y,x;y,x;y,x' layer4 positions to mark (default: chosen per image)")
@@ -334,7 +337,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                  "(teacher, student and cankd phases) or --teacher/--student/--cankd")
     pixels = [tuple(int(v) for v in s.split(",")) for s in a.pixels.split(";")] if a.pixels else None
     data = collect(dirs["teacher"], dirs["student"], dirs["cankd"], config_path=a.config, workdir=a.workdir,
-                   indices=[int(i) for i in a.indices.split(",")], pixels=pixels)
+                   indices=[int(i) for i in a.indices.split(",")], pixels=pixels, data_dir=a.data_dir)
     w, h = render(data, a.out, dpi=a.dpi)
     print(f"wrote {a.out} ({w}x{h})")
 

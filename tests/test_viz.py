@@ -1,11 +1,11 @@
 """`python -m cankd_jax.viz`: the attention it draws is the loss's own matrix, and it writes the picture.
 
 The workdir is smoke-sized and made without training (random teacher and student exports, an initial CanKD
-state saved as the cankd phase's checkpoint): the picture's machinery does not depend on training."""
+state saved as the cankd phase's checkpoint, the smoke config standing in for the demo's): the picture's
+machinery does not depend on training."""
 
 from __future__ import annotations
 
-import json
 import os
 
 import jax
@@ -35,9 +35,6 @@ def smoke_workdir(tmp_path_factory):
         export_student(net, net.init(jax.random.key(i + 1), sample, train=False), str(root / phase / "export"),
                        pytorch=False)
     cfg.teacher.checkpoint, cfg.teacher.random_init = str(root / "teacher" / "export"), False
-    os.makedirs(root / "cankd")
-    with open(root / "cankd" / "config.json", "w") as f:
-        json.dump(cfg.to_dict(), f, default=lambda o: o.to_dict())
     mesh = make_mesh()
     run = build.build_run(cfg, mesh)
     state, _ = create_sharded_state(run.init_variables, run.tx, 3, mesh)
@@ -48,7 +45,8 @@ def smoke_workdir(tmp_path_factory):
 
 
 def test_the_drawn_attention_row_is_the_row_of_the_loss_s_literal_matrix(smoke_workdir):
-    d = viz.collect(*(str(smoke_workdir / k) for k in ("teacher", "student", "cankd")), indices=(0, 1))
+    d = viz.collect(*(str(smoke_workdir / k) for k in ("teacher", "student", "cankd")), indices=(0, 1),
+                    config_path=SMOKE, data_dir=str(smoke_workdir / "data"))
     quadratic = d["loss"].clone(impl="quadratic")
     _, inter = quadratic.apply(d["loss_variables"], d["student_map"], d["teacher_map"], train=False,
                                mutable=["intermediates"])
@@ -70,6 +68,8 @@ def test_the_drawn_attention_row_is_the_row_of_the_loss_s_literal_matrix(smoke_w
 
 def test_the_command_writes_a_png_of_the_expected_size(smoke_workdir, tmp_path):
     out = tmp_path / "attention.png"
-    viz.main(["--workdir", str(smoke_workdir), "--out", str(out), "--indices", "0,1", "--dpi", "40"])
+    # The layout train.py gives a config with phases: WORKDIR/{teacher,student,cankd}, the config named here.
+    viz.main(["--workdir", str(smoke_workdir), "--config", SMOKE, "--data-dir", str(smoke_workdir / "data"),
+              "--out", str(out), "--indices", "0,1", "--dpi", "40"])
     with Image.open(out) as im:
         assert im.size == viz.figure_pixels(2, 40)
