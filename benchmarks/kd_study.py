@@ -23,7 +23,7 @@ Every loss runs at its preset (`cankd_jax/losses/presets.py`; the ablations are 
 changed); no weight is retuned for this toy problem, so no sweep is run and no seed is held out.
 
 Results go to `results/<study>/`: `cells.csv` (one row per finished cell: setting, loss, seed, metric, steps,
-wall seconds, teacher metric, load), `table.md` and `chart.png`. `--commit` commits them (in the current git
+wall seconds, teacher metric, load; and one per setting for its teacher, loss 'teacher'), `table.md` and `chart.png`. `--commit` commits them (in the current git
 work tree) as cells finish, at most every `--commit-every` seconds and at the end.
 """
 
@@ -182,7 +182,7 @@ def read_cells(path: str) -> dict[tuple[str, str, int], dict[str, Any]]:
 
 
 def write_cells(path: str, rows: dict[tuple[str, str, int], dict[str, Any]]) -> None:
-    order = {name: i for i, name in enumerate(ALL_LOSSES)}
+    order = {name: i for i, name in enumerate(("teacher", *ALL_LOSSES))}
     keyed = sorted(rows.values(), key=lambda r: (r["setting"], order.get(r["loss"], 99), r["loss"], int(r["seed"])))
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = path + ".tmp"
@@ -320,6 +320,7 @@ def run_study(a: argparse.Namespace) -> None:
         nonlocal workdir
         tdir = workdir = teacher_dir(a.root, a.study, setting)
         if finished(tdir):
+            record_teacher(setting, tdir)
             return
         say(f"{setting}: training the shared teacher in {tdir} (load {_load()})")
         rc, wall, l0, l1 = run_child(["--_cell", a.study, setting, "teacher", str(TEACHER_SEED),
@@ -328,6 +329,14 @@ def run_study(a: argparse.Namespace) -> None:
         if rc:
             raise SystemExit(f"the {setting} teacher failed (exit {rc}); see {log_path}")
         say(f"{setting}: teacher done in {wall:.0f} s, held-out {100 * teacher_value(a.root, a.study, setting):.2f}")
+        record_teacher(setting, tdir)
+
+    def record_teacher(setting: str, tdir: str) -> None:
+        """The teacher's row (loss 'teacher', seed 0): its metric and wall time, so cells.csv holds every run."""
+        key = (setting, "teacher", TEACHER_SEED)
+        if key not in rows:
+            rows[key] = cell_row(Cell(*key), tdir, teacher_value(a.root, a.study, setting))
+            write_cells(csv_path, rows)
 
     workdir = ""
     try:
@@ -414,7 +423,7 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, dict[str, dict[int, float
     order = {name: i for i, name in enumerate(ALL_LOSSES)}
     for r in sorted(rows, key=lambda r: (list(SETTINGS).index(r["setting"]) if r["setting"] in SETTINGS else 99,
                                          order.get(r["loss"], 99), int(r["seed"]))):
-        if r["status"] == "ok" and r["value"] != "":
+        if r["status"] == "ok" and r["value"] != "" and r["loss"] != "teacher":
             out.setdefault(r["setting"], {}).setdefault(r["loss"], {})[int(r["seed"])] = float(r["value"])
     return out
 
@@ -432,12 +441,15 @@ def table_markdown(rows: list[dict[str, Any]], study: str) -> str:
              "(mean ± std of the per-seed difference); 'k/n' counts the seeds on which the first is higher.", ""]
     for setting, losses in data.items():
         teacher = next((r["teacher_value"] for r in rows if r["setting"] == setting and r["teacher_value"]), "")
+        t_row = next((r for r in rows if r["setting"] == setting and r["loss"] == "teacher"), None)
+        t_steps = f" ({t_row['steps']} steps, {float(t_row['wall_s']):.0f} s)" if t_row and t_row["wall_s"] else ""
         s = SETTINGS.get(setting)
-        steps = next((r["steps"] for r in rows if r["setting"] == setting and r["status"] == "ok"), "")
+        steps = next((r["steps"] for r in rows if r["setting"] == setting and r["status"] == "ok"
+                      and r["loss"] != "teacher"), "")
         lines += [f"## Setting `{setting}`" + (f": {s.description}" if s else ""), "",
-                  f"Teacher: {teacher} mIoU. Student steps: {steps}.", "",
-                  "| loss | seeds | mIoU | vs student alone | better than alone | vs CanKD | CanKD better |",
-                  "|---|---|---|---|---|---|---|"]
+                  f"Teacher: {teacher} mIoU{t_steps}. Student steps: {steps}.", "",
+                  "| loss | seeds | mIoU | vs student alone | better than alone | vs CanKD | CanKD better | s/cell |",
+                  "|---|---|---|---|---|---|---|---|"]
         alone, cankd = losses.get("none", {}), losses.get("cankd", {})
         for loss, by_seed in losses.items():
             m, sd = _mean_std(list(by_seed.values()))
@@ -448,15 +460,21 @@ def table_markdown(rows: list[dict[str, Any]], study: str) -> str:
             q = _paired(cankd, by_seed) if loss != "cankd" else None
             cols += [f"{-q[0]:+.2f} ± {q[1]:.2f}" if q and math.isfinite(q[1]) else (f"{-q[0]:+.2f}" if q else "-"),
                      f"CanKD > {LABELS.get(loss, loss)} on {q[2]} of {q[3]}" if q else "-"]
+            w = [float(r["wall_s"]) for r in rows if r["setting"] == setting and r["loss"] == loss and r["wall_s"]]
+            cols.append(f"{sum(w) / len(w):.0f}" if w else "-")
             lines.append("| " + " | ".join(cols) + " |")
         lines.append("")
     if failed:
         lines += ["Failed cells (not in the means): " + ", ".join(
             f"{r['setting']}/{r['loss']}/seed{r['seed']}" for r in failed), ""]
     if walls:
-        lines += [f"Wall time: {len(walls)} cells, {sum(walls) / 3600:.2f} h in total (teachers not included), "
-                  f"{min(walls):.0f}-{max(walls):.0f} s per cell, on a shared 2-core CPU machine "
-                  "(per-cell times and load averages in `cells.csv`).", ""]
+        t_walls = [float(r["wall_s"]) for r in rows if r["wall_s"] and r["loss"] == "teacher"]
+        lines += [f"Wall time: {sum(walls) / 3600:.2f} h in total: {len(walls) - len(t_walls)} cells "
+                  f"({(sum(walls) - sum(t_walls)) / 3600:.2f} h) and {len(t_walls)} teachers "
+                  f"({sum(t_walls) / 3600:.2f} h), on a 2-core CPU machine shared with other work (per-run times "
+                  "and 1-minute load averages at start and end in `cells.csv`; each run's time includes starting "
+                  "Python and JAX, compiling (cached across the seeds of a loss), training, evaluating and "
+                  "exporting).", ""]
     return "\n".join(lines)
 
 

@@ -44,7 +44,8 @@ def test_grid_runs_each_cell_once_resumes_and_extends(tmp_path, monkeypatch):
     assert calls == [("tiny", "none", 2), ("tiny", "cankd", 2), ("tiny", "in_mse", 2)]
     with open(tmp_path / "results" / "tiny" / "cells.csv") as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == 9 and {r["status"] for r in rows} == {"ok"}
+    assert len(rows) == 10 and {r["status"] for r in rows} == {"ok"}
+    assert rows[0]["loss"] == "teacher" and rows[0]["value"] == "50.00" and rows[0]["wall_s"] == "1.5"
     assert {r["teacher_value"] for r in rows} == {"50.00"}
     assert [r["value"] for r in rows if r["loss"] == "cankd"] == ["15.00", "16.00", "17.00"]
     table = (tmp_path / "results" / "tiny" / "table.md").read_text()
@@ -69,8 +70,8 @@ def test_report_needs_only_cells_csv(tmp_path):
         w.writerows(rows)
     kd_study.main(["--study", "demo", "--report", "--results", str(tmp_path / "results")])
     table = (out / "table.md").read_text()
-    assert "| CanKD (`cankd`) | 3 | 24.00 ± 1.00 | +6.00 ± 2.00 | 3/3 | - | - |" in table
-    assert "| PKD (`pkd`) | 3 | 24.33 ± 2.08 | +6.33 ± 3.06 | 3/3 | +0.33 ± 1.15 | CanKD > PKD on 1 of 3 |" in table
+    assert "| CanKD (`cankd`) | 3 | 24.00 ± 1.00 | +6.00 ± 2.00 | 3/3 | - | - | 100 |" in table
+    assert "| PKD (`pkd`) | 3 | 24.33 ± 2.08 | +6.33 ± 3.06 | 3/3 | +0.33 ± 1.15 | CanKD > PKD on 1 of 3 | 100 |" in table
     assert "Failed cells (not in the means): demo/at/seed0" in table
     assert (out / "chart.png").stat().st_size > 0
 
