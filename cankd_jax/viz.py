@@ -199,6 +199,7 @@ def collect(teacher_dir: str, student_dir: str, cankd_dir: str, *, config_path: 
     from cankd_jax.train import build  # noqa: PLC0415
     from cankd_jax.train.sharding import make_mesh  # noqa: PLC0415
 
+    teacher_dir, student_dir, cankd_dir = (os.path.abspath(d) for d in (teacher_dir, student_dir, cankd_dir))
     cfg = _config(cankd_dir, workdir, config_path)
     cfg.teacher.checkpoint = os.path.join(teacher_dir, "export")
     if data_dir is not None:
