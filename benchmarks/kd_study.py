@@ -17,7 +17,8 @@ differs). The spread over seeds is therefore that of the student's initialisatio
 teacher; teacher-to-teacher variation is not part of it.
 
 A seed sets the config's `seed`: the student's (and the loss modules') initialisation and the training data
-order (a function of (seed, step)). Seed 0 at the demo setting is exactly `configs/demo.py`'s runs.
+order (a function of (seed, step)). Seed 0 at the demo setting runs `configs/demo.py`'s phases unchanged
+(its numbers differ from the README's one-seed table in the decimals: that was measured with older code).
 
 Every loss runs at its preset (`cankd_jax/losses/presets.py`; the ablations are CanKD's preset with one option
 changed); no weight is retuned for this toy problem, so no sweep is run and no seed is held out.
