@@ -18,7 +18,8 @@ teacher; teacher-to-teacher variation is not part of it.
 
 A seed sets the config's `seed`: the student's (and the loss modules') initialisation and the training data
 order (a function of (seed, step)). Seed 0 at the demo setting runs `configs/demo.py`'s phases unchanged
-(its numbers differ from the README's one-seed table in the decimals: that was measured with older code).
+(its numbers differ from the README's older one-seed table: that was measured before the data order became
+one global order, commit b87ed7b).
 
 Every loss runs at its preset (`cankd_jax/losses/presets.py`; the ablations are CanKD's preset with one option
 changed); no weight is retuned for this toy problem, so no sweep is run and no seed is held out.
