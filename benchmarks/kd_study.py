@@ -265,6 +265,11 @@ def cell_row(cell: Cell, workdir: str, teacher_value: Optional[float]) -> dict[s
             sittings = json.load(f)["sittings"]
     value = (summary.get("eval") or {}).get(summary.get("metric", "mIoU"))
     ok = bool(summary.get("finished")) and isinstance(value, float)
+    if ok and not sittings:
+        # The run finished but the study was stopped before it recorded the sitting: the run's own files date
+        # it (config.json is written at its start, summary.json at its end; the process start-up is not counted).
+        start, end = (os.path.getmtime(os.path.join(workdir, f)) for f in ("config.json", "summary.json"))
+        sittings = [{"wall_s": round(end - start, 1), "load_start": "", "load_end": ""}]
     return dict(setting=cell.setting, loss=cell.loss, seed=cell.seed, metric=summary.get("metric", "mIoU"),
                 value=f"{100 * value:.2f}" if ok else "", steps=summary.get("step", ""),
                 wall_s=f"{sum(s['wall_s'] for s in sittings):.1f}",
