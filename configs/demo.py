@@ -17,8 +17,10 @@ download), each in `workdir/<phase>` and each resumable on its own:
 
 `workdir/summary.json` gets `{"metric": "mIoU", "teacher": x, "student": y,
 "cankd": z, ...}` with held-out numbers, and the table is printed at the end.
-The argument after `:` picks the distillation loss(es) by registry name:
-cankd (default), nonlocal_self, fitnet, pkd, mgd, cwd, at.
+The argument after `:` picks the distillation loss(es) by preset name:
+cankd (default), nonlocal_self, fitnet, pkd, mgd, cwd, at, in_mse ("IN only"), and CanKD's
+ablations cankd_no_in, cankd_no_skip, cankd_gaussian, cankd_embedded_gaussian, cankd_concatenation.
+`benchmarks/kd_study.py` runs every one of them over several seeds.
 """
 
 import ml_collections

@@ -25,6 +25,7 @@ CASES = [
     ("smoke.py", ""),
     ("demo.py", ""),
     ("demo.py", "loss=mgd+cwd+at+pkd+fitnet+nonlocal_self"),
+    ("demo.py", "loss=in_mse+cankd_no_in+cankd_no_skip+cankd_gaussian+cankd_embedded_gaussian+cankd_concatenation"),
     ("cityscapes.py", ""),
     ("cityscapes.py", "head=pspnet"),
     ("cityscapes.py", "head=pspnet,loss=cwd"),
@@ -164,3 +165,16 @@ def test_the_rest_of_the_paper_segmentation_table(arg, teacher_head, student_key
         assert set(keys) <= set(sd), sorted(set(keys) - set(sd))
         again, _ = import_state_dict(net, sd)
         chex.assert_trees_all_equal(again, variables)
+
+
+def test_ablation_presets_are_cankds_preset_with_one_option_changed():
+    from cankd_jax.losses.presets import ABLATIONS, distill_term
+
+    base = distill_term("cankd", student_channels=64, teacher_channels=128)
+    for name, change in ABLATIONS.items():
+        term = distill_term(name, student_channels=64, teacher_channels=128)
+        assert term["name"] == name and term["loss"] == "cankd"
+        assert term["connector"] == base["connector"] == 128
+        assert len(change) == 1 and term["options"] == {**base["options"], **change}, name
+    in_mse = distill_term("in_mse", student_channels=64, teacher_channels=128)
+    assert in_mse["connector"] == 128 and in_mse["options"] == {"loss_weight": base["options"]["loss_weight"]}

@@ -16,7 +16,7 @@ import torch
 import torch_reference as ref
 from cankd_jax.interop.torch import export_cankd_loss, load_cankd_loss
 from cankd_jax.losses import (
-    ATLoss, CanKDLoss, CWDLoss, L2Loss, MGDLoss, PKDLoss, SelfNonLocalLoss, mgd_keep_mask,
+    ATLoss, CanKDLoss, CWDLoss, INMSELoss, L2Loss, MGDLoss, PKDLoss, SelfNonLocalLoss, mgd_keep_mask,
 )
 from conftest import assert_close, nchw, nhwc
 
@@ -180,6 +180,23 @@ def test_pkd_matches_pytorch(sizes, resize_stu, rng):
     mod = PKDLoss(loss_weight=6.0, resize_stu=resize_stu)
     _grad_parity(lambda a, b: mod.apply({}, a, b),
                  lambda a, b: ref.pkd_loss(a, b, loss_weight=6.0, resize_stu=resize_stu), s, t)
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 6, 4), (1, 3, 7, 2)])
+def test_in_mse_matches_pytorch(shape, rng):
+    s = rng.standard_normal(shape).astype(np.float32) * 2 + 0.5
+    t = rng.standard_normal(shape).astype(np.float32) * 3 - 1
+    mod = INMSELoss(loss_weight=10.0)
+    _grad_parity(lambda a, b: mod.apply({}, a, b), lambda a, b: ref.in_mse_loss(a, b, loss_weight=10.0), s, t)
+
+
+def test_in_mse_is_cankd_at_initialisation(rng):
+    """CanKD's W BatchNorm starts at zero, so at step 0 CanKD computes exactly the "IN only" loss."""
+    s, t = rng.standard_normal((2, 6, 6, 8)).astype(np.float32), rng.standard_normal((2, 6, 6, 8)).astype(np.float32)
+    cankd = CanKDLoss(8, loss_weight=10.0)
+    v = cankd.init(jax.random.key(0), s, t, train=False)
+    value = cankd.apply(v, s, t, train=True, mutable=["batch_stats"])[0]
+    assert_close(value, INMSELoss(loss_weight=10.0).apply({}, s, t), what="CanKD at init vs IN only")
 
 
 @pytest.mark.parametrize("tau", [1.0, 4.0])

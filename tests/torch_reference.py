@@ -130,6 +130,11 @@ def l2_loss(s, t, loss_weight=1.0, normalize=True, mult=1.0, div_element=False, 
     return loss_weight * loss
 
 
+def in_mse_loss(s, t, loss_weight=1.0):
+    """"IN only": CanKD's matching term without the non-local block (instance norm, MSE, halved)."""
+    return _match(s, t.detach(), loss_weight, True)
+
+
 def pkd_loss(s, t, loss_weight=1.0, resize_stu=True):
     t = t.detach()
     if s.shape[2:] != t.shape[2:]:

@@ -10,6 +10,7 @@ from cankd_jax.losses.cankd import ATTENTIONS, CanKDLoss, NonLocalBlock, SelfNon
 from cankd_jax.losses.connector import Connector
 from cankd_jax.losses.cwd import CWDLoss
 from cankd_jax.losses.fitnet import L2Loss
+from cankd_jax.losses.in_mse import INMSELoss
 from cankd_jax.losses.mgd import MGDLoss, mgd_keep_mask
 from cankd_jax.losses.pkd import PKDLoss, pkd_normalize
 from cankd_jax.losses.registry import LOSSES, loss_fields, make_loss
@@ -19,6 +20,7 @@ __all__ = [
     "ATTENTIONS",
     "CWDLoss",
     "CanKDLoss",
+    "INMSELoss",
     "Connector",
     "L2Loss",
     "LOSSES",

@@ -29,12 +29,16 @@ Array = jax.Array
 IMPLS = ("efficient", "quadratic")
 
 
+def dot_attention_matrix(q: Array, k: Array) -> Array:
+    """The dot-product form's P x N matrix, `q k^T / N`: `(B,P,C),(B,N,C) -> (B,P,N)` (what 'quadratic' builds)."""
+    return jnp.einsum("bpc,bnc->bpn", q, k) / k.shape[1]
+
+
 def dot_attention(q: Array, k: Array, v: Array, *, impl: str = "efficient") -> Array:
     """Dot-product form without softmax, scaled by 1/N. `(B,P,C),(B,N,C),(B,N,Ci) -> (B,P,Ci)`."""
     n = k.shape[1]
     if impl == "quadratic":
-        a = jnp.einsum("bpc,bnc->bpn", q, k) / n
-        return jnp.einsum("bpn,bnd->bpd", a, v)
+        return jnp.einsum("bpn,bnd->bpd", dot_attention_matrix(q, k), v)
     kv = jnp.einsum("bnc,bnd->bcd", k, v) / n
     return jnp.einsum("bpc,bcd->bpd", q, kv)
 

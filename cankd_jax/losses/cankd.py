@@ -100,6 +100,9 @@ class NonLocalBlock(nn.Module):
 
         if self.attention == "dot":
             y = attn.dot_attention(q, k, v, impl=self.impl)
+            if self.impl == "quadratic":
+                # The literal (B, P, N) matrix, kept only when the caller makes 'intermediates' mutable (tests, viz).
+                self.sow("intermediates", "attention", attn.dot_attention_matrix(q, k))
         elif self.attention == "concatenation":
             a, s = _ConcatScores(name="concat_project")(q, k)
             y = attn.concat_attention(a, s, v, impl=self.impl)

@@ -19,6 +19,7 @@ from typing import Any, Optional
 #   cwd            tau 1, loss_weight 5 on the decode head's logits:
 #                  mmseg/cwd/cwd_logits_pspnet_r101_d8_pspnet_r18_d8_512x1024_cityscapes_80k.py
 #   at             loss_weight 1000: beta = 1e3 of Zagoruyko & Komodakis (mmrazor ships ATLoss with no config)
+#   in_mse         "IN only": CanKD's matching term without the non-local block, so CanKD's weight 10
 _PRESETS: dict[str, tuple[str, bool, dict[str, Any]]] = {
     "cankd": ("feature", True, dict(loss_weight=10.0)),
     "nonlocal_self": ("feature", True, dict(loss_weight=10.0)),
@@ -27,9 +28,28 @@ _PRESETS: dict[str, tuple[str, bool, dict[str, Any]]] = {
     "mgd": ("feature", False, dict(alpha_mgd=2e-5, lambda_mgd=0.75)),  # aligns widths itself
     "cwd": ("logits", True, dict(tau=1.0, loss_weight=5.0)),
     "at": ("feature", False, dict(loss_weight=1000.0)),
+    "in_mse": ("feature", True, dict(loss_weight=10.0)),
 }
 
-PRESET_LOSSES = tuple(_PRESETS)
+# The paper's ablations of CanKD: CanKD's preset with one option changed (preset name -> the option).
+ABLATIONS: dict[str, dict[str, Any]] = {
+    "cankd_no_in": dict(instance_norm=False),
+    "cankd_no_skip": dict(skip=False),
+    "cankd_gaussian": dict(attention="gaussian"),
+    "cankd_embedded_gaussian": dict(attention="embedded_gaussian"),
+    "cankd_concatenation": dict(attention="concatenation"),
+}
+
+PRESET_LOSSES = (*_PRESETS, *ABLATIONS)
+
+
+def preset(loss: str) -> tuple[str, dict[str, Any]]:
+    """`(registry name, options)` of the preset `loss` (an ablation is the `cankd` loss with its option changed)."""
+    if loss in ABLATIONS:
+        return "cankd", {**_PRESETS["cankd"][2], **ABLATIONS[loss]}
+    if loss not in _PRESETS:
+        raise ValueError(f"no preset for loss {loss!r}; presets exist for {', '.join(PRESET_LOSSES)}")
+    return loss, dict(_PRESETS[loss][2])
 
 
 def distill_term(loss: str, *, student_channels: int, teacher_channels: int, feature: str = "layer4",
@@ -38,7 +58,8 @@ def distill_term(loss: str, *, student_channels: int, teacher_channels: int, fea
     """The `distill` entry for `loss` between the student's and teacher's `feature` maps.
 
     Args:
-      loss: a name in `PRESET_LOSSES`.
+      loss: a name in `PRESET_LOSSES` (it also names the term, so `params['distill'][loss]` holds its
+        connector and loss parameters).
       student_channels, teacher_channels: widths of `feature` in each network; a
         1x1 connector maps the student's to the teacher's when the loss needs
         equal widths and they differ (the paper's 512 -> 2048).
@@ -47,20 +68,19 @@ def distill_term(loss: str, *, student_channels: int, teacher_channels: int, fea
       logits: the output read by losses on logits (CWD).
       options: the loss's options over the preset's (e.g. a pairing's own `loss_weight`).
     """
-    if loss not in _PRESETS:
-        raise ValueError(f"no preset for loss {loss!r}; presets exist for {', '.join(PRESET_LOSSES)}")
-    reads, same_width, preset = _PRESETS[loss]
-    options = {**preset, **options}
+    registered, preset_options = preset(loss)
+    reads, same_width, _ = _PRESETS[registered]
+    options = {**preset_options, **options}
     connector = 0
     if reads == "feature" and same_width and student_channels != teacher_channels:
         connector = teacher_channels
-    if loss in ("cankd", "nonlocal_self"):
+    if registered in ("cankd", "nonlocal_self"):
         options["in_channels"] = teacher_channels
-    if loss == "mgd":
+    if registered == "mgd":
         options["teacher_channels"] = teacher_channels
     t_name = feature if reads == "feature" else logits
     s_name = (student_feature or feature) if reads == "feature" else logits
-    return dict(name=loss, loss=loss, student_feature=s_name, teacher_feature=t_name, connector=connector,
+    return dict(name=loss, loss=registered, student_feature=s_name, teacher_feature=t_name, connector=connector,
                 weight=weight, options=options)
 
 

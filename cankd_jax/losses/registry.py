@@ -11,6 +11,7 @@ from cankd_jax.losses.at import ATLoss
 from cankd_jax.losses.cankd import CanKDLoss, SelfNonLocalLoss
 from cankd_jax.losses.cwd import CWDLoss
 from cankd_jax.losses.fitnet import L2Loss
+from cankd_jax.losses.in_mse import INMSELoss
 from cankd_jax.losses.mgd import MGDLoss
 from cankd_jax.losses.pkd import PKDLoss
 
@@ -23,6 +24,7 @@ LOSSES: dict[str, type[nn.Module]] = {
     "mgd": MGDLoss,
     "cwd": CWDLoss,
     "at": ATLoss,
+    "in_mse": INMSELoss,
 }
 
 _MODULE_FIELDS = {"parent", "name"}

@@ -1,0 +1,579 @@
+"""Seeded distillation study: every loss against the student alone and CanKD, several seeds, error bars.
+
+    python benchmarks/kd_study.py --study demo --seeds 5            # run (or resume) the grid, then report
+    python benchmarks/kd_study.py --study demo --report              # table.md and chart.png from cells.csv alone
+    python benchmarks/kd_study.py --study demo --plan                # list the cells and which are finished
+
+A *cell* is (setting, loss, seed): one ordinary training run (`train_and_evaluate`, resumable) in its own
+workdir `ROOT/<study>/<setting>/<loss>/seed<k>`, trained in a child process so a study of ~100 runs never
+accumulates compiled programs in one process. Finished cells are skipped, an interrupted one resumes from its
+newest checkpoint, so a study may be stopped (SIGTERM or Ctrl-C: the running cell saves a checkpoint first) and
+continued in later sittings, or extended by more seeds (`--seeds 8`) or losses (`--losses`).
+
+Each setting trains ONE teacher (seed 0), just before the setting's first cell, that every loss and seed of
+that setting distils from: the teacher is the most expensive run of a setting (twice the student's steps at
+twice its width), and one shared teacher makes every comparison paired (same teacher, same seed = same student initialisation and data order, only the loss
+differs). The spread over seeds is therefore that of the student's initialisation and data order for a fixed
+teacher; teacher-to-teacher variation is not part of it.
+
+A seed sets the config's `seed`: the student's (and the loss modules') initialisation and the training data
+order (a function of (seed, step)). Seed 0 at the demo setting runs `configs/demo.py`'s phases unchanged
+(its numbers differ from the README's older one-seed table: that was measured before the data order became
+one global order, commit b87ed7b).
+
+Every loss runs at its preset (`cankd_jax/losses/presets.py`; the ablations are CanKD's preset with one option
+changed); no weight is retuned for this toy problem, so no sweep is run and no seed is held out.
+
+Results go to `results/<study>/`: `cells.csv` (one row per finished cell: setting, loss, seed, metric, steps,
+wall seconds, teacher metric, load; and one per setting for its teacher, loss 'teacher'), `table.md` and `chart.png`. `--commit` commits them (in the current git
+work tree) as cells finish, at most every `--commit-every` seconds and at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from typing import Any, Optional
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEMO_CONFIG = os.path.join(ROOT, "configs", "demo.py")
+
+# The paper's ablations of CanKD, then the baselines; 'none' is the student alone.
+ALL_LOSSES = ("none", "cankd", "cankd_no_in", "cankd_no_skip", "cankd_gaussian", "cankd_embedded_gaussian",
+              "cankd_concatenation", "in_mse", "nonlocal_self", "fitnet", "pkd", "mgd", "cwd", "at")
+LARGE_LOSSES = ("none", "cankd", "in_mse", "nonlocal_self", "fitnet", "pkd", "cwd")
+LABELS = {
+    "none": "student alone", "cankd": "CanKD", "cankd_no_in": "CanKD w/o IN", "cankd_no_skip": "CanKD w/o skip",
+    "cankd_gaussian": "CanKD gaussian", "cankd_embedded_gaussian": "CanKD emb. gaussian",
+    "cankd_concatenation": "CanKD concatenation", "in_mse": "IN only (no block)",
+    "nonlocal_self": "self-attn non-local", "fitnet": "FitNet", "pkd": "PKD", "mgd": "MGD", "cwd": "CWD", "at": "AT",
+}
+TEACHER_SEED = 0
+CSV_FIELDS = ("setting", "loss", "seed", "metric", "value", "steps", "wall_s", "teacher_value", "status",
+              "load_start", "load_end", "sittings")
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    """One problem size: the demo's networks and data at `image_size`, with these step counts."""
+
+    image_size: int
+    steps: int            # each student cell
+    teacher_steps: int
+    batch_size: int = 16
+    eval_every: int = 0   # 0: the demo's
+    num_train: int = 2000
+    num_test: int = 500
+    description: str = ""
+
+
+SETTINGS: dict[str, Setting] = {
+    # configs/demo.py unchanged: 64x64 images, layer4 8x8.
+    "demo": Setting(64, 1000, 2000, description="64x64 images, layer4 8x8 (configs/demo.py as it is)"),
+    # Four times the pixels, layer4 16x16 (256 query and 64 pooled key positions instead of 64 and 16):
+    # the same networks, half the student steps, so a cell costs about twice a demo cell.
+    "large": Setting(128, 500, 2000, eval_every=500,
+                     description="128x128 images, layer4 16x16, the demo's teacher recipe, half the student steps"),
+    # For tests and a first look: seconds per cell.
+    "tiny": Setting(32, 3, 4, batch_size=4, eval_every=3, num_train=32, num_test=8, description="harness test"),
+}
+
+STUDIES: dict[str, dict[str, tuple[str, ...]]] = {
+    "demo": {"demo": ALL_LOSSES, "large": LARGE_LOSSES},
+    "tiny": {"tiny": ("none", "cankd", "in_mse")},
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Cell:
+    setting: str
+    loss: str
+    seed: int
+
+    @property
+    def key(self) -> tuple[str, str, int]:
+        return self.setting, self.loss, self.seed
+
+
+# --- configs -------------------------------------------------------------------------------------------------
+
+
+def setting_dir(root: str, study: str, setting: str) -> str:
+    return os.path.join(root, study, setting)
+
+
+def cell_dir(root: str, study: str, cell: Cell) -> str:
+    return os.path.join(setting_dir(root, study, cell.setting), cell.loss, f"seed{cell.seed}")
+
+
+def teacher_dir(root: str, study: str, setting: str) -> str:
+    return os.path.join(setting_dir(root, study, setting), "teacher")
+
+
+def run_config(setting: str, loss: str, seed: int, *, root: str, study: str, data_dir: str = ""):
+    """The config of one cell (`loss='teacher'` for the setting's teacher): a phase of configs/demo.py, resized."""
+    from cankd_jax.config_arg import load_config  # noqa: PLC0415 - keep --report free of JAX
+    from cankd_jax.train.runner import phase_config  # noqa: PLC0415
+
+    s = SETTINGS[setting]
+    phase = {"none": "student"}.get(loss, loss)
+    base = load_config(DEMO_CONFIG, "" if loss in ("none", "teacher") else f"loss={loss}")
+    # The teacher checkpoint '{workdir}/teacher/export' resolves to this setting's shared teacher.
+    cfg = phase_config(base, phase, setting_dir(root, study, setting))
+    cfg.seed = TEACHER_SEED if loss == "teacher" else int(seed)
+    cfg.total_steps = s.teacher_steps if loss == "teacher" else s.steps
+    cfg.batch_size = s.batch_size
+    if s.eval_every:
+        cfg.eval_every = s.eval_every
+    cfg.checkpoint_every = min(cfg.checkpoint_every, cfg.total_steps)
+    cfg.data.image_size = s.image_size
+    cfg.data.num_train, cfg.data.num_test = s.num_train, s.num_test
+    cfg.data.eval_batch_size = min(cfg.data.eval_batch_size, s.num_test)
+    if data_dir:
+        cfg.data.data_dir = data_dir
+    # Only the teacher's export is read later (by the cells); the students' .pth would only cost time.
+    cfg.export.pytorch = False
+    # The teacher's held-out number is measured once, by its own run (the same for every cell of the setting).
+    cfg.evaluate_teacher = False
+    return cfg
+
+
+# --- the grid -------------------------------------------------------------------------------------------------
+
+
+def grid(study: str, seeds: int, settings: Optional[list[str]] = None,
+         losses: Optional[list[str]] = None) -> list[Cell]:
+    """Seed-major order (seed 0 of every setting and loss first), so a stopped study has whole seeds."""
+    plan = STUDIES[study]
+    out = []
+    for seed in range(seeds):
+        for setting, setting_losses in plan.items():
+            if settings and setting not in settings:
+                continue
+            for loss in (losses or setting_losses):
+                out.append(Cell(setting, loss, seed))
+    return out
+
+
+def read_summary(workdir: str) -> Optional[dict]:
+    path = os.path.join(workdir, "summary.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def finished(workdir: str) -> bool:
+    s = read_summary(workdir)
+    return bool(s and s.get("finished"))
+
+
+def read_cells(path: str) -> dict[tuple[str, str, int], dict[str, Any]]:
+    if not os.path.exists(path):
+        return {}
+    with open(path, newline="") as f:
+        return {(r["setting"], r["loss"], int(r["seed"])): r for r in csv.DictReader(f)}
+
+
+def write_cells(path: str, rows: dict[tuple[str, str, int], dict[str, Any]]) -> None:
+    order = {name: i for i, name in enumerate(("teacher", *ALL_LOSSES))}
+    keyed = sorted(rows.values(), key=lambda r: (r["setting"], order.get(r["loss"], 99), r["loss"], int(r["seed"])))
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(keyed)
+    os.replace(tmp, path)
+
+
+def _load() -> float:
+    return round(os.getloadavg()[0], 2)
+
+
+class Stop(Exception):
+    pass
+
+
+def run_child(args: list[str], log_path: str, cache_dir: str) -> tuple[int, float, float, float]:
+    """Run the child; on SIGTERM/SIGINT to us, pass SIGTERM on (it saves a checkpoint) and raise Stop after it exits.
+
+    Returns `(returncode, wall seconds, load at start, load at end)`.
+    """
+    load0, t0 = _load(), time.time()
+    with open(log_path, "a") as log:
+        proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), *args], stdout=log,
+                                stderr=subprocess.STDOUT, cwd=ROOT, env=_child_env(cache_dir))
+        stopping = []
+
+        def forward(signum, frame):  # noqa: ARG001
+            stopping.append(signum)
+            proc.send_signal(signal.SIGTERM)
+
+        old = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            rc = proc.wait()
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+    wall = time.time() - t0
+    if stopping:
+        raise Stop((rc, wall, load0, _load()))
+    return rc, wall, load0, _load()
+
+
+def _child_env(cache_dir: str) -> dict[str, str]:
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    # One XLA compilation cache per study: the seeds of a loss compile the same programs (the seed is data, not
+    # code), so only the first seed of each (setting, loss) pays for compiling. It changes no number.
+    env.setdefault("JAX_COMPILATION_CACHE_DIR", cache_dir)
+    env.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
+    env["PYTHONPATH"] = ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
+
+
+def _record_sitting(workdir: str, wall: float, load0: float, load1: float, rc: int) -> dict:
+    """Append one sitting (one child process) to `workdir/study_cell.json`; returns the record."""
+    path = os.path.join(workdir, "study_cell.json")
+    rec = {"sittings": []}
+    if os.path.exists(path):
+        with open(path) as f:
+            rec = json.load(f)
+    rec["sittings"].append({"wall_s": round(wall, 1), "load_start": load0, "load_end": load1, "returncode": rc,
+                            "ended": time.strftime("%Y-%m-%d %H:%M:%S")})
+    os.makedirs(workdir, exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(rec, f, indent=2)
+    return rec
+
+
+def cell_row(cell: Cell, workdir: str, teacher_value: Optional[float]) -> dict[str, Any]:
+    """The cells.csv row of a finished (or failed) cell, from its summary.json and study_cell.json."""
+    summary = read_summary(workdir) or {}
+    rec_path = os.path.join(workdir, "study_cell.json")
+    sittings = []
+    if os.path.exists(rec_path):
+        with open(rec_path) as f:
+            sittings = json.load(f)["sittings"]
+    value = (summary.get("eval") or {}).get(summary.get("metric", "mIoU"))
+    ok = bool(summary.get("finished")) and isinstance(value, float)
+    if ok and not sittings:
+        # The run finished but the study was stopped before it recorded the sitting: the run's own files date
+        # it (config.json is written at its start, summary.json at its end; the process start-up is not counted).
+        start, end = (os.path.getmtime(os.path.join(workdir, f)) for f in ("config.json", "summary.json"))
+        sittings = [{"wall_s": round(end - start, 1), "load_start": "", "load_end": ""}]
+    return dict(setting=cell.setting, loss=cell.loss, seed=cell.seed, metric=summary.get("metric", "mIoU"),
+                value=f"{100 * value:.2f}" if ok else "", steps=summary.get("step", ""),
+                wall_s=f"{sum(s['wall_s'] for s in sittings):.1f}",
+                teacher_value=f"{100 * teacher_value:.2f}" if teacher_value is not None else "",
+                status="ok" if ok else "failed",
+                load_start=sittings[0]["load_start"] if sittings else "",
+                load_end=sittings[-1]["load_end"] if sittings else "", sittings=len(sittings))
+
+
+def teacher_value(root: str, study: str, setting: str) -> Optional[float]:
+    s = read_summary(teacher_dir(root, study, setting))
+    if not (s and s.get("finished")):
+        return None
+    return (s.get("eval") or {}).get(s.get("metric", "mIoU"))
+
+
+def _git_commit(paths: list[str], message: str) -> None:
+    """Commit `paths` (only them) in the git work tree that holds them (the results may live outside ROOT)."""
+    cwd = os.path.dirname(os.path.abspath(paths[0]))
+    paths = [os.path.abspath(p) for p in paths]
+    subprocess.run(["git", "add", "--", *paths], cwd=cwd, check=False)
+    diff = subprocess.run(["git", "diff", "--cached", "--quiet", "--", *paths], cwd=cwd)
+    if diff.returncode:
+        subprocess.run(["git", "commit", "-q", "-m", message, "--", *paths], cwd=cwd, check=False)
+
+
+def run_study(a: argparse.Namespace) -> None:
+    out = os.path.join(a.results, a.study)
+    csv_path = os.path.join(out, "cells.csv")
+    rows = read_cells(csv_path)
+    cells = grid(a.study, a.seeds, a.settings, a.losses)
+    data_dir = a.data_dir or os.path.join(a.root, "tfds")
+    os.makedirs(os.path.join(a.root, a.study), exist_ok=True)
+    log_path = os.path.join(a.root, a.study, "cells.log")
+    cache_dir = os.path.join(a.root, a.study, "xla_cache")
+    last_commit = time.time()
+    done_now = 0
+    t_start = time.time()
+
+    def say(msg: str) -> None:
+        print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+    def commit(force: bool = False) -> None:
+        nonlocal last_commit
+        if a.commit and (force or time.time() - last_commit >= a.commit_every):
+            report(a.study, a.results)
+            n = sum(1 for r in read_cells(csv_path).values() if r["status"] == "ok")
+            if not n:
+                return
+            _git_commit([out], f"kd_study {a.study}: {n} cells finished")
+            last_commit = time.time()
+
+    def ensure_teacher(setting: str) -> None:
+        """Train the setting's shared teacher if it has not finished (when its first cell needs it)."""
+        nonlocal workdir
+        tdir = workdir = teacher_dir(a.root, a.study, setting)
+        if finished(tdir):
+            record_teacher(setting, tdir)
+            return
+        say(f"{setting}: training the shared teacher in {tdir} (load {_load()})")
+        rc, wall, l0, l1 = run_child(["--_cell", a.study, setting, "teacher", str(TEACHER_SEED),
+                                      a.root, data_dir, tdir], log_path, cache_dir)
+        _record_sitting(tdir, wall, l0, l1, rc)
+        if rc:
+            raise SystemExit(f"the {setting} teacher failed (exit {rc}); see {log_path}")
+        say(f"{setting}: teacher done in {wall:.0f} s, held-out {100 * teacher_value(a.root, a.study, setting):.2f}")
+        record_teacher(setting, tdir)
+
+    def record_teacher(setting: str, tdir: str) -> None:
+        """The teacher's row (loss 'teacher', seed 0): its metric and wall time, so cells.csv holds every run."""
+        key = (setting, "teacher", TEACHER_SEED)
+        if key not in rows:
+            rows[key] = cell_row(Cell(*key), tdir, teacher_value(a.root, a.study, setting))
+            write_cells(csv_path, rows)
+
+    workdir = ""
+    try:
+        for i, cell in enumerate(cells):
+            if a.max_cells and done_now >= a.max_cells:
+                say(f"stopping after {done_now} cells (--max-cells)")
+                break
+            prev = rows.get(cell.key)
+            if prev and (prev["status"] == "ok" or not a.retry_failed):
+                continue
+            ensure_teacher(cell.setting)
+            workdir = cell_dir(a.root, a.study, cell)
+            t_val = teacher_value(a.root, a.study, cell.setting)
+            if not finished(workdir):
+                say(f"cell {i + 1}/{len(cells)} {cell.setting} {cell.loss} seed {cell.seed} (load {_load()})")
+                rc, wall, l0, l1 = run_child(["--_cell", a.study, cell.setting, cell.loss, str(cell.seed),
+                                              a.root, data_dir, workdir], log_path, cache_dir)
+                _record_sitting(workdir, wall, l0, l1, rc)
+                done_now += 1
+            rows[cell.key] = cell_row(cell, workdir, t_val)
+            write_cells(csv_path, rows)
+            r = rows[cell.key]
+            say(f"  -> {r['status']} {r['value']} mIoU, {r['wall_s']} s")
+            commit()
+    except Stop as e:
+        rc, wall, l0, l1 = e.args[0]
+        if workdir and os.path.isdir(workdir):
+            _record_sitting(workdir, wall, l0, l1, rc)
+        say("stopped: the running cell saved a checkpoint and resumes on the next run")
+    finally:
+        write_cells(csv_path, rows)
+        commit(force=True)
+    left = [c for c in cells if rows.get(c.key, {}).get("status") != "ok"]
+    say(f"{len(cells) - len(left)}/{len(cells)} cells finished ({time.time() - t_start:.0f} s this sitting); "
+        f"{len(left)} left")
+    report(a.study, a.results)
+
+
+def run_cell(study: str, setting: str, loss: str, seed: str, root: str, data_dir: str, workdir: str) -> None:
+    """Child process: one cell's training run (resumes if its workdir holds checkpoints)."""
+    import logging  # noqa: PLC0415
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from absl import logging as absl_logging  # noqa: PLC0415
+
+    absl_logging.set_verbosity(absl_logging.WARNING)
+    from cankd_jax.train.trainer import train_and_evaluate  # noqa: PLC0415
+
+    cfg = run_config(setting, loss, int(seed), root=root, study=study, data_dir=data_dir)
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        json.dump(cfg.to_dict(), f, indent=2, default=lambda o: o.to_dict() if hasattr(o, "to_dict") else str(o))
+    print(f"=== {study} {setting} {loss} seed {seed} -> {workdir}", flush=True)
+    summary = train_and_evaluate(cfg, workdir)
+    print(f"=== done: step {summary.get('step')} eval {summary.get('eval')}", flush=True)
+
+
+# --- the report -----------------------------------------------------------------------------------------------
+
+
+def _mean_std(xs: list[float]) -> tuple[float, float]:
+    m = sum(xs) / len(xs)
+    sd = math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else float("nan")
+    return m, sd
+
+
+def _pm(m: float, sd: float) -> str:
+    return f"{m:.2f} ± {sd:.2f}" if math.isfinite(sd) else f"{m:.2f}"
+
+
+def _paired(a: dict[int, float], b: dict[int, float]) -> Optional[tuple[float, float, int, int]]:
+    """Mean and std of a - b over the seeds both have, and on how many of them a > b."""
+    seeds = sorted(set(a) & set(b))
+    if not seeds:
+        return None
+    d = [a[s] - b[s] for s in seeds]
+    m, sd = _mean_std(d)
+    return m, sd, sum(x > 0 for x in d), len(d)
+
+
+def summarize(rows: list[dict[str, Any]]) -> dict[str, dict[str, dict[int, float]]]:
+    """setting -> loss -> seed -> value (finished cells only), settings and losses in study order."""
+    out: dict[str, dict[str, dict[int, float]]] = {}
+    order = {name: i for i, name in enumerate(ALL_LOSSES)}
+    for r in sorted(rows, key=lambda r: (list(SETTINGS).index(r["setting"]) if r["setting"] in SETTINGS else 99,
+                                         order.get(r["loss"], 99), int(r["seed"]))):
+        if r["status"] == "ok" and r["value"] != "" and r["loss"] != "teacher":
+            out.setdefault(r["setting"], {}).setdefault(r["loss"], {})[int(r["seed"])] = float(r["value"])
+    return out
+
+
+def table_markdown(rows: list[dict[str, Any]], study: str) -> str:
+    data = summarize(rows)
+    failed = [r for r in rows if r["status"] != "ok"]
+    walls = [float(r["wall_s"]) for r in rows if r["wall_s"]]
+    lines = [f"# Study `{study}`: held-out mIoU (%), mean ± std over seeds", "",
+             "Generated from `cells.csv` by `python benchmarks/kd_study.py --study "
+             f"{study} --report`. Every loss at its preset (`cankd_jax/losses/presets.py`; an ablation is CanKD's "
+             "preset with one option changed); no weight was retuned, so no sweep was run and no seed is held out. "
+             "One teacher per setting (seed 0), shared by every loss and seed; a seed sets the student's "
+             "initialisation and the data order. Paired differences are over the seeds both runs have "
+             "(mean ± std of the per-seed difference); 'k/n' counts the seeds on which the first is higher.", ""]
+    for setting, losses in data.items():
+        teacher = next((r["teacher_value"] for r in rows if r["setting"] == setting and r["teacher_value"]), "")
+        t_row = next((r for r in rows if r["setting"] == setting and r["loss"] == "teacher"), None)
+        t_steps = f" ({t_row['steps']} steps, {float(t_row['wall_s']):.0f} s)" if t_row and t_row["wall_s"] else ""
+        s = SETTINGS.get(setting)
+        steps = next((r["steps"] for r in rows if r["setting"] == setting and r["status"] == "ok"
+                      and r["loss"] != "teacher"), "")
+        lines += [f"## Setting `{setting}`" + (f": {s.description}" if s else ""), "",
+                  f"Teacher: {teacher} mIoU{t_steps}. Student steps: {steps}.", "",
+                  "| loss | seeds | mIoU | vs student alone | better than alone | vs CanKD | CanKD better | s/cell |",
+                  "|---|---|---|---|---|---|---|---|"]
+        alone, cankd = losses.get("none", {}), losses.get("cankd", {})
+        for loss, by_seed in losses.items():
+            m, sd = _mean_std(list(by_seed.values()))
+            cols = [f"{LABELS.get(loss, loss)} (`{loss}`)", str(len(by_seed)), _pm(m, sd)]
+            p = _paired(by_seed, alone) if loss != "none" else None
+            cols += [f"{p[0]:+.2f} ± {p[1]:.2f}" if p and math.isfinite(p[1]) else (f"{p[0]:+.2f}" if p else "-"),
+                     f"{p[2]}/{p[3]}" if p else "-"]
+            q = _paired(cankd, by_seed) if loss != "cankd" else None
+            cols += [f"{-q[0]:+.2f} ± {q[1]:.2f}" if q and math.isfinite(q[1]) else (f"{-q[0]:+.2f}" if q else "-"),
+                     f"CanKD > {LABELS.get(loss, loss)} on {q[2]} of {q[3]}" if q else "-"]
+            w = [float(r["wall_s"]) for r in rows if r["setting"] == setting and r["loss"] == loss and r["wall_s"]]
+            cols.append(f"{sum(w) / len(w):.0f}" if w else "-")
+            lines.append("| " + " | ".join(cols) + " |")
+        lines.append("")
+    if failed:
+        lines += ["Failed cells (not in the means): " + ", ".join(
+            f"{r['setting']}/{r['loss']}/seed{r['seed']}" for r in failed), ""]
+    if walls:
+        t_walls = [float(r["wall_s"]) for r in rows if r["wall_s"] and r["loss"] == "teacher"]
+        lines += [f"Wall time: {sum(walls) / 3600:.2f} h in total: {len(walls) - len(t_walls)} cells "
+                  f"({(sum(walls) - sum(t_walls)) / 3600:.2f} h) and {len(t_walls)} teachers "
+                  f"({sum(t_walls) / 3600:.2f} h), on a 2-core CPU machine shared with other work (per-run times "
+                  "and 1-minute load averages at start and end in `cells.csv`; each run's time includes starting "
+                  "Python and JAX, compiling (cached across the seeds of a loss), training, evaluating and "
+                  "exporting).", ""]
+    return "\n".join(lines)
+
+
+def chart(rows: list[dict[str, Any]], path: str, study: str) -> None:
+    import matplotlib  # noqa: PLC0415
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    data = summarize(rows)
+    settings = list(data)
+    losses = [name for name in ALL_LOSSES if any(name in data[s] for s in settings)]
+    losses += sorted({name for s in settings for name in data[s]} - set(losses))
+    width = 0.8 / max(len(losses), 1)
+    fig, ax = plt.subplots(figsize=(max(8, 1.2 + 0.55 * len(losses) * len(settings)), 4.8), dpi=120)
+    cmap = plt.get_cmap("tab20")
+    for j, loss in enumerate(losses):
+        xs, ms, sds = [], [], []
+        for i, s in enumerate(settings):
+            if loss in data[s]:
+                m, sd = _mean_std(list(data[s][loss].values()))
+                xs.append(i + (j - (len(losses) - 1) / 2) * width)
+                ms.append(m)
+                sds.append(sd if math.isfinite(sd) else 0.0)
+        ax.bar(xs, ms, width * 0.92, yerr=sds, capsize=2, color=cmap(j % 20), label=LABELS.get(loss, loss),
+               edgecolor="black" if loss in ("none", "cankd") else "none", linewidth=0.8)
+    ax.set_xticks(range(len(settings)))
+    ax.set_xticklabels([f"{s} (n={max(len(v) for v in data[s].values())} seeds)" for s in settings])
+    ax.set_ylabel("held-out mIoU (%)")
+    ax.set_title(f"kd_study '{study}': mean ± std over seeds, every loss at its preset")
+    ax.legend(ncol=2, fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def report(study: str, results: str) -> None:
+    out = os.path.join(results, study)
+    rows = list(read_cells(os.path.join(out, "cells.csv")).values())
+    if not rows:
+        print(f"no cells in {out}/cells.csv yet")
+        return
+    with open(os.path.join(out, "table.md"), "w") as f:
+        f.write(table_markdown(rows, study))
+    chart(rows, os.path.join(out, "chart.png"), study)
+
+
+def plan(a: argparse.Namespace) -> None:
+    rows = read_cells(os.path.join(a.results, a.study, "cells.csv"))
+    cells = grid(a.study, a.seeds, a.settings, a.losses)
+    for c in cells:
+        r = rows.get(c.key)
+        state = r["status"] if r else ("on disk" if finished(cell_dir(a.root, a.study, c)) else "to run")
+        print(f"{c.setting:6s} {c.loss:24s} seed {c.seed}: {state}")
+    print(f"{sum(1 for c in cells if rows.get(c.key, {}).get('status') == 'ok')}/{len(cells)} recorded")
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "--_cell":
+        run_cell(*argv[1:])
+        return
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--study", default="demo", choices=sorted(STUDIES))
+    p.add_argument("--seeds", type=int, default=5, help="seeds 0 .. N-1 of every cell")
+    p.add_argument("--settings", type=lambda s: s.split(","), default=None, help="only these settings (a,b)")
+    p.add_argument("--losses", type=lambda s: s.split(","), default=None, help="only / also these losses (a,b)")
+    p.add_argument("--root", default=os.path.join(ROOT, "runs", "kd_study"), help="where the cells' workdirs go")
+    p.add_argument("--results", default=os.path.join(ROOT, "results"), help="cells.csv, table.md, chart.png go "
+                   "to RESULTS/<study>/")
+    p.add_argument("--data-dir", default="", help="TFDS dir for the synthetic sets (default ROOT/tfds)")
+    p.add_argument("--report", action="store_true", help="only regenerate table.md and chart.png from cells.csv")
+    p.add_argument("--plan", action="store_true", help="list the cells and their state, run nothing")
+    p.add_argument("--max-cells", type=int, default=0, help="stop after training this many cells (0: all)")
+    p.add_argument("--retry-failed", action="store_true", help="run cells recorded as failed again")
+    p.add_argument("--commit", action="store_true", help="git-commit results/<study>/ as cells finish")
+    p.add_argument("--commit-every", type=float, default=900.0, help="seconds between commits with --commit")
+    a = p.parse_args(argv)
+    for name in a.settings or []:
+        if name not in SETTINGS:
+            p.error(f"unknown setting {name!r}; choose from {', '.join(SETTINGS)}")
+    for name in a.losses or []:
+        if name not in LABELS:
+            p.error(f"unknown loss {name!r}; choose from {', '.join(LABELS)}")
+    if a.report:
+        report(a.study, a.results)
+    elif a.plan:
+        plan(a)
+    else:
+        run_study(a)
+
+
+if __name__ == "__main__":
+    main()

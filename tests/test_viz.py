@@ -1,0 +1,75 @@
+"""`python -m cankd_jax.viz`: the attention it draws is the loss's own matrix, and it writes the picture.
+
+The workdir is smoke-sized and made without training (random teacher and student exports, an initial CanKD
+state saved as the cankd phase's checkpoint, the smoke config standing in for the demo's): the picture's
+machinery does not depend on training."""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from cankd_jax import models, viz
+from cankd_jax.config_arg import load_config
+from cankd_jax.train import build
+from cankd_jax.train.checkpoint import Checkpointer
+from cankd_jax.train.export import export_student
+from cankd_jax.train.sharding import make_mesh
+from cankd_jax.train.state import create_sharded_state
+
+SMOKE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "smoke.py")
+
+
+@pytest.fixture(scope="module")
+def smoke_workdir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("viz_workdir")
+    cfg = load_config(SMOKE)
+    cfg.data.data_dir = str(root / "data")
+    sample = np.zeros((1, 32, 32, 3), np.float32)
+    for i, (phase, block) in enumerate((("teacher", cfg.teacher), ("student", cfg.student))):
+        net = models.make_network(block, num_classes=cfg.task.num_classes)
+        export_student(net, net.init(jax.random.key(i + 1), sample, train=False), str(root / phase / "export"),
+                       pytorch=False)
+    cfg.teacher.checkpoint, cfg.teacher.random_init = str(root / "teacher" / "export"), False
+    mesh = make_mesh()
+    run = build.build_run(cfg, mesh)
+    state, _ = create_sharded_state(run.init_variables, run.tx, 3, mesh)
+    ckpt = Checkpointer(str(root / "cankd" / "checkpoints"))
+    ckpt.save(1, state, {"train": {}})
+    ckpt.close()
+    return root
+
+
+def test_the_drawn_attention_row_is_the_row_of_the_loss_s_literal_matrix(smoke_workdir):
+    d = viz.collect(*(str(smoke_workdir / k) for k in ("teacher", "student", "cankd")), indices=(0, 1),
+                    config_path=SMOKE, data_dir=str(smoke_workdir / "data"))
+    quadratic = d["loss"].clone(impl="quadratic")
+    _, inter = quadratic.apply(d["loss_variables"], d["student_map"], d["teacher_map"], train=False,
+                               mutable=["intermediates"])
+    matrix = np.asarray(inter["intermediates"]["non_local_att"]["attention"][0])  # (B, P, N)
+    b, h, w, _ = d["student_map"].shape
+    assert matrix.shape == (b, h * w, (h // 2) * (w // 2))
+    size = d["raw"].shape[1:3]
+    for img in range(b):
+        assert len(d["pixels"][img]) == 3
+        for i, (y, x) in enumerate(d["pixels"][img]):
+            row = d["rows"][img, i]
+            np.testing.assert_allclose(row.ravel(), matrix[img, y * w + x], rtol=1e-5,
+                                       atol=1e-6 * np.abs(matrix[img]).max())
+            up = viz.upsample_nearest(row, size)  # what is drawn: each pooled position as its block of pixels
+            sy, sx = size[0] // row.shape[0], size[1] // row.shape[1]
+            np.testing.assert_array_equal(up[::sy, ::sx], row)
+    assert float(np.abs(d["rows"]).max()) > 0
+
+
+def test_the_command_writes_a_png_of_the_expected_size(smoke_workdir, tmp_path):
+    out = tmp_path / "attention.png"
+    # The layout train.py gives a config with phases: WORKDIR/{teacher,student,cankd}, the config named here.
+    viz.main(["--workdir", str(smoke_workdir), "--config", SMOKE, "--data-dir", str(smoke_workdir / "data"),
+              "--out", str(out), "--indices", "0,1", "--dpi", "40"])
+    with Image.open(out) as im:
+        assert im.size == viz.figure_pixels(2, 40)
