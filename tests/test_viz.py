@@ -19,7 +19,7 @@ from cankd_jax.train import build
 from cankd_jax.train.checkpoint import Checkpointer
 from cankd_jax.train.export import export_student
 from cankd_jax.train.sharding import make_mesh
-from cankd_jax.train.state import create_sharded_state
+from cankd_jax.train.state import plan_state
 
 SMOKE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "smoke.py")
 
@@ -37,7 +37,7 @@ def smoke_workdir(tmp_path_factory):
     cfg.teacher.checkpoint, cfg.teacher.random_init = str(root / "teacher" / "export"), False
     mesh = make_mesh()
     run = build.build_run(cfg, mesh)
-    state, _ = create_sharded_state(run.init_variables, run.tx, 3, mesh)
+    state = plan_state(run.init_variables, run.tx, 3, mesh).init()
     ckpt = Checkpointer(str(root / "cankd" / "checkpoints"))
     ckpt.save(1, state, {"train": {}})
     ckpt.close()
