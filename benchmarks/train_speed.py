@@ -8,7 +8,7 @@ measured:
   demo        configs/demo.py: FCN R18-d8 students on 64x64 synthetic scenes, batch 16
   dlv3        configs/cityscapes.py: DeepLabV3 R101-d8 -> R18-d8, 512x1024 crops, batch 8
   pspnet      configs/cityscapes.py:head=pspnet: PSPNet R101-d8 -> R18-d8, likewise
-  det_demo    configs/detection_demo.py: RetinaNet R18 w8 students on 128x128 synthetic scenes, batch 16
+  det_demo    configs/detection_demo.py: FCOS R18 w8 students on 128x128 synthetic scenes, batch 8
   retinanet   configs/coco.py: RetinaNet R101 trunk -> RetinaNet R50, distilled on P3-P6 (four loss modules),
               800x1344 (the landscape bucket of 1333x800) x 2 per device
   fcos        configs/coco.py:detector=fcos: FCOS R101-caffe trunk -> FCOS R50-caffe, likewise
