@@ -1,58 +1,100 @@
-"""Train-step throughput with and without the distillation loss: what CanKD costs per step.
+"""The train step: what distillation costs per step, the same step in PyTorch, and accelerator figures.
 
 Each case is one of our configs, built exactly as `train.py` builds it (networks,
 connector, loss, optimizer, sharded state, the jitted and donated step), fed
 random batches of the config's global batch so the input pipeline is not
 measured:
 
-  demo        configs/demo.py: FCN R18-d8 students on 64x64 synthetic scenes, batch 16
+  demo        configs/demo.py: FCN R18-d8 w16 -> w8 on 64x64 synthetic scenes, batch 16
   dlv3        configs/cityscapes.py: DeepLabV3 R101-d8 -> R18-d8, 512x1024 crops, batch 8
   pspnet      configs/cityscapes.py:head=pspnet: PSPNet R101-d8 -> R18-d8, likewise
 
-For each: the student alone (task loss only); the student distilled with
-CanKD (teacher forward in inference mode + connector + CanKD loss + the task);
-and, to separate the teacher's forward pass from the loss itself, the student
-distilled with FitNet (the same teacher forward and connector, then a plain
-MSE). Overheads are extra time per step relative to the student alone. On a CPU backend the
+For each: the student alone (task loss only); the student distilled with the
+loss (teacher forward in inference mode + connector + loss + the task); the
+student distilled with FitNet (the same teacher forward and connector, then a
+plain MSE), so the loss's own cost shows; and the same distillation step in
+PyTorch, eager: the project's PyTorch formulations of the networks
+(`tests/torch_models_reference.py`) and of the loss (`tests/torch_reference.py`,
+the authors' literal order), the same shapes, the config's optimizer (SGD with
+momentum and weight decay; the demo's AdamW), the teacher's backbone in eval
+mode under `no_grad` (what our step computes of it: XLA drops the unused
+heads), as many threads as the machine has cores. On a CPU backend the
 Cityscapes cases shrink to 128x256 crops and batch 2 (said in the table);
-`--height/--width/--batch` set them anywhere. Teachers are randomly initialised
-(speed does not depend on the weights).
+`--height/--width/--batch` set them anywhere (full size: `--height 512 --width
+1024 --batch 8`). Teachers are randomly initialised (speed does not depend on
+the weights).
 
-Timing: the first step (compilation) is reported separately; then `--steps`
-steps, each waited for; steps/s = steps / seconds, images/s = batch x steps/s.
+Every measurement runs in its own process, one after the other: the first step
+(compilation) is reported separately, then `--steps` steps, each waited for;
+the time of a step is the median.
 
-    python benchmarks/train_speed.py
-    python benchmarks/train_speed.py --cases dlv3 --steps 20 --loss mgd
+The loss's own cost is (step with it) - (step with FitNet), and its FLOPs the
+same difference of XLA's cost analysis of the two compiled steps; `--matmul`
+adds the machine's float32 matmul rate and what the loss's FLOPs would cost at it.
+
+    python benchmarks/train_speed.py                          # every case, JAX and PyTorch
+    python benchmarks/train_speed.py --cases dlv3 --steps 10 --matmul
+    python benchmarks/train_speed.py --cases dlv3 --height 512 --width 1024 --batch 8   # full size
+    python benchmarks/train_speed.py --report                 # accelerator figures of this device
+    python benchmarks/train_speed.py --report --dtype float32 --batch 4
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import statistics
+import subprocess
 import sys
 import time
 
-import jax
-import numpy as np
-
-from cankd_jax.config_arg import load_config
-from cankd_jax.train import build
-from cankd_jax.train.runner import phase_config
-from cankd_jax.train.sharding import batch_sharding, check_global_batch, global_batch, make_mesh, replicated
-from cankd_jax.train.state import create_sharded_state
-from cankd_jax.train.step import make_train_step
-
-CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = os.path.join(ROOT, "configs")
 # case -> (config file, argument, phases of a comparison config: (without, with) the distillation loss)
 CASES = {
     "demo": ("demo.py", "loss={loss}", ("student", "{loss}")),
     "dlv3": ("cityscapes.py", "head=deeplabv3,loss={loss}", None),
     "pspnet": ("cityscapes.py", "head=pspnet,loss={loss}", None),
 }
+VARIANTS = ("alone", "loss", "fitnet")
+
+# Dense (no sparsity) bfloat16 tensor throughput per JAX device, TFLOP/s, matched against `device_kind` in order
+# (first hit wins). NVIDIA: the product datasheets (H100 / H200 Tensor Core GPU, A100, L4, V100); Google: the
+# Cloud TPU system-architecture pages (per chip; from v4 on a JAX device is a chip).
+PEAK_BF16_TFLOPS = (
+    ("H200", 989.0, "NVIDIA H200 datasheet (SXM), as H100 SXM"),
+    ("H100 PCIe", 756.0, "NVIDIA H100 datasheet (PCIe)"),
+    ("H100", 989.0, "NVIDIA H100 datasheet (SXM)"),
+    ("A100", 312.0, "NVIDIA A100 datasheet"),
+    ("L4", 121.0, "NVIDIA L4 datasheet"),
+    ("V100", 125.0, "NVIDIA V100 datasheet: float16 tensor cores (no bfloat16 tensor cores)"),
+    ("TPU v4", 275.0, "Cloud TPU v4 documentation"),
+    ("TPU v5 lite", 197.0, "Cloud TPU v5e documentation"),
+    ("TPU v5e", 197.0, "Cloud TPU v5e documentation"),
+    ("TPU v5p", 459.0, "Cloud TPU v5p documentation"),
+    ("TPU v5", 459.0, "Cloud TPU v5p documentation"),
+    ("TPU v6 lite", 918.0, "Cloud TPU v6e (Trillium) documentation"),
+    ("TPU v6e", 918.0, "Cloud TPU v6e (Trillium) documentation"),
+)
+
+
+def peak_bf16(device_kind: str):
+    """(TFLOP/s, source) of the first `PEAK_BF16_TFLOPS` entry found in `device_kind`, else (None, reason)."""
+    for key, tflops, source in PEAK_BF16_TFLOPS:
+        if key.lower() in device_kind.lower():
+            return tflops, source
+    return None, f"no bfloat16 peak known for {device_kind!r}"
+
+
+# --- JAX -----------------------------------------------------------------------------------------------------
 
 
 def case_configs(case: str, loss: str):
     """(config without, config with) the distillation loss."""
+    from cankd_jax.config_arg import load_config
+    from cankd_jax.train.runner import phase_config
+
     file, arg, phases = CASES[case]
     config = load_config(os.path.join(CONFIGS, file), arg.format(loss=loss))
     if phases:
@@ -62,14 +104,36 @@ def case_configs(case: str, loss: str):
     return without, config
 
 
-def reference_loss_config(case: str):
-    """The case distilled with FitNet: the teacher's forward and the connector, at a negligible loss cost."""
-    return case_configs(case, "fitnet")[1]
+def case_config(case: str, variant: str, loss: str):
+    if variant == "fitnet":
+        return case_configs(case, "fitnet")[1]
+    return case_configs(case, loss)[0 if variant == "alone" else 1]
 
 
-def time_step(config, mesh, size: tuple[int, int], steps: int) -> dict[str, float]:
+def case_shape(case: str, cpu: bool, args) -> tuple[tuple[int, int], int]:
+    """((h, w), global batch) of a case on this backend."""
+    without = case_configs(case, "cankd")[0]
+    if case == "demo":
+        return (without.data.image_size,) * 2, without.batch_size
+    size = (128, 256) if cpu else tuple(without.data.crop_size)
+    return (args.height or size[0], args.width or size[1]), args.batch or (2 if cpu else without.batch_size)
+
+
+def build_step(config, size, batch):
+    """(compiled step, state, teacher variables, batch arrays, mesh) for `config` at this size."""
+    import jax
+    import numpy as np
+
+    from cankd_jax.train import build
+    from cankd_jax.train.sharding import batch_sharding, check_global_batch, global_batch, make_mesh, replicated
+    from cankd_jax.train.state import create_sharded_state
+    from cankd_jax.train.step import make_train_step
+
     config = config.copy_and_resolve_references()
-    config.teacher.checkpoint, config.teacher.random_init = "", True  # speed does not depend on the weights
+    config.batch_size = batch
+    if config.get("distill"):
+        config.teacher.checkpoint, config.teacher.random_init = "", True  # speed does not depend on the weights
+    mesh = make_mesh()
     run = build.build_run(config, mesh, input_size=size)
     state, shardings = create_sharded_state(run.init_variables, run.tx, config.seed, mesh)
     step = jax.jit(
@@ -77,65 +141,300 @@ def time_step(config, mesh, size: tuple[int, int], steps: int) -> dict[str, floa
                         schedule=run.schedule),
         in_shardings=(shardings, run.teacher_shardings, batch_sharding(mesh)),
         out_shardings=(shardings, replicated(mesh)), donate_argnums=(0,))
-    local = check_global_batch(config.batch_size, mesh)
+    local = check_global_batch(batch, mesh)
     rng = np.random.default_rng(0)
-    batch = global_batch({"image": rng.standard_normal((local, *size, 3), np.float32),
-                          "label": rng.integers(0, config.task.num_classes, (local, *size)).astype(np.int32)}, mesh)
+    data = global_batch({"image": rng.standard_normal((local, *size, 3), np.float32),
+                         "label": rng.integers(0, config.task.num_classes, (local, *size)).astype(np.int32)}, mesh)
     with jax.set_mesh(mesh):
         t0 = time.perf_counter()
-        state, metrics = step(state, run.teacher_vars, batch)
-        jax.block_until_ready(metrics)
+        compiled = step.lower(state, run.teacher_vars, data).compile()
         compile_s = time.perf_counter() - t0
-        t0 = time.perf_counter()
+    return compiled, state, run.teacher_vars, data, mesh, compile_s
+
+
+def _cost(compiled) -> float:
+    cost = compiled.cost_analysis()
+    if isinstance(cost, (list, tuple)):  # older JAX: one dict per program
+        cost = cost[0] if cost else {}
+    return float((cost or {}).get("flops", float("nan")))
+
+
+def time_jax(config, size, batch, steps: int) -> dict:
+    """Median step time of `config`'s compiled step, its compile time, FLOPs and peak memory."""
+    import jax
+
+    compiled, state, teacher_vars, data, mesh, compile_s = build_step(config, size, batch)
+    times = []
+    with jax.set_mesh(mesh):
+        state, metrics = compiled(state, teacher_vars, data)  # first run: allocation, caches
+        jax.block_until_ready(metrics)
         for _ in range(steps):
-            state, metrics = step(state, run.teacher_vars, batch)
+            t0 = time.perf_counter()
+            state, metrics = compiled(state, teacher_vars, data)
             jax.block_until_ready(metrics)
-        seconds = time.perf_counter() - t0
-    return {"compile_s": compile_s, "steps_per_s": steps / seconds, "images_per_s": config.batch_size * steps / seconds}
+            times.append(time.perf_counter() - t0)
+    m = compiled.memory_analysis()
+    peak = m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
+    device = jax.devices()[0]
+    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+    return {"sec": statistics.median(times), "times": times, "compile_s": compile_s, "flops": _cost(compiled),
+            "peak_bytes": peak, "device_peak_bytes": (stats or {}).get("peak_bytes_in_use"),
+            "devices": jax.device_count(), "device_kind": device.device_kind, "backend": jax.default_backend()}
+
+
+def matmul_rate(n: int = 2048, reps: int = 10) -> dict:
+    """This machine's float32 matmul rate through XLA: median of `reps` (n x n) @ (n x n) products."""
+    import jax
+    import jax.numpy as jnp
+
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    f = jax.jit(lambda x: x @ x)
+    jax.block_until_ready(f(a))
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(f(a))
+        times.append(time.perf_counter() - t0)
+    sec = statistics.median(times)
+    return {"gflops": 2 * n**3 / sec / 1e9, "n": n}
+
+
+# --- PyTorch ---------------------------------------------------------------------------------------------------
+
+
+def _torch_network(cfg, num_classes: int):
+    """Our network config block as the PyTorch reference network (mmseg's EncoderDecoder on a ResNet-d8),
+    and the channels of its backbone's features."""
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    import torch_models_reference as ref
+
+    from cankd_jax import models
+
+    backbone = models.make_network(dict(name=cfg["backbone"], kwargs=cfg.get("kwargs") or {}), num_classes=None)
+    if not isinstance(backbone, models.ResNet):
+        raise ValueError(f"the PyTorch step covers ResNet backbones, not {cfg['backbone']!r}")
+    bb = ref.ResNet(backbone.depth, stem_width=backbone.stem_width, base_width=backbone.base_width,
+                    deep_stem=backbone.deep_stem, strides=backbone.strides, dilations=backbone.dilations,
+                    stage_blocks=backbone.stage_blocks)
+    ch = backbone.feature_channels()
+    channels = cfg.get("head_channels") or ch["layer4"] // 4
+    heads = {"fcn": lambda: ref.FCNHead(ch["layer4"], channels, num_classes),
+             "deeplabv3": lambda: ref.ASPPHead(ch["layer4"], channels, num_classes),
+             "pspnet": lambda: ref.PSPHead(ch["layer4"], channels, num_classes)}
+    aux = ref.FCNHead(ch["layer3"], ch["layer3"] // 4, num_classes, num_convs=1, concat_input=False)
+    return ref.EncoderDecoder(bb, heads[cfg["name"]](), aux), ch
+
+
+def time_torch(config, size, batch, steps: int, threads: int, channels_last: bool = False) -> dict:
+    """Median time of the same distillation step in PyTorch, eager (see the module docstring)."""
+    import torch
+    import torch.nn.functional as F
+
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    import torch_reference as lref
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    k = config.task.num_classes
+    student, s_ch = _torch_network(config.student.to_dict(), k)
+    student.train()
+    teacher = None
+    terms = []
+    params = list(student.parameters())
+    for d in config.get("distill", ()):
+        d = dict(d.to_dict() if hasattr(d, "to_dict") else d)
+        teacher = teacher or _torch_network(config.teacher.to_dict(), k)[0].backbone.eval()
+        opts = dict(d.get("options") or {})
+        conn = int(d.get("connector") or 0)
+        connector = torch.nn.Conv2d(s_ch[d["student_feature"]], conn, 1) if conn else torch.nn.Identity()
+        if d["loss"] == "cankd":
+            loss = lref.CanKDLoss(opts.pop("in_channels"), **opts).train()
+        elif d["loss"] == "fitnet":
+            loss = lambda s, t, o=opts: lref.l2_loss(s, t, **o)  # noqa: E731
+        else:
+            raise ValueError(f"the PyTorch step covers cankd and fitnet, not {d['loss']!r}")
+        terms.append((d["student_feature"], d["teacher_feature"], connector, loss, float(d.get("weight", 1.0))))
+        params += list(connector.parameters()) + (list(loss.parameters()) if isinstance(loss, torch.nn.Module) else [])
+    opt_cfg = config.optimizer
+    if opt_cfg.name == "sgd":
+        opt = torch.optim.SGD(params, lr=opt_cfg.lr, momentum=opt_cfg.momentum, weight_decay=opt_cfg.weight_decay)
+    else:
+        opt = torch.optim.AdamW(params, lr=opt_cfg.lr, betas=(opt_cfg.get("b1", 0.9), opt_cfg.get("b2", 0.999)),
+                                weight_decay=opt_cfg.weight_decay)
+    cw = config.task.get("class_weight")
+    weight = torch.tensor(cw, dtype=torch.float32) if cw else None
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    if channels_last:
+        student = student.to(memory_format=fmt)
+        teacher = teacher.to(memory_format=fmt) if teacher is not None else None
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(batch, 3, *size, generator=g).contiguous(memory_format=fmt)
+    labels = torch.randint(0, k, (batch, *size), generator=g)
+
+    def ce(logits):  # mmseg: per-pixel loss (ignore 255, class weights), mean over every pixel
+        return F.cross_entropy(logits, labels, weight=weight, ignore_index=255, reduction="none").mean()
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        t_feats = {}
+        if teacher is not None:
+            with torch.no_grad():
+                t_out = teacher(images)
+            t_feats = {t: t_out[t] for _, t, *_ in terms}
+        out = student(images)
+        total = ce(out["logits"]) + config.task.aux_weight * ce(out["aux_logits"])
+        for s_name, t_name, connector, loss, w in terms:
+            total = total + w * loss(connector(out[s_name]), t_feats[t_name])
+        total.backward()
+        opt.step()
+        return float(total.detach())
+
+    step()
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    return {"sec": statistics.median(times), "times": times, "threads": threads, "torch": torch.__version__}
+
+
+# --- processes -------------------------------------------------------------------------------------------------
+
+
+def worker(args) -> dict:
+    import jax
+
+    # The state init compiles far sooner on CPU with rbg than with threefry; speed does not depend on the values.
+    jax.config.update("jax_default_prng_impl", "rbg")
+    if args.worker == "matmul":
+        return matmul_rate()
+    cpu = jax.default_backend() == "cpu"
+    case = args.cases[0]
+    size, batch = case_shape(case, cpu, args)
+    config = case_config(case, args.variant, args.loss)
+    config.dtype, config.remat = args.dtype or "float32", args.remat
+    steps = args.steps or (50 if not cpu else 20 if case == "demo" else 5)
+    if args.worker == "torch":
+        return time_torch(config, size, batch, steps, args.threads, args.channels_last)
+    return time_jax(config, size, batch, steps)
+
+
+def spawn(kind: str, case: str, variant: str, args) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", kind, "--cases", case, "--variant", variant,
+           "--loss", args.loss, "--remat", args.remat, "--threads", str(args.threads)]
+    for flag in ("steps", "height", "width", "batch", "dtype"):
+        if getattr(args, flag):
+            cmd += [f"--{flag}", str(getattr(args, flag))]
+    cmd += ["--channels-last"] if args.channels_last else []
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["killed"]
+        return {"error": f"exit {proc.returncode}: {tail[0][:120]}"}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _ms(r: dict) -> str:
+    return f"{1e3 * r['sec']:.0f}" if "sec" in r else r["error"]
+
+
+def compare(args) -> None:
+    import jax
+
+    cpu = jax.default_backend() == "cpu"
+    print(f"device: {jax.device_count()} x {jax.devices()[0].device_kind} ({jax.default_backend()}, "
+          f"{os.cpu_count()} cores); jax {jax.__version__}; loss: {args.loss}; dtype: {args.dtype or 'float32'}; "
+          f"remat: {args.remat}; load average before: {os.getloadavg()[0]:.1f}\n", flush=True)
+    rate = spawn("matmul", args.cases[0], "alone", args) if args.matmul else None
+    if rate and "gflops" in rate:
+        print(f"float32 matmul rate (XLA, {rate['n']}^3, median of 10): {rate['gflops']:.0f} GFLOP/s\n", flush=True)
+    rows = []
+    for case in args.cases:
+        size, batch = case_shape(case, cpu, args)
+        r = {v: spawn("jax", case, v, args) for v in VARIANTS}
+        r["torch"] = spawn("torch", case, "loss", args) if not args.no_torch else {"error": "-"}
+        r["torch_alone"] = spawn("torch", case, "alone", args) if not args.no_torch else {"error": "-"}
+        rows.append((case, size, batch, r))
+        print(f"  measured {case} (load average {os.getloadavg()[0]:.1f})", file=sys.stderr, flush=True)
+    L = args.loss
+    print(f"| case | input | batch | JAX alone ms | JAX + {L} ms | JAX + fitnet ms | {L}'s own ms | {L}'s own GFLOP | "
+          f"PyTorch alone ms | PyTorch + {L} ms | PyTorch / JAX (+ {L}) | compile s (alone / + {L}) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for case, size, batch, r in rows:
+        a, b, f, t = r["alone"], r["loss"], r["fitnet"], r["torch"]
+        own = f"{1e3 * (b['sec'] - f['sec']):+.0f}" if "sec" in b and "sec" in f else "-"
+        own_gf = f"{(b['flops'] - f['flops']) / 1e9:.1f}" if "sec" in b and "sec" in f else "-"
+        ratio = f"**{t['sec'] / b['sec']:.2f}x**" if "sec" in t and "sec" in b else "-"
+        comp = f"{a.get('compile_s', 0):.0f} / {b.get('compile_s', 0):.0f}"
+        print(f"| {case} | {size[0]}x{size[1]} | {batch} | {_ms(a)} | {_ms(b)} | {_ms(f)} | {own} | {own_gf} | "
+              f"{_ms(r['torch_alone'])} | {_ms(t)} | {ratio} | {comp} |")
+        if rate and "gflops" in rate and "sec" in b and "sec" in f:
+            flops = b["flops"] - f["flops"]
+            predicted = flops / (rate["gflops"] * 1e9)
+            print(f"|  | {L}'s own cost / its FLOPs at {rate['gflops']:.0f} GFLOP/s: {1e3 * (b['sec'] - f['sec']):.0f} "
+                  f"/ {1e3 * predicted:.0f} ms = {(b['sec'] - f['sec']) / predicted:.2f}x |||||||||||")
+    print(f"\nms: median step time; PyTorch / JAX: how many times faster the JAX step is (eager PyTorch "
+          f"{rows[0][3]['torch'].get('torch', '')}, {args.threads} threads"
+          f"{', channels_last' if args.channels_last else ''}); {L}'s own: the step with {L} minus the step with FitNet "
+          f"(same teacher and connector). Load average after: {os.getloadavg()[0]:.1f}")
+
+
+def report(args) -> None:
+    """Step time, images/s, FLOPs, achieved TFLOP/s and fraction of bf16 peak, peak memory, for this device."""
+    import jax
+
+    cpu = jax.default_backend() == "cpu"
+    case = args.cases[0] if len(args.cases) == 1 else "dlv3"
+    args.dtype = args.dtype or ("float32" if cpu else "bfloat16")
+    size, batch = case_shape(case, cpu, args)
+    if not cpu and args.batch is None and case != "demo":
+        batch = 2 * jax.device_count()  # mmseg's 2 images per GPU
+    args.batch = batch
+    r = spawn("jax", case, "loss", args)
+    kind = jax.devices()[0].device_kind
+    if "error" in r:
+        sys.exit(f"train_speed.py --report: {r['error']}")
+    tflops = r["flops"] / r["sec"] / 1e12  # cost analysis is of the per-device (SPMD-partitioned) program
+    peak, source = peak_bf16(kind)
+    frac = f"{100 * (tflops / peak):.1f}% of {peak:.0f} ({source})" if peak else f"unknown ({source})"
+    mem = f"{r['peak_bytes'] / 1e9:.2f} GB (XLA buffer assignment)"
+    if r.get("device_peak_bytes"):
+        mem += f"; {r['device_peak_bytes'] / 1e9:.2f} GB (device allocator peak)"
+    print(f"| device | case | input | batch (per device) | dtype | step ms | images/s | step TFLOP (XLA) | "
+          f"achieved TFLOP/s per device | of bf16 peak | peak memory per device |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print(f"| {r['devices']} x {kind} ({r['backend']}) | {case} + {args.loss} | {size[0]}x{size[1]} | "
+          f"{batch} ({batch // r['devices']}) | {args.dtype} | {1e3 * r['sec']:.1f} | {batch / r['sec']:.1f} | "
+          f"{r['flops'] / 1e12:.3f} | {tflops:.3f} | {frac} | {mem} |")
+    print(f"\nmedian of {len(r['times'])} steps after compilation ({r['compile_s']:.0f} s); FLOPs: XLA's cost analysis "
+          f"of the compiled per-device step; remat: {args.remat}")
 
 
 def main(argv: list[str]) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
-    ap.add_argument("--loss", default="cankd", help="distillation loss (a preset name, e.g. cankd, mgd, cwd)")
-    ap.add_argument("--steps", type=int, default=None, help="timed steps (default on CPU: 20 for demo, else 5; 50 on accelerators)")
+    ap.add_argument("--loss", default="cankd", help="distillation loss (a preset name; PyTorch: cankd or fitnet)")
+    ap.add_argument("--steps", type=int, default=None,
+                    help="timed steps (default on CPU: 20 for demo, else 5; 50 on accelerators)")
     ap.add_argument("--height", type=int, default=None)
     ap.add_argument("--width", type=int, default=None)
     ap.add_argument("--batch", type=int, default=None, help="global batch of the Cityscapes cases")
+    ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
+                    help="config.dtype (default float32; --report: bfloat16 on accelerators)")
+    ap.add_argument("--remat", default="none", help="config.remat policy")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="PyTorch intra-op threads")
+    ap.add_argument("--channels-last", action="store_true", help="PyTorch in channels_last memory format")
+    ap.add_argument("--no-torch", action="store_true", help="JAX columns only")
+    ap.add_argument("--matmul", action="store_true", help="also measure the float32 matmul rate")
+    ap.add_argument("--report", action="store_true", help="accelerator figures of this device (one case)")
+    ap.add_argument("--worker", choices=["jax", "torch", "matmul"], help=argparse.SUPPRESS)
+    ap.add_argument("--variant", choices=VARIANTS, default="loss", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-
-    # The students' state init compiles far sooner on CPU with rbg than with threefry; speed does not
-    # depend on the initial values.
-    jax.config.update("jax_default_prng_impl", "rbg")
-    mesh = make_mesh()
-    cpu = jax.default_backend() == "cpu"
-    device = f"{jax.device_count()} x {jax.devices()[0].device_kind} ({jax.default_backend()})"
-    print(f"device: {device}; jax {jax.__version__}; loss: {args.loss}\n")
-    print(f"| case | input | batch | student alone: steps/s | images/s | + {args.loss}: steps/s | images/s | "
-          f"overhead | + fitnet: steps/s | overhead | {args.loss} over fitnet | compile s (alone / +{args.loss}) |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for case in args.cases:
-        without, with_loss = case_configs(case, args.loss)
-        if case == "demo":
-            size = (without.data.image_size,) * 2
-        else:
-            size = (128, 256) if cpu else tuple(without.data.crop_size)
-            size = (args.height or size[0], args.width or size[1])
-            batch = args.batch or (2 if cpu else without.batch_size)
-            without.batch_size = with_loss.batch_size = batch
-        steps = args.steps or (50 if not cpu else 20 if case == "demo" else 5)
-        reference = reference_loss_config(case)
-        reference.batch_size = without.batch_size
-        a = time_step(without, mesh, size, steps)
-        b = time_step(with_loss, mesh, size, steps)
-        f = time_step(reference, mesh, size, steps)
-        over = lambda r: 100.0 * (a["steps_per_s"] / r["steps_per_s"] - 1.0)  # noqa: E731
-        loss_ms = 1000.0 * (1.0 / b["steps_per_s"] - 1.0 / f["steps_per_s"])
-        print(f"| {case} | {size[0]}x{size[1]} | {without.batch_size} | {a['steps_per_s']:.2f} | {a['images_per_s']:.1f} | "
-              f"{b['steps_per_s']:.2f} | {b['images_per_s']:.1f} | +{over(b):.0f}% | {f['steps_per_s']:.2f} | "
-              f"+{over(f):.0f}% | {loss_ms:+.0f} ms/step | {a['compile_s']:.0f} / {b['compile_s']:.0f} |", flush=True)
-    print("\noverhead: extra time per step relative to the student alone (teacher forward, connector, loss and "
-          "their backward); 'over fitnet': the loss's own cost, with the teacher and connector the same.")
+    if args.worker:
+        print(json.dumps(worker(args)))
+    elif args.report:
+        report(args)
+    else:
+        compare(args)
 
 
 if __name__ == "__main__":

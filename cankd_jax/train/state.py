@@ -56,6 +56,15 @@ def create_sharded_state(
     unsharded first, so a model bigger than one device's memory still starts.
     """
 
+    init = state_initializer(init_variables, tx, seed)
+    shardings = state_shardings(jax.eval_shape(init), mesh, layout)
+    return run_once(init, out_shardings=shardings), shardings
+
+
+def state_initializer(init_variables: Callable[[Array], tuple[PyTree, PyTree]], tx: optax.GradientTransformation,
+                      seed: int) -> Callable[[], TrainState]:
+    """`init() -> TrainState`, the function `create_sharded_state` compiles (`jax.eval_shape(init)`: its shapes)."""
+
     def init() -> TrainState:
         key = jax.random.key(seed)
         init_key, state_key = jax.random.split(key)
@@ -68,8 +77,7 @@ def create_sharded_state(
             rng=jax.random.key_data(state_key),
         )
 
-    shardings = state_shardings(jax.eval_shape(init), mesh, layout)
-    return run_once(init, out_shardings=shardings), shardings
+    return init
 
 
 def run_once(fn: Callable[[], Any], *, out_shardings: Any) -> Any:

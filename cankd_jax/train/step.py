@@ -10,6 +10,11 @@ The step is a pure function of (state, teacher variables, batch); the trainer
 wraps it in one `jax.jit` with `NamedSharding`s over a mesh (see `sharding.py`),
 so batch-norm statistics and every reduction are over the global batch, and the
 numbers do not depend on how many devices or processes share the batch.
+
+Mixed precision (`config.dtype='bfloat16'`, see `cankd_jax.compute`) lives in
+the modules, not here: they compute in bfloat16 from float32 parameters, so the
+gradients, the optimizer update and the new state are float32 as always; the
+task loss and the distillation terms return float32 scalars.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from cankd_jax.compute import checkpointed
 from cankd_jax.train.state import TrainState
 from cankd_jax.train.tasks import Task
 
@@ -40,6 +46,7 @@ class DistillTerm:
     loss: nn.Module
     connector: Optional[nn.Module] = None
     weight: float = 1.0
+    remat: str = "none"  # a `cankd_jax.compute.REMAT_POLICIES` name for connector + loss as one region
 
 
 def _features(outputs: dict[str, Array], name: str, who: str) -> Array:
@@ -70,43 +77,39 @@ def distill_losses(
     """Each term's (unweighted) value and the terms' updated batch statistics."""
     values, new_stats = {}, {}
     for i, term in enumerate(terms):
-        p, bs = params[term.name], batch_stats.get(term.name, {})
-        s = _features(s_out, term.student_feature, "student")
-        if term.connector is not None:
-            s = term.connector.apply({"params": p["connector"]}, s)
-        value, upd = term.loss.apply(
-            {"params": p.get("loss", {}), "batch_stats": bs.get("loss", {})},
-            s,
-            t_feats[term.teacher_feature],
-            train=train,
-            mutable=["batch_stats"],
-            rngs={"mask": jax.random.fold_in(rng, i)},
-        )
+
+        def apply(p, bs, s, t, key, term=term):
+            if term.connector is not None:
+                s = term.connector.apply({"params": p["connector"]}, s)
+            value, upd = term.loss.apply({"params": p.get("loss", {}), "batch_stats": bs.get("loss", {})}, s, t,
+                                         train=train, mutable=["batch_stats"], rngs={"mask": key})
+            return value, upd.get("batch_stats", {})
+
+        # With a remat policy the connector's and the loss's activations are recomputed in the backward pass
+        # instead of kept: only the two feature maps and the parameters are saved.
+        value, stats = checkpointed(apply, term.remat)(
+            params[term.name], batch_stats.get(term.name, {}), _features(s_out, term.student_feature, "student"),
+            t_feats[term.teacher_feature], jax.random.fold_in(rng, i))
         values[term.name] = value
-        new_stats[term.name] = {"loss": upd.get("batch_stats", {})}
+        new_stats[term.name] = {"loss": stats}
     return values, new_stats
 
 
-def make_train_step(
+def make_grad_fn(
     *,
     student: nn.Module,
     teacher: Optional[nn.Module],
     terms: tuple[DistillTerm, ...],
     task: Task,
-    tx: optax.GradientTransformation,
-    schedule: Callable[[Array], Array],
-) -> Callable[[TrainState, PyTree, dict[str, Array]], tuple[TrainState, dict[str, Array]]]:
-    """`step(state, teacher_vars, batch) -> (state, metrics)`.
+) -> Callable[[TrainState, PyTree, dict[str, Array]], tuple[PyTree, dict[str, Array], PyTree]]:
+    """`grad_fn(state, teacher_vars, batch) -> (grads, metrics, new_batch_stats)`: the step before the optimizer.
 
-    `batch`: `image (B, H, W, 3)` float and `label`, an array (or tree of
-    arrays) with leading dimension B. `metrics`: float32 scalars `loss`
-    (total), `task/<name>`, `distill/<term>` (weighted), `lr` (of this step),
-    `grad_norm` (global) and `grad_norm/student`, `grad_norm/<term>` (the
-    student's and each term's own parameters).
+    `grads` are float32 like the parameters, whatever the networks compute in;
+    `metrics`: `loss`, `task/<name>`, `distill/<term>` (weighted).
     """
     t_names = {t.teacher_feature for t in terms}
 
-    def step(state: TrainState, teacher_vars: PyTree, batch: dict[str, Array]):
+    def grad_fn(state: TrainState, teacher_vars: PyTree, batch: dict[str, Array]):
         images, labels = batch["image"], batch["label"]
         chex.assert_rank(images, 4)
         chex.assert_axis_dimension(images, 3, 3)
@@ -134,6 +137,32 @@ def make_train_step(
             return total, (metrics, {"student": s_upd["batch_stats"], "distill": d_stats})
 
         (_, (metrics, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        return grads, metrics, new_stats
+
+    return grad_fn
+
+
+def make_train_step(
+    *,
+    student: nn.Module,
+    teacher: Optional[nn.Module],
+    terms: tuple[DistillTerm, ...],
+    task: Task,
+    tx: optax.GradientTransformation,
+    schedule: Callable[[Array], Array],
+) -> Callable[[TrainState, PyTree, dict[str, Array]], tuple[TrainState, dict[str, Array]]]:
+    """`step(state, teacher_vars, batch) -> (state, metrics)`.
+
+    `batch`: `image (B, H, W, 3)` float and `label`, an array (or tree of
+    arrays) with leading dimension B. `metrics`: float32 scalars `loss`
+    (total), `task/<name>`, `distill/<term>` (weighted), `lr` (of this step),
+    `grad_norm` (global) and `grad_norm/student`, `grad_norm/<term>` (the
+    student's and each term's own parameters).
+    """
+    grad_fn = make_grad_fn(student=student, teacher=teacher, terms=terms, task=task)
+
+    def step(state: TrainState, teacher_vars: PyTree, batch: dict[str, Array]):
+        grads, metrics, new_stats = grad_fn(state, teacher_vars, batch)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {**metrics, "lr": jnp.asarray(schedule(state.step), jnp.float32),

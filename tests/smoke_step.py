@@ -1,0 +1,55 @@
+"""The smoke config's gradient step under a compute dtype and a remat policy, compiled once per session.
+
+Shared by the bfloat16 and remat tests: every variant starts from the same
+state (parameters do not depend on the compute dtype or the policy) and sees
+the same batch, so their numbers compare directly.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import jax
+import numpy as np
+
+from cankd_jax.config_arg import load_config
+from cankd_jax.train import build
+from cankd_jax.train.sharding import make_mesh
+from cankd_jax.train.state import create_sharded_state
+from cankd_jax.train.step import make_grad_fn
+
+SMOKE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "smoke.py")
+SIZE = (32, 32)
+
+
+def batch(seed: int = 0, perturb: float = 0.0) -> dict[str, np.ndarray]:
+    """The smoke batch (4 images); `perturb`: multiply each pixel by (1 + perturb * N(0, 1)) drawn from `seed`."""
+    r = np.random.default_rng(0)
+    image = r.standard_normal((4, *SIZE, 3)).astype(np.float32)
+    label = r.integers(0, 7, (4, *SIZE)).astype(np.int32)
+    if perturb:
+        image = image * (1 + perturb * np.random.default_rng(seed + 1).standard_normal(image.shape)).astype(np.float32)
+    return {"image": image, "label": label}
+
+
+@functools.lru_cache(maxsize=None)
+def compiled(dtype: str = "float32", remat: str = "none"):
+    """`(run, state, compiled grad_fn)` of the smoke config with `config.dtype` / `config.remat` set."""
+    config = load_config(SMOKE)
+    config.dtype, config.remat = dtype, remat
+    mesh = make_mesh(jax.devices()[:1])
+    run = build.build_run(config, mesh, input_size=SIZE)
+    state, _ = create_sharded_state(run.init_variables, run.tx, config.seed, mesh)
+    fn = jax.jit(make_grad_fn(student=run.student, teacher=run.teacher, terms=run.terms, task=run.task))
+    return run, state, fn.lower(state, run.teacher_vars, batch()).compile()
+
+
+def grads(dtype: str = "float32", remat: str = "none", **batch_kwargs):
+    """`(grads, metrics, new_batch_stats)` on the host."""
+    run, state, fn = compiled(dtype, remat)
+    return jax.device_get(fn(state, run.teacher_vars, batch(**batch_kwargs)))
+
+
+def flat(tree) -> np.ndarray:
+    return np.concatenate([np.ravel(np.asarray(x, np.float64)) for x in jax.tree.leaves(tree)])
