@@ -76,7 +76,8 @@ def analyse(case: str, batch: int, dtype: str, remat: str, size: tuple[int, int]
     m = compiled.memory_analysis()
     nbytes = lambda tree: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))  # noqa: E731
     peak = m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
-    return {"peak": peak, "temp": m.temp_size_in_bytes, "arguments": m.argument_size_in_bytes,
+    kept = kept_for_backward(run, state, {"image": images, "label": labels})
+    return {"peak": peak, "temp": m.temp_size_in_bytes, "arguments": m.argument_size_in_bytes, "kept": kept,
             "outputs": m.output_size_in_bytes, "aliased": m.alias_size_in_bytes, "state": nbytes(state),
             "teacher": nbytes(run.teacher_vars), "compile_s": compile_s, "backend": jax.default_backend(),
             "device": jax.devices()[0].device_kind}
@@ -126,6 +127,38 @@ def breakdown(dump_dir: str) -> dict:
     sequence = dict(re.findall(r"^    (\d+):(\S+)$", live_text.split("BufferLiveRange:")[0], re.M))
     return {"at": _category(meta.get(sequence.get(str(peak_t), ""), "")),
             "parts": dict(sorted(parts.items(), key=lambda kv: -kv[1]))}
+
+
+def kept_for_backward(run, state, batch) -> int:
+    """Bytes the step's forward pass keeps for its backward pass, at the JAX level (before XLA): the residuals
+    `jax.ad_checkpoint.print_saved_residuals` lists for the differentiated loss, less its arguments. Independent of
+    the backend and of XLA's scheduling, and what `config.remat` changes."""
+    import contextlib
+    import io
+    import re
+
+    import jax
+    import numpy as np
+    from jax.ad_checkpoint import print_saved_residuals
+
+    from cankd_jax.train.step import step_loss
+
+    def total(params, rest):
+        st = rest["state"].replace(params=params)
+        loss_fn, _ = step_loss(student=run.student, teacher=run.teacher, terms=run.terms, task=run.task, state=st,
+                               teacher_vars=rest["teacher"], batch=rest["batch"])
+        return loss_fn(params)[0]
+
+    plain = lambda tree: jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), tree)  # noqa: E731
+    rest = {"state": plain(state.replace(params=None)), "teacher": plain(run.teacher_vars), "batch": plain(batch)}
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        print_saved_residuals(total, plain(state.params), rest)
+    itemsize = {"f32": 4, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "bool": 1, "s8": 1, "u8": 1}
+    kept = 0
+    for dtype, shape in re.findall(r"^(\w+)\[([\d,]*)\] (?!from the argument)", out.getvalue(), re.M):
+        kept += int(np.prod([int(d) for d in shape.split(",") if d] or [1])) * itemsize.get(dtype, 4)
+    return kept
 
 
 def _worker(args) -> dict:
@@ -179,8 +212,9 @@ def main(argv: list[str]) -> None:
         return
 
     rows = []
-    print(f"| case | input | images / device | dtype | remat | state GB | teacher GB | temporaries GB | peak GB | "
-          f"fits on | compile s |\n|---|---|---|---|---|---|---|---|---|---|---|", flush=True)
+    print(f"| case | input | images / device | dtype | remat | state GB | teacher GB | kept for backward GB | "
+          f"temporaries GB | peak GB | fits on | compile s |\n|---|---|---|---|---|---|---|---|---|---|---|---|",
+          flush=True)
     for batch in args.batches:
         for dtype in args.dtypes:
             for remat in args.remat:
@@ -190,17 +224,20 @@ def main(argv: list[str]) -> None:
                 rows.append(r)
                 if "error" in r:
                     print(f"| {args.case} | {args.height}x{args.width} | {batch} | {dtype} | {remat} | {r['error']} "
-                          f"| | | | | |", flush=True)
+                          f"| | | | | | |", flush=True)
                     continue
                 print(f"| {args.case} | {args.height}x{args.width} | {batch} | {dtype} | {remat} | "
-                      f"{r['state'] / GB:.2f} | {r['teacher'] / GB:.2f} | {r['temp'] / GB:.2f} | {r['peak'] / GB:.2f} | "
+                      f"{r['state'] / GB:.2f} | {r['teacher'] / GB:.2f} | {r['kept'] / GB:.2f} | {r['temp'] / GB:.2f} | "
+                      f"{r['peak'] / GB:.2f} | "
                       f"{fits(r['peak'])} | {r['compile_s']:.0f} |", flush=True)
                 if r.get("breakdown"):
                     parts = "; ".join(f"{k} {v / GB:.2f} GB" for k, v in r["breakdown"]["parts"].items())
-                    print(f"|  | live at the peak (in: {r['breakdown']['at']}): {parts} |||||||||", flush=True)
+                    print(f"|  | live at the peak (in: {r['breakdown']['at']}): {parts} ||||||||||", flush=True)
     if rows and "backend" in rows[0]:
         print(f"\ncompiled for: {rows[0]['device']} ({rows[0]['backend']}); peak = arguments + outputs - donated + "
-              "temporaries; 'fits on': the device sizes (GB) the peak is within, before the framework's own reserve")
+              "temporaries (XLA's buffer assignment); 'kept for backward': the activations the forward pass saves for "
+              "the backward pass, at the JAX level (backend-independent; what remat changes); 'fits on': the device "
+              "sizes (GB) the peak is within, before the framework's own reserve")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

@@ -196,7 +196,49 @@ def matmul_rate(n: int = 2048, reps: int = 10) -> dict:
         jax.block_until_ready(f(a))
         times.append(time.perf_counter() - t0)
     sec = statistics.median(times)
-    return {"gflops": 2 * n**3 / sec / 1e9, "n": n}
+    return {"gflops": 2 * n**3 / sec / 1e9, "n": n, "sec": sec, "times": times}
+
+
+def time_loss_alone(config, size, batch, steps: int) -> dict:
+    """The distillation loss alone, as the step runs it: forward + backward (gradients for its parameters and the
+    student map) in training mode, at the shapes of the case's distilled features. Median time and XLA's FLOPs."""
+    import jax
+
+    from cankd_jax.train import build
+
+    config = config.copy_and_resolve_references()
+    config.batch_size = batch
+    config.teacher.checkpoint, config.teacher.random_init = "", True
+    run = build.build_run(config, _mesh(), input_size=size, abstract_teacher=True)
+    (term,) = run.terms
+    x = jax.numpy.zeros((batch, *size, 3))
+    s_shape = jax.eval_shape(lambda: run.student.apply(run.student.init(jax.random.key(0), x, train=False), x,
+                                                       train=False))[term.student_feature]
+    t_shape = jax.eval_shape(lambda tv: run.teacher.apply(tv, x, train=False), run.teacher_vars)[term.teacher_feature]
+    k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
+    s = jax.random.normal(k1, (*s_shape.shape[:-1], term.loss.in_channels), s_shape.dtype)
+    t = jax.random.normal(k2, t_shape.shape, t_shape.dtype)
+    v = jax.jit(lambda: term.loss.init({"params": k3, "mask": k3}, s, t, train=False))()
+
+    def f(p, x):
+        return term.loss.apply({"params": p, "batch_stats": v["batch_stats"]}, x, t, train=True,
+                               mutable=["batch_stats"], rngs={"mask": k3})[0]
+
+    compiled = jax.jit(jax.value_and_grad(f, argnums=(0, 1))).lower(v["params"], s).compile()
+    jax.block_until_ready(compiled(v["params"], s))
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(compiled(v["params"], s))
+        times.append(time.perf_counter() - t0)
+    return {"sec": statistics.median(times), "times": times, "flops": _cost(compiled),
+            "shape": list(t_shape.shape)}
+
+
+def _mesh():
+    from cankd_jax.train.sharding import make_mesh
+
+    return make_mesh()
 
 
 # --- PyTorch ---------------------------------------------------------------------------------------------------
@@ -316,6 +358,8 @@ def worker(args) -> dict:
     steps = args.steps or (50 if not cpu else 20 if case == "demo" else 5)
     if args.worker == "torch":
         return time_torch(config, size, batch, steps, args.threads, args.channels_last)
+    if args.worker == "loss_alone":
+        return time_loss_alone(config, size, batch, max(steps, 5))
     return time_jax(config, size, batch, steps)
 
 
@@ -326,11 +370,29 @@ def spawn(kind: str, case: str, variant: str, args) -> dict:
         if getattr(args, flag):
             cmd += [f"--{flag}", str(getattr(args, flag))]
     cmd += ["--channels-last"] if args.channels_last else []
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=_ENV)
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["killed"]
         return {"error": f"exit {proc.returncode}: {tail[0][:120]}"}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    out["load"] = os.getloadavg()[0]
+    return out
+
+
+# Workers share a compilation cache, so a case measured in several rounds compiles once.
+_ENV = dict(os.environ)
+
+
+def _merge(rounds: list[dict]) -> dict:
+    """One measurement from several rounds: every step time pooled, the median of them; the first compile."""
+    ok = [r for r in rounds if "sec" in r]
+    if not ok:
+        return rounds[0]
+    out = dict(ok[0])
+    out["times"] = [t for r in ok for t in r["times"]]
+    out["sec"] = statistics.median(out["times"])
+    out["loads"] = [r.get("load") for r in ok]
+    return out
 
 
 def _ms(r: dict) -> str:
@@ -344,18 +406,37 @@ def compare(args) -> None:
     print(f"device: {jax.device_count()} x {jax.devices()[0].device_kind} ({jax.default_backend()}, "
           f"{os.cpu_count()} cores); jax {jax.__version__}; loss: {args.loss}; dtype: {args.dtype or 'float32'}; "
           f"remat: {args.remat}; load average before: {os.getloadavg()[0]:.1f}\n", flush=True)
-    rate = spawn("matmul", args.cases[0], "alone", args) if args.matmul else None
+    rate = _merge([spawn("matmul", args.cases[0], "alone", args) for _ in range(args.rounds)]) if args.matmul else None
+    if rate and "sec" in rate:
+        rate["gflops"] = 2 * rate["n"] ** 3 / rate["sec"] / 1e9
     if rate and "gflops" in rate:
         print(f"float32 matmul rate (XLA, {rate['n']}^3, median of 10): {rate['gflops']:.0f} GFLOP/s\n", flush=True)
+    if "JAX_COMPILATION_CACHE_DIR" not in _ENV:
+        import tempfile
+
+        _ENV["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="cankd_train_speed_cache_")
+        _ENV.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
     rows = []
     for case in args.cases:
         size, batch = case_shape(case, cpu, args)
-        r = {v: spawn("jax", case, v, args) for v in VARIANTS}
-        r["torch"] = spawn("torch", case, "loss", args) if not args.no_torch else {"error": "-"}
-        r["torch_alone"] = spawn("torch", case, "alone", args) if not args.no_torch else {"error": "-"}
+        # Rounds alternate the frameworks, so a change in the machine's load falls on both.
+        kinds = [("jax", v) for v in VARIANTS] + ([] if args.no_torch else [("torch", "loss"), ("torch", "alone")])
+        if args.matmul and args.loss in ("cankd", "nonlocal_self"):
+            kinds.append(("loss_alone", "loss"))
+        samples: dict = {k: [] for k in kinds}
+        for i in range(args.rounds):
+            for kind, variant in kinds:
+                samples[(kind, variant)].append(spawn(kind, case, variant, args))
+            print(f"  measured {case}, round {i + 1} (load average {os.getloadavg()[0]:.1f})", file=sys.stderr,
+                  flush=True)
+        r = {v: _merge(samples[("jax", v)]) for v in VARIANTS}
+        r["torch"] = _merge(samples[("torch", "loss")]) if not args.no_torch else {"error": "-"}
+        r["torch_alone"] = _merge(samples[("torch", "alone")]) if not args.no_torch else {"error": "-"}
+        if ("loss_alone", "loss") in samples:
+            r["loss_alone"] = _merge(samples[("loss_alone", "loss")])
         rows.append((case, size, batch, r))
-        print(f"  measured {case} (load average {os.getloadavg()[0]:.1f})", file=sys.stderr, flush=True)
     L = args.loss
+    rows_extra: list[str] = []
     print(f"| case | input | batch | JAX alone ms | JAX + {L} ms | JAX + fitnet ms | {L}'s own ms | {L}'s own GFLOP | "
           f"PyTorch alone ms | PyTorch + {L} ms | PyTorch / JAX (+ {L}) | compile s (alone / + {L}) |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
@@ -370,12 +451,24 @@ def compare(args) -> None:
         if rate and "gflops" in rate and "sec" in b and "sec" in f:
             flops = b["flops"] - f["flops"]
             predicted = flops / (rate["gflops"] * 1e9)
-            print(f"|  | {L}'s own cost / its FLOPs at {rate['gflops']:.0f} GFLOP/s: {1e3 * (b['sec'] - f['sec']):.0f} "
-                  f"/ {1e3 * predicted:.0f} ms = {(b['sec'] - f['sec']) / predicted:.2f}x |||||||||||")
+            alone = r.get("loss_alone", {})
+            line = (f"{L}'s own cost / what its FLOPs cost at {rate['gflops']:.0f} GFLOP/s: in the step "
+                    f"{1e3 * (b['sec'] - f['sec']):.0f} / {1e3 * predicted:.0f} ms = {(b['sec'] - f['sec']) / predicted:.2f}x")
+            if "sec" in alone:
+                p_alone = alone["flops"] / (rate["gflops"] * 1e9)
+                line += (f"; alone ({'x'.join(map(str, alone['shape']))}, {alone['flops'] / 1e9:.1f} GFLOP) "
+                         f"{1e3 * alone['sec']:.0f} / {1e3 * p_alone:.0f} ms = {alone['sec'] / p_alone:.2f}x")
+            rows_extra.append(f"- {case}: {line}")
+    if rows_extra:
+        print("\n" + "\n".join(rows_extra))
     print(f"\nms: median step time; PyTorch / JAX: how many times faster the JAX step is (eager PyTorch "
           f"{rows[0][3]['torch'].get('torch', '')}, {args.threads} threads"
           f"{', channels_last' if args.channels_last else ''}); {L}'s own: the step with {L} minus the step with FitNet "
-          f"(same teacher and connector). Load average after: {os.getloadavg()[0]:.1f}")
+          f"(same teacher and connector).")
+    loads = [x for _, _, _, r in rows for m in r.values() for x in m.get("loads", [])]
+    if loads:
+        print(f"1-minute load average when each measurement ended: {min(loads):.1f} to {max(loads):.1f} "
+              f"({os.cpu_count()} cores; other users' jobs included)")
 
 
 def report(args) -> None:
@@ -425,8 +518,10 @@ def main(argv: list[str]) -> None:
     ap.add_argument("--channels-last", action="store_true", help="PyTorch in channels_last memory format")
     ap.add_argument("--no-torch", action="store_true", help="JAX columns only")
     ap.add_argument("--matmul", action="store_true", help="also measure the float32 matmul rate")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="measure every column this many times, alternating frameworks; step times are pooled")
     ap.add_argument("--report", action="store_true", help="accelerator figures of this device (one case)")
-    ap.add_argument("--worker", choices=["jax", "torch", "matmul"], help=argparse.SUPPRESS)
+    ap.add_argument("--worker", choices=["jax", "torch", "matmul", "loss_alone"], help=argparse.SUPPRESS)
     ap.add_argument("--variant", choices=VARIANTS, default="loss", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:

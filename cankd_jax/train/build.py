@@ -65,7 +65,7 @@ def build_run(config: ml_collections.ConfigDict, mesh: Mesh, *, input_size: Opti
     dtype, remat = config.get("dtype", "float32"), config.get("remat", "none")
     compute_dtype(dtype), remat_policy(remat)  # unknown names: a ValueError listing the valid ones
     student = models.make_network(network_config(config.student, dtype, remat), num_classes=config.task.num_classes)
-    terms = make_terms(config.get("distill", ()), dtype=dtype, remat=remat)
+    terms = make_terms(config.get("distill", ()), dtype=dtype)
     teacher = None
     if terms:
         teacher = models.make_network(network_config(config.teacher, dtype), num_classes=config.task.num_classes)
@@ -135,7 +135,7 @@ def network_config(cfg: ml_collections.ConfigDict, dtype: str = "float32", remat
 _TERM_KEYS = {"name", "loss", "options", "student_feature", "teacher_feature", "connector", "weight"}
 
 
-def make_terms(distill_cfgs, *, dtype: str = "float32", remat: str = "none") -> tuple[DistillTerm, ...]:
+def make_terms(distill_cfgs, *, dtype: str = "float32") -> tuple[DistillTerm, ...]:
     """Distillation terms from the config's `distill` list.
 
     Each entry: `name`, `loss` (registry name), `options` (the loss's fields),
@@ -144,7 +144,7 @@ def make_terms(distill_cfgs, *, dtype: str = "float32", remat: str = "none") -> 
 
     `dtype` (the run's `config.dtype`) becomes the connectors' compute dtype and
     that of every loss with a `dtype` field (unless its options set one); losses
-    without one compute in float32. `remat`: the policy each term runs under.
+    without one compute in float32.
     """
     terms = []
     for d in distill_cfgs:
@@ -162,7 +162,7 @@ def make_terms(distill_cfgs, *, dtype: str = "float32", remat: str = "none") -> 
             options["dtype"] = cdtype
         loss = make_loss(d["loss"], **options)
         terms.append(DistillTerm(d["name"], d["student_feature"], d["teacher_feature"], loss, connector,
-                                 float(d.get("weight", 1.0)), remat))
+                                 float(d.get("weight", 1.0))))
     names = [t.name for t in terms]
     if len(set(names)) != len(names):
         raise ValueError(f"distill term names must be unique, got {names}")

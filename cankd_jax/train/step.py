@@ -28,7 +28,6 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from cankd_jax.compute import checkpointed
 from cankd_jax.train.state import TrainState
 from cankd_jax.train.tasks import Task
 
@@ -46,7 +45,6 @@ class DistillTerm:
     loss: nn.Module
     connector: Optional[nn.Module] = None
     weight: float = 1.0
-    remat: str = "none"  # a `cankd_jax.compute.REMAT_POLICIES` name for connector + loss as one region
 
 
 def _features(outputs: dict[str, Array], name: str, who: str) -> Array:
@@ -77,21 +75,20 @@ def distill_losses(
     """Each term's (unweighted) value and the terms' updated batch statistics."""
     values, new_stats = {}, {}
     for i, term in enumerate(terms):
-
-        def apply(p, bs, s, t, key, term=term):
-            if term.connector is not None:
-                s = term.connector.apply({"params": p["connector"]}, s)
-            value, upd = term.loss.apply({"params": p.get("loss", {}), "batch_stats": bs.get("loss", {})}, s, t,
-                                         train=train, mutable=["batch_stats"], rngs={"mask": key})
-            return value, upd.get("batch_stats", {})
-
-        # With a remat policy the connector's and the loss's activations are recomputed in the backward pass
-        # instead of kept: only the two feature maps and the parameters are saved.
-        value, stats = checkpointed(apply, term.remat)(
-            params[term.name], batch_stats.get(term.name, {}), _features(s_out, term.student_feature, "student"),
-            t_feats[term.teacher_feature], jax.random.fold_in(rng, i))
+        p, bs = params[term.name], batch_stats.get(term.name, {})
+        s = _features(s_out, term.student_feature, "student")
+        if term.connector is not None:
+            s = term.connector.apply({"params": p["connector"]}, s)
+        value, upd = term.loss.apply(
+            {"params": p.get("loss", {}), "batch_stats": bs.get("loss", {})},
+            s,
+            t_feats[term.teacher_feature],
+            train=train,
+            mutable=["batch_stats"],
+            rngs={"mask": jax.random.fold_in(rng, i)},
+        )
         values[term.name] = value
-        new_stats[term.name] = {"loss": stats}
+        new_stats[term.name] = {"loss": upd.get("batch_stats", {})}
     return values, new_stats
 
 
@@ -110,36 +107,48 @@ def make_grad_fn(
     t_names = {t.teacher_feature for t in terms}
 
     def grad_fn(state: TrainState, teacher_vars: PyTree, batch: dict[str, Array]):
-        images, labels = batch["image"], batch["label"]
-        chex.assert_rank(images, 4)
-        chex.assert_axis_dimension(images, 3, 3)
-        chex.assert_tree_shape_prefix(labels, images.shape[:1])
-        rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-        dropout_rng, mask_rng = jax.random.split(rng)
-        t_feats = teacher_features(teacher, teacher_vars, images, t_names) if terms else {}
-
-        def loss_fn(params):
-            s_out, s_upd = student.apply(
-                {"params": params["student"], "batch_stats": state.batch_stats["student"]},
-                images,
-                train=True,
-                mutable=["batch_stats"],
-                rngs={"dropout": dropout_rng},
-            )
-            task_total, task_terms = task.loss(s_out, labels)
-            d_values, d_stats = distill_losses(
-                terms, params["distill"], state.batch_stats["distill"], s_out, t_feats, mask_rng, train=True
-            )
-            weighted = {t.name: t.weight * d_values[t.name] for t in terms}
-            total = task_total + sum(weighted.values(), jnp.float32(0.0))
-            metrics = {"loss": total, **{f"task/{k}": v for k, v in task_terms.items()},
-                       **{f"distill/{k}": v for k, v in weighted.items()}}
-            return total, (metrics, {"student": s_upd["batch_stats"], "distill": d_stats})
-
-        (_, (metrics, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        loss_fn, params = step_loss(student=student, teacher=teacher, terms=terms, task=task, t_names=t_names,
+                                    state=state, teacher_vars=teacher_vars, batch=batch)
+        (_, (metrics, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
         return grads, metrics, new_stats
 
     return grad_fn
+
+
+def step_loss(*, student: nn.Module, teacher: Optional[nn.Module], terms: tuple[DistillTerm, ...], task: Task,
+              state: TrainState, teacher_vars: PyTree, batch: dict[str, Array], t_names: Optional[set] = None):
+    """`(loss_fn, params)`: the function of the parameters the step differentiates, `loss_fn(params) ->
+    (total, (metrics, new_batch_stats))`, with the teacher's features already computed (inference, no gradient).
+    What its backward pass keeps is what `jax.ad_checkpoint.print_saved_residuals(lambda p: loss_fn(p)[0],
+    params)` lists (benchmarks/memory.py counts it)."""
+    t_names = {t.teacher_feature for t in terms} if t_names is None else t_names
+    images, labels = batch["image"], batch["label"]
+    chex.assert_rank(images, 4)
+    chex.assert_axis_dimension(images, 3, 3)
+    chex.assert_tree_shape_prefix(labels, images.shape[:1])
+    rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    dropout_rng, mask_rng = jax.random.split(rng)
+    t_feats = teacher_features(teacher, teacher_vars, images, t_names) if terms else {}
+
+    def loss_fn(params):
+        s_out, s_upd = student.apply(
+            {"params": params["student"], "batch_stats": state.batch_stats["student"]},
+            images,
+            train=True,
+            mutable=["batch_stats"],
+            rngs={"dropout": dropout_rng},
+        )
+        task_total, task_terms = task.loss(s_out, labels)
+        d_values, d_stats = distill_losses(
+            terms, params["distill"], state.batch_stats["distill"], s_out, t_feats, mask_rng, train=True
+        )
+        weighted = {t.name: t.weight * d_values[t.name] for t in terms}
+        total = task_total + sum(weighted.values(), jnp.float32(0.0))
+        metrics = {"loss": total, **{f"task/{k}": v for k, v in task_terms.items()},
+                   **{f"distill/{k}": v for k, v in weighted.items()}}
+        return total, (metrics, {"student": s_upd["batch_stats"], "distill": d_stats})
+
+    return loss_fn, state.params
 
 
 def make_train_step(
