@@ -49,7 +49,7 @@ def analyse(case: str, batch: int, dtype: str, remat: str, size: tuple[int, int]
     from cankd_jax.config_arg import load_config
     from cankd_jax.train import build
     from cankd_jax.train.sharding import batch_sharding, make_mesh, replicated
-    from cankd_jax.train.state import state_initializer, state_shardings
+    from cankd_jax.train.state import plan_state
     from cankd_jax.train.step import make_train_step
 
     file, arg, _ = CASES[case]
@@ -59,10 +59,8 @@ def analyse(case: str, batch: int, dtype: str, remat: str, size: tuple[int, int]
         config.teacher.checkpoint, config.teacher.random_init = "", True
     mesh = make_mesh(jax.devices()[:1])
     run = build.build_run(config, mesh, input_size=size, abstract_teacher=True)
-    init = state_initializer(run.init_variables, run.tx, config.seed)
-    abstract = jax.eval_shape(init)
-    shardings = state_shardings(abstract, mesh)
-    state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+    plan = plan_state(run.init_variables, run.tx, config.seed, mesh)  # planned, never initialised
+    state, shardings = plan.abstract, plan.shardings
     images = jax.ShapeDtypeStruct((batch, *size, 3), jax.numpy.float32, sharding=batch_sharding(mesh))
     labels = jax.ShapeDtypeStruct((batch, *size), jax.numpy.int32, sharding=batch_sharding(mesh))
     step = jax.jit(make_train_step(student=run.student, teacher=run.teacher, terms=run.terms, task=run.task,

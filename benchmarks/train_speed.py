@@ -126,7 +126,7 @@ def build_step(config, size, batch):
 
     from cankd_jax.train import build
     from cankd_jax.train.sharding import batch_sharding, check_global_batch, global_batch, make_mesh, replicated
-    from cankd_jax.train.state import create_sharded_state
+    from cankd_jax.train.state import plan_state
     from cankd_jax.train.step import make_train_step
 
     config = config.copy_and_resolve_references()
@@ -135,7 +135,8 @@ def build_step(config, size, batch):
         config.teacher.checkpoint, config.teacher.random_init = "", True  # speed does not depend on the weights
     mesh = make_mesh()
     run = build.build_run(config, mesh, input_size=size)
-    state, shardings = create_sharded_state(run.init_variables, run.tx, config.seed, mesh)
+    plan = plan_state(run.init_variables, run.tx, config.seed, mesh)
+    state, shardings = plan.init(), plan.shardings
     step = jax.jit(
         make_train_step(student=run.student, teacher=run.teacher, terms=run.terms, task=run.task, tx=run.tx,
                         schedule=run.schedule),

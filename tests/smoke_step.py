@@ -16,7 +16,7 @@ import numpy as np
 from cankd_jax.config_arg import load_config
 from cankd_jax.train import build
 from cankd_jax.train.sharding import make_mesh
-from cankd_jax.train.state import create_sharded_state
+from cankd_jax.train.state import plan_state
 from cankd_jax.train.step import make_grad_fn
 
 SMOKE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "smoke.py")
@@ -40,7 +40,7 @@ def compiled(dtype: str = "float32", remat: str = "none"):
     config.dtype, config.remat = dtype, remat
     mesh = make_mesh(jax.devices()[:1])
     run = build.build_run(config, mesh, input_size=SIZE)
-    state, _ = create_sharded_state(run.init_variables, run.tx, config.seed, mesh)
+    state = plan_state(run.init_variables, run.tx, config.seed, mesh).init()
     fn = jax.jit(make_grad_fn(student=run.student, teacher=run.teacher, terms=run.terms, task=run.task))
     return run, state, fn.lower(state, run.teacher_vars, batch()).compile()
 

@@ -44,6 +44,7 @@ def test_fused_resize_crop_matches_mmseg_order(rng):
     """Resizing only the crop gives what resizing everything and then cropping gives, with the same draws."""
     record = _record(rng, 37, 53, classes=3)
     record["label"][:18] = 1  # so that some crops fail the category-ratio check
+    redraws = []
     for (scale, crop) in (((53, 37), (24, 32)), ((20, 10), (24, 32))):  # larger and smaller than the crop
         for seed in range(20):
             g1, g2 = np.random.default_rng(seed), np.random.default_rng(seed)
@@ -52,6 +53,8 @@ def test_fused_resize_crop_matches_mmseg_order(rng):
             for a, b in zip(full, fused, strict=True):
                 np.testing.assert_array_equal(a, b)
             assert g1.random() == g2.random()
+            redraws.append(fused[2])
+    assert max(redraws) > 0  # the re-draw path was taken, and agreed
 
 
 def test_rescale_size_keeps_ratio_like_mmcv():
@@ -154,11 +157,22 @@ def test_eval_preprocess_resize_and_pad(rng):
 
 def test_classification_transforms(rng):
     record = {"image": rng.integers(0, 256, (50, 70, 3), dtype=np.uint8), "label": np.int64(3)}
-    out = ClsTrainAugment(crop_size=(32, 32))(record, np.random.default_rng(0))
-    assert out["image"].shape == (32, 32, 3) and out["image"].dtype == np.float32
-    assert out["label"].dtype == np.int32 and out["label"] == 3
+    flips = set()
+    for seed in range(6):
+        out = ClsTrainAugment(crop_size=(32, 32))(record, np.random.default_rng(seed))
+        assert out["image"].shape == (32, 32, 3) and out["image"].dtype == np.float32
+        assert out["label"].dtype == np.int32 and out["label"] == 3
+        # The same draws by hand: the crop box, its resize, then the flip coin.
+        g = np.random.default_rng(seed)
+        top, left, h, w = random_resized_crop_box((50, 70), g, (0.08, 1.0), (3 / 4, 4 / 3))
+        expected = resize_bilinear(record["image"][top:top + h, left:left + w], (32, 32))
+        flip = g.random() < 0.5
+        flips.add(flip)
+        np.testing.assert_array_equal(out["image"], normalize(expected[:, ::-1] if flip else expected))
+    assert flips == {True, False}
+    # torchvision's Resize(40) + CenterCrop(32): short edge 50 -> 40, long edge 70 -> int(70 * 0.8) = 56.
     ev = ClsEvalPreprocess(crop_size=(32, 32), resize=40)(record)
-    assert ev["image"].shape == (32, 32, 3)
+    np.testing.assert_array_equal(ev["image"], normalize(resize_bilinear(record["image"], (40, 56))[4:36, 12:44]))
     top, left, h, w = random_resized_crop_box((50, 70), np.random.default_rng(0), (0.08, 1.0), (3 / 4, 4 / 3))
     assert 0 <= top <= 50 - h and 0 <= left <= 70 - w
     # Impossible ratio bounds fall back to the largest centred box within them.

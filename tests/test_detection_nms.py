@@ -73,18 +73,21 @@ def test_max_out_keeps_the_best():
 
 @pytest.mark.parametrize("seed,thr", [(0, 0.5), (1, 0.6), (2, 0.3)])
 def test_matches_numpy_reference(seed, thr):
+    def case(r):
+        n = 300
+        centres = r.uniform(0, 100, (12, 2))[r.integers(0, 12, n)] + r.normal(0, 4, (n, 2))
+        wh = r.uniform(5, 30, (n, 2))
+        boxes = np.concatenate([centres - wh / 2, centres + wh / 2], 1).astype(F)
+        scores = np.round(r.uniform(0, 1, n), 2).astype(F)  # rounding makes many exact score ties
+        labels = r.integers(0, 3, n).astype(np.int32)
+        valid = r.random(n) < 0.9
+        want = np.flatnonzero(valid)[ref.nms_numpy(boxes[valid], scores[valid], labels[valid], thr)]
+        return (boxes, scores, labels, valid), want
+
     r = np.random.default_rng(seed)
-    n = 300
-    centres = r.uniform(0, 100, (12, 2))[r.integers(0, 12, n)] + r.normal(0, 4, (n, 2))
-    wh = r.uniform(5, 30, (n, 2))
-    boxes = np.concatenate([centres - wh / 2, centres + wh / 2], 1).astype(F)
-    scores = np.round(r.uniform(0, 1, n), 2).astype(F)  # rounding makes many exact score ties
-    labels = r.integers(0, 3, n).astype(np.int32)
-    valid = r.random(n) < 0.9
-    want = ref.nms_numpy(boxes[valid], scores[valid], labels[valid], thr)
-    want = np.flatnonzero(valid)[want]
-    res = _nms_batch(*(np.stack([x, x]) for x in (boxes, scores, labels, valid)), np.float32(thr))
-    assert len(want) > 40  # the cut at max_out is exercised
-    for i in range(2):
+    cases = [case(r), case(r)]  # two different images in one vmapped batch: none may leak into the other
+    res = _nms_batch(*(np.stack(x) for x in zip(*(c[0] for c in cases), strict=True)), np.float32(thr))
+    for i, (_, want) in enumerate(cases):
+        assert len(want) > 40  # the cut at max_out is exercised
         np.testing.assert_array_equal(np.asarray(res.keep[i]), want[:40])
         assert int(res.num_kept[i]) == 40

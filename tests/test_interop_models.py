@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import chex
 import jax
 import numpy as np
 import pytest
@@ -109,7 +110,7 @@ def test_pth_files_round_trip_in_mmcv_and_plain_format(tmp_path):
     interop.save_pth(interop.export_state_dict(model, variables), str(plain))
     assert set(torch.load(plain, weights_only=True)) == set(sd)
     again = interop.load_pytorch_network(str(plain), model)
-    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(again), jax.tree.leaves(variables)))
+    chex.assert_trees_all_equal(again, jax.device_get(variables))
 
 
 def test_load_resnet_reads_a_backbone_out_of_a_segmentation_checkpoint():

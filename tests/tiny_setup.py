@@ -11,9 +11,9 @@ import numpy as np
 from cankd_jax.layers import BatchNorm
 from cankd_jax.losses import Connector, make_loss
 from cankd_jax.train.optim import make_optimizer
-from cankd_jax.train.sharding import batch_sharding, global_batch, make_mesh, replicated
-from cankd_jax.train.state import create_sharded_state
-from cankd_jax.train.step import DistillTerm, make_train_step
+from cankd_jax.train.sharding import REPLICATED, ParamLayout, global_batch, make_mesh, replicated, tree_shardings
+from cankd_jax.train.state import plan_state
+from cankd_jax.train.step import DistillTerm, jit_train_step, make_train_step
 from cankd_jax.train.tasks import segmentation_cross_entropy
 
 
@@ -37,7 +37,7 @@ class SegTask:
         return ce, {"ce": ce}
 
 
-def setup(mesh, loss_name="cankd"):
+def setup(mesh, loss_name="cankd", layout: ParamLayout = REPLICATED):
     student, teacher = TinySegNet(4), TinySegNet(8)
     opts = {"cankd": dict(in_channels=8, loss_weight=10.0), "mgd": dict(teacher_channels=8)}[loss_name]
     terms = (DistillTerm("feat", "feat", "feat", make_loss(loss_name, **opts), Connector(8) if loss_name == "cankd" else None),)
@@ -61,11 +61,13 @@ def setup(mesh, loss_name="cankd"):
             distill_p[term.name], distill_bs[term.name] = p, {"loss": lv.get("batch_stats", {})}
         return {"student": sv["params"], "distill": distill_p}, {"student": sv["batch_stats"], "distill": distill_bs}
 
-    state, shardings = create_sharded_state(init_variables, tx, seed=0, mesh=mesh)
-    teacher_vars = jax.device_put(teacher.init(jax.random.key(42), x, train=False), replicated(mesh))
+    plan = plan_state(init_variables, tx, seed=0, mesh=mesh, layout=layout)
+    state, shardings = plan.init(), plan.shardings
+    teacher_vars = teacher.init(jax.random.key(42), x, train=False)
+    teacher_shardings = tree_shardings(teacher_vars, mesh, layout)
+    teacher_vars = jax.device_put(teacher_vars, teacher_shardings)
     step = make_train_step(student=student, teacher=teacher, terms=terms, task=SegTask(), tx=tx, schedule=schedule)
-    jitted = jax.jit(step, in_shardings=(shardings, replicated(mesh), batch_sharding(mesh)),
-                     out_shardings=(shardings, replicated(mesh)), donate_argnums=(0,))
+    jitted = jit_train_step(step, mesh=mesh, state_shardings=shardings, teacher_shardings=teacher_shardings)
     return state, teacher_vars, jitted
 
 
@@ -76,10 +78,10 @@ def batches(n, seed=0):
                "label": r.integers(0, 3, (8, 8, 8)).astype(np.int32)}
 
 
-def run(n_devices=None, loss_name="cankd", steps=3):
+def run(n_devices=None, loss_name="cankd", steps=3, layout: ParamLayout = REPLICATED):
     """Train `steps` steps on the first `n_devices` devices (None: all, of every process)."""
     mesh = make_mesh(jax.devices() if n_devices is None else jax.devices()[:n_devices])
-    state, teacher_vars, step = setup(mesh, loss_name)
+    state, teacher_vars, step = setup(mesh, loss_name, layout)
     history = []
     with jax.set_mesh(mesh):
         for b in batches(steps):
@@ -87,5 +89,5 @@ def run(n_devices=None, loss_name="cankd", steps=3):
             local = {k: v[i * len(v) // n:(i + 1) * len(v) // n] for k, v in b.items()}
             state, m = step(state, teacher_vars, global_batch(local, mesh))
             history.append(jax.device_get(m))
-    params = jax.tree.map(lambda x: np.asarray(jax.device_get(x)) if x.is_fully_replicated else None, state.params)
+    params = jax.device_get(jax.jit(lambda p: p, out_shardings=replicated(mesh))(state.params))
     return params, history

@@ -123,9 +123,10 @@ def l2_loss(s, t, loss_weight=1.0, normalize=True, mult=1.0, div_element=False, 
         t = t.reshape(t.shape[0], -1)
         t = t / t.norm(2, dim=1, keepdim=True) * mult
     loss = torch.sum((s - t) ** 2)
-    loss = loss / (s.numel() if div_element else s.shape[0])
-    if dist:
+    if dist:  # mmrazor: the 2-norm of the whole difference (torch.dist), not divided by anything
         loss = torch.sqrt(loss)
+    else:
+        loss = loss / (s.numel() if div_element else s.shape[0])
     return loss_weight * loss
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+import chex
 import jax
 
 
@@ -35,6 +36,7 @@ def check_feature_pair(
     """
     check_rank4(student, what="student", loss=loss)
     check_rank4(teacher, what="teacher", loss=loss)
+    chex.assert_type([student, teacher], float)  # feature maps, not labels or indices
     s, t = tuple(student.shape), tuple(teacher.shape)
     if s[0] != t[0]:
         raise ValueError(f"{loss}: student batch {s[0]} != teacher batch {t[0]} (shapes {s} and {t})")

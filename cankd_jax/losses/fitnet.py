@@ -20,7 +20,8 @@ class L2Loss(nn.Module):
     Inputs `(B, H, W, C)`, same shape (use a `Connector` first for FitNet hints
     of another width). Fields as mmrazor: `normalize` (flatten each sample and
     divide by its L2 norm, times `mult`), `div_element` (divide by the element
-    count instead of B), `dist` (square root of the result, before the weight).
+    count instead of B), `dist` (instead of dividing: the 2-norm of the whole
+    difference, `sqrt(sum((s - t)^2))`, i.e. `torch.dist(s, t, p=2)`).
     """
 
     loss_weight: float = 1.0
@@ -38,7 +39,8 @@ class L2Loss(nn.Module):
         if self.normalize:
             s, t = _l2_normalize_per_sample(s, self.mult), _l2_normalize_per_sample(t, self.mult)
         loss = jnp.sum(jnp.square(s - t))
-        loss = loss / (student.size if self.div_element else student.shape[0])
         if self.dist:
             loss = jnp.sqrt(loss)
+        else:
+            loss = loss / (student.size if self.div_element else student.shape[0])
         return self.loss_weight * loss

@@ -10,6 +10,7 @@ inside what looks like a multi-task job.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 from typing import Optional
@@ -20,6 +21,9 @@ log = logging.getLogger(__name__)
 
 # What JAX needs from SLURM to place a process (jax/_src/clusters/slurm_cluster.py); srun sets them all.
 _SLURM_STEP_VARS = ("SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID")
+
+
+_BARRIERS = itertools.count()
 
 
 class DistributedSetupError(RuntimeError):
@@ -81,3 +85,17 @@ def initialize(coordinator_address: Optional[str] = None, num_processes: Optiona
 def _first_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return text[0][:300] if text else type(e).__name__
+
+
+def barrier(name: str, *, timeout_s: int = 3600) -> None:
+    """Wait until every process of the job reaches `name` (no-op for one process).
+
+    Through the coordination service, not a collective: JAX's CPU collectives give
+    up when the processes reach their first collective more than 30 s apart, which
+    uneven start-up work (process 0 alone opens the metrics files) can cause.
+    """
+    if jax.process_count() > 1:
+        from orbax.checkpoint import multihost  # noqa: PLC0415 - only multi-process runs need it
+
+        # Barrier ids cannot be reused; every process passes the same barriers in the same order.
+        multihost.sync_global_processes(f"cankd_jax:{name}:{next(_BARRIERS)}", timeout=timeout_s)

@@ -8,6 +8,7 @@ import flax.linen as nn
 import jax
 from jax.sharding import Mesh
 
+from cankd_jax.train.compiled import CompiledPerShape
 from cankd_jax.train.sharding import global_batch, replicated
 from cankd_jax.train.tasks import Task
 
@@ -30,7 +31,8 @@ def make_evaluator(task: Task, data: Any, mesh: Mesh) -> Callable[[nn.Module, Py
             def outputs(variables, batch):
                 return task.eval_outputs(network.apply(variables, batch["image"], train=False), batch)
 
-            cache[id(network)] = jax.jit(outputs, out_shardings=out_sharding)
+            cache[id(network)] = CompiledPerShape(jax.jit(outputs, out_shardings=out_sharding),
+                                                  what="evaluation", key_argnums=(1,))
         total = None
         for local in data.eval_iterator(mesh):
             total = task.accumulate(total, jax.device_get(cache[id(network)](variables, global_batch(local, mesh))))

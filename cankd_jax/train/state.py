@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import flax
 import jax
@@ -42,28 +42,29 @@ def state_shardings(abstract_state: TrainState, mesh: Mesh, layout: ParamLayout 
     )
 
 
-def create_sharded_state(
+class StatePlan(NamedTuple):
+    """How a run's train state comes to be: `init()` builds it, in `shardings`; `abstract` is its shapes
+    and dtypes with those shardings (a restore target), known without computing anything."""
+
+    init: Callable[[], TrainState]
+    shardings: TrainState
+    abstract: TrainState
+
+
+def plan_state(
     init_variables: Callable[[Array], tuple[PyTree, PyTree]],
     tx: optax.GradientTransformation,
     seed: int,
     mesh: Mesh,
     *,
     layout: ParamLayout = REPLICATED,
-) -> tuple[TrainState, TrainState]:
-    """`(state, shardings)`: the state initialised inside one jit, straight into its shardings.
+) -> StatePlan:
+    """The state's layout, and its initialisation inside one jit, straight into its shardings.
 
     `init_variables(key) -> (params, batch_stats)`. Nothing is materialised
-    unsharded first, so a model bigger than one device's memory still starts.
+    unsharded first, so a model bigger than one device's memory still starts;
+    a run that restores a checkpoint never initialises at all.
     """
-
-    init = state_initializer(init_variables, tx, seed)
-    shardings = state_shardings(jax.eval_shape(init), mesh, layout)
-    return run_once(init, out_shardings=shardings), shardings
-
-
-def state_initializer(init_variables: Callable[[Array], tuple[PyTree, PyTree]], tx: optax.GradientTransformation,
-                      seed: int) -> Callable[[], TrainState]:
-    """`init() -> TrainState`, the function `create_sharded_state` compiles (`jax.eval_shape(init)`: its shapes)."""
 
     def init() -> TrainState:
         key = jax.random.key(seed)
@@ -77,7 +78,10 @@ def state_initializer(init_variables: Callable[[Array], tuple[PyTree, PyTree]], 
             rng=jax.random.key_data(state_key),
         )
 
-    return init
+    shapes = jax.eval_shape(init)
+    shardings = state_shardings(shapes, mesh, layout)
+    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, shardings)
+    return StatePlan(lambda: run_once(init, out_shardings=shardings), shardings, abstract)
 
 
 def run_once(fn: Callable[[], Any], *, out_shardings: Any) -> Any:

@@ -28,6 +28,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from cankd_jax.train.compiled import CompiledPerShape
+from cankd_jax.train.sharding import batch_sharding, replicated
 from cankd_jax.train.state import TrainState
 from cankd_jax.train.tasks import Task
 
@@ -87,6 +89,8 @@ def distill_losses(
             mutable=["batch_stats"],
             rngs={"mask": jax.random.fold_in(rng, i)},
         )
+        chex.assert_shape(value, ())  # every loss returns a float32 scalar
+        chex.assert_type(value, jnp.float32)
         values[term.name] = value
         new_stats[term.name] = {"loss": upd.get("batch_stats", {})}
     return values, new_stats
@@ -181,3 +185,20 @@ def make_train_step(
         return new_state, metrics
 
     return step
+
+
+def jit_train_step(
+    step: Callable[[TrainState, PyTree, dict[str, Array]], tuple[TrainState, dict[str, Array]]],
+    *,
+    mesh: Any,
+    state_shardings: PyTree,
+    teacher_shardings: PyTree,
+    max_shapes: int = 1,
+) -> CompiledPerShape:
+    """`step` as one `jax.jit` over `mesh`: the state in its shardings (and donated), the teacher in its own,
+    the batch split along `data`, the metrics replicated; compiled ahead of its first run for each batch shape,
+    at most `max_shapes` of them (the shapes the data yields), beyond which a batch is a `RecompileError`.
+    """
+    jitted = jax.jit(step, in_shardings=(state_shardings, teacher_shardings, batch_sharding(mesh)),
+                     out_shardings=(state_shardings, replicated(mesh)), donate_argnums=(0,))
+    return CompiledPerShape(jitted, what="train step", key_argnums=(2,), max_shapes=max_shapes)

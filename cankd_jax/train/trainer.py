@@ -26,7 +26,6 @@ import os
 import time
 from typing import Any, Optional
 
-import chex
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -34,13 +33,14 @@ import numpy as np
 
 from cankd_jax.train import build
 from cankd_jax.train.checkpoint import Checkpointer
+from cankd_jax.train.distributed import barrier
 from cankd_jax.train.evaluate import make_evaluator
 from cankd_jax.train.export import export_student
 from cankd_jax.train.metrics import MetricsWriter, Progress
 from cankd_jax.train.preemption import Preemption
-from cankd_jax.train.sharding import ParamLayout, batch_sharding, global_batch, make_mesh, process_rows, replicated
-from cankd_jax.train.state import create_sharded_state
-from cankd_jax.train.step import make_train_step
+from cankd_jax.train.sharding import ParamLayout, global_batch, make_mesh, process_rows
+from cankd_jax.train.state import plan_state
+from cankd_jax.train.step import jit_train_step, make_train_step
 
 log = logging.getLogger(__name__)
 
@@ -72,15 +72,15 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, preempt
     rows = process_rows(mesh, config.batch_size)
     run = build.build_run(config, mesh)
 
-    state, state_shardings = create_sharded_state(run.init_variables, run.tx, config.seed, mesh,
-                                                  layout=ParamLayout.from_config(config.get("mesh")))
+    plan = plan_state(run.init_variables, run.tx, config.seed, mesh, layout=ParamLayout.from_config(config.get("mesh")))
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=config.keep_checkpoints)
     data_state: Optional[dict] = None
-    restored = ckpt.restore_latest(jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                                                state, state_shardings))
+    restored = ckpt.restore_latest(plan.abstract)
     if restored is not None:
         step0, state, data_state = restored
         log.info("resumed from step %d in %s", step0, ckpt.directory)
+    else:
+        state = plan.init()
     log.info("state ready (%.1f s since the start)", time.perf_counter() - t_start)
     start = int(jax.device_get(state.step))
     last_saved = start or None
@@ -88,17 +88,13 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, preempt
 
     train_iter = run.data.train_iterator(config.batch_size, seed=config.seed, rows=rows,
                                          state=(data_state or {}).get("train"))
-    # A second trace would mean a batch of another shape or dtype: a compile per step, never intended.
-    step_fn = jax.jit(
-        chex.assert_max_traces(make_train_step(student=run.student, teacher=run.teacher, terms=run.terms,
-                                               task=run.task, tx=run.tx, schedule=run.schedule), n=1),
-        in_shardings=(state_shardings, run.teacher_shardings, batch_sharding(mesh)),
-        out_shardings=(state_shardings, replicated(mesh)),
-        donate_argnums=(0,),
-    )
+    step_fn = jit_train_step(make_train_step(student=run.student, teacher=run.teacher, terms=run.terms, task=run.task,
+                                             tx=run.tx, schedule=run.schedule),
+                             mesh=mesh, state_shardings=plan.shardings, teacher_shardings=run.teacher_shardings)
     evaluate = make_evaluator(run.task, run.data, mesh)
 
     summary: dict[str, Any] = {"workdir": workdir, "total_steps": config.total_steps, "metric": run.task.metric}
+    barrier("teacher evaluation")  # its first collective, after the metrics files only process 0 opens
     if run.teacher is not None and start == 0 and config.get("evaluate_teacher", True):
         log.info("evaluating the teacher")
         summary["teacher"] = evaluate(run.teacher, run.teacher_vars)
@@ -122,6 +118,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, preempt
             progress.update(step, f"loss {host['loss']:.4f}")
             last_metrics = host
 
+    barrier("train loop")
     log.info("training from step %d of %d in %s (%.1f s since the start)", start, config.total_steps, workdir,
              time.perf_counter() - t_start)
     try:
