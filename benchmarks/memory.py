@@ -29,6 +29,8 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:  # this checkout's cankd_jax, installed or not
+    sys.path.insert(0, ROOT)
 GB = 1e9
 # case -> (config file, argument, full-size input (h, w)). Detection's 800x1333 step lands with the detection
 # configs (another branch): add its case here, e.g. "retinanet": ("coco_retinanet.py", "", (800, 1333)).
@@ -68,8 +70,11 @@ def analyse(case: str, batch: int, dtype: str, remat: str, size: tuple[int, int]
                    in_shardings=(shardings, run.teacher_shardings, batch_sharding(mesh)),
                    out_shardings=(shardings, replicated(mesh)), donate_argnums=(0,))
     t0 = time.perf_counter()
+    # On CPU without LLVM optimisation: the buffer assignment (XLA's, before LLVM) is the same, the compile faster.
+    options = {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else None
     with jax.set_mesh(mesh):
-        compiled = step.lower(state, run.teacher_vars, {"image": images, "label": labels}).compile()
+        lowered = step.lower(state, run.teacher_vars, {"image": images, "label": labels})
+        compiled = lowered.compile(compiler_options=options)
     compile_s = time.perf_counter() - t0
     m = compiled.memory_analysis()
     nbytes = lambda tree: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))  # noqa: E731

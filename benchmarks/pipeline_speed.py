@@ -29,10 +29,12 @@ import time
 
 import numpy as np
 
-from cankd_jax.data.image_ops import resize_bilinear, resize_nearest
-from cankd_jax.data.pipeline import make_train_iterator
-from cankd_jax.data.scenes import generate_scenes
-from cankd_jax.data.segmentation import PhotoMetricDistortion, SegTrainAugment
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout's cankd_jax
+
+from cankd_jax.data.image_ops import resize_bilinear, resize_nearest  # noqa: E402
+from cankd_jax.data.pipeline import make_train_iterator  # noqa: E402
+from cankd_jax.data.scenes import generate_scenes  # noqa: E402
+from cankd_jax.data.segmentation import PhotoMetricDistortion, SegTrainAugment  # noqa: E402
 
 H, W, CLASSES = 1024, 2048, 19
 

@@ -35,8 +35,17 @@ adds the machine's float32 matmul rate and what the loss's FLOPs would cost at i
     python benchmarks/train_speed.py                          # every case, JAX and PyTorch
     python benchmarks/train_speed.py --cases dlv3 --steps 10 --matmul
     python benchmarks/train_speed.py --cases dlv3 --height 512 --width 1024 --batch 8   # full size
-    python benchmarks/train_speed.py --report                 # accelerator figures of this device
-    python benchmarks/train_speed.py --report --dtype float32 --batch 4
+    python benchmarks/train_speed.py --report --json report.json   # figures of this device (below)
+    python benchmarks/train_speed.py --report --height 64 --width 128 --batch 1 --steps 2   # a quick check on CPU
+
+`--report` measures, on whatever device it runs: the paper's Cityscapes step
+(dlv3, 512x1024, 8 images per device on an accelerator) and the demo step, each
+in bfloat16 and float32 (`--dtypes`), printing per case the step time,
+images/s, the step's FLOPs from XLA's cost analysis, the achieved TFLOP/s, the
+fraction of the device's dense bfloat16 peak (`PEAK_BF16_TFLOPS`, by
+`device_kind`) and the peak memory; `--json PATH` writes the same figures. It
+imports no data pipeline (Grain, TFDS) or logging library: JAX, Flax, Optax,
+chex, Orbax, NumPy and ml_collections.
 """
 
 from __future__ import annotations
@@ -50,6 +59,8 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:  # this checkout's cankd_jax, installed or not
+    sys.path.insert(0, ROOT)
 CONFIGS = os.path.join(ROOT, "configs")
 # case -> (config file, argument, phases of a comparison config: (without, with) the distillation loss)
 CASES = {
@@ -58,6 +69,9 @@ CASES = {
     "pspnet": ("cityscapes.py", "head=pspnet,loss={loss}", None),
 }
 VARIANTS = ("alone", "loss", "fitnet")
+REPORT_CASES = ("dlv3", "demo")
+REPORT_IMAGES_PER_DEVICE = 8  # --report's Cityscapes batch on an accelerator, per device
+REPORT_STEPS = 20  # --report's timed steps on an accelerator
 
 # Dense (no sparsity) bfloat16 tensor throughput per JAX device, TFLOP/s, matched against `device_kind` in order
 # (first hit wins). NVIDIA: the product datasheets (H100 / H200 Tensor Core GPU, A100, L4, V100); Google: the
@@ -364,14 +378,17 @@ def worker(args) -> dict:
     return time_jax(config, size, batch, steps)
 
 
-def spawn(kind: str, case: str, variant: str, args) -> dict:
+def spawn(kind: str, case: str, variant: str, args, timeout: float | None = None) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", kind, "--cases", case, "--variant", variant,
            "--loss", args.loss, "--remat", args.remat, "--threads", str(args.threads)]
     for flag in ("steps", "height", "width", "batch", "dtype"):
         if getattr(args, flag):
             cmd += [f"--{flag}", str(getattr(args, flag))]
     cmd += ["--channels-last"] if args.channels_last else []
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=_ENV)
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=_ENV, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"over {timeout:.0f} s (--timeout)"}
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["killed"]
         return {"error": f"exit {proc.returncode}: {tail[0][:120]}"}
@@ -472,48 +489,99 @@ def compare(args) -> None:
               f"({os.cpu_count()} cores; other users' jobs included)")
 
 
+def report_rows(args) -> list[dict]:
+    """The `--report` cases on this device: each (case, dtype) in its own process, one after the other."""
+    import jax
+
+    cpu = jax.default_backend() == "cpu"
+    rows = []
+    for case in args.cases:
+        for dtype in args.dtypes:
+            size, batch = case_shape(case, cpu, args)
+            if not cpu and args.batch is None and case != "demo":
+                batch = REPORT_IMAGES_PER_DEVICE * jax.device_count()
+            one = argparse.Namespace(**{**vars(args), "dtype": dtype, "batch": batch, "height": size[0],
+                                        "width": size[1]})
+            if case == "demo":  # the demo's own size and batch
+                one.batch = one.height = one.width = None
+            one.steps = args.steps or (None if cpu else REPORT_STEPS)
+            t0 = time.perf_counter()
+            r = spawn("jax", case, "loss", one, timeout=args.timeout)
+            row = {"case": case, "loss": args.loss, "dtype": dtype, "remat": args.remat, "input": list(size),
+                   "batch": batch, "wall_s": time.perf_counter() - t0, **r}
+            row.pop("times", None) if "error" in r else None
+            if "sec" in r:
+                n = r["devices"]
+                row["images_per_s"] = batch / r["sec"]
+                row["tflops_per_device"] = r["flops"] / r["sec"] / 1e12  # cost analysis: the per-device program
+                peak, source = peak_bf16(r["device_kind"])
+                row["bf16_peak_tflops"], row["peak_source"] = peak, source
+                row["fraction_of_bf16_peak"] = row["tflops_per_device"] / peak if peak else None
+                row["images_per_device"] = batch // n
+            rows.append(row)
+            print_report_row(row, header=len(rows) == 1)
+            if args.json:  # written after every case, so a run cut short keeps what it measured
+                with open(args.json, "w") as f:
+                    json.dump({"jax": jax.__version__, "backend": jax.default_backend(),
+                               "devices": [str(d.device_kind) for d in jax.devices()], "rows": rows}, f, indent=1)
+    return rows
+
+
+def print_report_row(row: dict, header: bool) -> None:
+    if header:
+        print("| device | case | input | images (per device) | dtype | step ms | images/s | step TFLOP (XLA) | "
+              "achieved TFLOP/s per device | of bf16 peak | peak memory per device GB (XLA / allocator) | compile s |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|", flush=True)
+    what = f"{row['case']} + {row['loss']}"
+    shape = f"{row['input'][0]}x{row['input'][1]}"
+    if "sec" not in row:
+        print(f"| - | {what} | {shape} | {row['batch']} | {row['dtype']} | {row['error']} |||||||", flush=True)
+        return
+    frac = (f"{100 * row['fraction_of_bf16_peak']:.1f}% of {row['bf16_peak_tflops']:.0f}"
+            if row["fraction_of_bf16_peak"] is not None else "- (no peak known)")
+    mem = f"{row['peak_bytes'] / 1e9:.2f}"
+    mem += f" / {row['device_peak_bytes'] / 1e9:.2f}" if row.get("device_peak_bytes") else " / -"
+    print(f"| {row['devices']} x {row['device_kind']} | {what} | {shape} | {row['batch']} ({row['images_per_device']}) | "
+          f"{row['dtype']} | {1e3 * row['sec']:.1f} | {row['images_per_s']:.1f} | {row['flops'] / 1e12:.3f} | "
+          f"{row['tflops_per_device']:.2f} | {frac} | {mem} | {row['compile_s']:.0f} |", flush=True)
+
+
 def report(args) -> None:
     """Step time, images/s, FLOPs, achieved TFLOP/s and fraction of bf16 peak, peak memory, for this device."""
     import jax
 
-    cpu = jax.default_backend() == "cpu"
-    case = args.cases[0] if len(args.cases) == 1 else "dlv3"
-    args.dtype = args.dtype or ("float32" if cpu else "bfloat16")
-    size, batch = case_shape(case, cpu, args)
-    if not cpu and args.batch is None and case != "demo":
-        batch = 2 * jax.device_count()  # mmseg's 2 images per GPU
-    args.batch = batch
-    r = spawn("jax", case, "loss", args)
-    kind = jax.devices()[0].device_kind
-    if "error" in r:
-        sys.exit(f"train_speed.py --report: {r['error']}")
-    tflops = r["flops"] / r["sec"] / 1e12  # cost analysis is of the per-device (SPMD-partitioned) program
-    peak, source = peak_bf16(kind)
-    frac = f"{100 * (tflops / peak):.1f}% of {peak:.0f} ({source})" if peak else f"unknown ({source})"
-    mem = f"{r['peak_bytes'] / 1e9:.2f} GB (XLA buffer assignment)"
-    if r.get("device_peak_bytes"):
-        mem += f"; {r['device_peak_bytes'] / 1e9:.2f} GB (device allocator peak)"
-    print(f"| device | case | input | batch (per device) | dtype | step ms | images/s | step TFLOP (XLA) | "
-          f"achieved TFLOP/s per device | of bf16 peak | peak memory per device |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
-    print(f"| {r['devices']} x {kind} ({r['backend']}) | {case} + {args.loss} | {size[0]}x{size[1]} | "
-          f"{batch} ({batch // r['devices']}) | {args.dtype} | {1e3 * r['sec']:.1f} | {batch / r['sec']:.1f} | "
-          f"{r['flops'] / 1e12:.3f} | {tflops:.3f} | {frac} | {mem} |")
-    print(f"\nmedian of {len(r['times'])} steps after compilation ({r['compile_s']:.0f} s); FLOPs: XLA's cost analysis "
-          f"of the compiled per-device step; remat: {args.remat}")
+    d = jax.devices()[0]
+    print(f"train_speed.py --report: {jax.device_count()} x {d.device_kind} ({jax.default_backend()}); "
+          f"jax {jax.__version__}; remat: {args.remat}; teachers randomly initialised; random batches (no input "
+          f"pipeline)\n", flush=True)
+    rows = report_rows(args)
+    peaks = {r["peak_source"] for r in rows if r.get("peak_source")}
+    print(f"\nstep ms: median of {args.steps or REPORT_STEPS} steps after compilation and one warm-up step, each "
+          f"waited for; FLOPs: XLA's cost analysis of the compiled per-device step (forward, backward, optimizer); "
+          f"achieved = FLOPs / step time; bf16 peak (dense): {'; '.join(sorted(peaks)) or '-'} (float32 rows too, "
+          f"against the bfloat16 peak); memory: XLA's buffer assignment (arguments + outputs - donated + "
+          f"temporaries) and the device allocator's peak bytes in use where the backend reports it.")
+    if args.json:
+        print(f"written: {args.json}")
+    if any("error" in r for r in rows):
+        sys.exit(1)
 
 
 def main(argv: list[str]) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
+    ap.add_argument("--cases", nargs="+", default=None, choices=list(CASES),
+                    help=f"default: all; --report: {' '.join(REPORT_CASES)}")
     ap.add_argument("--loss", default="cankd", help="distillation loss (a preset name; PyTorch: cankd or fitnet)")
     ap.add_argument("--steps", type=int, default=None,
                     help="timed steps (default on CPU: 20 for demo, else 5; 50 on accelerators)")
     ap.add_argument("--height", type=int, default=None)
     ap.add_argument("--width", type=int, default=None)
     ap.add_argument("--batch", type=int, default=None, help="global batch of the Cityscapes cases")
-    ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
-                    help="config.dtype (default float32; --report: bfloat16 on accelerators)")
+    ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16"], help="config.dtype (default float32)")
+    ap.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"], choices=["float32", "bfloat16"],
+                    help="--report: the compute dtypes to measure")
+    ap.add_argument("--json", default="", help="--report: also write the figures to this JSON file")
+    ap.add_argument("--timeout", type=float, default=600, help="--report: seconds one case may take")
     ap.add_argument("--remat", default="none", help="config.remat policy")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="PyTorch intra-op threads")
     ap.add_argument("--channels-last", action="store_true", help="PyTorch in channels_last memory format")
@@ -521,10 +589,13 @@ def main(argv: list[str]) -> None:
     ap.add_argument("--matmul", action="store_true", help="also measure the float32 matmul rate")
     ap.add_argument("--rounds", type=int, default=1,
                     help="measure every column this many times, alternating frameworks; step times are pooled")
-    ap.add_argument("--report", action="store_true", help="accelerator figures of this device (one case)")
+    ap.add_argument("--report", action="store_true",
+                    help="figures of this device: step time, images/s, FLOPs, TFLOP/s, fraction of bf16 peak, memory")
     ap.add_argument("--worker", choices=["jax", "torch", "matmul", "loss_alone"], help=argparse.SUPPRESS)
     ap.add_argument("--variant", choices=VARIANTS, default="loss", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.cases is None:
+        args.cases = list(REPORT_CASES) if args.report else list(CASES)
     if args.worker:
         print(json.dumps(worker(args)))
     elif args.report:

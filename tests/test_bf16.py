@@ -22,6 +22,8 @@ import pytest
 
 import smoke_step
 from cankd_jax.losses import CanKDLoss
+from cankd_jax.train.sharding import make_mesh
+from cankd_jax.train.state import plan_state
 from smoke_step import flat
 
 
@@ -99,14 +101,20 @@ def test_one_smoke_step_in_bfloat16_is_close_to_float32():
 
 
 def test_bfloat16_computes_in_bfloat16_with_float32_parameters():
-    run, state, _ = smoke_step.compiled("bfloat16")
+    run, state, teacher_vars, _ = smoke_step.compiled("bfloat16")
     x = jnp.zeros((2, *smoke_step.SIZE, 3), jnp.float32)
     student = {"params": state.params["student"], "batch_stats": state.batch_stats["student"]}
     s_out = jax.eval_shape(lambda v: run.student.apply(v, x, train=False), student)
-    t_out = jax.eval_shape(lambda v: run.teacher.apply(v, x, train=False), run.teacher_vars)
+    t_out = jax.eval_shape(lambda v: run.teacher.apply(v, x, train=False), teacher_vars)
     assert s_out["layer4"].dtype == t_out["layer4"].dtype == jnp.bfloat16  # convs and matmuls, teacher included
     assert s_out["logits"].dtype == jnp.float32  # the task loss reads float32 logits
     (term,) = run.terms
     assert term.connector.dtype == term.loss.dtype == jnp.bfloat16
-    for leaf in jax.tree.leaves((state.params, state.batch_stats, state.opt_state, run.teacher_vars)):
+    # The bfloat16 run's own state and teacher variables (planned, not made) are float32, and the float32 run's
+    # exactly (so the step tests share one state between the dtypes).
+    plan = plan_state(run.init_variables, run.tx, 0, make_mesh(jax.devices()[:1]))
+    kept = (plan.abstract.params, plan.abstract.batch_stats, plan.abstract.opt_state, run.teacher_vars)
+    for leaf in jax.tree.leaves(kept):
         assert leaf.dtype in (jnp.float32, jnp.int32), leaf.dtype
+    shapes = lambda tree: jax.tree.map(lambda a: (a.shape, a.dtype), tree)  # noqa: E731
+    assert shapes(kept) == shapes((state.params, state.batch_stats, state.opt_state, teacher_vars))

@@ -1,5 +1,5 @@
-"""`config.remat`: the student's blocks and heads and each distillation term under `jax.checkpoint` give the
-numbers of the step without it, and keep less for the backward pass."""
+"""`config.remat`: the student's stem, blocks and heads under `jax.checkpoint` give the numbers of the step
+without it (the smoke step's loss, metrics and gradients), and keep less for the backward pass."""
 
 from __future__ import annotations
 

@@ -19,7 +19,6 @@ import optax
 from flax import traverse_util
 from jax.sharding import Mesh
 
-from cankd_jax import data as data_lib
 from cankd_jax import models
 from cankd_jax.compute import compute_dtype, remat_policy
 from cankd_jax.losses import Connector, make_loss
@@ -70,7 +69,11 @@ def build_run(config: ml_collections.ConfigDict, mesh: Mesh, *, input_size: Opti
     if terms:
         teacher = models.make_network(network_config(config.teacher, dtype), num_classes=config.task.num_classes)
         check_teacher_source(config.teacher)
-    data = data_lib.make_data(config.data, task=config.task.name) if input_size is None else None
+    data = None
+    if input_size is None:  # imported here: a step built for a given input size needs no data libraries
+        from cankd_jax import data as data_lib
+
+        data = data_lib.make_data(config.data, task=config.task.name)
     sample = jnp.zeros((2, *(input_size or data.input_size), 3), jnp.float32)
     teacher_vars, teacher_shardings = {}, {}
     if teacher is not None and abstract_teacher:
