@@ -134,8 +134,8 @@ def breakdown(dump_dir: str) -> dict:
 
 def kept_for_backward(run, state, batch) -> int:
     """Bytes the step's forward pass keeps for its backward pass, at the JAX level (before XLA): the residuals
-    `jax.ad_checkpoint.print_saved_residuals` lists for the differentiated loss, less its arguments. Independent of
-    the backend and of XLA's scheduling, and what `config.remat` changes."""
+    `jax.ad_checkpoint.print_saved_residuals` lists for the differentiated loss, less its arguments and broadcasts.
+    Independent of the backend and of XLA's scheduling, and what `config.remat` changes."""
     import contextlib
     import io
     import re
@@ -159,7 +159,9 @@ def kept_for_backward(run, state, batch) -> int:
         print_saved_residuals(total, plain(state.params), rest)
     itemsize = {"f32": 4, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "bool": 1, "s8": 1, "u8": 1}
     kept = 0
-    for dtype, shape in re.findall(r"^(\w+)\[([\d,]*)\] (?!from the argument)", out.getvalue(), re.M):
+    # Not counted: the arguments, and broadcasts (of constants, such as ReLU's zeros: XLA fuses them, stores none).
+    for dtype, shape in re.findall(r"^(\w+)\[([\d,]*)\] (?!from the argument|output of broadcast_in_dim)",
+                                   out.getvalue(), re.M):
         kept += int(np.prod([int(d) for d in shape.split(",") if d] or [1])) * itemsize.get(dtype, 4)
     return kept
 

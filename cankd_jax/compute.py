@@ -11,9 +11,10 @@ float32 from the (bfloat16) activations.
 `config.remat` names a `jax.checkpoint` policy: which intermediate values of the
 student's stem, residual blocks and heads are kept for the backward pass; the rest
 is recomputed there. 'none' keeps everything (no rematerialisation). The
-distillation terms (connector + loss) are not rematerialised: they end the forward
-pass and start the backward pass, so what they keep is needed at once (measured:
-the compiled step's peak did not go down when they were, see the README).
+distillation terms (connector + loss) are not rematerialised: they run last in the
+forward pass and first in the backward pass, so recomputing them would bring their
+activations back at the step's peak (the start of the backward pass, every student
+residual still live) and save nothing there.
 """
 
 from __future__ import annotations

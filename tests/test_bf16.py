@@ -15,10 +15,14 @@ input perturbation, and point the same way (cosine >= 0.9); measured: about
 
 from __future__ import annotations
 
+import contextlib
+import io
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.ad_checkpoint import print_saved_residuals
 
 import smoke_step
 from cankd_jax.losses import CanKDLoss
@@ -118,3 +122,38 @@ def test_bfloat16_computes_in_bfloat16_with_float32_parameters():
         assert leaf.dtype in (jnp.float32, jnp.int32), leaf.dtype
     shapes = lambda tree: jax.tree.map(lambda a: (a.shape, a.dtype), tree)  # noqa: E731
     assert shapes(kept) == shapes((state.params, state.batch_stats, state.opt_state, teacher_vars))
+
+
+def test_batch_norm_keeps_only_its_input_for_the_backward_pass_with_the_plain_gradient():
+    """Training-mode BatchNorm keeps `x` in its own dtype for the backward pass (no float32 copy of a bfloat16
+    activation) and its gradient is that of the plain float32 formula."""
+    from cankd_jax.layers import BatchNorm
+
+    r = np.random.default_rng(0)
+    x = jnp.asarray(r.standard_normal((2, 5, 5, 6)) * 3 + 1, jnp.float32)
+    bn = BatchNorm(dtype=jnp.bfloat16)
+    v = bn.init(jax.random.key(0), x, use_running_average=False)
+    scale, bias = jnp.asarray(r.standard_normal(6), jnp.float32), jnp.asarray(r.standard_normal(6), jnp.float32)
+    v = {"params": {"scale": scale, "bias": bias}, "batch_stats": v["batch_stats"]}
+    w = jnp.asarray(r.standard_normal(x.shape), jnp.float32)
+
+    def ours(p, x):
+        y, _ = bn.apply({**v, "params": p}, x, use_running_average=False, mutable=["batch_stats"])
+        return jnp.sum(y.astype(jnp.float32) * w)
+
+    def plain(p, x):
+        x32 = x.astype(jnp.float32)
+        m, var = x32.mean((0, 1, 2)), x32.var((0, 1, 2))
+        y = ((x32 - m) / jnp.sqrt(var + 1e-5) * p["scale"] + p["bias"]).astype(jnp.bfloat16)
+        return jnp.sum(y.astype(jnp.float32) * w)
+
+    xb = x.astype(jnp.bfloat16)
+    got, want = jax.grad(ours, argnums=(0, 1))(v["params"], xb), jax.grad(plain, argnums=(0, 1))(v["params"], xb)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=2e-2, atol=2e-2)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):  # one line per residual: "bf16[2,5,5,6] from the argument x"
+        print_saved_residuals(ours, v["params"], xb)
+    full = [line for line in out.getvalue().splitlines() if line.split(" ")[0].endswith("[2,5,5,6]")
+            and "broadcast_in_dim" not in line and "from a constant" not in line]  # w: the test's own
+    assert full and all(line.startswith("bf16[") for line in full), full
