@@ -105,26 +105,43 @@ class BatchNorm(nn.Module):
         ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((c,), jnp.float32))
         ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((c,), jnp.float32))
         count = self.variable("batch_stats", "num_batches_tracked", lambda: jnp.zeros((), jnp.int32))
-        x32 = x.astype(jnp.float32)
+        scale = self.param("scale", self.scale_init, (c,), self.param_dtype) if self.use_scale else None
+        bias = self.param("bias", self.bias_init, (c,), self.param_dtype) if self.use_bias else None
+        out_dtype = self.dtype or x.dtype
         if use_ra:
-            mean, var = ra_mean.value, ra_var.value
-        else:
-            axes = tuple(range(x.ndim - 1))
-            mean = jnp.mean(x32, axis=axes)
-            var = jnp.mean(jnp.square(x32 - mean), axis=axes)
-            if not self.is_initializing():
-                n = math.prod(x.shape[:-1])
-                unbiased = var * (n / max(n - 1, 1))
-                m = self.momentum
-                ra_mean.value = (1.0 - m) * ra_mean.value + m * mean
-                ra_var.value = (1.0 - m) * ra_var.value + m * unbiased
-                count.value = count.value + 1
-        y = (x32 - mean) * jax.lax.rsqrt(var + self.epsilon)
-        if self.use_scale:
-            y = y * self.param("scale", self.scale_init, (c,), self.param_dtype).astype(jnp.float32)
-        if self.use_bias:
-            y = y + self.param("bias", self.bias_init, (c,), self.param_dtype).astype(jnp.float32)
-        return y.astype(self.dtype or x.dtype)
+            y, _, _ = _normalize(x, scale, bias, ra_mean.value, ra_var.value, self.epsilon, out_dtype)
+            return y
+        # Training: statistics and normalisation under one jax.checkpoint, so the backward pass keeps `x` in its
+        # own dtype (bfloat16 under mixed precision) and recomputes the float32 intermediates (elementwise,
+        # fused) instead of keeping a float32 copy of every normalised activation.
+        y, mean, var = jax.checkpoint(_normalize, static_argnums=(5, 6), policy=jax.checkpoint_policies.nothing_saveable)(
+            x, scale, bias, None, None, self.epsilon, out_dtype)
+        if not self.is_initializing():
+            n = math.prod(x.shape[:-1])
+            unbiased = var * (n / max(n - 1, 1))
+            m = self.momentum
+            mean, unbiased = jax.lax.stop_gradient(mean), jax.lax.stop_gradient(unbiased)
+            ra_mean.value = (1.0 - m) * ra_mean.value + m * mean
+            ra_var.value = (1.0 - m) * ra_var.value + m * unbiased
+            count.value = count.value + 1
+        return y
+
+
+def _normalize(x: Array, scale: Optional[Array], bias: Optional[Array], mean: Optional[Array],
+               var: Optional[Array], epsilon: float, out_dtype: Any) -> tuple[Array, Array, Array]:
+    """`(y, mean, var)`: `x` normalised in float32 (with the batch's biased statistics where `mean` / `var` are
+    None), scaled and shifted, cast to `out_dtype`."""
+    x32 = x.astype(jnp.float32)
+    if mean is None:
+        axes = tuple(range(x.ndim - 1))
+        mean = jnp.mean(x32, axis=axes)
+        var = jnp.mean(jnp.square(x32 - mean), axis=axes)
+    y = (x32 - mean) * jax.lax.rsqrt(var + epsilon)
+    if scale is not None:
+        y = y * scale.astype(jnp.float32)
+    if bias is not None:
+        y = y + bias.astype(jnp.float32)
+    return y.astype(out_dtype), mean, var
 
 
 def instance_norm(x: Array, epsilon: float = 1e-5) -> Array:

@@ -19,7 +19,7 @@ from cankd_jax.train.optim import make_optimizer
 from cankd_jax.train.runner import phase_config
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
-REQUIRED = ("total_steps", "batch_size", "seed", "log_every", "eval_every", "checkpoint_every")
+REQUIRED = ("total_steps", "batch_size", "seed", "log_every", "eval_every", "checkpoint_every", "dtype", "remat")
 
 CASES = [
     ("smoke.py", ""),

@@ -39,8 +39,10 @@ def dot_attention(q: Array, k: Array, v: Array, *, impl: str = "efficient") -> A
     n = k.shape[1]
     if impl == "quadratic":
         return jnp.einsum("bpn,bnd->bpd", dot_attention_matrix(q, k), v)
-    kv = jnp.einsum("bnc,bnd->bcd", k, v) / n
-    return jnp.einsum("bpc,bcd->bpd", q, kv)
+    # k^T v sums over all N keys: accumulated and scaled in float32 (it is only Cq x Ci per image), then
+    # used in the queries' dtype.
+    kv = jnp.einsum("bnc,bnd->bcd", k, v, preferred_element_type=jnp.float32) / n
+    return jnp.einsum("bpc,bcd->bpd", q, kv.astype(q.dtype))
 
 
 def _softmax_rows(q: Array, k: Array, v: Array) -> Array:

@@ -66,8 +66,8 @@ class _Conv1x1Params(nn.Module):
 class NonLocalBlock(nn.Module):
     """Non-local operation: queries from `x`, keys and values from `context`.
 
-    `x`, `context`: `(B, H, W, C)` -> `(B, H, W, C)`. CanKD calls it with
-    (student, teacher); the self-attention baseline with (x, x).
+    `x`, `context`: `(B, H, W, C)` -> `(B, H, W, C)`, float32 with `skip` or `bn_layer`. CanKD calls it
+    with (student, teacher); the self-attention baseline with (x, x).
     """
 
     in_channels: int
@@ -113,11 +113,16 @@ class NonLocalBlock(nn.Module):
         if self.bn_layer:
             wy = Conv1x1(c, dtype=self.dtype, name="W")(y)
             zeros = nn.initializers.zeros
-            wy = BatchNorm(scale_init=zeros, bias_init=zeros, name="W_bn")(wy, use_running_average=not train)
+            # Float32 out: Z = BN(W(Y)) + S is what the instance norm takes its statistics of, so the sum is
+            # formed in float32 even when the convs and the attention compute in bfloat16.
+            wy = BatchNorm(scale_init=zeros, bias_init=zeros, dtype=jnp.float32, name="W_bn")(
+                wy, use_running_average=not train)
         else:
             zeros = nn.initializers.zeros
             wy = Conv1x1(c, kernel_init=zeros, bias_init=zeros, dtype=self.dtype, name="W")(y)
-        return wy + x if self.skip else wy
+        if not self.skip:
+            return wy
+        return wy.astype(jnp.float32) + x.astype(jnp.float32)
 
 
 def matching_loss(z_s: Array, z_t: Array, *, loss_weight: float, instance_norm_: bool) -> Array:
@@ -216,6 +221,10 @@ class CanKDLoss(_NonLocalLossBase):
         the literal order (for parity tests).
       query_block: queries per block for the softmax forms.
       dtype: computation dtype of the convs and attention (None: the inputs').
+        With bfloat16 the 1x1 convs and the attention's matmuls run in
+        bfloat16 (the small k^T v product accumulates and is kept in float32);
+        the BatchNorm statistics, the residual sum, the instance norms and the
+        MSE are float32. Parameters are float32 either way.
     """
 
     @nn.compact

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any, Optional
+
 import flax.linen as nn
 import jax
 
@@ -18,11 +20,13 @@ class Connector(nn.Module):
 
     out_channels: int
     use_bias: bool = True
+    dtype: Optional[Any] = None  # computation dtype (None: the input's); the parameters stay float32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         check_rank4(x, what="student", loss="Connector")
         he_fan_out = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
         return Conv1x1(
-            self.out_channels, use_bias=self.use_bias, kernel_init=he_fan_out, bias_init=nn.initializers.zeros, name="conv"
+            self.out_channels, use_bias=self.use_bias, kernel_init=he_fan_out, bias_init=nn.initializers.zeros,
+            dtype=self.dtype, name="conv",
         )(x)

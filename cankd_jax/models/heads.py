@@ -61,7 +61,7 @@ class ASPPHead(_DecodeHead):
     dilations: tuple[int, ...] = (1, 12, 24, 36)
 
     @nn.compact
-    def __call__(self, x: Array, *, train: bool) -> dict[str, Array]:
+    def __call__(self, x: Array, train: bool) -> dict[str, Array]:
         check_nhwc(x, who="ASPPHead")
         pooled = self._conv_module("image_pool.1")(adaptive_avg_pool(x, 1), train=train)
         branches = [resize_bilinear(pooled, x.shape[1:3])]
@@ -83,7 +83,7 @@ class PSPHead(_DecodeHead):
     pool_scales: tuple[int, ...] = (1, 2, 3, 6)
 
     @nn.compact
-    def __call__(self, x: Array, *, train: bool) -> dict[str, Array]:
+    def __call__(self, x: Array, train: bool) -> dict[str, Array]:
         check_nhwc(x, who="PSPHead")
         branches = [x]
         for i, s in enumerate(self.pool_scales):
@@ -114,7 +114,7 @@ class FCNHead(_DecodeHead):
         super().__post_init__()
 
     @nn.compact
-    def __call__(self, x: Array, *, train: bool) -> dict[str, Array]:
+    def __call__(self, x: Array, train: bool) -> dict[str, Array]:
         check_nhwc(x, who="FCNHead")
         out = x
         for i in range(self.num_convs):

@@ -19,6 +19,7 @@ from typing import Any, Callable, Mapping, Optional
 import flax.linen as nn
 import jax.numpy as jnp
 
+from cankd_jax.compute import remat_policy
 from cankd_jax.models.dense_heads import FCOSHead, RetinaHead
 from cankd_jax.models.fpn import FPN
 from cankd_jax.models.freeze import frozen_prefixes, param_labels
@@ -130,6 +131,7 @@ def make_segmenter(
     norm_eval: bool = False,
     dtype: Any = None,
     param_dtype: Any = jnp.float32,
+    remat: str = "none",
 ) -> Segmenter:
     """mmseg's `{fcn,deeplabv3,pspnet}_r{depth}-d8` and `_m-v2-d8` segmenters, the auxiliary FCN head included.
 
@@ -140,21 +142,34 @@ def make_segmenter(
     channels) / `layer5` (96) and default to 512 / 256, as mmseg's `m-v2-d8`
     configs. `aux_channels=0` drops the auxiliary head. `head_kwargs` go to the decode head (e.g. `dilations`,
     `pool_scales`); `frozen_stages`, `norm_eval` and the dtypes reach the
-    backbone, the dtypes also the heads.
+    backbone, the dtypes also the heads. `remat` (a `cankd_jax.compute.REMAT_POLICIES`
+    name) rematerialises each residual block of a ResNet backbone and each head
+    as a whole under that `jax.checkpoint` policy.
     """
     if head not in SEGMENTATION_HEADS:
         raise ValueError(f"unknown segmentation head {head!r}; choose one of {', '.join(sorted(SEGMENTATION_HEADS))}")
     dtypes = dict(dtype=dtype, param_dtype=param_dtype)
-    bb = _backbone(backbone, {"frozen_stages": frozen_stages, "norm_eval": norm_eval, **dtypes, **(backbone_kwargs or {})})
+    bb_fields = {"frozen_stages": frozen_stages, "norm_eval": norm_eval, **dtypes, **(backbone_kwargs or {})}
+    if remat != "none":
+        if BACKBONE_TYPES.get(backbone, ResNet) is not ResNet:
+            raise ValueError(f"remat={remat!r} rematerialises ResNet blocks; backbone {backbone!r} is not a ResNet "
+                             "(use remat='none')")
+        bb_fields["remat"] = remat
+    bb = _backbone(backbone, bb_fields)
     (decode_in, default_channels), (aux_in, default_aux) = _segmentation_inputs(bb)
-    decode = _build(SEGMENTATION_HEADS[head], f"head {head!r}", dict(
+
+    def head_class(cls: type[nn.Module]) -> type[nn.Module]:
+        # The head's argument 2 (counting the module) is `train`, a Python bool: static.
+        return cls if remat == "none" else nn.remat(cls, policy=remat_policy(remat), static_argnums=(2,))
+
+    decode = _build(head_class(SEGMENTATION_HEADS[head]), f"head {head!r}", dict(
         num_classes=num_classes, channels=channels or default_channels, dropout_ratio=dropout_ratio,
         **dtypes, **(head_kwargs or {})))
     aux_channels = default_aux if aux_channels is None else aux_channels
     aux = None
     if aux_channels:
-        aux = FCNHead(num_classes=num_classes, channels=aux_channels, num_convs=1, concat_input=False,
-                      dropout_ratio=dropout_ratio, **dtypes)
+        aux = head_class(FCNHead)(num_classes=num_classes, channels=aux_channels, num_convs=1, concat_input=False,
+                                  dropout_ratio=dropout_ratio, **dtypes)
     return Segmenter(backbone=bb, decode_head=decode, auxiliary_head=aux, decode_in=decode_in, aux_in=aux_in)
 
 
@@ -283,7 +298,8 @@ def make_network(cfg: Any, *, num_classes: int) -> nn.Module:
     `deeplabv3` / `pspnet`; a detector `retinanet` / `fcos`; a trunk `fpn` /
     `retinanet_fpn` / `fcos_fpn` / `gfl_fpn`), `backbone` and `kwargs`
     (backbone fields, e.g. `base_width`), `frozen_stages`, `norm_eval`,
-    `dtype` / `param_dtype` (names such as 'bfloat16'), `frozen_prefixes`
+    `dtype` / `param_dtype` (names such as 'bfloat16'), `remat` (a
+    `cankd_jax.compute.REMAT_POLICIES` name; segmenters and ResNets), `frozen_prefixes`
     (extra frozen keys, see `frozen_labels`); segmenters also `head_channels`,
     `aux_channels`, `dropout_ratio`, `head_kwargs`; detectors `neck_kwargs` and
     `head_kwargs`; trunks `neck_kwargs`. `frozen_stages` / `norm_eval` left out
@@ -298,6 +314,8 @@ def make_network(cfg: Any, *, num_classes: int) -> nn.Module:
     for key in _LOADER_FIELDS | {"frozen_prefixes"}:
         fields.pop(key, None)
     common = {k: fields.pop(k) for k in ("frozen_stages", "norm_eval") if k in fields}
+    remat = fields.pop("remat", None) or "none"
+    remat_policy(remat)  # unknown names fail here
     common.update(dtype=_dtype(fields.pop("dtype", None)),
                   param_dtype=_dtype(fields.pop("param_dtype", None)) or jnp.float32)
     kwargs = dict(fields.pop("kwargs", None) or {})
@@ -308,7 +326,11 @@ def make_network(cfg: Any, *, num_classes: int) -> nn.Module:
     if name in SEGMENTATION_HEADS:
         options = take({"backbone": "backbone", "head_channels": "channels", "aux_channels": "aux_channels",
                         "dropout_ratio": "dropout_ratio", "head_kwargs": "head_kwargs"})
-        model = make_segmenter(name, num_classes=num_classes, backbone_kwargs=kwargs, **options, **common)
+        model = make_segmenter(name, num_classes=num_classes, backbone_kwargs=kwargs, remat=remat, **options, **common)
+    elif remat != "none" and name not in BACKBONES:
+        # Detection hook: the detectors and trunks (ResNet + FPN + dense heads) do not rematerialise yet.
+        raise ValueError(f"remat={remat!r} is implemented for segmenters and ResNet classifiers, not for {name!r}; "
+                         "use remat='none'")
     elif name in DETECTORS:
         options = take({"backbone": "backbone", "neck_kwargs": "neck_kwargs", "head_kwargs": "head_kwargs"})
         model = make_detector(name, num_classes=num_classes, backbone_kwargs=kwargs, **options, **common)
@@ -317,6 +339,10 @@ def make_network(cfg: Any, *, num_classes: int) -> nn.Module:
         neck = dict(fields.pop("neck_kwargs", None) or {})
         model = make_trunk(name, backbone_kwargs=kwargs, **options, **common, **neck)
     elif name in BACKBONES:
+        if remat != "none":
+            if BACKBONE_TYPES.get(name, ResNet) is not ResNet:
+                raise ValueError(f"remat={remat!r} rematerialises ResNet blocks; {name!r} is not a ResNet")
+            kwargs["remat"] = remat
         model = make_model(name, num_classes=num_classes, **common, **kwargs)
     else:
         raise ValueError(f"network config name {name!r} is none of the segmenters "

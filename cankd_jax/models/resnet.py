@@ -13,6 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from cankd_jax.compute import remat_policy
 from cankd_jax.layers import Dtype, torch_bias_init, torch_kernel_init
 from cankd_jax.models.conv import batch_norm, conv2d
 from cankd_jax.models.ops import check_nhwc, max_pool_3x3_s2
@@ -70,7 +71,7 @@ class BasicBlock(_ResBlock):
     expansion: ClassVar[int] = 1
 
     @nn.compact
-    def __call__(self, x: Array, *, train: bool) -> Array:
+    def __call__(self, x: Array, train: bool) -> Array:
         out = self._conv(x, self.planes, 3, "conv1", stride=self.stride, dilation=self.dilation)
         out = nn.relu(self._bn(out, "bn1", train))
         out = self._bn(self._conv(out, self.planes, 3, "conv2"), "bn2", train)
@@ -89,7 +90,7 @@ class Bottleneck(_ResBlock):
     expansion: ClassVar[int] = 4
 
     @nn.compact
-    def __call__(self, x: Array, *, train: bool) -> Array:
+    def __call__(self, x: Array, train: bool) -> Array:
         width = self.width or self.planes
         s1, s3 = (self.stride, 1) if self.style == "caffe" else (1, self.stride)
         out = nn.relu(self._bn(self._conv(x, width, 1, "conv1", stride=s1), "bn1", train))
@@ -164,6 +165,10 @@ class ResNet(nn.Module):
         and bias are frozen too (`frozen_prefixes()` names them all).
       dtype, param_dtype: computation and parameter dtypes (BatchNorm statistics
         are float32 regardless).
+      remat: a `cankd_jax.compute.REMAT_POLICIES` name: the stem and each
+        residual block run under `jax.checkpoint` with that policy (what it
+        keeps for the backward pass; the rest is recomputed there). 'none': no
+        rematerialisation.
     """
 
     depth: int = 50
@@ -184,6 +189,7 @@ class ResNet(nn.Module):
     norm_requires_grad: bool = True
     dtype: Optional[Dtype] = None
     param_dtype: Dtype = jnp.float32
+    remat: str = "none"
 
     def __post_init__(self):
         self._validate()
@@ -208,6 +214,7 @@ class ResNet(nn.Module):
             raise ValueError(f"ResNet: style must be one of {', '.join(STYLES)}, got {self.style!r}")
         if self.deep_stem and self.stem_width < 2:
             raise ValueError(f"ResNet: the deep stem needs stem_width >= 2, got {self.stem_width}")
+        remat_policy(self.remat)  # a ValueError naming the valid policies
 
     @property
     def block_kind(self) -> str:
@@ -303,7 +310,13 @@ class ResNet(nn.Module):
     def __call__(self, x: Array, *, train: bool) -> dict[str, Array]:
         check_nhwc(x, who=f"ResNet-{self.depth}", channels=self.in_channels)
         block_cls = BLOCKS[self.block_kind]
-        feats = {"stem": self._frozen_boundary(self._stem(x, train), self.frozen_stages >= 0)}
+        if self.remat != "none":
+            # `train` is passed positionally (argument 2, counting the module) so that it stays a Python bool.
+            block_cls = nn.remat(block_cls, policy=remat_policy(self.remat), static_argnums=(2,))
+        stem = lambda mdl, x: mdl._stem(x, train)  # noqa: E731
+        if self.remat != "none":
+            stem = nn.remat(stem, policy=remat_policy(self.remat))  # parameters keep their names (stem.0, ...)
+        feats = {"stem": self._frozen_boundary(stem(self, x), self.frozen_stages >= 0)}
         x = max_pool_3x3_s2(feats["stem"])
         specs = list(self.blocks())
         for k, b in enumerate(specs):
@@ -319,7 +332,7 @@ class ResNet(nn.Module):
                 dtype=self.dtype,
                 param_dtype=self.param_dtype,
                 name=b.name,
-            )(x, train=train)
+            )(x, train)
             if k + 1 == len(specs) or specs[k + 1].stage != b.stage:
                 x = feats[STAGES[b.stage]] = self._frozen_boundary(x, self.frozen_stages > b.stage)
         if self.num_classes is not None:

@@ -59,7 +59,7 @@ class Segmenter(nn.Module):
             heads.append(("aux", self.auxiliary_head, self.aux_in, "aux_logits"))
         out = dict(feats)
         for prefix, head, source, full_name in heads:
-            res = head(_pick(feats, source, f"{prefix} head"), train=train)
+            res = head(_pick(feats, source, f"{prefix} head"), train)  # positional: a rematerialised head needs it
             out[f"{prefix}.feature"], out[f"{prefix}.logits"] = res["feature"], res["logits"]
             out[full_name] = resize_bilinear(res["logits"].astype(jnp.float32), size)
         return out

@@ -19,11 +19,12 @@ import optax
 from flax import traverse_util
 from jax.sharding import Mesh
 
-from cankd_jax import data as data_lib
 from cankd_jax import models
+from cankd_jax.compute import compute_dtype, remat_policy
 from cankd_jax.losses import Connector, make_loss
+from cankd_jax.losses.registry import loss_fields
 from cankd_jax.train.optim import make_optimizer
-from cankd_jax.train.sharding import ParamLayout
+from cankd_jax.train.sharding import ParamLayout, tree_shardings
 from cankd_jax.train.step import DistillTerm
 from cankd_jax.train.tasks import Task, make_task
 from cankd_jax.train.weights import check_teacher_source, load_pretrained, load_teacher
@@ -50,25 +51,39 @@ class Run:
         return {"params": state.params["student"], "batch_stats": state.batch_stats["student"]}
 
 
-def build_run(config: ml_collections.ConfigDict, mesh: Mesh, *, input_size: Optional[tuple[int, int]] = None) -> Run:
+def build_run(config: ml_collections.ConfigDict, mesh: Mesh, *, input_size: Optional[tuple[int, int]] = None,
+              abstract_teacher: bool = False) -> Run:
     """Everything a run needs, its teacher placed on `mesh`. With `input_size` (H, W) no data set is opened
-    (`run.data` is None): benchmarks build the step alone and feed it arrays of that size.
+    (`run.data` is None): benchmarks build the step alone and feed it arrays of that size. With
+    `abstract_teacher` the teacher's variables are `jax.ShapeDtypeStruct`s in their shardings, enough to
+    compile the step (memory and cost analyses) without initialising or loading the teacher.
 
     Cheap mistakes (unknown names and keys, a teacher without weights) fail before any data is read.
     """
     task = make_task(config.task)
-    student = models.make_network(config.student, num_classes=config.task.num_classes)
-    terms = make_terms(config.get("distill", ()))
+    dtype, remat = config.get("dtype", "float32"), config.get("remat", "none")
+    compute_dtype(dtype), remat_policy(remat)  # unknown names: a ValueError listing the valid ones
+    student = models.make_network(network_config(config.student, dtype, remat), num_classes=config.task.num_classes)
+    terms = make_terms(config.get("distill", ()), dtype=dtype)
     teacher = None
     if terms:
-        teacher = models.make_network(config.teacher, num_classes=config.task.num_classes)
+        teacher = models.make_network(network_config(config.teacher, dtype), num_classes=config.task.num_classes)
         check_teacher_source(config.teacher)
-    data = data_lib.make_data(config.data, task=config.task.name) if input_size is None else None
+    data = None
+    if input_size is None:  # imported here: a step built for a given input size needs no data libraries
+        from cankd_jax import data as data_lib
+
+        data = data_lib.make_data(config.data, task=config.task.name)
     if data is not None and hasattr(task, "with_data"):  # detection scores against the eval split's ground truth
         task = task.with_data(data)
     sample = jnp.zeros((2, *(input_size or data.input_size), 3), jnp.float32)
     teacher_vars, teacher_shardings = {}, {}
-    if teacher is not None:
+    if teacher is not None and abstract_teacher:
+        abstract = jax.eval_shape(lambda: teacher.init(jax.random.key(0), sample, train=False))
+        teacher_shardings = tree_shardings(abstract, mesh, ParamLayout.from_config(config.get("mesh")))
+        teacher_vars = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
+                                    abstract, teacher_shardings)
+    elif teacher is not None:
         teacher_vars, teacher_shardings = load_teacher(config.teacher, teacher, sample, seed=config.seed, mesh=mesh,
                                                        layout=ParamLayout.from_config(config.get("mesh")))
 
@@ -81,7 +96,7 @@ def build_run(config: ml_collections.ConfigDict, mesh: Mesh, *, input_size: Opti
             flat = traverse_util.flatten_dict(flax.core.unfreeze(sv))
             sv = traverse_util.unflatten_dict({k: pretrained.get(k, v) for k, v in flat.items()})
         s_out = jax.eval_shape(lambda: student.apply(sv, sample, train=False))  # shapes are all init needs
-        t_out = jax.eval_shape(lambda: teacher.apply(teacher_vars, sample, train=False)) if terms else {}
+        t_out = jax.eval_shape(lambda tv: teacher.apply(tv, sample, train=False), teacher_vars) if terms else {}
         params, stats = {}, {}
         for i, term in enumerate(terms):
             kc, kl = jax.random.split(jax.random.fold_in(kd, i))
@@ -107,15 +122,34 @@ def build_run(config: ml_collections.ConfigDict, mesh: Mesh, *, input_size: Opti
     return Run(student, teacher, teacher_vars, teacher_shardings, terms, task, tx, schedule, data, init_variables)
 
 
+def network_config(cfg: ml_collections.ConfigDict, dtype: str = "float32", remat: str = "none") -> dict:
+    """A `student` / `teacher` config block with the run's compute dtype and remat policy filled in.
+
+    The run's `config.dtype` applies unless the block names its own `dtype`;
+    float32 leaves the block as it is (the networks then compute in their
+    inputs' float32). `remat` is for the student (the teacher computes no gradient).
+    """
+    block = cfg.to_dict() if isinstance(cfg, ml_collections.ConfigDict) else dict(cfg)
+    if compute_dtype(dtype) is not None and not block.get("dtype"):
+        block["dtype"] = dtype
+    if remat != "none":
+        block["remat"] = remat
+    return block
+
+
 _TERM_KEYS = {"name", "loss", "options", "student_feature", "teacher_feature", "connector", "weight"}
 
 
-def make_terms(distill_cfgs) -> tuple[DistillTerm, ...]:
+def make_terms(distill_cfgs, *, dtype: str = "float32") -> tuple[DistillTerm, ...]:
     """Distillation terms from the config's `distill` list.
 
     Each entry: `name`, `loss` (registry name), `options` (the loss's fields),
     `student_feature`, `teacher_feature`, `connector` (output channels of a 1x1
     connector on the student feature, 0 for none), `weight`.
+
+    `dtype` (the run's `config.dtype`) becomes the connectors' compute dtype and
+    that of every loss with a `dtype` field (unless its options set one); losses
+    without one compute in float32.
     """
     terms = []
     for d in distill_cfgs:
@@ -126,8 +160,12 @@ def make_terms(distill_cfgs) -> tuple[DistillTerm, ...]:
             raise ValueError(f"distill entry {d.get('name', '?')!r}: "
                              + (f"unknown key(s) {', '.join(unknown)}" if unknown else f"missing {', '.join(missing)}")
                              + f"; an entry has {', '.join(sorted(_TERM_KEYS))}")
-        connector = Connector(int(d["connector"])) if d.get("connector") else None
-        loss = make_loss(d["loss"], **dict(d.get("options") or {}))
+        cdtype = compute_dtype(dtype)
+        connector = Connector(int(d["connector"]), dtype=cdtype) if d.get("connector") else None
+        options = dict(d.get("options") or {})
+        if cdtype is not None and "dtype" in loss_fields(d["loss"]) and not options.get("dtype"):
+            options["dtype"] = cdtype
+        loss = make_loss(d["loss"], **options)
         terms.append(DistillTerm(d["name"], d["student_feature"], d["teacher_feature"], loss, connector,
                                  float(d.get("weight", 1.0))))
     names = [t.name for t in terms]

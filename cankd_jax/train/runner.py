@@ -16,7 +16,6 @@ from typing import Any
 import jax
 import ml_collections
 
-from cankd_jax.train.trainer import train_and_evaluate
 
 
 def phase_config(config: ml_collections.ConfigDict, phase: str, workdir: str) -> ml_collections.ConfigDict:
@@ -43,6 +42,9 @@ def _merge(base: dict, overrides: dict) -> None:
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    # Imported here: `phase_config` alone (benchmarks) needs no data pipeline, checkpointing or logging libraries.
+    from cankd_jax.train.trainer import train_and_evaluate
+
     if not config.get("phases"):
         summary = train_and_evaluate(config, workdir)
         _print_table({"run": summary}, summary["metric"])

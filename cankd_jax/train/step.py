@@ -10,6 +10,11 @@ The step is a pure function of (state, teacher variables, batch); the trainer
 wraps it in one `jax.jit` with `NamedSharding`s over a mesh (see `sharding.py`),
 so batch-norm statistics and every reduction are over the global batch, and the
 numbers do not depend on how many devices or processes share the batch.
+
+Mixed precision (`config.dtype='bfloat16'`, see `cankd_jax.compute`) lives in
+the modules, not here: they compute in bfloat16 from float32 parameters, so the
+gradients, the optimizer update and the new state are float32 as always; the
+task loss and the distillation terms return float32 scalars.
 """
 
 from __future__ import annotations
@@ -91,6 +96,65 @@ def distill_losses(
     return values, new_stats
 
 
+def make_grad_fn(
+    *,
+    student: nn.Module,
+    teacher: Optional[nn.Module],
+    terms: tuple[DistillTerm, ...],
+    task: Task,
+) -> Callable[[TrainState, PyTree, dict[str, Array]], tuple[PyTree, dict[str, Array], PyTree]]:
+    """`grad_fn(state, teacher_vars, batch) -> (grads, metrics, new_batch_stats)`: the step before the optimizer.
+
+    `grads` are float32 like the parameters, whatever the networks compute in;
+    `metrics`: `loss`, `task/<name>`, `distill/<term>` (weighted).
+    """
+    t_names = {t.teacher_feature for t in terms}
+
+    def grad_fn(state: TrainState, teacher_vars: PyTree, batch: dict[str, Array]):
+        loss_fn, params = step_loss(student=student, teacher=teacher, terms=terms, task=task, t_names=t_names,
+                                    state=state, teacher_vars=teacher_vars, batch=batch)
+        (_, (metrics, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        return grads, metrics, new_stats
+
+    return grad_fn
+
+
+def step_loss(*, student: nn.Module, teacher: Optional[nn.Module], terms: tuple[DistillTerm, ...], task: Task,
+              state: TrainState, teacher_vars: PyTree, batch: dict[str, Array], t_names: Optional[set] = None):
+    """`(loss_fn, params)`: the function of the parameters the step differentiates, `loss_fn(params) ->
+    (total, (metrics, new_batch_stats))`, with the teacher's features already computed (inference, no gradient).
+    What its backward pass keeps is what `jax.ad_checkpoint.print_saved_residuals(lambda p: loss_fn(p)[0],
+    params)` lists (benchmarks/memory.py counts it)."""
+    t_names = {t.teacher_feature for t in terms} if t_names is None else t_names
+    images, labels = batch["image"], batch["label"]
+    chex.assert_rank(images, 4)
+    chex.assert_axis_dimension(images, 3, 3)
+    chex.assert_tree_shape_prefix(labels, images.shape[:1])
+    rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    dropout_rng, mask_rng = jax.random.split(rng)
+    t_feats = teacher_features(teacher, teacher_vars, images, t_names) if terms else {}
+
+    def loss_fn(params):
+        s_out, s_upd = student.apply(
+            {"params": params["student"], "batch_stats": state.batch_stats["student"]},
+            images,
+            train=True,
+            mutable=["batch_stats"],
+            rngs={"dropout": dropout_rng},
+        )
+        task_total, task_terms = task.loss(s_out, labels)
+        d_values, d_stats = distill_losses(
+            terms, params["distill"], state.batch_stats["distill"], s_out, t_feats, mask_rng, train=True
+        )
+        weighted = {t.name: t.weight * d_values[t.name] for t in terms}
+        total = task_total + sum(weighted.values(), jnp.float32(0.0))
+        metrics = {"loss": total, **{f"task/{k}": v for k, v in task_terms.items()},
+                   **{f"distill/{k}": v for k, v in weighted.items()}}
+        return total, (metrics, {"student": s_upd["batch_stats"], "distill": d_stats})
+
+    return loss_fn, state.params
+
+
 def make_train_step(
     *,
     student: nn.Module,
@@ -108,36 +172,10 @@ def make_train_step(
     `grad_norm` (global) and `grad_norm/student`, `grad_norm/<term>` (the
     student's and each term's own parameters).
     """
-    t_names = {t.teacher_feature for t in terms}
+    grad_fn = make_grad_fn(student=student, teacher=teacher, terms=terms, task=task)
 
     def step(state: TrainState, teacher_vars: PyTree, batch: dict[str, Array]):
-        images, labels = batch["image"], batch["label"]
-        chex.assert_rank(images, 4)
-        chex.assert_axis_dimension(images, 3, 3)
-        chex.assert_tree_shape_prefix(labels, images.shape[:1])
-        rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-        dropout_rng, mask_rng = jax.random.split(rng)
-        t_feats = teacher_features(teacher, teacher_vars, images, t_names) if terms else {}
-
-        def loss_fn(params):
-            s_out, s_upd = student.apply(
-                {"params": params["student"], "batch_stats": state.batch_stats["student"]},
-                images,
-                train=True,
-                mutable=["batch_stats"],
-                rngs={"dropout": dropout_rng},
-            )
-            task_total, task_terms = task.loss(s_out, labels)
-            d_values, d_stats = distill_losses(
-                terms, params["distill"], state.batch_stats["distill"], s_out, t_feats, mask_rng, train=True
-            )
-            weighted = {t.name: t.weight * d_values[t.name] for t in terms}
-            total = task_total + sum(weighted.values(), jnp.float32(0.0))
-            metrics = {"loss": total, **{f"task/{k}": v for k, v in task_terms.items()},
-                       **{f"distill/{k}": v for k, v in weighted.items()}}
-            return total, (metrics, {"student": s_upd["batch_stats"], "distill": d_stats})
-
-        (_, (metrics, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        grads, metrics, new_stats = grad_fn(state, teacher_vars, batch)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {**metrics, "lr": jnp.asarray(schedule(state.step), jnp.float32),

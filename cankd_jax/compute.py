@@ -1,0 +1,63 @@
+"""How a run computes: its compute dtype and its rematerialisation policy, chosen by name in the config.
+
+`config.dtype` ('float32' | 'bfloat16') is the dtype convolutions, matmuls and the
+CanKD attention compute in, for the student, the teacher, the connectors and the
+losses that have a `dtype` field. Parameters, optimizer state and BatchNorm running
+statistics stay float32 whatever it is (every module keeps `param_dtype=float32`),
+so checkpoints and exports are float32 too; BatchNorm and instance-norm statistics,
+the task loss, the distillation MSEs and every loss reduction are computed in
+float32 from the (bfloat16) activations.
+
+`config.remat` names a `jax.checkpoint` policy: which intermediate values of the
+student's stem, residual blocks and heads are kept for the backward pass; the rest
+is recomputed there. 'none' keeps everything (no rematerialisation). The
+distillation terms (connector + loss) are not rematerialised: they run last in the
+forward pass and first in the backward pass, so recomputing them would bring their
+activations back at the step's peak (the start of the backward pass, every student
+residual still live) and save nothing there.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+
+DTYPES = ("float32", "bfloat16")
+
+_cp = jax.checkpoint_policies
+# name -> policy (None: no jax.checkpoint at all).
+REMAT_POLICIES: dict[str, Optional[Callable[..., bool]]] = {
+    "none": None,
+    # Keep the outputs of convolutions and matmuls, recompute the elementwise work after them
+    # (BatchNorm, ReLU, additions): a little recomputation, the largest share of the saving.
+    "dots_saveable": _cp.dots_saveable,
+    # Keep only matmuls without batch dimensions (1x1 convs written as matmuls); recompute the rest.
+    "dots_with_no_batch_dims_saveable": _cp.dots_with_no_batch_dims_saveable,
+    # Keep only each block's input: the whole block is recomputed in the backward pass.
+    "nothing_saveable": _cp.nothing_saveable,
+}
+
+
+def compute_dtype(name: Optional[str]) -> Optional[Any]:
+    """The modules' `dtype` for `config.dtype`: None for float32 (they compute in their inputs' dtype,
+    float32), `jnp.bfloat16` for bfloat16. Unknown names raise a ValueError listing the valid ones."""
+    name = name or "float32"
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}")
+    return None if name == "float32" else jnp.dtype(name)
+
+
+def remat_policy(name: Optional[str]) -> Optional[Callable[..., bool]]:
+    """The `jax.checkpoint` policy of `config.remat` (None for 'none')."""
+    name = name or "none"
+    if name not in REMAT_POLICIES:
+        raise ValueError(f"unknown remat policy {name!r}; choose one of {', '.join(REMAT_POLICIES)}")
+    return REMAT_POLICIES[name]
+
+
+def checkpointed(fn: Callable, name: Optional[str]) -> Callable:
+    """`fn` under `jax.checkpoint` with the named policy, or `fn` itself for 'none'."""
+    policy = remat_policy(name)
+    return fn if (name or "none") == "none" else jax.checkpoint(fn, policy=policy)
