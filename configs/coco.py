@@ -96,6 +96,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
 
     c = ml_collections.ConfigDict()
     c.seed = 0
+    c.dtype = "float32"  # compute dtype: 'bfloat16' for mixed precision (parameters, optimizer, checkpoints stay float32)
+    c.remat = "none"  # jax.checkpoint policy for the student's stem, blocks and heads, e.g. 'nothing_saveable' (cankd_jax/compute.py)
     c.total_steps = epochs * STEPS_PER_EPOCH
     c.batch_size = BATCH
     c.log_every = 50
