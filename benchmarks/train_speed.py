@@ -272,6 +272,7 @@ def eval_speed(config, mesh, size: tuple[int, int], batch: int, repeat: int = 5,
 
     from cankd_jax.train import build
     from cankd_jax.train.sharding import global_batch, replicated
+
     config = config.copy_and_resolve_references()
     config.distill = []
     run = build.build_run(config, mesh, input_size=size)
