@@ -12,10 +12,11 @@ newest checkpoint, so a study may be stopped (SIGTERM or Ctrl-C: the running cel
 continued in later sittings, or extended by more seeds (`--seeds 8`) or losses (`--losses`). Each run's output
 goes to `study.log` in its workdir.
 
-`--jobs N` trains N runs side by side (a setting's teacher first, alone if nothing else can run). One run of
-these small networks keeps about one of a 2-core machine's cores busy, so two at a time finish more cells an
-hour. A run's numbers do not depend on it (XLA's CPU thread pool and every random draw are the same whatever
-else runs); its wall time does, so `cells.csv` records `jobs` beside `wall_s`.
+`--jobs N` trains N runs side by side (a setting's teacher first, alone if nothing else can run), for machines
+with more cores than one run of these small networks keeps busy; on this project's 2-core machine one demo
+cell already keeps 1.6 cores busy, so the study here runs one at a time. A run's numbers do not depend on N
+(XLA's CPU thread pool and every random draw are the same whatever else runs); its wall time does, so
+`cells.csv` records `jobs` beside `wall_s`.
 
 Each setting trains ONE teacher (seed 0), just before the setting's first cell, that every loss and seed of
 that setting distils from: the teacher is the most expensive run of a setting (twice the student's steps at
@@ -188,7 +189,10 @@ def read_cells(path: str) -> dict[tuple[str, str, int], dict[str, Any]]:
     if not os.path.exists(path):
         return {}
     with open(path, newline="") as f:
-        return {(r["setting"], r["loss"], int(r["seed"])): r for r in csv.DictReader(f)}
+        rows = {(r["setting"], r["loss"], int(r["seed"])): r for r in csv.DictReader(f)}
+    for r in rows.values():
+        r["jobs"] = r.get("jobs") or "1"  # rows from before --jobs existed: one run at a time
+    return rows
 
 
 def write_cells(path: str, rows: dict[tuple[str, str, int], dict[str, Any]]) -> None:

@@ -14,9 +14,12 @@ if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "
 # CPU). XLA's own HLO passes (fusion, layouts, the order of every reduction) still run; the machine code is
 # slower, and its results may differ from an optimised build's in the last bit (LLVM may contract a multiply
 # and an add), which every tolerance here allows: the exact-equality tests compare runs built alike. Set the
-# flag yourself to test at another level.
+# flag yourself to test at another level. `train_cli` takes it out again for train.py's end-to-end runs: those run
+# as users run them.
+FAST_COMPILE = "--xla_backend_optimization_level=0"
 if "--xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]:
-    os.environ["XLA_FLAGS"] += " --xla_backend_optimization_level=0"
+    os.environ["XLA_FLAGS"] += " " + FAST_COMPILE
+    os.environ["CANKD_JAX_TESTS_ADDED_FLAGS"] = FAST_COMPILE
 
 # A compilation cache for this test session: the end-to-end tests build the same steps in several runs
 # and subprocesses (which inherit the variables), and on 2 CPU cores compiling is most of their time.
