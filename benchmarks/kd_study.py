@@ -3,12 +3,20 @@
     python benchmarks/kd_study.py --study demo --seeds 5            # run (or resume) the grid, then report
     python benchmarks/kd_study.py --study demo --report              # table.md and chart.png from cells.csv alone
     python benchmarks/kd_study.py --study demo --plan                # list the cells and which are finished
+    python benchmarks/kd_study.py --study demo --seeds 5 --jobs 2   # two runs side by side
 
 A *cell* is (setting, loss, seed): one ordinary training run (`train_and_evaluate`, resumable) in its own
 workdir `ROOT/<study>/<setting>/<loss>/seed<k>`, trained in a child process so a study of ~100 runs never
 accumulates compiled programs in one process. Finished cells are skipped, an interrupted one resumes from its
 newest checkpoint, so a study may be stopped (SIGTERM or Ctrl-C: the running cell saves a checkpoint first) and
-continued in later sittings, or extended by more seeds (`--seeds 8`) or losses (`--losses`).
+continued in later sittings, or extended by more seeds (`--seeds 8`) or losses (`--losses`). Each run's output
+goes to `study.log` in its workdir.
+
+`--jobs N` trains N runs side by side (a setting's teacher first, alone if nothing else can run), for machines
+with more cores than one run of these small networks keeps busy; on this project's 2-core machine one demo
+cell already keeps 1.6 cores busy, so the study here runs one at a time. A run's numbers do not depend on N
+(XLA's CPU thread pool and every random draw are the same whatever else runs); its wall time does, so
+`cells.csv` records `jobs` beside `wall_s`.
 
 Each setting trains ONE teacher (seed 0), just before the setting's first cell, that every loss and seed of
 that setting distils from: the teacher is the most expensive run of a setting (twice the student's steps at
@@ -40,6 +48,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from typing import Any, Optional
 
@@ -58,7 +67,7 @@ LABELS = {
 }
 TEACHER_SEED = 0
 CSV_FIELDS = ("setting", "loss", "seed", "metric", "value", "steps", "wall_s", "teacher_value", "status",
-              "load_start", "load_end", "sittings")
+              "load_start", "load_end", "sittings", "jobs")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -180,7 +189,10 @@ def read_cells(path: str) -> dict[tuple[str, str, int], dict[str, Any]]:
     if not os.path.exists(path):
         return {}
     with open(path, newline="") as f:
-        return {(r["setting"], r["loss"], int(r["seed"])): r for r in csv.DictReader(f)}
+        rows = {(r["setting"], r["loss"], int(r["seed"])): r for r in csv.DictReader(f)}
+    for r in rows.values():
+        r["jobs"] = r.get("jobs") or "1"  # rows from before --jobs existed: one run at a time
+    return rows
 
 
 def write_cells(path: str, rows: dict[tuple[str, str, int], dict[str, Any]]) -> None:
@@ -199,35 +211,26 @@ def _load() -> float:
     return round(os.getloadavg()[0], 2)
 
 
-class Stop(Exception):
-    pass
-
-
-def run_child(args: list[str], log_path: str, cache_dir: str) -> tuple[int, float, float, float]:
-    """Run the child; on SIGTERM/SIGINT to us, pass SIGTERM on (it saves a checkpoint) and raise Stop after it exits.
+def run_child(args: list[str], log_path: str, cache_dir: str, running: Optional[set] = None
+              ) -> tuple[int, float, float, float]:
+    """Run one training child to its end, its output appended to `log_path`; while it runs it is in `running`
+    (the set the study's signal handler passes SIGTERM on to: the child then saves a checkpoint and exits).
 
     Returns `(returncode, wall seconds, load at start, load at end)`.
     """
     load0, t0 = _load(), time.time()
+    os.makedirs(os.path.dirname(log_path), exist_ok=True)
     with open(log_path, "a") as log:
         proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), *args], stdout=log,
                                 stderr=subprocess.STDOUT, cwd=ROOT, env=_child_env(cache_dir))
-        stopping = []
-
-        def forward(signum, frame):  # noqa: ARG001
-            stopping.append(signum)
-            proc.send_signal(signal.SIGTERM)
-
-        old = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+        if running is not None:
+            running.add(proc)
         try:
             rc = proc.wait()
         finally:
-            for s, h in old.items():
-                signal.signal(s, h)
-    wall = time.time() - t0
-    if stopping:
-        raise Stop((rc, wall, load0, _load()))
-    return rc, wall, load0, _load()
+            if running is not None:
+                running.discard(proc)
+    return rc, time.time() - t0, load0, _load()
 
 
 def _child_env(cache_dir: str) -> dict[str, str]:
@@ -240,15 +243,16 @@ def _child_env(cache_dir: str) -> dict[str, str]:
     return env
 
 
-def _record_sitting(workdir: str, wall: float, load0: float, load1: float, rc: int) -> dict:
-    """Append one sitting (one child process) to `workdir/study_cell.json`; returns the record."""
+def _record_sitting(workdir: str, wall: float, load0: float, load1: float, rc: int, jobs: int = 1) -> dict:
+    """Append one sitting (one child process; `jobs`: how many children the study ran side by side) to
+    `workdir/study_cell.json`; returns the record."""
     path = os.path.join(workdir, "study_cell.json")
     rec = {"sittings": []}
     if os.path.exists(path):
         with open(path) as f:
             rec = json.load(f)
     rec["sittings"].append({"wall_s": round(wall, 1), "load_start": load0, "load_end": load1, "returncode": rc,
-                            "ended": time.strftime("%Y-%m-%d %H:%M:%S")})
+                            "jobs": jobs, "ended": time.strftime("%Y-%m-%d %H:%M:%S")})
     os.makedirs(workdir, exist_ok=True)
     with open(path, "w") as f:
         json.dump(rec, f, indent=2)
@@ -276,7 +280,8 @@ def cell_row(cell: Cell, workdir: str, teacher_value: Optional[float]) -> dict[s
                 teacher_value=f"{100 * teacher_value:.2f}" if teacher_value is not None else "",
                 status="ok" if ok else "failed",
                 load_start=sittings[0]["load_start"] if sittings else "",
-                load_end=sittings[-1]["load_end"] if sittings else "", sittings=len(sittings))
+                load_end=sittings[-1]["load_end"] if sittings else "", sittings=len(sittings),
+                jobs=max((s.get("jobs", 1) for s in sittings), default=1))
 
 
 def teacher_value(root: str, study: str, setting: str) -> Optional[float]:
@@ -296,6 +301,35 @@ def _git_commit(paths: list[str], message: str) -> None:
         subprocess.run(["git", "commit", "-q", "-m", message, "--", *paths], cwd=cwd, check=False)
 
 
+class _Scheduler:
+    """Which run comes next, for up to `jobs` runs side by side: the cells in grid order, each once its setting's
+    teacher has finished; a setting's teacher (one run, never two at once) when the first pending cell of the
+    setting needs it. All methods are called under the study's lock."""
+
+    def __init__(self, cells: list[Cell], teacher_done: dict[str, bool]):
+        self.pending = list(cells)
+        self.teacher = {s: ("done" if ok else "todo") for s, ok in teacher_done.items()}
+
+    def next(self) -> Optional[tuple[str, Any]]:
+        """('cell', Cell) or ('teacher', setting) to start now, or None if nothing can start yet."""
+        for cell in self.pending:
+            state = self.teacher[cell.setting]
+            if state == "done":
+                self.pending.remove(cell)
+                return "cell", cell
+            if state == "todo":
+                self.teacher[cell.setting] = "running"
+                return "teacher", cell.setting
+        return None
+
+    def teacher_finished(self, setting: str, ok: bool) -> list[Cell]:
+        """Record the teacher's end; if it failed, its setting's pending cells are dropped (returned)."""
+        self.teacher[setting] = "done" if ok else "failed"
+        dropped = [c for c in self.pending if c.setting == setting and not ok]
+        self.pending = [c for c in self.pending if c not in dropped]
+        return dropped
+
+
 def run_study(a: argparse.Namespace) -> None:
     out = os.path.join(a.results, a.study)
     csv_path = os.path.join(out, "cells.csv")
@@ -303,11 +337,15 @@ def run_study(a: argparse.Namespace) -> None:
     cells = grid(a.study, a.seeds, a.settings, a.losses)
     data_dir = a.data_dir or os.path.join(a.root, "tfds")
     os.makedirs(os.path.join(a.root, a.study), exist_ok=True)
-    log_path = os.path.join(a.root, a.study, "cells.log")
     cache_dir = os.path.join(a.root, a.study, "xla_cache")
-    last_commit = time.time()
-    done_now = 0
     t_start = time.time()
+    lock = threading.Condition()
+    running: set = set()  # the children now running (the signal handler stops them)
+    stopping: list[int] = []
+    errors: list[str] = []
+    active = 0  # runs started and not yet recorded
+    started = 0  # cells started in this sitting (--max-cells)
+    last_commit = time.time()
 
     def say(msg: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
@@ -322,64 +360,99 @@ def run_study(a: argparse.Namespace) -> None:
             _git_commit([out], f"kd_study {a.study}: {n} cells finished")
             last_commit = time.time()
 
-    def ensure_teacher(setting: str) -> None:
-        """Train the setting's shared teacher if it has not finished (when its first cell needs it)."""
-        nonlocal workdir
-        tdir = workdir = teacher_dir(a.root, a.study, setting)
-        if finished(tdir):
-            record_teacher(setting, tdir)
-            return
-        say(f"{setting}: training the shared teacher in {tdir} (load {_load()})")
-        rc, wall, l0, l1 = run_child(["--_cell", a.study, setting, "teacher", str(TEACHER_SEED),
-                                      a.root, data_dir, tdir], log_path, cache_dir)
-        _record_sitting(tdir, wall, l0, l1, rc)
-        if rc:
-            raise SystemExit(f"the {setting} teacher failed (exit {rc}); see {log_path}")
-        say(f"{setting}: teacher done in {wall:.0f} s, held-out {100 * teacher_value(a.root, a.study, setting):.2f}")
-        record_teacher(setting, tdir)
+    def record(key: tuple[str, str, int], workdir: str, setting: str) -> dict[str, Any]:
+        rows[key] = cell_row(Cell(*key), workdir, teacher_value(a.root, a.study, setting))
+        write_cells(csv_path, rows)
+        return rows[key]
 
-    def record_teacher(setting: str, tdir: str) -> None:
-        """The teacher's row (loss 'teacher', seed 0): its metric and wall time, so cells.csv holds every run."""
-        key = (setting, "teacher", TEACHER_SEED)
-        if key not in rows:
-            rows[key] = cell_row(Cell(*key), tdir, teacher_value(a.root, a.study, setting))
-            write_cells(csv_path, rows)
+    def child(task: str, name: str, setting: str, loss: str, seed: int, workdir: str) -> tuple[int, bool]:
+        """Train one run (cell or teacher) in a child; record its sitting. Returns (returncode, finished)."""
+        say(f"{name} (load {_load()}, {len(running) + 1} running)")
+        rc, wall, l0, l1 = run_child(["--_cell", a.study, setting, loss, str(seed), a.root, data_dir, workdir],
+                                     os.path.join(workdir, "study.log"), cache_dir, running)
+        _record_sitting(workdir, wall, l0, l1, rc, a.jobs)
+        return rc, finished(workdir)
 
-    workdir = ""
+    # Cells recorded already are skipped; a failed one runs again only with --retry-failed.
+    todo = [c for c in cells if not (rows.get(c.key) and (rows[c.key]["status"] == "ok" or not a.retry_failed))]
+    sched = _Scheduler(todo, {s: finished(teacher_dir(a.root, a.study, s)) for s in {c.setting for c in todo}})
+    index = {c.key: i + 1 for i, c in enumerate(cells)}
+
+    def worker() -> None:
+        nonlocal active, started
+        while True:
+            with lock:
+                while True:
+                    if stopping or errors:  # a failed teacher: start nothing more
+                        return
+                    if a.max_cells and started >= a.max_cells:
+                        return
+                    nxt = sched.next()
+                    if nxt is not None:
+                        break
+                    if not active:  # nothing runs and nothing can start: done
+                        return
+                    lock.wait()
+                kind, what = nxt
+                active += 1
+                if kind == "cell" and not finished(cell_dir(a.root, a.study, what)):
+                    started += 1
+            try:
+                if kind == "teacher":
+                    tdir = teacher_dir(a.root, a.study, what)
+                    rc, ok = child("teacher", f"{what}: training the shared teacher in {tdir}", what, "teacher",
+                                   TEACHER_SEED, tdir)
+                    with lock:
+                        if ok:
+                            say(f"{what}: teacher done, held-out {100 * teacher_value(a.root, a.study, what):.2f}")
+                            record((what, "teacher", TEACHER_SEED), tdir, what)
+                        elif not stopping:
+                            errors.append(f"the {what} teacher failed (exit {rc}); see {tdir}/study.log")
+                            say(errors[-1])
+                        sched.teacher_finished(what, ok)
+                else:
+                    cell, workdir = what, cell_dir(a.root, a.study, what)
+                    if not finished(workdir):
+                        child("cell", f"cell {index[cell.key]}/{len(cells)} {cell.setting} {cell.loss} seed "
+                              f"{cell.seed}", cell.setting, cell.loss, cell.seed, workdir)
+                    with lock:
+                        # A run stopped by a signal saved a checkpoint and resumes next sitting: no row yet.
+                        if finished(workdir) or not stopping:
+                            r = record(cell.key, workdir, cell.setting)
+                            say(f"  -> {cell.setting} {cell.loss} seed {cell.seed}: {r['status']} {r['value']} "
+                                f"mIoU, {r['wall_s']} s")
+                            commit()
+            finally:
+                with lock:
+                    active -= 1
+                    lock.notify_all()
+
+    def stop(signum, frame):  # noqa: ARG001
+        stopping.append(signum)
+        for proc in list(running):
+            proc.send_signal(signal.SIGTERM)
+
+    old = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
+    threads = [threading.Thread(target=worker, name=f"kd_study-{i}", daemon=True) for i in range(a.jobs)]
     try:
-        for i, cell in enumerate(cells):
-            if a.max_cells and done_now >= a.max_cells:
-                say(f"stopping after {done_now} cells (--max-cells)")
-                break
-            prev = rows.get(cell.key)
-            if prev and (prev["status"] == "ok" or not a.retry_failed):
-                continue
-            ensure_teacher(cell.setting)
-            workdir = cell_dir(a.root, a.study, cell)
-            t_val = teacher_value(a.root, a.study, cell.setting)
-            if not finished(workdir):
-                say(f"cell {i + 1}/{len(cells)} {cell.setting} {cell.loss} seed {cell.seed} (load {_load()})")
-                rc, wall, l0, l1 = run_child(["--_cell", a.study, cell.setting, cell.loss, str(cell.seed),
-                                              a.root, data_dir, workdir], log_path, cache_dir)
-                _record_sitting(workdir, wall, l0, l1, rc)
-                done_now += 1
-            rows[cell.key] = cell_row(cell, workdir, t_val)
-            write_cells(csv_path, rows)
-            r = rows[cell.key]
-            say(f"  -> {r['status']} {r['value']} mIoU, {r['wall_s']} s")
-            commit()
-    except Stop as e:
-        rc, wall, l0, l1 = e.args[0]
-        if workdir and os.path.isdir(workdir):
-            _record_sitting(workdir, wall, l0, l1, rc)
-        say("stopped: the running cell saved a checkpoint and resumes on the next run")
+        for t in threads:
+            t.start()
+        for t in threads:
+            while t.is_alive():
+                t.join(timeout=0.5)  # a timed join lets the main thread run the signal handler
     finally:
+        for s, h in old.items():
+            signal.signal(s, h)
         write_cells(csv_path, rows)
         commit(force=True)
+    if stopping:
+        say("stopped: the running cells saved checkpoints and resume on the next run")
     left = [c for c in cells if rows.get(c.key, {}).get("status") != "ok"]
-    say(f"{len(cells) - len(left)}/{len(cells)} cells finished ({time.time() - t_start:.0f} s this sitting); "
-        f"{len(left)} left")
+    say(f"{len(cells) - len(left)}/{len(cells)} cells finished ({time.time() - t_start:.0f} s this sitting, "
+        f"{a.jobs} at a time); {len(left)} left")
     report(a.study, a.results)
+    if errors:
+        raise SystemExit("; ".join(errors))
 
 
 def run_cell(study: str, setting: str, loss: str, seed: str, root: str, data_dir: str, workdir: str) -> None:
@@ -476,12 +549,15 @@ def table_markdown(rows: list[dict[str, Any]], study: str) -> str:
             f"{r['setting']}/{r['loss']}/seed{r['seed']}" for r in failed), ""]
     if walls:
         t_walls = [float(r["wall_s"]) for r in rows if r["wall_s"] and r["loss"] == "teacher"]
-        lines += [f"Wall time: {sum(walls) / 3600:.2f} h in total: {len(walls) - len(t_walls)} cells "
+        # Runs trained `jobs` at a time shared the machine: each stands for wall / jobs of the study's time.
+        machine = sum(float(r["wall_s"]) / int(r.get("jobs") or 1) for r in rows if r["wall_s"])
+        lines += [f"Wall time: {sum(walls) / 3600:.2f} run-hours: {len(walls) - len(t_walls)} cells "
                   f"({(sum(walls) - sum(t_walls)) / 3600:.2f} h) and {len(t_walls)} teachers "
-                  f"({sum(t_walls) / 3600:.2f} h), on a 2-core CPU machine shared with other work (per-run times "
-                  "and 1-minute load averages at start and end in `cells.csv`; each run's time includes starting "
-                  "Python and JAX, compiling (cached across the seeds of a loss), training, evaluating and "
-                  "exporting).", ""]
+                  f"({sum(t_walls) / 3600:.2f} h); about {machine / 3600:.2f} h of the machine (a run trained "
+                  "beside others, `jobs` in `cells.csv`, counts for its wall time divided by `jobs`). A 2-core CPU "
+                  "machine shared with other work (per-run times and 1-minute load averages at start and end in "
+                  "`cells.csv`; each run's time includes starting Python and JAX, compiling (cached across the "
+                  "seeds of a loss), training, evaluating and exporting).", ""]
     return "\n".join(lines)
 
 
@@ -558,6 +634,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--plan", action="store_true", help="list the cells and their state, run nothing")
     p.add_argument("--max-cells", type=int, default=0, help="stop after training this many cells (0: all)")
     p.add_argument("--retry-failed", action="store_true", help="run cells recorded as failed again")
+    p.add_argument("--jobs", type=int, default=1, help="runs side by side (one run leaves part of a small "
+                   "machine idle); each cell's numbers do not depend on it, its wall time does")
     p.add_argument("--commit", action="store_true", help="git-commit results/<study>/ as cells finish")
     p.add_argument("--commit-every", type=float, default=900.0, help="seconds between commits with --commit")
     a = p.parse_args(argv)
@@ -567,6 +645,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     for name in a.losses or []:
         if name not in LABELS:
             p.error(f"unknown loss {name!r}; choose from {', '.join(LABELS)}")
+    if a.jobs < 1:
+        p.error(f"--jobs must be at least 1, got {a.jobs}")
     if a.report:
         report(a.study, a.results)
     elif a.plan:

@@ -48,8 +48,10 @@ DEVICES_GB = (16, 40, 80)
 def analyse(case: str, batch: int, dtype: str, remat: str, size: tuple[int, int]) -> dict:
     """Memory of the compiled step for `batch` images on one device (runs in a worker process)."""
     import jax
+    import numpy as np
 
     from cankd_jax.config_arg import load_config
+    from cankd_jax.data.detection import empty_train_example
     from cankd_jax.train import build
     from cankd_jax.train.sharding import batch_sharding, make_mesh, replicated
     from cankd_jax.train.state import plan_state
@@ -64,14 +66,12 @@ def analyse(case: str, batch: int, dtype: str, remat: str, size: tuple[int, int]
     run = build.build_run(config, mesh, input_size=size, abstract_teacher=True)
     plan = plan_state(run.init_variables, run.tx, config.seed, mesh)  # planned, never initialised
     state, shardings = plan.abstract, plan.shardings
-    sds = lambda shape, dtype: jax.ShapeDtypeStruct((batch, *shape), dtype, sharding=batch_sharding(mesh))  # noqa: E731
-    images = sds((*size, 3), jax.numpy.float32)
     if config.task.name == "detection":
-        f32 = jax.numpy.float32
-        labels = {"boxes": sds((MAX_BOXES, 4), f32), "labels": sds((MAX_BOXES,), jax.numpy.int32),
-                  "valid": sds((MAX_BOXES,), jax.numpy.bool_), "img_shape": sds((2,), f32), "pad_shape": sds((2,), f32)}
+        example = empty_train_example(size, MAX_BOXES)
     else:
-        labels = sds(size, jax.numpy.int32)
+        example = {"image": np.zeros((*size, 3), np.float32), "label": np.zeros(size, np.int32)}
+    batch_spec = jax.tree.map(lambda a: jax.ShapeDtypeStruct((batch, *a.shape), a.dtype,
+                                                             sharding=batch_sharding(mesh)), example)
     step = jax.jit(make_train_step(student=run.student, teacher=run.teacher, terms=run.terms, task=run.task,
                                    tx=run.tx, schedule=run.schedule),
                    in_shardings=(shardings, run.teacher_shardings, batch_sharding(mesh)),
@@ -80,13 +80,13 @@ def analyse(case: str, batch: int, dtype: str, remat: str, size: tuple[int, int]
     # On CPU without LLVM optimisation: the buffer assignment (XLA's, before LLVM) is the same, the compile faster.
     options = {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else None
     with jax.set_mesh(mesh):
-        lowered = step.lower(state, run.teacher_vars, {"image": images, "label": labels})
+        lowered = step.lower(state, run.teacher_vars, batch_spec)
         compiled = lowered.compile(compiler_options=options)
     compile_s = time.perf_counter() - t0
     m = compiled.memory_analysis()
     nbytes = lambda tree: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))  # noqa: E731
     peak = m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
-    kept = kept_for_backward(run, state, {"image": images, "label": labels})
+    kept = kept_for_backward(run, state, batch_spec)
     return {"peak": peak, "temp": m.temp_size_in_bytes, "arguments": m.argument_size_in_bytes, "kept": kept,
             "outputs": m.output_size_in_bytes, "aliased": m.alias_size_in_bytes, "state": nbytes(state),
             "teacher": nbytes(run.teacher_vars), "compile_s": compile_s, "backend": jax.default_backend(),

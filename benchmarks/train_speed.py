@@ -167,19 +167,23 @@ def random_batch(config, local: int, size: tuple[int, int], rng) -> dict:
     """A batch of the config's task: images and labels (segmentation maps, or padded boxes)."""
     import numpy as np
 
+    from cankd_jax.data.detection import empty_train_example
+    from cankd_jax.data.pipeline import stack_records
+
     image = rng.standard_normal((local, *size, 3), np.float32)
     k = config.task.num_classes
     if config.task.name != "detection":
         return {"image": image, "label": rng.integers(0, k, (local, *size)).astype(np.int32)}
+    batch = stack_records([empty_train_example(size, MAX_BOXES) for _ in range(local)])
     h, w = size
     xy = rng.uniform(0, 0.7, (local, MAX_BOXES, 2)) * (w, h)
     wh = rng.uniform(0.05, 0.3, (local, MAX_BOXES, 2)) * (w, h)
-    boxes = np.concatenate([xy, np.minimum(xy + wh, (w, h))], -1).astype(np.float32)
-    return {"image": image,
-            "label": {"boxes": boxes, "labels": rng.integers(0, k, (local, MAX_BOXES)).astype(np.int32),
-                      "valid": np.arange(MAX_BOXES)[None].repeat(local, 0) < 6,
-                      "img_shape": np.tile(np.float32(size), (local, 1)),
-                      "pad_shape": np.tile(np.float32(size), (local, 1))}}
+    label = batch["label"]
+    label["boxes"][:] = np.concatenate([xy, np.minimum(xy + wh, (w, h))], -1)
+    label["labels"][:] = rng.integers(0, k, (local, MAX_BOXES))
+    label["valid"][:, :6] = True  # six objects an image
+    batch["image"] = image
+    return batch
 
 
 def build_step(config, size, batch):

@@ -9,6 +9,17 @@ import sys
 # Single-device code is unaffected (it runs on device 0).
 if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4").strip()
+# The tests' programs run a few times each, so compiling is most of the suite's time, and most of compiling is
+# LLVM optimising the generated code: without it, the smoke teacher's init compiles in 5 s instead of 40 (2-core
+# CPU). XLA's own HLO passes (fusion, layouts, the order of every reduction) still run; the machine code is
+# slower, and its results may differ from an optimised build's in the last bit (LLVM may contract a multiply
+# and an add), which every tolerance here allows: the exact-equality tests compare runs built alike. Set the
+# flag yourself to test at another level. `train_cli` takes it out again for train.py's end-to-end runs: those run
+# as users run them.
+FAST_COMPILE = "--xla_backend_optimization_level=0"
+if "--xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]:
+    os.environ["XLA_FLAGS"] += " " + FAST_COMPILE
+    os.environ["CANKD_JAX_TESTS_ADDED_FLAGS"] = FAST_COMPILE
 
 # A compilation cache for this test session: the end-to-end tests build the same steps in several runs
 # and subprocesses (which inherit the variables), and on 2 CPU cores compiling is most of their time.

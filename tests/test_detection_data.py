@@ -11,7 +11,7 @@ import pytest
 
 from cankd_jax.data import make_data, make_train_iterator
 from cankd_jax.data.detection import (
-    CAFFE_NORM, DetectionIndex, DetEvalPreprocess, DetTrainAugment, bucket_of, bucket_shapes,
+    CAFFE_NORM, DetectionIndex, DetEvalPreprocess, DetTrainAugment, bucket_of, bucket_shapes, empty_train_example,
 )
 from cankd_jax.data.pipeline import GroupedEpochs
 from cankd_jax.data.sources import COCO_CATEGORY_IDS
@@ -67,6 +67,9 @@ def test_train_boxes_follow_resize_flip_and_pad(flip):
     mean = np.array([123.675, 116.28, 103.53], np.float32)
     corner = out["image"][0, 89 if flip else 0]
     np.testing.assert_allclose(corner * np.array([58.395, 57.12, 57.375]) + mean, rec["image"][0, 0], atol=1e-3)
+    # The layout the benchmarks build their abstract and random batches from is the one training yields.
+    layout = lambda ex: {k: layout(v) if isinstance(v, dict) else (v.shape, v.dtype) for k, v in ex.items()}  # noqa: E731
+    assert layout(out) == layout(empty_train_example((64, 128), 6))
     with pytest.raises(ValueError, match="max_boxes=1"):
         DetTrainAugment(scale=(120, 60), max_boxes=1)(rec, _Flip(flip))
 

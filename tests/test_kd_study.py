@@ -6,7 +6,10 @@ from __future__ import annotations
 import csv
 import json
 import os
+import signal
 import sys
+import threading
+import time
 
 import pytest
 
@@ -14,18 +17,31 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 import kd_study  # noqa: E402
 
 
-def _fake_child(calls):
-    """Stands in for the training child: writes the summary.json a finished run would."""
+def _fake_child(calls, hold=0.0, on_start=None):
+    """Stands in for the training child: writes the summary.json a finished run would, after `hold` seconds;
+    `on_start(setting, loss, seed)` may return False to leave the run unfinished (a run stopped by a signal)."""
+    lock = threading.Lock()
+    now = [0]
 
-    def run_child(args, log_path, cache_dir):
+    def run_child(args, log_path, cache_dir, running=None):
         _, study, setting, loss, seed, root, data_dir, workdir = args
-        calls.append((setting, loss, int(seed)))
+        with lock:
+            calls.append((setting, loss, int(seed)))
+            now[0] += 1
+            run_child.most = max(run_child.most, now[0])
+        finish = on_start(setting, loss, int(seed)) if on_start else True
+        time.sleep(hold)
+        with lock:
+            now[0] -= 1
         os.makedirs(workdir, exist_ok=True)
+        if finish is False:
+            return 0, 1.0, 0.1, 0.2
         value = 0.5 if loss == "teacher" else 0.1 + 0.01 * int(seed) + 0.05 * (loss == "cankd")
         with open(os.path.join(workdir, "summary.json"), "w") as f:
             json.dump({"finished": True, "metric": "mIoU", "step": 3, "eval": {"mIoU": value}}, f)
         return 0, 1.5, 0.1, 0.2
 
+    run_child.most = 0
     return run_child
 
 
@@ -51,6 +67,54 @@ def test_grid_runs_each_cell_once_resumes_and_extends(tmp_path, monkeypatch):
     table = (tmp_path / "results" / "tiny" / "table.md").read_text()
     assert "CanKD > student alone on 3 of 3" in table
     assert (tmp_path / "results" / "tiny" / "chart.png").stat().st_size > 0
+
+
+def _cells_csv(results):
+    with open(results / "tiny" / "cells.csv") as f:
+        return {(r["loss"], r["seed"]): r for r in csv.DictReader(f)}
+
+
+def test_two_jobs_run_every_cell_once_after_the_teacher_with_the_same_results(tmp_path, monkeypatch):
+    common = ["--study", "tiny", "--seeds", "3"]
+    one = _fake_child([])
+    monkeypatch.setattr(kd_study, "run_child", one)
+    kd_study.main([*common, "--root", str(tmp_path / "a"), "--results", str(tmp_path / "ra")])
+    calls = []
+    two = _fake_child(calls, hold=0.2)
+    monkeypatch.setattr(kd_study, "run_child", two)
+    kd_study.main([*common, "--jobs", "2", "--root", str(tmp_path / "b"), "--results", str(tmp_path / "rb")])
+    assert calls[0] == ("tiny", "teacher", 0) and sorted(calls[1:]) == sorted(
+        ("tiny", loss, seed) for seed in range(3) for loss in ("none", "cankd", "in_mse"))
+    assert one.most == 1 and two.most == 2  # the teacher alone first, then two cells at a time
+    a, b = _cells_csv(tmp_path / "ra"), _cells_csv(tmp_path / "rb")
+    assert a.keys() == b.keys() and all(a[k]["value"] == b[k]["value"] for k in a)
+    assert {r["jobs"] for r in a.values()} == {"1"} and {r["jobs"] for r in b.values()} == {"2"}
+
+
+def test_a_signal_stops_every_running_cell_records_none_unfinished_and_the_rerun_completes(tmp_path, monkeypatch):
+    common = ["--study", "tiny", "--seeds", "2", "--jobs", "2", "--root", str(tmp_path / "runs"),
+              "--results", str(tmp_path / "results")]
+
+    def preempt(setting, loss, seed):
+        if (loss, seed) == ("cankd", 0):
+            os.kill(os.getpid(), signal.SIGTERM)  # what the scheduler does to the study
+            time.sleep(0.5)  # the main thread's handler runs
+            return False  # the child saved a checkpoint and exited
+        return True
+
+    calls = []
+    monkeypatch.setattr(kd_study, "run_child", _fake_child(calls, hold=0.1, on_start=preempt))
+    kd_study.main(common)
+    rows = _cells_csv(tmp_path / "results")
+    assert ("cankd", "0") not in rows and ("teacher", "0") in rows
+    assert len(calls) <= 4  # the teacher, the stopped cell and what ran beside it; nothing starts after the stop
+    done = {k for k in rows if k != ("teacher", "0")}
+    calls.clear()
+    monkeypatch.setattr(kd_study, "run_child", _fake_child(calls))
+    kd_study.main(common)
+    assert ("tiny", "cankd", 0) in calls and ("tiny", "teacher", 0) not in calls
+    assert not {(loss, str(seed)) for _, loss, seed in calls} & done  # finished cells never run again
+    assert len(_cells_csv(tmp_path / "results")) == 7
 
 
 def test_report_needs_only_cells_csv(tmp_path):

@@ -104,8 +104,12 @@ def test_cankd_matches_pytorch(case):
     assert set(ours) == set(t_gp), (sorted(ours), sorted(t_gp))
     grad_scale = max(float(np.abs(g).max()) for g in t_gp.values())
     for k in t_gp:
-        assert_close(ours[k], t_gp[k], scale=max(float(np.abs(t_gp[k]).max()), 0.1 * grad_scale),
-                     what=f"d loss / d {k}")
+        own = float(np.abs(t_gp[k]).max())
+        # A gradient that is zero in exact arithmetic (a bias that a train-mode BatchNorm cancels: ~1e-16 in the
+        # float64 reference) is float32 rounding noise of sums over every position: judged on its neighbours'
+        # scale. The others on their own scale, at least a tenth of their neighbours'.
+        scale = grad_scale if own < 1e-9 * grad_scale else max(own, 0.1 * grad_scale)
+        assert_close(ours[k], t_gp[k], scale=scale, what=f"d loss / d {k}")
     if keys["bn_layer"]:
         new = export_cankd_loss({**variables, **upd}, **keys)
         for k in ("running_mean", "running_var", "num_batches_tracked"):

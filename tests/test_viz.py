@@ -32,8 +32,8 @@ def smoke_workdir(tmp_path_factory):
     sample = np.zeros((1, 32, 32, 3), np.float32)
     for i, (phase, block) in enumerate((("teacher", cfg.teacher), ("student", cfg.student))):
         net = models.make_network(block, num_classes=cfg.task.num_classes)
-        export_student(net, net.init(jax.random.key(i + 1), sample, train=False), str(root / phase / "export"),
-                       pytorch=False)
+        init = jax.jit(lambda key, net=net: net.init(key, sample, train=False))  # one program, not op by op
+        export_student(net, init(jax.random.key(i + 1)), str(root / phase / "export"), pytorch=False)
     cfg.teacher.checkpoint, cfg.teacher.random_init = str(root / "teacher" / "export"), False
     mesh = make_mesh()
     run = build.build_run(cfg, mesh)

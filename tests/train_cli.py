@@ -22,9 +22,11 @@ def command(workdir, *overrides, config: str = SMOKE) -> list[str]:
 
 
 def env(devices: int = 4, **extra: str) -> dict[str, str]:
-    """This environment with `devices` host CPU devices per process (conftest's compilation cache is inherited)."""
+    """This environment with `devices` host CPU devices per process (conftest's compilation cache is inherited;
+    the flags conftest added for the in-process tests' compile time are not: train.py runs as users run it)."""
+    added = os.environ.get("CANKD_JAX_TESTS_ADDED_FLAGS", "").split()
     flags = " ".join(f for f in os.environ.get("XLA_FLAGS", "").split()
-                     if not f.startswith("--xla_force_host_platform_device_count"))
+                     if not f.startswith("--xla_force_host_platform_device_count") and f not in added)
     return dict(os.environ, PYTHONUNBUFFERED="1", **extra,
                 XLA_FLAGS=f"{flags} --xla_force_host_platform_device_count={devices}".strip())
 
