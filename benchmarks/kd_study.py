@@ -16,7 +16,8 @@ goes to `study.log` in its workdir.
 with more cores than one run of these small networks keeps busy; on this project's 2-core machine one demo
 cell already keeps 1.6 cores busy, so the study here runs one at a time. A run's numbers do not depend on N
 (XLA's CPU thread pool and every random draw are the same whatever else runs); its wall time does, so
-`cells.csv` records `jobs` beside `wall_s`.
+`cells.csv` records beside `wall_s` the run's share of the machine, `machine_s` (its wall time, each moment
+divided by the number of runs going then).
 
 Each setting trains ONE teacher (seed 0), just before the setting's first cell, that every loss and seed of
 that setting distils from: the teacher is the most expensive run of a setting (twice the student's steps at
@@ -67,7 +68,7 @@ LABELS = {
 }
 TEACHER_SEED = 0
 CSV_FIELDS = ("setting", "loss", "seed", "metric", "value", "steps", "wall_s", "teacher_value", "status",
-              "load_start", "load_end", "sittings", "jobs")
+              "load_start", "load_end", "sittings", "machine_s")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,7 +170,7 @@ def grid(study: str, seeds: int, settings: Optional[list[str]] = None,
                 continue
             for loss in (losses or setting_losses):
                 out.append(Cell(setting, loss, seed))
-    return out
+    return list(dict.fromkeys(out))  # a loss named twice is one cell (two runs in one workdir would collide)
 
 
 def read_summary(workdir: str) -> Optional[dict]:
@@ -191,7 +192,7 @@ def read_cells(path: str) -> dict[tuple[str, str, int], dict[str, Any]]:
     with open(path, newline="") as f:
         rows = {(r["setting"], r["loss"], int(r["seed"])): r for r in csv.DictReader(f)}
     for r in rows.values():
-        r["jobs"] = r.get("jobs") or "1"  # rows from before --jobs existed: one run at a time
+        r["machine_s"] = r.get("machine_s") or r["wall_s"]  # rows from before --jobs: one run at a time
     return rows
 
 
@@ -211,26 +212,66 @@ def _load() -> float:
     return round(os.getloadavg()[0], 2)
 
 
-def run_child(args: list[str], log_path: str, cache_dir: str, running: Optional[set] = None
-              ) -> tuple[int, float, float, float]:
-    """Run one training child to its end, its output appended to `log_path`; while it runs it is in `running`
-    (the set the study's signal handler passes SIGTERM on to: the child then saves a checkpoint and exits).
+class _Children:
+    """The training children now running: one signal stops them all, and each run's share of the machine.
 
-    Returns `(returncode, wall seconds, load at start, load at end)`.
+    A run's share (`machine_s`) is its wall time with each moment divided by the number of runs going then.
+    `stop()` is the signal handler's: it takes no lock (the main thread never holds one), and a child that
+    starts after it is stopped as it starts.
     """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._share: dict[Any, float] = {}
+        self._t = time.time()
+        self.stopping = False
+
+    def _advance(self) -> None:
+        now = time.time()
+        for proc in self._share:
+            self._share[proc] += (now - self._t) / len(self._share)
+        self._t = now
+
+    def add(self, proc) -> None:
+        with self._lock:
+            self._advance()
+            self._share[proc] = 0.0
+        if self.stopping:  # stop() ran before this child was in the dict
+            proc.send_signal(signal.SIGTERM)
+
+    def remove(self, proc) -> float:
+        with self._lock:
+            self._advance()
+            return self._share.pop(proc)
+
+    def __len__(self) -> int:
+        return len(self._share)
+
+    def stop(self) -> None:
+        self.stopping = True
+        for proc in list(self._share):
+            proc.send_signal(signal.SIGTERM)
+
+
+def run_child(args: list[str], log_path: str, cache_dir: str, children: Optional[_Children] = None
+              ) -> tuple[int, float, float, float, float]:
+    """Run one training child to its end, its output appended to `log_path`; while it runs it is one of
+    `children` (whose `stop()` passes SIGTERM on: the child then saves a checkpoint and exits).
+
+    Returns `(returncode, wall seconds, load at start, load at end, share of the machine in seconds)`.
+    """
+    children = children if children is not None else _Children()
     load0, t0 = _load(), time.time()
     os.makedirs(os.path.dirname(log_path), exist_ok=True)
     with open(log_path, "a") as log:
         proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), *args], stdout=log,
                                 stderr=subprocess.STDOUT, cwd=ROOT, env=_child_env(cache_dir))
-        if running is not None:
-            running.add(proc)
+        children.add(proc)
         try:
             rc = proc.wait()
         finally:
-            if running is not None:
-                running.discard(proc)
-    return rc, time.time() - t0, load0, _load()
+            share = children.remove(proc)
+    return rc, time.time() - t0, load0, _load(), share
 
 
 def _child_env(cache_dir: str) -> dict[str, str]:
@@ -243,8 +284,9 @@ def _child_env(cache_dir: str) -> dict[str, str]:
     return env
 
 
-def _record_sitting(workdir: str, wall: float, load0: float, load1: float, rc: int, jobs: int = 1) -> dict:
-    """Append one sitting (one child process; `jobs`: how many children the study ran side by side) to
+def _record_sitting(workdir: str, wall: float, load0: float, load1: float, rc: int,
+                    machine: Optional[float] = None) -> dict:
+    """Append one sitting (one child process; `machine`: its share of the machine, `_Children`) to
     `workdir/study_cell.json`; returns the record."""
     path = os.path.join(workdir, "study_cell.json")
     rec = {"sittings": []}
@@ -252,7 +294,8 @@ def _record_sitting(workdir: str, wall: float, load0: float, load1: float, rc: i
         with open(path) as f:
             rec = json.load(f)
     rec["sittings"].append({"wall_s": round(wall, 1), "load_start": load0, "load_end": load1, "returncode": rc,
-                            "jobs": jobs, "ended": time.strftime("%Y-%m-%d %H:%M:%S")})
+                            "machine_s": round(wall if machine is None else machine, 1),
+                            "ended": time.strftime("%Y-%m-%d %H:%M:%S")})
     os.makedirs(workdir, exist_ok=True)
     with open(path, "w") as f:
         json.dump(rec, f, indent=2)
@@ -281,7 +324,7 @@ def cell_row(cell: Cell, workdir: str, teacher_value: Optional[float]) -> dict[s
                 status="ok" if ok else "failed",
                 load_start=sittings[0]["load_start"] if sittings else "",
                 load_end=sittings[-1]["load_end"] if sittings else "", sittings=len(sittings),
-                jobs=max((s.get("jobs", 1) for s in sittings), default=1))
+                machine_s=f"{sum(s.get('machine_s', s['wall_s']) for s in sittings):.1f}")
 
 
 def teacher_value(root: str, study: str, setting: str) -> Optional[float]:
@@ -339,11 +382,10 @@ def run_study(a: argparse.Namespace) -> None:
     os.makedirs(os.path.join(a.root, a.study), exist_ok=True)
     cache_dir = os.path.join(a.root, a.study, "xla_cache")
     t_start = time.time()
-    lock = threading.Condition()
-    running: set = set()  # the children now running (the signal handler stops them)
-    stopping: list[int] = []
+    lock = threading.Condition()  # guards rows, cells.csv, the scheduler and the counters below
+    children = _Children()
     errors: list[str] = []
-    active = 0  # runs started and not yet recorded
+    active = 0  # runs taken by a worker and not yet recorded
     started = 0  # cells started in this sitting (--max-cells)
     last_commit = time.time()
 
@@ -365,74 +407,91 @@ def run_study(a: argparse.Namespace) -> None:
         write_cells(csv_path, rows)
         return rows[key]
 
-    def child(task: str, name: str, setting: str, loss: str, seed: int, workdir: str) -> tuple[int, bool]:
+    def child(name: str, setting: str, loss: str, seed: int, workdir: str) -> tuple[int, bool]:
         """Train one run (cell or teacher) in a child; record its sitting. Returns (returncode, finished)."""
-        say(f"{name} (load {_load()}, {len(running) + 1} running)")
-        rc, wall, l0, l1 = run_child(["--_cell", a.study, setting, loss, str(seed), a.root, data_dir, workdir],
-                                     os.path.join(workdir, "study.log"), cache_dir, running)
-        _record_sitting(workdir, wall, l0, l1, rc, a.jobs)
+        say(f"{name} (load {_load()}, {len(children) + 1} running)")
+        rc, wall, l0, l1, share = run_child(["--_cell", a.study, setting, loss, str(seed), a.root, data_dir,
+                                             workdir], os.path.join(workdir, "study.log"), cache_dir, children)
+        _record_sitting(workdir, wall, l0, l1, rc, share)
         return rc, finished(workdir)
 
     # Cells recorded already are skipped; a failed one runs again only with --retry-failed.
     todo = [c for c in cells if not (rows.get(c.key) and (rows[c.key]["status"] == "ok" or not a.retry_failed))]
-    sched = _Scheduler(todo, {s: finished(teacher_dir(a.root, a.study, s)) for s in {c.setting for c in todo}})
+    teachers_done = {s: finished(teacher_dir(a.root, a.study, s)) for s in {c.setting for c in cells}}
+    for setting, done in sorted(teachers_done.items()):
+        if done and (setting, "teacher", TEACHER_SEED) not in rows:  # e.g. a sitting stopped just after it
+            record((setting, "teacher", TEACHER_SEED), teacher_dir(a.root, a.study, setting), setting)
+    sched = _Scheduler(todo, {s: teachers_done[s] for s in {c.setting for c in todo}})
     index = {c.key: i + 1 for i, c in enumerate(cells)}
 
-    def worker() -> None:
+    def take() -> Optional[tuple[str, Any]]:
+        """The next run for this worker, or None when it should end (under the lock)."""
         nonlocal active, started
         while True:
-            with lock:
-                while True:
-                    if stopping or errors:  # a failed teacher: start nothing more
-                        return
-                    if a.max_cells and started >= a.max_cells:
-                        return
-                    nxt = sched.next()
-                    if nxt is not None:
-                        break
-                    if not active:  # nothing runs and nothing can start: done
-                        return
-                    lock.wait()
-                kind, what = nxt
+            if children.stopping or errors:  # stopped, or a failure: start nothing more
+                return None
+            if a.max_cells and started >= a.max_cells:
+                return None
+            nxt = sched.next()
+            if nxt is not None:
                 active += 1
-                if kind == "cell" and not finished(cell_dir(a.root, a.study, what)):
-                    started += 1
+                return nxt
+            if not active:  # nothing runs and nothing can start: done
+                return None
+            lock.wait(timeout=1.0)
+
+    def run_teacher(setting: str) -> None:
+        tdir = teacher_dir(a.root, a.study, setting)
+        ok = False
+        try:
+            rc, ok = child(f"{setting}: training the shared teacher in {tdir}", setting, "teacher", TEACHER_SEED,
+                           tdir)
+        finally:
+            with lock:
+                if ok:
+                    record((setting, "teacher", TEACHER_SEED), tdir, setting)
+                    say(f"{setting}: teacher done, held-out {rows[(setting, 'teacher', TEACHER_SEED)]['value']}")
+                elif not children.stopping:
+                    errors.append(f"the {setting} teacher failed; see {tdir}/study.log")
+                    say(errors[-1])
+                sched.teacher_finished(setting, ok)
+
+    def run_one_cell(cell: Cell) -> None:
+        nonlocal started
+        workdir = cell_dir(a.root, a.study, cell)
+        if not finished(workdir):
+            with lock:
+                started += 1
+            child(f"cell {index[cell.key]}/{len(cells)} {cell.setting} {cell.loss} seed {cell.seed}",
+                  cell.setting, cell.loss, cell.seed, workdir)
+        with lock:
+            # A run stopped by a signal saved a checkpoint and resumes next sitting: no row yet.
+            if finished(workdir) or not children.stopping:
+                r = record(cell.key, workdir, cell.setting)
+                say(f"  -> {cell.setting} {cell.loss} seed {cell.seed}: {r['status']} {r['value']} mIoU, "
+                    f"{r['wall_s']} s")
+                commit()
+
+    def worker() -> None:
+        nonlocal active
+        while True:
+            with lock:
+                task = take()
+            if task is None:
+                return
+            kind, what = task
             try:
-                if kind == "teacher":
-                    tdir = teacher_dir(a.root, a.study, what)
-                    rc, ok = child("teacher", f"{what}: training the shared teacher in {tdir}", what, "teacher",
-                                   TEACHER_SEED, tdir)
-                    with lock:
-                        if ok:
-                            say(f"{what}: teacher done, held-out {100 * teacher_value(a.root, a.study, what):.2f}")
-                            record((what, "teacher", TEACHER_SEED), tdir, what)
-                        elif not stopping:
-                            errors.append(f"the {what} teacher failed (exit {rc}); see {tdir}/study.log")
-                            say(errors[-1])
-                        sched.teacher_finished(what, ok)
-                else:
-                    cell, workdir = what, cell_dir(a.root, a.study, what)
-                    if not finished(workdir):
-                        child("cell", f"cell {index[cell.key]}/{len(cells)} {cell.setting} {cell.loss} seed "
-                              f"{cell.seed}", cell.setting, cell.loss, cell.seed, workdir)
-                    with lock:
-                        # A run stopped by a signal saved a checkpoint and resumes next sitting: no row yet.
-                        if finished(workdir) or not stopping:
-                            r = record(cell.key, workdir, cell.setting)
-                            say(f"  -> {cell.setting} {cell.loss} seed {cell.seed}: {r['status']} {r['value']} "
-                                f"mIoU, {r['wall_s']} s")
-                            commit()
+                run_teacher(what) if kind == "teacher" else run_one_cell(what)
+            except BaseException as e:  # noqa: BLE001 - a worker's error ends the study with its message
+                with lock:
+                    errors.append(f"{kind} {what}: {type(e).__name__}: {e}")
+                    say(errors[-1])
             finally:
                 with lock:
                     active -= 1
                     lock.notify_all()
 
-    def stop(signum, frame):  # noqa: ARG001
-        stopping.append(signum)
-        for proc in list(running):
-            proc.send_signal(signal.SIGTERM)
-
-    old = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
+    old = {s: signal.signal(s, lambda signum, frame: children.stop()) for s in (signal.SIGTERM, signal.SIGINT)}
     threads = [threading.Thread(target=worker, name=f"kd_study-{i}", daemon=True) for i in range(a.jobs)]
     try:
         for t in threads:
@@ -445,11 +504,11 @@ def run_study(a: argparse.Namespace) -> None:
             signal.signal(s, h)
         write_cells(csv_path, rows)
         commit(force=True)
-    if stopping:
+    if children.stopping:
         say("stopped: the running cells saved checkpoints and resume on the next run")
     left = [c for c in cells if rows.get(c.key, {}).get("status") != "ok"]
     say(f"{len(cells) - len(left)}/{len(cells)} cells finished ({time.time() - t_start:.0f} s this sitting, "
-        f"{a.jobs} at a time); {len(left)} left")
+        f"up to {a.jobs} at a time); {len(left)} left")
     report(a.study, a.results)
     if errors:
         raise SystemExit("; ".join(errors))
@@ -549,15 +608,17 @@ def table_markdown(rows: list[dict[str, Any]], study: str) -> str:
             f"{r['setting']}/{r['loss']}/seed{r['seed']}" for r in failed), ""]
     if walls:
         t_walls = [float(r["wall_s"]) for r in rows if r["wall_s"] and r["loss"] == "teacher"]
-        # Runs trained `jobs` at a time shared the machine: each stands for wall / jobs of the study's time.
-        machine = sum(float(r["wall_s"]) / int(r.get("jobs") or 1) for r in rows if r["wall_s"])
-        lines += [f"Wall time: {sum(walls) / 3600:.2f} run-hours: {len(walls) - len(t_walls)} cells "
+        # Runs trained side by side shared the machine: each stands for its share of it (`_Children`).
+        machine = sum(float(r.get("machine_s") or r["wall_s"]) for r in rows if r["wall_s"])
+        shared = (f"; {machine / 3600:.2f} h of the machine, as some runs trained side by side (`machine_s` in "
+                  "`cells.csv`: a run's wall time, each moment divided by the runs going then)"
+                  if machine < sum(walls) - 1 else "")
+        lines += [f"Wall time: {sum(walls) / 3600:.2f} h in total: {len(walls) - len(t_walls)} cells "
                   f"({(sum(walls) - sum(t_walls)) / 3600:.2f} h) and {len(t_walls)} teachers "
-                  f"({sum(t_walls) / 3600:.2f} h); about {machine / 3600:.2f} h of the machine (a run trained "
-                  "beside others, `jobs` in `cells.csv`, counts for its wall time divided by `jobs`). A 2-core CPU "
-                  "machine shared with other work (per-run times and 1-minute load averages at start and end in "
-                  "`cells.csv`; each run's time includes starting Python and JAX, compiling (cached across the "
-                  "seeds of a loss), training, evaluating and exporting).", ""]
+                  f"({sum(t_walls) / 3600:.2f} h){shared}, on a 2-core CPU machine shared with other work (per-run "
+                  "times and 1-minute load averages at start and end in `cells.csv`; each run's time includes "
+                  "starting Python and JAX, compiling (cached across the seeds of a loss), training, evaluating "
+                  "and exporting).", ""]
     return "\n".join(lines)
 
 

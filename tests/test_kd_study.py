@@ -17,31 +17,54 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 import kd_study  # noqa: E402
 
 
+class _FakeProc:
+    """What the study's signal handler sees of a child: `send_signal`."""
+
+    def __init__(self):
+        self.signalled = threading.Event()
+
+    def send_signal(self, sig):
+        assert sig == signal.SIGTERM
+        self.signalled.set()
+
+
 def _fake_child(calls, hold=0.0, on_start=None):
-    """Stands in for the training child: writes the summary.json a finished run would, after `hold` seconds;
-    `on_start(setting, loss, seed)` may return False to leave the run unfinished (a run stopped by a signal)."""
+    """Stands in for the training child: registered with the study's children like a real one, it runs for `hold`
+    seconds (less if signalled: then it leaves the run unfinished, as a child that saved a checkpoint does) and
+    writes the summary.json a finished run would. A cell that starts before its setting's teacher has finished
+    fails the study. `on_start(setting, loss, seed)` runs as the child starts."""
     lock = threading.Lock()
     now = [0]
 
-    def run_child(args, log_path, cache_dir, running=None):
+    def run_child(args, log_path, cache_dir, children=None):
         _, study, setting, loss, seed, root, data_dir, workdir = args
+        if loss != "teacher":
+            assert kd_study.finished(kd_study.teacher_dir(root, study, setting)), "a cell started before its teacher"
+        t0, proc = time.time(), _FakeProc()
+        if children is not None:
+            children.add(proc)
+        run_child.procs.append(proc)
         with lock:
             calls.append((setting, loss, int(seed)))
             now[0] += 1
             run_child.most = max(run_child.most, now[0])
-        finish = on_start(setting, loss, int(seed)) if on_start else True
-        time.sleep(hold)
+        if on_start:
+            on_start(setting, loss, int(seed))
+        proc.signalled.wait(hold)
         with lock:
             now[0] -= 1
+        share = children.remove(proc) if children is not None else 0.0
+        wall = time.time() - t0 if hold else 1.5
         os.makedirs(workdir, exist_ok=True)
-        if finish is False:
-            return 0, 1.0, 0.1, 0.2
+        if proc.signalled.is_set():
+            return 0, wall, 0.1, 0.2, share
         value = 0.5 if loss == "teacher" else 0.1 + 0.01 * int(seed) + 0.05 * (loss == "cankd")
         with open(os.path.join(workdir, "summary.json"), "w") as f:
             json.dump({"finished": True, "metric": "mIoU", "step": 3, "eval": {"mIoU": value}}, f)
-        return 0, 1.5, 0.1, 0.2
+        return 0, wall, 0.1, 0.2, share if hold else wall
 
     run_child.most = 0
+    run_child.procs = []
     return run_child
 
 
@@ -80,15 +103,21 @@ def test_two_jobs_run_every_cell_once_after_the_teacher_with_the_same_results(tm
     monkeypatch.setattr(kd_study, "run_child", one)
     kd_study.main([*common, "--root", str(tmp_path / "a"), "--results", str(tmp_path / "ra")])
     calls = []
-    two = _fake_child(calls, hold=0.2)
+    two = _fake_child(calls, hold=0.3)
     monkeypatch.setattr(kd_study, "run_child", two)
-    kd_study.main([*common, "--jobs", "2", "--root", str(tmp_path / "b"), "--results", str(tmp_path / "rb")])
+    # 'none' named twice is one cell: two runs in one workdir would collide.
+    kd_study.main([*common, "--jobs", "2", "--losses", "none,cankd,in_mse,none", "--root", str(tmp_path / "b"),
+                   "--results", str(tmp_path / "rb")])
     assert calls[0] == ("tiny", "teacher", 0) and sorted(calls[1:]) == sorted(
         ("tiny", loss, seed) for seed in range(3) for loss in ("none", "cankd", "in_mse"))
-    assert one.most == 1 and two.most == 2  # the teacher alone first, then two cells at a time
+    assert one.most == 1 and two.most == 2  # the teacher alone first (each cell checks), then two cells at a time
     a, b = _cells_csv(tmp_path / "ra"), _cells_csv(tmp_path / "rb")
     assert a.keys() == b.keys() and all(a[k]["value"] == b[k]["value"] for k in a)
-    assert {r["jobs"] for r in a.values()} == {"1"} and {r["jobs"] for r in b.values()} == {"2"}
+    assert all(r["machine_s"] == r["wall_s"] for r in a.values())  # one at a time: the machine was each run's
+    teacher = b[("teacher", "0")]
+    assert float(teacher["machine_s"]) == pytest.approx(float(teacher["wall_s"]), abs=0.1)  # it ran alone
+    cells = [r for k, r in b.items() if k[0] != "teacher"]
+    assert sum(float(r["machine_s"]) for r in cells) < 0.75 * sum(float(r["wall_s"]) for r in cells)
 
 
 def test_a_signal_stops_every_running_cell_records_none_unfinished_and_the_rerun_completes(tmp_path, monkeypatch):
@@ -97,24 +126,41 @@ def test_a_signal_stops_every_running_cell_records_none_unfinished_and_the_rerun
 
     def preempt(setting, loss, seed):
         if (loss, seed) == ("cankd", 0):
-            os.kill(os.getpid(), signal.SIGTERM)  # what the scheduler does to the study
-            time.sleep(0.5)  # the main thread's handler runs
-            return False  # the child saved a checkpoint and exited
-        return True
+            os.kill(os.getpid(), signal.SIGTERM)  # what a scheduler does to the study
 
     calls = []
-    monkeypatch.setattr(kd_study, "run_child", _fake_child(calls, hold=0.1, on_start=preempt))
+    first = _fake_child(calls, hold=5.0, on_start=preempt)
+    monkeypatch.setattr(kd_study, "run_child", first)
     kd_study.main(common)
-    rows = _cells_csv(tmp_path / "results")
-    assert ("cankd", "0") not in rows and ("teacher", "0") in rows
-    assert len(calls) <= 4  # the teacher, the stopped cell and what ran beside it; nothing starts after the stop
-    done = {k for k in rows if k != ("teacher", "0")}
+    # The teacher finished; 'none' and 'cankd' seed 0 were running: both were told to stop, neither is recorded,
+    # and nothing started after the signal.
+    assert calls == [("tiny", "teacher", 0), ("tiny", "none", 0), ("tiny", "cankd", 0)]
+    assert [p.signalled.is_set() for p in first.procs] == [False, True, True]
+    assert set(_cells_csv(tmp_path / "results")) == {("teacher", "0")}
     calls.clear()
     monkeypatch.setattr(kd_study, "run_child", _fake_child(calls))
     kd_study.main(common)
-    assert ("tiny", "cankd", 0) in calls and ("tiny", "teacher", 0) not in calls
-    assert not {(loss, str(seed)) for _, loss, seed in calls} & done  # finished cells never run again
+    assert sorted(calls) == sorted(("tiny", loss, seed) for seed in range(2) for loss in ("none", "cankd", "in_mse"))
     assert len(_cells_csv(tmp_path / "results")) == 7
+
+
+def test_the_teacher_row_is_recorded_from_disk_and_a_failing_run_ends_the_study_with_its_error(tmp_path, monkeypatch):
+    common = ["--study", "tiny", "--seeds", "1", "--root", str(tmp_path / "runs"), "--results", str(tmp_path / "r")]
+    monkeypatch.setattr(kd_study, "run_child", _fake_child([]))
+    kd_study.main([*common, "--max-cells", "1"])
+    os.remove(tmp_path / "r" / "tiny" / "cells.csv")  # results kept elsewhere, or a fresh --results
+    broken = _fake_child([])
+
+    def crash(args, *rest, **kw):
+        if args[3] == "cankd":
+            raise OSError("disk full")
+        return broken(args, *rest, **kw)
+
+    monkeypatch.setattr(kd_study, "run_child", crash)
+    with pytest.raises(SystemExit, match="cell .*cankd.*OSError: disk full"):
+        kd_study.main([*common, "--jobs", "2"])
+    rows = _cells_csv(tmp_path / "r")
+    assert ("teacher", "0") in rows and ("cankd", "0") not in rows
 
 
 def test_report_needs_only_cells_csv(tmp_path):
