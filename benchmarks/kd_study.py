@@ -649,7 +649,8 @@ def chart(rows: list[dict[str, Any]], path: str, study: str) -> None:
     ax.set_xticklabels([f"{s} (n={max(len(v) for v in data[s].values())} seeds)" for s in settings])
     ax.set_ylabel("held-out mIoU (%)")
     ax.set_title(f"kd_study '{study}': mean ± std over seeds, every loss at its preset")
-    ax.legend(ncol=2, fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    if losses:  # a study with only its teachers so far has no bars
+        ax.legend(ncol=2, fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path)
