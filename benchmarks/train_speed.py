@@ -167,23 +167,21 @@ def random_batch(config, local: int, size: tuple[int, int], rng) -> dict:
     """A batch of the config's task: images and labels (segmentation maps, or padded boxes)."""
     import numpy as np
 
-    from cankd_jax.data.detection import empty_train_example
+    from cankd_jax.data.detection import empty_train_label
     from cankd_jax.data.pipeline import stack_records
 
     image = rng.standard_normal((local, *size, 3), np.float32)
     k = config.task.num_classes
     if config.task.name != "detection":
         return {"image": image, "label": rng.integers(0, k, (local, *size)).astype(np.int32)}
-    batch = stack_records([empty_train_example(size, MAX_BOXES) for _ in range(local)])
+    label = stack_records([empty_train_label(size, MAX_BOXES) for _ in range(local)])
     h, w = size
     xy = rng.uniform(0, 0.7, (local, MAX_BOXES, 2)) * (w, h)
     wh = rng.uniform(0.05, 0.3, (local, MAX_BOXES, 2)) * (w, h)
-    label = batch["label"]
     label["boxes"][:] = np.concatenate([xy, np.minimum(xy + wh, (w, h))], -1)
     label["labels"][:] = rng.integers(0, k, (local, MAX_BOXES))
     label["valid"][:, :6] = True  # six objects an image
-    batch["image"] = image
-    return batch
+    return {"image": image, "label": label}
 
 
 def build_step(config, size, batch):

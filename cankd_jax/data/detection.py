@@ -121,18 +121,24 @@ def _pad(image: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     return np.pad(image, ((0, ph), (0, pw), (0, 0)))
 
 
+def empty_train_label(shape: Sequence[int], max_boxes: int) -> dict[str, Any]:
+    """The label of a training example with no objects in an image padded to `shape = (Hb, Wb)`: `max_boxes`
+    zero boxes, none valid (the layout in the module docstring)."""
+    h, w = (int(x) for x in shape)
+    return {"boxes": np.zeros((max_boxes, 4), np.float32), "labels": np.zeros((max_boxes,), np.int32),
+            "valid": np.zeros((max_boxes,), bool), "img_shape": np.array([h, w], np.float32),
+            "pad_shape": np.array([h, w], np.float32)}
+
+
 def empty_train_example(shape: Sequence[int], max_boxes: int) -> dict[str, Any]:
     """A training example with no objects, padded to `shape = (Hb, Wb)` and `max_boxes`: the layout every
-    detection training example has (see the module docstring), zero-filled.
+    detection training example has, zero-filled.
 
-    `DetTrainAugment` fills one per record; code that needs the layout without data (abstract shapes for memory
-    estimates, random batches for timing) builds it from here so there is one definition of it.
+    `DetTrainAugment` fills the label part for every record; code that needs the layout without data (abstract
+    shapes for memory estimates, random batches for timing) builds it from here so there is one definition of it.
     """
     h, w = (int(x) for x in shape)
-    return {"image": np.zeros((h, w, 3), np.float32),
-            "label": {"boxes": np.zeros((max_boxes, 4), np.float32), "labels": np.zeros((max_boxes,), np.int32),
-                      "valid": np.zeros((max_boxes,), bool), "img_shape": np.array([h, w], np.float32),
-                      "pad_shape": np.array([h, w], np.float32)}}
+    return {"image": np.zeros((h, w, 3), np.float32), "label": empty_train_label(shape, max_boxes)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,15 +171,13 @@ class DetTrainAugment:
             raise ValueError(f"image {int(record['image_id'])} has {n} training boxes, more than "
                              f"data.max_boxes={self.max_boxes}; raise --config.data.max_boxes (0: the split's maximum)")
         bucket = buckets[bucket_of(size, buckets)]
-        out = empty_train_example(bucket, self.max_boxes)
-        out["image"] = _pad(_normalize(image, self.mean, self.std, self.to_bgr), bucket)
-        label = out["label"]
+        label = empty_train_label(bucket, self.max_boxes)
         label["boxes"][:n] = boxes
         label["labels"][:n] = labels
         label["valid"][:n] = True
         label["img_shape"][:] = (nh, nw)
         label["pad_shape"][:] = (_ceil_to(nh, self.pad_divisor), _ceil_to(nw, self.pad_divisor))
-        return out
+        return {"image": _pad(_normalize(image, self.mean, self.std, self.to_bgr), bucket), "label": label}
 
 
 @dataclasses.dataclass(frozen=True)
