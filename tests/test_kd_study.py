@@ -163,6 +163,44 @@ def test_the_teacher_row_is_recorded_from_disk_and_a_failing_run_ends_the_study_
     assert ("teacher", "0") in rows and ("cankd", "0") not in rows
 
 
+def test_a_failing_teacher_under_two_jobs_ends_the_study_before_any_cell(tmp_path, monkeypatch):
+    common = ["--study", "tiny", "--seeds", "2", "--jobs", "2", "--root", str(tmp_path / "runs"),
+              "--results", str(tmp_path / "r")]
+    calls = []
+
+    def teacher_fails(args, log_path, cache_dir, children=None):
+        calls.append(args[3])
+        os.makedirs(args[-1], exist_ok=True)  # it ran, wrote its log, and exited 1 without a summary
+        return 1, 2.0, 0.1, 0.2, 2.0
+
+    monkeypatch.setattr(kd_study, "run_child", teacher_fails)
+    with pytest.raises(SystemExit, match="the tiny teacher failed; see .*teacher/study.log"):
+        kd_study.main(common)
+    assert calls == ["teacher"]  # the second worker never started a cell that has no teacher to distil from
+    assert not os.path.exists(tmp_path / "r" / "tiny" / "cells.csv") or not _cells_csv(tmp_path / "r")
+    later = []
+    monkeypatch.setattr(kd_study, "run_child", _fake_child(later))
+    kd_study.main(common)  # fixed, the same command trains the teacher again and then every cell
+    assert later[0] == ("tiny", "teacher", 0) and len(later) == 7
+
+
+def test_max_cells_counts_the_cells_started_by_all_jobs(tmp_path, monkeypatch):
+    common = ["--study", "tiny", "--seeds", "3", "--jobs", "2", "--root", str(tmp_path / "runs"),
+              "--results", str(tmp_path / "r")]
+    calls = []
+    monkeypatch.setattr(kd_study, "run_child", _fake_child(calls, hold=0.2))
+    kd_study.main([*common, "--max-cells", "3"])
+    assert calls[0] == ("tiny", "teacher", 0) and len(calls) == 4  # the teacher is not a cell
+    assert len(_cells_csv(tmp_path / "r")) == 4
+    first = set(calls[1:])
+    calls.clear()
+    kd_study.main([*common, "--max-cells", "5"])
+    assert len(calls) == 5 and not first & set(calls)
+    calls.clear()
+    kd_study.main(common)
+    assert len(calls) == 1 and len(_cells_csv(tmp_path / "r")) == 10
+
+
 def test_report_needs_only_cells_csv(tmp_path):
     out = tmp_path / "results" / "demo"
     out.mkdir(parents=True)
