@@ -390,7 +390,9 @@ def run_study(a: argparse.Namespace) -> None:
     last_commit = time.time()
 
     def say(msg: str) -> None:
-        print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+        # One write per line: workers call this outside the lock, and print's separate newline would interleave.
+        sys.stdout.write(f"[{time.strftime('%H:%M:%S')}] {msg}\n")
+        sys.stdout.flush()
 
     def commit(force: bool = False) -> None:
         nonlocal last_commit
@@ -409,7 +411,7 @@ def run_study(a: argparse.Namespace) -> None:
 
     def child(name: str, setting: str, loss: str, seed: int, workdir: str) -> tuple[int, bool]:
         """Train one run (cell or teacher) in a child; record its sitting. Returns (returncode, finished)."""
-        say(f"{name} (load {_load()}, {len(children) + 1} running)")
+        say(f"{name} (load {_load()}, {active} running)")
         rc, wall, l0, l1, share = run_child(["--_cell", a.study, setting, loss, str(seed), a.root, data_dir,
                                              workdir], os.path.join(workdir, "study.log"), cache_dir, children)
         _record_sitting(workdir, wall, l0, l1, rc, share)
@@ -434,6 +436,9 @@ def run_study(a: argparse.Namespace) -> None:
                 return None
             nxt = sched.next()
             if nxt is not None:
+                kind, what = nxt
+                if kind == "cell" and not finished(cell_dir(a.root, a.study, what)):
+                    started += 1  # counted as it is handed out, so that jobs cannot overshoot --max-cells
                 active += 1
                 return nxt
             if not active:  # nothing runs and nothing can start: done
@@ -457,11 +462,8 @@ def run_study(a: argparse.Namespace) -> None:
                 sched.teacher_finished(setting, ok)
 
     def run_one_cell(cell: Cell) -> None:
-        nonlocal started
         workdir = cell_dir(a.root, a.study, cell)
         if not finished(workdir):
-            with lock:
-                started += 1
             child(f"cell {index[cell.key]}/{len(cells)} {cell.setting} {cell.loss} seed {cell.seed}",
                   cell.setting, cell.loss, cell.seed, workdir)
         with lock:
