@@ -5,8 +5,8 @@ Every run is the smoke config for 8 steps; the reference is one process on one d
 programs serve all the runs: 1 device; 1 process x 4 devices, replicated; 2 processes x 2 devices, FSDP. The
 session's compilation cache shares them with one exception that sets this module's time: process 1 of a
 2-process CPU job never hits it (jax 0.10: the cache key hashes XLA:CPU's topology fingerprint, which differs
-per process, and only process 0 writes), so every 2-process run compiles the FSDP step again in process 1,
-about 40 s on 2 cores. The slow tier: `pytest -m slow`.
+per process, and only process 0 writes), so every 2-process run compiles the FSDP step again in process 1
+(39 s measured on the 2-core machine while it ran other work). The slow tier: `pytest -m slow`.
 """
 
 from __future__ import annotations
