@@ -569,6 +569,11 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, dict[str, dict[int, float
     return out
 
 
+def _machine_s(row: dict[str, Any]) -> float:
+    """A run's share of the machine in seconds (rows from before `--jobs` ran one at a time: their wall time)."""
+    return float(row.get("machine_s") or row["wall_s"])
+
+
 def table_markdown(rows: list[dict[str, Any]], study: str) -> str:
     data = summarize(rows)
     failed = [r for r in rows if r["status"] != "ok"]
@@ -589,7 +594,7 @@ def table_markdown(rows: list[dict[str, Any]], study: str) -> str:
                       and r["loss"] != "teacher"), "")
         lines += [f"## Setting `{setting}`" + (f": {s.description}" if s else ""), "",
                   f"Teacher: {teacher} mIoU{t_steps}. Student steps: {steps}.", "",
-                  "| loss | seeds | mIoU | vs student alone | better than alone | vs CanKD | CanKD better | s/cell |",
+                  "| loss | seeds | mIoU | vs student alone | better than alone | vs CanKD | CanKD better | machine s/cell |",
                   "|---|---|---|---|---|---|---|---|"]
         alone, cankd = losses.get("none", {}), losses.get("cankd", {})
         for loss, by_seed in losses.items():
@@ -601,7 +606,7 @@ def table_markdown(rows: list[dict[str, Any]], study: str) -> str:
             q = _paired(cankd, by_seed) if loss != "cankd" else None
             cols += [f"{-q[0]:+.2f} ± {q[1]:.2f}" if q and math.isfinite(q[1]) else (f"{-q[0]:+.2f}" if q else "-"),
                      f"CanKD > {LABELS.get(loss, loss)} on {q[2]} of {q[3]}" if q else "-"]
-            w = [float(r["wall_s"]) for r in rows if r["setting"] == setting and r["loss"] == loss and r["wall_s"]]
+            w = [_machine_s(r) for r in rows if r["setting"] == setting and r["loss"] == loss and r["wall_s"]]
             cols.append(f"{sum(w) / len(w):.0f}" if w else "-")
             lines.append("| " + " | ".join(cols) + " |")
         lines.append("")
@@ -609,18 +614,19 @@ def table_markdown(rows: list[dict[str, Any]], study: str) -> str:
         lines += ["Failed cells (not in the means): " + ", ".join(
             f"{r['setting']}/{r['loss']}/seed{r['seed']}" for r in failed), ""]
     if walls:
-        t_walls = [float(r["wall_s"]) for r in rows if r["wall_s"] and r["loss"] == "teacher"]
-        # Runs trained side by side shared the machine: each stands for its share of it (`_Children`).
-        machine = sum(float(r.get("machine_s") or r["wall_s"]) for r in rows if r["wall_s"])
-        shared = (f"; {machine / 3600:.2f} h of the machine, as some runs trained side by side (`machine_s` in "
-                  "`cells.csv`: a run's wall time, each moment divided by the runs going then)"
-                  if machine < sum(walls) - 1 else "")
-        lines += [f"Wall time: {sum(walls) / 3600:.2f} h in total: {len(walls) - len(t_walls)} cells "
-                  f"({(sum(walls) - sum(t_walls)) / 3600:.2f} h) and {len(t_walls)} teachers "
-                  f"({sum(t_walls) / 3600:.2f} h){shared}, on a 2-core CPU machine shared with other work (per-run "
-                  "times and 1-minute load averages at start and end in `cells.csv`; each run's time includes "
+        # A run's share of the machine (`_Children`): runs trained side by side are not counted twice.
+        machine = sum(_machine_s(r) for r in rows if r["wall_s"])
+        t_machine = sum(_machine_s(r) for r in rows if r["wall_s"] and r["loss"] == "teacher")
+        n_teachers = sum(1 for r in rows if r["wall_s"] and r["loss"] == "teacher")
+        overlap = (f"; their wall times add up to {sum(walls) / 3600:.2f} h, as some trained side by side"
+                   if machine < sum(walls) - 1 else "")
+        lines += [f"Time: {machine / 3600:.2f} h of a 2-core CPU machine in total, {len(walls) - n_teachers} cells "
+                  f"({(machine - t_machine) / 3600:.2f} h) and {n_teachers} teachers ({t_machine / 3600:.2f} h). "
+                  "A run counts its share of the machine (`machine_s` in `cells.csv`: its wall time, each moment "
+                  f"divided by the runs going then){overlap}. The machine was at times shared with other work "
+                  "(1-minute load averages at each run's start and end in `cells.csv`); a run's time includes "
                   "starting Python and JAX, compiling (cached across the seeds of a loss), training, evaluating "
-                  "and exporting).", ""]
+                  "and exporting.", ""]
     return "\n".join(lines)
 
 

@@ -210,7 +210,7 @@ def test_report_needs_only_cells_csv(tmp_path):
         for loss, v in (("none", none), ("cankd", cankd), ("pkd", pkd)):
             rows.append(dict(setting="demo", loss=loss, seed=seed, metric="mIoU", value=f"{v:.2f}", steps=1000,
                              wall_s="100.0", teacher_value="37.00", status="ok", load_start=1, load_end=1,
-                             sittings=1))
+                             sittings=1, machine_s="50.0" if loss == "cankd" else ""))  # CanKD beside another
     rows.append(dict(setting="demo", loss="at", seed=0, metric="mIoU", value="", steps=10, wall_s="5.0",
                      teacher_value="37.00", status="failed", load_start=1, load_end=1, sittings=1))
     with open(out / "cells.csv", "w", newline="") as f:
@@ -219,7 +219,10 @@ def test_report_needs_only_cells_csv(tmp_path):
         w.writerows(rows)
     kd_study.main(["--study", "demo", "--report", "--results", str(tmp_path / "results")])
     table = (out / "table.md").read_text()
-    assert "| CanKD (`cankd`) | 3 | 24.00 ± 1.00 | +6.00 ± 2.00 | 3/3 | - | - | 100 |" in table
+    assert "| CanKD (`cankd`) | 3 | 24.00 ± 1.00 | +6.00 ± 2.00 | 3/3 | - | - | 50 |" in table  # its share
+    # 6 runs of 100 s alone, 3 of 50 s shares and a failed 5 s one: 755 s of the machine, 905 s of wall time.
+    assert "Time: 0.21 h of a 2-core CPU machine in total, 10 cells (0.21 h) and 0 teachers" in table
+    assert "their wall times add up to 0.25 h" in table
     assert "| PKD (`pkd`) | 3 | 24.33 ± 2.08 | +6.33 ± 3.06 | 3/3 | +0.33 ± 1.15 | CanKD > PKD on 1 of 3 | 100 |" in table
     assert "Failed cells (not in the means): demo/at/seed0" in table
     assert (out / "chart.png").stat().st_size > 0
