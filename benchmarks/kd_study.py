@@ -640,15 +640,18 @@ def chart(rows: list[dict[str, Any]], path: str, study: str) -> None:
     settings = list(data)
     losses = [name for name in ALL_LOSSES if any(name in data[s] for s in settings)]
     losses += sorted({name for s in settings for name in data[s]} - set(losses))
-    width = 0.8 / max(len(losses), 1)
-    fig, ax = plt.subplots(figsize=(max(8, 1.2 + 0.55 * len(losses) * len(settings)), 4.8), dpi=120)
+    # Each group holds only its setting's losses, side by side and centred; a loss keeps its colour everywhere.
+    present = {s: [name for name in losses if name in data[s]] for s in settings}
+    width = 0.8 / max([len(v) for v in present.values()] + [1])
+    fig, ax = plt.subplots(figsize=(max(8, 1.2 + 0.55 * sum(len(v) for v in present.values())), 4.8), dpi=120)
     cmap = plt.get_cmap("tab20")
     for j, loss in enumerate(losses):
         xs, ms, sds = [], [], []
         for i, s in enumerate(settings):
             if loss in data[s]:
                 m, sd = _mean_std(list(data[s][loss].values()))
-                xs.append(i + (j - (len(losses) - 1) / 2) * width)
+                k, n = present[s].index(loss), len(present[s])
+                xs.append(i + (k - (n - 1) / 2) * width)
                 ms.append(m)
                 sds.append(sd if math.isfinite(sd) else 0.0)
         ax.bar(xs, ms, width * 0.92, yerr=sds, capsize=2, color=cmap(j % 20), label=LABELS.get(loss, loss),
