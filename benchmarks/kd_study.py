@@ -569,11 +569,6 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, dict[str, dict[int, float
     return out
 
 
-def _machine_s(row: dict[str, Any]) -> float:
-    """A run's share of the machine in seconds (rows from before `--jobs` ran one at a time: their wall time)."""
-    return float(row.get("machine_s") or row["wall_s"])
-
-
 def table_markdown(rows: list[dict[str, Any]], study: str) -> str:
     data = summarize(rows)
     failed = [r for r in rows if r["status"] != "ok"]
@@ -594,7 +589,8 @@ def table_markdown(rows: list[dict[str, Any]], study: str) -> str:
                       and r["loss"] != "teacher"), "")
         lines += [f"## Setting `{setting}`" + (f": {s.description}" if s else ""), "",
                   f"Teacher: {teacher} mIoU{t_steps}. Student steps: {steps}.", "",
-                  "| loss | seeds | mIoU | vs student alone | better than alone | vs CanKD | CanKD better | machine s/cell |",
+                  "| loss | seeds | mIoU | vs student alone | better than alone | vs CanKD | CanKD better "
+                  "| machine s/cell |",
                   "|---|---|---|---|---|---|---|---|"]
         alone, cankd = losses.get("none", {}), losses.get("cankd", {})
         for loss, by_seed in losses.items():
@@ -606,7 +602,7 @@ def table_markdown(rows: list[dict[str, Any]], study: str) -> str:
             q = _paired(cankd, by_seed) if loss != "cankd" else None
             cols += [f"{-q[0]:+.2f} ± {q[1]:.2f}" if q and math.isfinite(q[1]) else (f"{-q[0]:+.2f}" if q else "-"),
                      f"CanKD > {LABELS.get(loss, loss)} on {q[2]} of {q[3]}" if q else "-"]
-            w = [_machine_s(r) for r in rows if r["setting"] == setting and r["loss"] == loss and r["wall_s"]]
+            w = [float(r["machine_s"]) for r in rows if r["setting"] == setting and r["loss"] == loss and r["wall_s"]]
             cols.append(f"{sum(w) / len(w):.0f}" if w else "-")
             lines.append("| " + " | ".join(cols) + " |")
         lines.append("")
@@ -614,9 +610,10 @@ def table_markdown(rows: list[dict[str, Any]], study: str) -> str:
         lines += ["Failed cells (not in the means): " + ", ".join(
             f"{r['setting']}/{r['loss']}/seed{r['seed']}" for r in failed), ""]
     if walls:
-        # A run's share of the machine (`_Children`): runs trained side by side are not counted twice.
-        machine = sum(_machine_s(r) for r in rows if r["wall_s"])
-        t_machine = sum(_machine_s(r) for r in rows if r["wall_s"] and r["loss"] == "teacher")
+        # A run's share of the machine (`_Children`; read_cells fills it in for rows from before --jobs): runs
+        # trained side by side are not counted twice.
+        machine = sum(float(r["machine_s"]) for r in rows if r["wall_s"])
+        t_machine = sum(float(r["machine_s"]) for r in rows if r["wall_s"] and r["loss"] == "teacher")
         n_teachers = sum(1 for r in rows if r["wall_s"] and r["loss"] == "teacher")
         overlap = (f"; their wall times add up to {sum(walls) / 3600:.2f} h, as some trained side by side"
                    if machine < sum(walls) - 1 else "")
