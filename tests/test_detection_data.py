@@ -11,8 +11,9 @@ import pytest
 
 from cankd_jax.data import make_data, make_train_iterator
 from cankd_jax.data.detection import (
-    CAFFE_NORM, DetectionIndex, DetEvalPreprocess, DetTrainAugment, bucket_of, bucket_shapes, empty_train_example,
+    CAFFE_NORM, DetEvalPreprocess, DetTrainAugment, bucket_of, bucket_shapes, empty_train_example,
 )
+from cankd_jax.data.detection_index import DetectionIndex
 from cankd_jax.data.pipeline import GroupedEpochs
 from cankd_jax.data.sources import COCO_CATEGORY_IDS
 from cankd_jax.train.tasks import coco_eval

@@ -34,7 +34,7 @@ import grain.python as grain
 
 import tensorflow_datasets as tfds
 
-from cankd_jax.data import detection, pipeline
+from cankd_jax.data import detection, detection_index, pipeline
 from cankd_jax.data.classification import ClsEvalPreprocess, ClsTrainAugment
 from cankd_jax.data.segmentation import (
     PhotoMetricDistortion,
@@ -174,7 +174,7 @@ class DetectionData(Data):
     `splits` the per-split indices, buckets and box count.
     """
 
-    splits: detection.DetectionSplits = None
+    splits: detection_index.DetectionSplits = None
 
     @property
     def input_size(self) -> tuple[int, int]:
@@ -208,7 +208,7 @@ class DetectionData(Data):
             import jax  # see pipeline.per_process_batch_size
 
             shard_options = grain.ShardOptions(jax.process_index(), jax.process_count())
-        return detection.grouped_eval_batches(self.eval_source, self.eval_transform, self.splits.eval_parts(),
+        return pipeline.grouped_eval_batches(self.eval_source, self.eval_transform, self.splits.eval_parts(),
                                               self.splits.eval_index.image_ids, batch_size=batch_size,
                                               worker_count=int(self.options["workers"]), shard_options=shard_options)
 
@@ -258,7 +258,7 @@ def _detection_data(key: str, spec: DatasetSpec, o: dict[str, Any], train: Mappe
     elif not cache:
         cache = os.path.join(os.path.expanduser(o["data_dir"] or tfds.core.constants.DATA_DIR), "cankd_jax_index")
     variant = "-".join(f"{k}{v}" for k, v in sorted((synthetic_options or {}).items()))
-    splits = detection.make_splits(
+    splits = detection_index.make_splits(
         train, evaluation, scale=o["scale"], cache_dir=cache,
         cache_key="-".join(filter(None, (key, variant, f"{train_split}.{eval_split}"))),
         max_boxes=int(o["max_boxes"]), filter_empty=bool(o["filter_empty"]), min_size=int(o["min_size"]))
@@ -267,5 +267,5 @@ def _detection_data(key: str, spec: DatasetSpec, o: dict[str, Any], train: Mappe
     train_t = detection.DetTrainAugment(scale=scale, max_boxes=splits.max_boxes, flip_prob=float(o["flip_prob"]),
                                         **norm)
     eval_t = detection.DetEvalPreprocess(scale=scale, **norm)
-    records = detection.IndexedRecords(train, splits.train_records, splits.train_index.image_ids)
+    records = detection_index.IndexedRecords(train, splits.train_records, splits.train_index.image_ids)
     return DetectionData(key, spec, o, records, evaluation, train_t, eval_t, splits=splits)

@@ -41,6 +41,7 @@ from typing import Any, Optional
 import grain.python as grain
 import numpy as np
 
+from cankd_jax.data.detection_index import IndexedRecords
 from cankd_jax.data.image_ops import IGNORE
 
 Record = dict[str, np.ndarray]
@@ -354,6 +355,19 @@ def make_eval_iterator(source: Sequence[Record], preprocess: Callable[[Record], 
             operations=[_Preprocess(preprocess)], read_options=read_options or default_read_options(batch_size))
     return _padded_batches(loader, eval_batch_count(n, batch_size, count), batch_size,
                            lambda: preprocess(source[0]))
+
+
+def grouped_eval_batches(source: Any, preprocess: Callable[[Record], Record], parts: Sequence[np.ndarray],
+                         image_ids: np.ndarray, *, batch_size: int, worker_count: int,
+                         shard_options: Optional[grain.ShardOptions]) -> Iterator[Record]:
+    """Detection evaluation, one pass over `source`: each bucket's records (`parts`) in their own batches of one
+    shape, split across processes as `make_eval_iterator` splits a source (every process yields the same batch
+    count)."""
+    for indices in parts:
+        if len(indices):
+            yield from make_eval_iterator(IndexedRecords(source, indices, image_ids), preprocess,
+                                          batch_size=batch_size, worker_count=worker_count,
+                                          shard_options=shard_options)
 
 
 def _padded_batches(loader: Optional[grain.DataLoader], count: int, batch_size: int,
