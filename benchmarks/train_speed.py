@@ -167,14 +167,15 @@ def random_batch(config, local: int, size: tuple[int, int], rng) -> dict:
     """A batch of the config's task: images and labels (segmentation maps, or padded boxes)."""
     import numpy as np
 
+    import jax
+
     from cankd_jax.data.detection import empty_train_label
-    from cankd_jax.data.pipeline import stack_records
 
     image = rng.standard_normal((local, *size, 3), np.float32)
     k = config.task.num_classes
     if config.task.name != "detection":
         return {"image": image, "label": rng.integers(0, k, (local, *size)).astype(np.int32)}
-    label = stack_records([empty_train_label(size, MAX_BOXES) for _ in range(local)])
+    label = jax.tree.map(lambda *rows: np.stack(rows), *[empty_train_label(size, MAX_BOXES) for _ in range(local)])
     h, w = size
     xy = rng.uniform(0, 0.7, (local, MAX_BOXES, 2)) * (w, h)
     wh = rng.uniform(0.05, 0.3, (local, MAX_BOXES, 2)) * (w, h)
@@ -184,9 +185,9 @@ def random_batch(config, local: int, size: tuple[int, int], rng) -> dict:
     return {"image": image, "label": label}
 
 
-def build_step(config, size, batch):
+def build_step(config, size, batch, compile: bool = True):
     """(compiled step, lowered step, state, teacher variables, batch arrays, mesh, compile seconds) for `config`
-    at this size."""
+    at this size (`compile=False`: lowered only; the compiled step None)."""
     import jax
     import numpy as np
 
@@ -214,7 +215,7 @@ def build_step(config, size, batch):
     with jax.set_mesh(mesh):
         t0 = time.perf_counter()
         lowered = step.lower(state, run.teacher_vars, data)
-        compiled = lowered.compile()
+        compiled = lowered.compile() if compile else None
         compile_s = time.perf_counter() - t0
     return compiled, lowered, state, run.teacher_vars, data, mesh, compile_s
 
@@ -230,11 +231,16 @@ def _cost(lowered) -> float:
     return float((cost or {}).get("flops", float("nan")))
 
 
-def time_jax(config, size, batch, steps: int) -> dict:
-    """Median step time of `config`'s compiled step, its compile time, FLOPs and peak memory."""
+def time_jax(config, size, batch, steps: int, profile: str = "", hlo: str = "") -> dict:
+    """Median step time of `config`'s compiled step, its compile time, FLOPs and peak memory.
+
+    `profile`: a folder for a `jax.profiler` trace of 3 more steps after the timed ones (with its per-op summary,
+    `benchmarks/trace_summary.py`); `hlo`: a path for the compiled program's text (gzip if it ends in .gz)."""
     import jax
 
     compiled, lowered, state, teacher_vars, data, mesh, compile_s = build_step(config, size, batch)
+    if hlo:
+        _write_text(hlo, compiled.as_text())
     times = []
     with jax.set_mesh(mesh):
         state, metrics = compiled(state, teacher_vars, data)  # first run: allocation, caches
@@ -244,6 +250,11 @@ def time_jax(config, size, batch, steps: int) -> dict:
             state, metrics = compiled(state, teacher_vars, data)
             jax.block_until_ready(metrics)
             times.append(time.perf_counter() - t0)
+        if profile:
+            with jax.profiler.trace(profile, create_perfetto_trace=True):
+                for _ in range(PROFILE_STEPS):
+                    state, metrics = compiled(state, teacher_vars, data)
+                    jax.block_until_ready(metrics)
     m = compiled.memory_analysis()
     peak = m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
     device = jax.devices()[0]
@@ -251,6 +262,23 @@ def time_jax(config, size, batch, steps: int) -> dict:
     return {"sec": statistics.median(times), "times": times, "compile_s": compile_s, "flops": _cost(lowered),
             "peak_bytes": peak, "device_peak_bytes": (stats or {}).get("peak_bytes_in_use"),
             "devices": jax.device_count(), "device_kind": device.device_kind, "backend": jax.default_backend()}
+
+
+PROFILE_STEPS = 3  # steps traced by --profile, after the timed ones
+
+
+def _write_text(path: str, text: str) -> None:
+    import gzip
+
+    with (gzip.open(path, "wt") if path.endswith(".gz") else open(path, "w")) as f:
+        f.write(text)
+
+
+def lowered_flops(config, size, batch) -> dict:
+    """The step's FLOPs from the lowered program alone (no compilation, no step run): what `--report`'s FLOPs
+    column needs where the device's backend cannot count them (jax 0.11.2 on a GPU returns none)."""
+    lowered = build_step(config, size, batch, compile=False)[1]
+    return {"flops": _cost(lowered), "size": list(size), "batch": batch}
 
 
 def _timed(fn, *args, repeat: int):
@@ -489,6 +517,13 @@ def time_torch(config, size, batch, steps: int, threads: int, channels_last: boo
 
 
 def worker(args) -> dict:
+    from cankd_jax.compute import dilated_conv
+
+    with dilated_conv(args.dilated_conv):  # the form every network is traced in, in this process
+        return _work(args)
+
+
+def _work(args) -> dict:
     import jax
 
     # The state init compiles far sooner on CPU with rbg than with threefry; speed does not depend on the values.
@@ -505,25 +540,33 @@ def worker(args) -> dict:
         return eval_speed(config, _mesh(), size, batch)
     if args.worker == "torch":
         return time_torch(config, size, batch, steps, args.threads, args.channels_last)
+    if args.worker == "flops":
+        return lowered_flops(config, size, batch)
     if args.worker == "loss_alone":
         return time_loss_alone(config, size, batch, max(steps, 5))
-    return time_jax(config, size, batch, steps)
+    return time_jax(config, size, batch, steps, profile=args.profile, hlo=args.hlo)
 
 
 def spawn(kind: str, case: str, variant: str, args, timeout: float | None = None) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", kind, "--cases", case, "--variant", variant,
-           "--loss", args.loss, "--remat", args.remat, "--threads", str(args.threads)]
+           "--loss", args.loss, "--remat", args.remat, "--threads", str(args.threads),
+           "--dilated-conv", args.dilated_conv]
     for flag in ("steps", "height", "width", "batch", "dtype"):
         if getattr(args, flag):
             cmd += [f"--{flag}", str(getattr(args, flag))]
     cmd += ["--channels-last"] if args.channels_last else []
+    for flag in ("profile", "hlo"):
+        if getattr(args, flag, ""):
+            cmd += [f"--{flag}", getattr(args, flag)]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=_ENV, timeout=timeout)
     except subprocess.TimeoutExpired:
         return {"error": f"over {timeout:.0f} s (--timeout)"}
     if proc.returncode != 0:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["killed"]
-        return {"error": f"exit {proc.returncode}: {tail[0][:120]}"}
+        lines = (proc.stderr or proc.stdout).strip().splitlines()
+        # A compiler abort prints its check (`Check failed: ...`) above a stack trace: name the check.
+        cause = [ln for ln in lines if "Check failed" in ln or "Error" in ln][-1:] or lines[-1:] or ["killed"]
+        return {"error": f"exit {proc.returncode}: {cause[0].strip()[:300]}"}
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     out["load"] = os.getloadavg()[0]
     return out
@@ -648,16 +691,24 @@ def report_rows(args) -> list[dict]:
         for dtype in args.dtypes:
             size, batch = case_shape(case, cpu, args)
             if not cpu and args.batch is None and case != "demo":
-                batch = REPORT_IMAGES_PER_DEVICE * jax.device_count()
+                batch = args.images_per_device * jax.device_count()
             one = argparse.Namespace(**{**vars(args), "dtype": dtype, "batch": batch, "height": size[0],
                                         "width": size[1]})
             if case == "demo":  # the demo's own size and batch
                 one.batch = one.height = one.width = None
             one.steps = args.steps or (None if cpu else REPORT_STEPS)
+            tag = f"{case}_{dtype}_{batch}"
+            if args.profile:
+                os.makedirs(args.profile, exist_ok=True)
+                one.profile = os.path.join(args.profile, tag)
+                one.hlo = os.path.join(args.profile, f"{tag}.hlo.txt.gz")
             t0 = time.perf_counter()
             r = spawn("jax", case, "loss", one, timeout=args.timeout)
             row = {"case": case, "loss": args.loss, "dtype": dtype, "remat": args.remat, "input": list(size),
                    "batch": batch, "wall_s": time.perf_counter() - t0, **r}
+            if args.profile and "sec" in r:
+                row["profile"] = _summarize_profile(one.profile, os.path.join(args.profile, f"{tag}.ops.md"),
+                                                    steps=PROFILE_STEPS)
             row.pop("times", None) if "error" in r else None
             if "sec" in r:
                 n = r["devices"]
@@ -674,6 +725,25 @@ def report_rows(args) -> list[dict]:
                     json.dump({"jax": jax.__version__, "backend": jax.default_backend(),
                                "devices": [str(d.device_kind) for d in jax.devices()], "rows": rows}, f, indent=1)
     return rows
+
+
+def _summarize_profile(folder: str, out_md: str, steps: int) -> dict:
+    """The per-op summary of the trace under `folder` written to `out_md` (and the trace copied beside it);
+    returns the summary's totals, or the error that stopped it (a summary must not lose the row)."""
+    import glob
+    import shutil
+
+    try:
+        from trace_summary import summarize, to_markdown
+
+        (path,) = glob.glob(os.path.join(folder, "**", "perfetto_trace.json.gz"), recursive=True)
+        shutil.copy(path, out_md.replace(".ops.md", ".trace.json.gz"))
+        summary = summarize(path, steps=steps)
+        with open(out_md, "w") as f:
+            f.write(to_markdown(summary))
+        return summary["totals"]
+    except Exception as e:  # noqa: BLE001 - reported in the row, the measurement stands
+        return {"error": f"{type(e).__name__}: {e}"}
 
 
 def print_report_row(row: dict, header: bool) -> None:
@@ -716,7 +786,7 @@ def report(args) -> None:
         sys.exit(1)
 
 
-def main(argv: list[str]) -> None:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--cases", nargs="+", default=None, choices=list(CASES),
                     help=f"default: all; --report: {' '.join(REPORT_CASES)}")
@@ -730,8 +800,12 @@ def main(argv: list[str]) -> None:
     ap.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"], choices=["float32", "bfloat16"],
                     help="--report: the compute dtypes to measure")
     ap.add_argument("--json", default="", help="--report: also write the figures to this JSON file")
+    ap.add_argument("--images-per-device", type=int, default=REPORT_IMAGES_PER_DEVICE,
+                    help="--report on an accelerator: the batch per device of the Cityscapes and COCO cases")
     ap.add_argument("--timeout", type=float, default=600, help="--report: seconds one case may take")
     ap.add_argument("--remat", default="none", help="config.remat policy")
+    ap.add_argument("--dilated-conv", default="auto", choices=["auto", "batched", "native"],
+                    help="how dilated convolutions are computed (cankd_jax.compute.dilated_conv)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="PyTorch intra-op threads")
     ap.add_argument("--channels-last", action="store_true", help="PyTorch in channels_last memory format")
     ap.add_argument("--no-torch", action="store_true", help="JAX columns only")
@@ -741,9 +815,16 @@ def main(argv: list[str]) -> None:
     ap.add_argument("--eval", action="store_true", help="also time detection post-processing and COCO evaluation")
     ap.add_argument("--report", action="store_true",
                     help="figures of this device: step time, images/s, FLOPs, TFLOP/s, fraction of bf16 peak, memory")
-    ap.add_argument("--worker", choices=["jax", "torch", "matmul", "loss_alone", "eval"], help=argparse.SUPPRESS)
+    ap.add_argument("--profile", default="", help="--report: a folder for a profiler trace of each case's step "
+                    "(one subfolder per case and dtype) and its per-op summary")
+    ap.add_argument("--hlo", default="", help=argparse.SUPPRESS)
+    ap.add_argument("--worker", choices=["jax", "torch", "matmul", "loss_alone", "eval", "flops"], help=argparse.SUPPRESS)
     ap.add_argument("--variant", choices=VARIANTS, default="loss", help=argparse.SUPPRESS)
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: list[str]) -> None:
+    args = parser().parse_args(argv)
     if args.cases is None:
         args.cases = list(REPORT_CASES) if args.report else list(CASES)
     if args.worker:

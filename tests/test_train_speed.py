@@ -73,9 +73,8 @@ def test_report_figures_from_a_measurement(monkeypatch, tmp_path, capsys):
     calls = []
     monkeypatch.setattr(train_speed, "spawn", lambda kind, case, variant, a, timeout=None: calls.append(
         (case, a.dtype, a.batch)) or dict(measured))
-    args = train_speed.argparse.Namespace(cases=["dlv3"], dtypes=["bfloat16", "float32"], loss="cankd", remat="none",
-                                          height=64, width=128, batch=4, steps=2, json=str(tmp_path / "r.json"),
-                                          timeout=60)
+    args = train_speed.parser().parse_args(["--report", "--cases", "dlv3", "--height", "64", "--width", "128",
+                                            "--batch", "4", "--steps", "2", "--json", str(tmp_path / "r.json")])
     rows = train_speed.report_rows(args)
     assert calls == [("dlv3", "bfloat16", 4), ("dlv3", "float32", 4)]
     r = rows[0]

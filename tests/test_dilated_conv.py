@@ -1,0 +1,112 @@
+"""Dilated convolutions computed undilated over interleaved sub-images (`conv.dilated_as_batched`) against
+PyTorch's dilated `conv2d`: values and gradients in float64, so any difference beyond rounding is a wrong index."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cankd_jax.compute import dilated_conv, dilated_conv_form
+from cankd_jax.models.conv import conv2d
+
+
+class _Conv(nn.Module):
+    features: int
+    kernel_size: int
+    dilation: int
+    groups: int = 1
+    stride: int = 1
+
+    @nn.compact
+    def __call__(self, x):
+        return conv2d(x, self.features, self.kernel_size, name="conv", stride=self.stride, dilation=self.dilation,
+                      groups=self.groups, use_bias=True, dtype=jnp.float64, param_dtype=jnp.float64)
+
+
+def _torch_conv(x, kernel, bias, m: _Conv):
+    """PyTorch's dilated conv2d on the same (NHWC, HWIO) arrays, its output and the gradients of sum(y * w)."""
+    xt = torch.tensor(np.transpose(x, (0, 3, 1, 2)), requires_grad=True)
+    kt = torch.tensor(np.transpose(kernel, (3, 2, 0, 1)), requires_grad=True)
+    bt = torch.tensor(bias, requires_grad=True)
+    y = F.conv2d(xt, kt, bt, stride=m.stride, padding=m.dilation * (m.kernel_size // 2), dilation=m.dilation,
+                 groups=m.groups)
+    weights = torch.tensor(np.random.default_rng(1).standard_normal(tuple(y.shape)))
+    (y * weights).sum().backward()
+    return (np.transpose(y.detach().numpy(), (0, 2, 3, 1)), np.transpose(xt.grad.numpy(), (0, 2, 3, 1)),
+            np.transpose(kt.grad.numpy(), (2, 3, 1, 0)), bt.grad.numpy(), np.transpose(weights.numpy(), (0, 2, 3, 1)))
+
+
+# (H, W, dilation, kernel, groups): sizes that d divides and that it does not, d larger than the map (mmseg's
+# ASPP dilations 12/24/36 on small maps), a 5x5 kernel, and grouped / depthwise convs (MobileNetV2-d8).
+CASES = [(8, 16, 2, 3, 1), (9, 13, 2, 3, 1), (7, 5, 4, 3, 1), (8, 8, 12, 3, 1), (10, 6, 36, 3, 1),
+         (11, 6, 3, 5, 1), (9, 7, 2, 3, 2), (6, 9, 4, 3, 6)]
+
+
+@pytest.mark.parametrize("h, w, d, k, groups", CASES)
+def test_batched_dilated_conv_matches_torch(h, w, d, k, groups):
+    with jax.enable_x64(), dilated_conv("batched"):
+        m = _Conv(features=6, kernel_size=k, dilation=d, groups=groups)
+        x = np.random.default_rng(0).standard_normal((2, h, w, 6))
+        variables = m.init(jax.random.key(0), jnp.asarray(x))
+        kernel, bias = (np.asarray(variables["params"]["conv"][n]) for n in ("kernel", "bias"))
+        y_ref, gx_ref, gk_ref, gb_ref, weights = _torch_conv(x, kernel, bias, m)
+
+        def loss(v, x):
+            return jnp.sum(m.apply(v, x) * weights)
+
+        y = m.apply(variables, jnp.asarray(x))
+        gv, gx = jax.grad(loss, argnums=(0, 1))(variables, jnp.asarray(x))
+    np.testing.assert_allclose(y, y_ref, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(gx, gx_ref, rtol=1e-12, atol=1e-11)
+    np.testing.assert_allclose(gv["params"]["conv"]["kernel"], gk_ref, rtol=1e-12, atol=1e-11)
+    np.testing.assert_allclose(gv["params"]["conv"]["bias"], gb_ref, rtol=1e-12, atol=1e-11)
+
+
+def test_forms_share_parameters_and_agree():
+    """'native' and 'batched' trace different programs over the same parameters (same tree, same shapes) and
+    give the same output; the batched program holds no dilated convolution, the native one does."""
+    m = _Conv(features=4, kernel_size=3, dilation=4)
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((1, 12, 10, 3)), jnp.float32)
+    with jax.enable_x64():
+        with dilated_conv("batched"):
+            batched = m.init(jax.random.key(0), x.astype(jnp.float64))
+            y_batched = m.apply(batched, x.astype(jnp.float64))
+            batched_text = jax.jit(m.apply).lower(batched, x.astype(jnp.float64)).as_text()
+        with dilated_conv("native"):
+            native = m.init(jax.random.key(0), x.astype(jnp.float64))
+            y_native = m.apply(native, x.astype(jnp.float64))
+            native_text = jax.jit(m.apply).lower(native, x.astype(jnp.float64)).as_text()
+    assert jax.tree.map(jnp.shape, batched) == jax.tree.map(jnp.shape, native)
+    np.testing.assert_allclose(y_batched, y_native, rtol=1e-12, atol=1e-12)
+    assert "rhs_dilate = [4, 4]" in native_text
+    assert "rhs_dilate = [1, 1]" in batched_text and "rhs_dilate = [4, 4]" not in batched_text
+
+
+def test_auto_form_by_backend():
+    """'auto' (the default) is batched on GPUs only: on XLA:CPU the batched form is 5.6x slower (README)."""
+    assert dilated_conv_form() == ("batched" if jax.default_backend() == "gpu" else "native")
+    with dilated_conv("batched"):
+        assert dilated_conv_form() == "batched"
+    assert dilated_conv_form() == ("batched" if jax.default_backend() == "gpu" else "native")
+
+
+def test_strided_dilated_conv_stays_native():
+    """A strided dilated conv (no network of ours has one) is not rewritten, and still matches PyTorch."""
+    with jax.enable_x64(), dilated_conv("batched"):
+        m = _Conv(features=5, kernel_size=3, dilation=2, stride=2)
+        x = np.random.default_rng(0).standard_normal((1, 11, 9, 4))
+        v = m.init(jax.random.key(0), jnp.asarray(x))
+        y = m.apply(v, jnp.asarray(x))
+    y_ref = _torch_conv(x, np.asarray(v["params"]["conv"]["kernel"]), np.asarray(v["params"]["conv"]["bias"]), m)[0]
+    np.testing.assert_allclose(y, y_ref, rtol=1e-12, atol=1e-12)
+
+
+def test_unknown_form_is_refused():
+    with pytest.raises(ValueError, match="unknown dilated convolution form 'fast'.*auto, batched, native"):
+        with dilated_conv("fast"):
+            pass
