@@ -128,12 +128,18 @@ def test_coco_config_follows_the_paper():
     assert (o.lr, o.momentum, o.weight_decay, o.grad_clip_norm, o.warmup_steps, o.warmup_factor) == (
         0.005, 0.9, 1e-4, 35.0, 500, 0.001)
     assert cfg.total_steps == 24 * epoch and list(o.boundaries) == [16 * epoch, 22 * epoch] and cfg.batch_size == 4
-    one_x = load("coco.py", "teacher=fcos_x101")
-    assert one_x.total_steps == 12 * epoch and list(one_x.optimizer.boundaries) == [8 * epoch, 11 * epoch]
-    assert (one_x.teacher.name, one_x.teacher.backbone) == ("fcos_fpn", "resnext101_64x4d")
+    # The authors' 1x pairs (FCOS X101 / GFL R101 -> RetinaNet R50); every other pair is 2x.
+    for teacher, trunk in (("fcos_x101", ("fcos_fpn", "resnext101_64x4d")), ("gfl_r101", ("gfl_fpn", "resnet101"))):
+        one_x = load("coco.py", f"teacher={teacher}")
+        assert one_x.total_steps == 12 * epoch and list(one_x.optimizer.boundaries) == [8 * epoch, 11 * epoch]
+        assert (one_x.teacher.name, one_x.teacher.backbone) == trunk
+    assert load("coco.py", "teacher=retinanet_x101").total_steps == 24 * epoch
     f = load("coco.py", "detector=fcos")
-    assert (f.teacher.backbone, f.student.backbone, f.data.norm, f.student.head_kwargs.norm_on_bbox) == (
-        "resnet101_caffe", "resnet50_caffe", "caffe", True)
+    assert f.total_steps == 24 * epoch
+    # The authors' FCOS student: norm_on_bbox, centerness on the classification branch, tower-conv biases.
+    assert (f.teacher.backbone, f.student.backbone, f.data.norm, dict(f.student.head_kwargs)) == (
+        "resnet101_caffe", "resnet50_caffe", "caffe",
+        {"norm_on_bbox": True, "centerness_on_reg": False, "conv_bias": True})
     assert load("coco.py", "dagger=true").student.inherit == "teacher" and not cfg.student.inherit
     with pytest.raises(ValueError, match="teacher must be a retinanet"):
         load("coco.py", "teacher=fcos_r101,dagger=true")

@@ -118,6 +118,31 @@ def test_task_config_errors_are_named():
         DetectionTask(num_classes=3, strides=(8, 16))._levels({"cls_scores": [np.zeros((1, 2, 2, 3))] * 5})
 
 
+def test_task_follows_the_student_head():
+    """norm_on_bbox and the strides have one source, the student: the task takes them from it, and a config that
+    names other values (or the other detector) is refused with the key to drop."""
+    from cankd_jax.train.sharding import make_mesh
+
+    def run(arg, **task):
+        config = load_config(os.path.join(CONFIGS, "detection_smoke.py"), arg)
+        if arg == "detector=fcos":
+            config.student.head_kwargs.norm_on_bbox = False  # not the task's default (True)
+        config.task.update(task)
+        return build.build_run(config, make_mesh(jax.devices()[:1]), input_size=(64, 64), abstract_teacher=True)
+
+    fcos_task = run("detector=fcos").task
+    assert (fcos_task.norm_on_bbox, fcos_task.strides) == (False, (8, 16, 32, 64, 128))  # the head's, not True
+    assert run("detector=fcos", norm_on_bbox=False).task.norm_on_bbox is False
+    with pytest.raises(ValueError, match=r"task.norm_on_bbox=True but the student has norm_on_bbox=False.*drop "
+                                         r"task.norm_on_bbox"):
+        run("detector=fcos", norm_on_bbox=True)
+    with pytest.raises(ValueError, match=r"task.strides=\(8, 16\) but the student has strides=\(8, 16, 32, 64, 128\)"):
+        run("detector=fcos", strides=(8, 16))
+    with pytest.raises(ValueError, match="task.detector='fcos' but the student's head is a RetinaHead; set "
+                                         "task.detector to 'retinanet'"):
+        run("detector=retinanet", detector="fcos")
+
+
 def test_dagger_student_takes_neck_and_head_from_the_teacher_and_the_backbone_from_imagenet(tmp_path):
     from flax import traverse_util
 

@@ -77,11 +77,12 @@ class DetectorSpec:
 
 DETECTORS: dict[str, DetectorSpec] = {
     "retinanet": DetectorSpec(RetinaNet, "retinanet_fpn", RetinaHead, "resnet50"),
-    # The project's FCOS student: norm_on_bbox=True, centerness on the classification branch. mmdet's own
-    # fcos_r50-caffe_fpn_gn-head_1x_coco (and its R101 / X101 checkpoints) use norm_on_bbox=False:
-    # pass head_kwargs=dict(norm_on_bbox=False) to reproduce those.
+    # The authors' FCOS student (nlkdIN_fcos_r101_fcos_r50_2x_coco.py): norm_on_bbox=True, centerness on the
+    # classification branch, a bias on every tower conv beside its GroupNorm. mmdet's own
+    # fcos_r50-caffe_fpn_gn-head_1x_coco (and its R101 / X101 checkpoints) use norm_on_bbox=False and
+    # conv_bias='auto' (no tower bias): pass head_kwargs=dict(norm_on_bbox=False, conv_bias=None) for those.
     "fcos": DetectorSpec(FCOS, "fcos_fpn", FCOSHead, "resnet50_caffe",
-                         dict(norm_on_bbox=True, centerness_on_reg=False)),
+                         dict(norm_on_bbox=True, centerness_on_reg=False, conv_bias=True)),
 }
 
 
@@ -231,7 +232,7 @@ def make_detector(
       `resnext101_64x4d`. Inputs RGB, normalised with ImageNet's mean/std.
     - `fcos`: default backbone `resnet50_caffe` (caffe style, frozen BatchNorm);
       neck `fcos_fpn`; `FCOSHead` with `norm_on_bbox=True`,
-      `centerness_on_reg=False`. Teachers: `resnet101_caffe`, and
+      `centerness_on_reg=False`, `conv_bias=True` (the authors' student). Teachers: `resnet101_caffe`, and
       `resnext101_64x4d` (mmdet's FCOS X101 is pytorch style with trainable
       BatchNorm, norm_eval, the same GroupNorm head). The caffe backbones take
       BGR images minus the mean (102.9801, 115.9465, 122.7717), std 1 (mmdet's

@@ -193,7 +193,9 @@ class DetectionTask:
     object of that size, as COCOeval), fractions in [0, 1].
 
     `strides`: the neck levels' (P3-P7); `norm_on_bbox`: FCOS's head setting (its
-    training distances in strides; must match the student's head).
+    training distances in strides). A run takes both from the student's head
+    (`for_detector`), so the network is their one source; a config that sets either
+    to another value is refused.
     """
 
     num_classes: int
@@ -215,6 +217,24 @@ class DetectionTask:
         if self.detector not in self.DETECTORS:
             raise ValueError(f"unknown task.detector {self.detector!r}; choose one of {', '.join(self.DETECTORS)}")
         object.__setattr__(self, "strides", tuple(int(s) for s in self.strides))
+
+    def for_detector(self, detector: Any, cfg: Mapping[str, Any]) -> DetectionTask:
+        """This task matched to the student: its kind (from its head), its levels' strides, and FCOS's
+        `norm_on_bbox` (from its head). `cfg` (the `config.task` block) may name these only with those values."""
+        head = detector.bbox_head
+        kind = {"RetinaHead": "retinanet", "FCOSHead": "fcos"}.get(type(head).__name__)
+        if kind != self.detector:
+            raise ValueError(f"task.detector={self.detector!r} but the student's head is a {type(head).__name__}"
+                             + (f"; set task.detector to {kind!r}" if kind else ", which this task has no targets for"))
+        fields = {"strides": tuple(int(s) for s in detector.level_strides())}
+        if kind == "fcos":
+            fields["norm_on_bbox"] = bool(head.norm_on_bbox)
+        for key, value in fields.items():
+            given = cfg.get(key)
+            if given is not None and (tuple(given) if key == "strides" else bool(given)) != value:
+                raise ValueError(f"task.{key}={given} but the student has {key}={value}; the training targets follow "
+                                 f"the student: drop task.{key} (or change the student's network config)")
+        return dataclasses.replace(self, **fields)
 
     def with_data(self, data: Any) -> DetectionTask:
         """This task scoring against `data`'s eval split (its COCO ground truth and category ids)."""
