@@ -1,6 +1,7 @@
-"""RetinaNet, FCOS (caffe-style ResNet, GroupNorm head, Scale) and mmseg's MobileNetV2 against their PyTorch
-formulations (torch_detection_models_reference.py), state-dict round trips, teacher trunks, the registry and
-frozen parameters. Narrow widths, one block per stage, small images."""
+"""The caffe-style ResNet and mmseg's MobileNetV2 against their PyTorch formulations
+(torch_detection_models_reference.py), state-dict round trips, teacher trunks, the registry and frozen
+parameters. Narrow widths, one block per stage, small images. (RetinaNet and FCOS against mmdetection itself:
+test_mmdet_parity.py.)"""
 
 from __future__ import annotations
 
@@ -45,7 +46,7 @@ def torch_retinanet(seed=0):
 def torch_fcos(seed=0, **head):
     neck = ref.FPN([32, 64, 128, 256], FPN_CH, num_outs=5, start_level=1, add_extra_convs="on_output",
                    relu_before_extra_convs=True)
-    fields = {"norm_on_bbox": True, "centerness_on_reg": False, **head}
+    fields = {"norm_on_bbox": True, "centerness_on_reg": False, "conv_bias": True, **head}  # the registry's FCOS
     fcos_head = dref.FCOSHead(K, FPN_CH, HEAD_CH, stacked_convs=STACKED, num_groups=GROUPS, **fields)
     return dref.randomize_detection_(dref.SingleStageDetector(_torch_backbone(True), neck, fcos_head), seed)
 
@@ -117,60 +118,6 @@ def test_caffe_style_resnet_puts_the_stride_on_the_first_1x1_conv():
     _assert_outputs(_apply(model, variables, x), _torch_forward(tm, x))
 
 
-def test_retinanet_matches_mmdet_per_level_and_flattens_in_mmdets_order():
-    tm, model = torch_retinanet(), retinanet()
-    variables, report = interop.import_state_dict(model, tm.state_dict())
-    assert not report.ignored
-    x = _images()
-    ours, theirs = _apply(model, variables, x), _torch_forward(tm, x)
-    _assert_outputs(ours, theirs)
-    assert [c.shape for c in ours["cls_scores"]] == [(2, 8, 12, 27), (2, 4, 6, 27), (2, 2, 3, 27), (2, 1, 2, 27),
-                                                      (2, 1, 1, 27)]
-    assert ours["bbox_preds"][0].shape == (2, 8, 12, 36)
-    # mmdet's flattening: (B, A*K, H, W).permute(0, 2, 3, 1).reshape(B, -1, K), levels concatenated.
-    with torch.no_grad():
-        heads = tm.eval()(nchw(x))
-    for key, last in (("cls_scores", K), ("bbox_preds", 4)):
-        expected = torch.cat([t.permute(0, 2, 3, 1).reshape(2, -1, last) for t in heads[key]], dim=1).numpy()
-        flat = models.flatten_levels(ours[key], last)
-        assert flat.shape == (2, 9 * (96 + 24 + 6 + 2 + 1), last)
-        assert_close(flat, expected, what=f"flattened {key}")
-
-
-def test_fcos_matches_mmdet_norm_on_bbox_in_inference_and_training():
-    tm, model = torch_fcos(), fcos()
-    variables, _ = interop.import_state_dict(model, tm.state_dict())
-    x = _images()
-    both = jax.jit(lambda v, x: (model.apply(v, x, train=False),
-                                 model.apply(v, x, train=True, mutable=["batch_stats"])[0]))
-    inference, training = both(variables, x)
-    _assert_outputs(inference, _torch_forward(tm, x, train=False))
-    # Training: no stride factor (targets are in stride units), frozen BatchNorm still on running statistics.
-    _assert_outputs(training, _torch_forward(tm, x, train=True))
-    assert model.bbox_head.strides == (8, 16, 32, 64, 128)
-    for level, stride in enumerate(model.bbox_head.strides):
-        b = training["bbox_preds"][level]
-        assert b.dtype == jnp.float32 and float(b.min()) >= 0
-        assert_close(inference["bbox_preds"][level], b * stride, what=f"level {level}: inference = training x stride")
-
-
-def test_fcos_head_exp_regression_centerness_on_reg_and_tower_biases():
-    # mmdet's FCOSHead default (norm_on_bbox=False: exp) with the other two switches flipped.
-    fields = dict(norm_on_bbox=False, centerness_on_reg=True, conv_bias=True)
-    th = dref.randomize_detection_(dref.FCOSHead(K, FPN_CH, HEAD_CH, stacked_convs=STACKED, strides=(8, 16, 32),
-                                                 num_groups=GROUPS, **fields), seed=1)
-    head = models.FCOSHead(num_classes=K, feat_channels=HEAD_CH, stacked_convs=STACKED, strides=(8, 16, 32),
-                           num_groups=GROUPS, **fields)
-    rng = np.random.default_rng(1)
-    levels = [rng.normal(size=(2, s, s + 1, FPN_CH)).astype(np.float32) for s in (8, 4, 2)]
-    variables, _ = interop.import_state_dict(head, th.state_dict(), sample=levels)
-    assert variables["params"]["cls_convs.0"]["conv"]["bias"].shape == (HEAD_CH,)
-    ours = jax.jit(lambda v, xs: head.apply(v, xs, train=False))(variables, levels)
-    with torch.no_grad():
-        theirs = th.eval()([nchw(x) for x in levels])
-    _assert_outputs(ours, {k: [nhwc(t) for t in v] for k, v in theirs.items()})
-
-
 def test_mobilenet_v2_deeplabv3_matches_mmseg():
     tm, model = torch_mobilenet_deeplabv3(), mobilenet_deeplabv3()
     assert (model.decode_in, model.aux_in) == ("layer7", "layer5")
@@ -212,7 +159,9 @@ def test_layout_uses_mmdet_and_mmseg_keys():
                 "bbox_head.cls_convs.0.gn.weight", "bbox_head.reg_convs.2.gn.bias", "bbox_head.conv_cls.bias",
                 "bbox_head.conv_reg.weight", "bbox_head.conv_centerness.weight", "bbox_head.scales.4.scale"):
         assert key in det, key
-    assert "bbox_head.cls_convs.0.conv.bias" not in det  # mmdet's conv_bias='auto' with GroupNorm
+    assert "bbox_head.cls_convs.0.conv.bias" in det  # the authors' student: tower biases beside GroupNorm
+    # mmdet's conv_bias='auto' (its own FCOS checkpoints): no bias before a GroupNorm.
+    assert "bbox_head.cls_convs.0.conv.bias" not in interop.state_dict_layout(fcos(stacked_convs=4, conv_bias=None))
     assert det["bbox_head.scales.0.scale"].torch_shape == ()
     assert det["bbox_head.conv_cls.weight"].torch_shape == (K, HEAD_CH, 3, 3)
     retina = interop.state_dict_layout(retinanet(stacked_convs=4))
@@ -240,7 +189,8 @@ def test_teacher_trunk_reads_backbone_and_neck_of_any_detector(tmp_path):
     assert jax.tree.all(jax.tree.map(np.array_equal, variables["params"]["neck"], detector_vars["params"]["neck"]))
     # Read as a whole network (no prefixes), the head's keys are unexpected: a strict load refuses, a partial one
     # reports them.
-    with pytest.raises(ValueError, match=r"unexpected keys: bbox_head\.cls_convs\.0\.conv\.weight"):
+    with pytest.raises(ValueError, match=r"unexpected keys: bbox_head\.cls_convs\.0\.conv\.bias, "
+                                         r"bbox_head\.cls_convs\.0\.conv\.weight"):
         interop.import_state_dict(trunk, sd, key_prefixes={"": ""})
     _, loose = interop.import_state_dict(trunk, sd, key_prefixes={"": ""}, strict=False)
     assert loose.unexpected == tuple(head_keys)
@@ -273,9 +223,10 @@ def test_detector_key_problems_are_named():
     no_gn = {k: v for k, v in sd.items() if k != "bbox_head.reg_convs.1.gn.weight"}
     with pytest.raises(ValueError, match=r"missing keys: bbox_head\.reg_convs\.1\.gn\.weight"):
         interop.import_state_dict(model, no_gn)
-    # mmdet's tricks config (conv_bias=True) into the default head: its tower biases are unexpected.
-    with pytest.raises(ValueError, match=r"unexpected keys: bbox_head\.cls_convs\.0\.conv\.bias"):
-        interop.import_state_dict(model, torch_fcos(conv_bias=True).state_dict())
+    # mmdet's own FCOS checkpoints (conv_bias='auto': no tower biases) into the default (authors') head: its tower
+    # biases are missing from them, which a strict import names (a dagger run's partial load keeps them initialised).
+    with pytest.raises(ValueError, match=r"missing keys: bbox_head\.cls_convs\.0\.conv\.bias"):
+        interop.import_state_dict(model, torch_fcos(conv_bias="auto").state_dict())
 
 
 # --- registry, freezing, initialisation --------------------------------------------------------------------

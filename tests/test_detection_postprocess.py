@@ -1,14 +1,11 @@
-"""Post-processing: hand-built cases whose detections are known, and mmdet's flow in PyTorch on random heads."""
+"""Post-processing: hand-built cases whose detections are known. (Against mmdet's `predict_by_feat` on whole
+detectors: test_mmdet_parity.py.)"""
 
 from __future__ import annotations
 
-import chex
 import jax
 import numpy as np
-import pytest
-import torch
 
-import torch_detection_reference as ref
 from cankd_jax.detection import (
     AnchorGenerator, PostprocessConfig, fcos_postprocess, grid_points, retinanet_postprocess,
 )
@@ -105,37 +102,3 @@ def _heads(r, sizes, per_loc, c):
     return n, logits
 
 
-@pytest.mark.parametrize("kind", ["retinanet", "fcos"])
-def test_matches_mmdet_flow_in_pytorch(kind):
-    r = np.random.default_rng(11 if kind == "retinanet" else 12)
-    cfg = RETINA_CFG if kind == "retinanet" else FCOS_CFG
-    img_shapes = np.array([[30, 37], [26, 40]], F)
-    scale = np.array([[1.5, 1.25], [0.8, 0.8]], F)
-    if kind == "retinanet":
-        priors = ANCHORS
-        n, logits = _heads(r, SIZES, 9, C)
-        reg = [(r.standard_normal((2, k, 4)) * 0.5).astype(F) for k in n]
-        out = _retina(logits, reg, img_shapes, scale)
-    else:
-        priors = POINTS
-        n, logits = _heads(r, SIZES, 1, C)
-        reg = [np.abs(r.standard_normal((2, k, 4)) * 1.5).astype(F) for k in n]
-        ctr = [r.standard_normal((2, k)).astype(F) for k in n]
-        out = _fcos(logits, reg, ctr, img_shapes, scale)
-    for i in range(2):
-        levels = []
-        for lv in range(len(SIZES)):
-            d = dict(cls=torch.from_numpy(logits[lv][i]), reg=torch.from_numpy(reg[lv][i]),
-                     priors=torch.from_numpy(priors[lv]), stride=STRIDES[lv])
-            if kind == "fcos":
-                d["ctr"] = torch.from_numpy(ctr[lv][i])
-            levels.append(d)
-        boxes, scores, labels = ref.predict_single(levels, tuple(img_shapes[i]), tuple(scale[i]), kind=kind,
-                                                   nms_pre=cfg.nms_pre, iou_thr=cfg.iou_threshold,
-                                                   max_per_img=cfg.max_per_img)
-        k = len(scores)
-        # Hundreds of candidates per level, cut to nms_pre = 30; NMS leaves more than max_per_img.
-        assert int(out.num_valid[i]) == k == cfg.max_per_img
-        np.testing.assert_array_equal(np.asarray(out.labels[i])[:k], labels)
-        chex.assert_trees_all_close((np.asarray(out.boxes[i])[:k], np.asarray(out.scores[i])[:k]), (boxes, scores),
-                                    rtol=1e-5, atol=1e-4)

@@ -256,27 +256,36 @@ class DetectionTask:
             raise ValueError(f"the detector has {len(sizes)} levels but task.strides={self.strides}")
         return sizes, self.strides
 
-    def loss(self, outputs: Mapping[str, Any], labels: Mapping[str, jax.Array]) -> tuple[jax.Array, dict]:
+    def targets(self, outputs: Mapping[str, Any], labels: Mapping[str, jax.Array]) -> Any:
+        """The batch's training targets, per image (vmapped): `RetinaNetTargets` over the anchors (valid within
+        each image's `pad_shape`), or `FCOSTargets` over the points; every leaf with a leading batch axis."""
         sizes, strides = self._levels(outputs)
         k = self.num_classes
-        cls = det.flatten_level_maps(outputs["cls_scores"], k)
-        reg = det.flatten_level_maps(outputs["bbox_preds"], 4)
         gt = (labels["boxes"], labels["labels"], labels["valid"])
         if self.detector == "retinanet":
             gen = det.AnchorGenerator(strides=strides)
             anchors = np.concatenate(gen.grid_anchors(sizes))
 
-            def targets(pad_shape, boxes, gt_labels, valid):
+            def one(pad_shape, boxes, gt_labels, valid):
                 flags = jnp.concatenate(gen.valid_flags(sizes, pad_shape))
                 return det.retinanet_targets(anchors, flags, boxes, gt_labels, valid, num_classes=k)
 
-            terms = det.retinanet_loss(cls, reg, jax.vmap(targets)(labels["pad_shape"], *gt))
+            return jax.vmap(one)(labels["pad_shape"], *gt)
+        priors = det.fcos_priors(sizes, strides)
+        return jax.vmap(lambda b, l, v: det.fcos_targets(priors, b, l, v, num_classes=k,
+                                                         norm_on_bbox=self.norm_on_bbox))(*gt)
+
+    def loss(self, outputs: Mapping[str, Any], labels: Mapping[str, jax.Array]) -> tuple[jax.Array, dict]:
+        k = self.num_classes
+        cls = det.flatten_level_maps(outputs["cls_scores"], k)
+        reg = det.flatten_level_maps(outputs["bbox_preds"], 4)
+        targets = self.targets(outputs, labels)
+        if self.detector == "retinanet":
+            terms = det.retinanet_loss(cls, reg, targets)
         else:
-            priors = det.fcos_priors(sizes, strides)
-            tg = jax.vmap(lambda b, l, v: det.fcos_targets(priors, b, l, v, num_classes=k,
-                                                           norm_on_bbox=self.norm_on_bbox))(*gt)
+            sizes, strides = self._levels(outputs)
             ctr = det.flatten_level_maps(outputs["centernesses"], 1)[..., 0]
-            terms = det.fcos_loss(cls, reg, ctr, priors, tg)
+            terms = det.fcos_loss(cls, reg, ctr, det.fcos_priors(sizes, strides), targets)
         return sum(terms.values()), terms
 
     def detect(self, outputs: Mapping[str, Any], img_shapes: jax.Array, scale_factors: jax.Array) -> det.Detections:
