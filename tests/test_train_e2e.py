@@ -12,6 +12,7 @@ per process, and only process 0 writes), so every 2-process run compiles the FSD
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 
 import numpy as np
@@ -126,6 +127,23 @@ def test_sigterm_to_one_process_of_two_stops_both_at_one_step_then_fsdp_resumes(
     assert ours.keys() == theirs.keys()
     for k in theirs:
         np.testing.assert_allclose(ours[k].numpy(), theirs[k].numpy(), rtol=1e-4, atol=1e-5, err_msg=k)
+
+
+def test_a_truncated_newest_checkpoint_is_set_aside_and_the_run_finishes(tmp_path, reference, data_dir):
+    """The reference's newest checkpoint (step 8) with one file cut to half its size, as a full disk or a torn
+    copy leaves it: the rerun falls back to step 4, sets step 8 aside, trains 5-8 as the reference did, saves
+    step 8 again and finishes."""
+    workdir = tmp_path / "run"
+    shutil.copytree(reference, workdir)
+    files = [p for p in (workdir / "checkpoints" / "8" / "state").rglob("*") if p.is_file()]
+    largest = max(files, key=lambda p: p.stat().st_size)
+    largest.write_bytes(largest.read_bytes()[: largest.stat().st_size // 2])
+    out = cli.run(_args(workdir, data_dir), devices=1)[0]
+    assert "checkpoint at step 8" in out and "cannot be restored" in out, out[-3000:]
+    assert "set the unreadable checkpoint of step 8 aside" in out and "resumed from step 4" in out
+    assert cli.checkpoint_steps(workdir) == [4, 8] and (workdir / "checkpoints" / "8.unreadable").is_dir()
+    cli.assert_same_training(cli.rows(workdir), cli.rows(reference))  # same topology: bit for bit
+    assert cli.summary(workdir)["finished"] and cli.summary(workdir)["eval"] == cli.summary(reference)["eval"]
 
 
 def test_a_diverging_run_stops_naming_the_step_and_never_saves_that_state(tmp_path, data_dir):

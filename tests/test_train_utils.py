@@ -115,10 +115,19 @@ def test_corrupt_latest_checkpoint_falls_back_with_a_warning(tmp_path, caplog):
                 fh.write(b"\0garbage")
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, P())), state)
     with caplog.at_level(logging.WARNING):
-        step, restored, data = Checkpointer(str(tmp_path / "ck")).restore_latest(target)
+        ck = Checkpointer(str(tmp_path / "ck"), async_save=False)
+        step, restored, data = ck.restore_latest(target)
     assert step == 4 and data == {"pos": 4}
     chex.assert_trees_all_equal(restored, jax.device_get(state))
     assert any("step 8" in r.getMessage() and "older" in r.getMessage() for r in caplog.records)
+    # Set aside (kept for a person, no longer a step), so the run that trains on can save step 8 again.
+    assert any("set the unreadable checkpoint of step 8 aside" in r.getMessage() for r in caplog.records)
+    assert sorted(os.listdir(tmp_path / "ck")) == ["4", "8.unreadable"] and ck.steps() == [4]
+    ck.save(8, jax.tree.map(lambda x: x + 2, state), {"pos": 8})
+    ck.close()
+    step, restored, _ = Checkpointer(str(tmp_path / "ck")).restore_latest(target)
+    assert step == 8
+    chex.assert_trees_all_equal(restored, jax.device_get(jax.tree.map(lambda x: x + 2, state)))
 
 
 def test_no_checkpoint_gives_none(tmp_path):

@@ -9,6 +9,9 @@ Every process restores the same step, chosen by process 0: a newest
 checkpoint that process 0 cannot restore (corrupt, or cut short by a crash) is
 skipped by all with a warning and the previous one is tried; one that process 0
 can read but another process cannot stops every process with an error naming them.
+A skipped checkpoint is set aside (renamed `<step>.unreadable`, by process 0, all
+processes waiting for it), so the run that trains on from an older one saves that
+step again in its place; the unreadable files stay for a person to look at.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from cankd_jax.train.distributed import ProcessesDisagree
+from cankd_jax.train.distributed import ProcessesDisagree, barrier
 
 log = logging.getLogger(__name__)
 
@@ -58,29 +61,49 @@ class Checkpointer:
         Collective: every process calls it and gets the same step.
         """
         abstract = jax.tree.map(_abstract, target)
-        for step in _broadcast_steps(sorted(self._mngr.all_steps(), reverse=True)):
-            out, error = None, ""
-            try:
-                # The items' handlers directly, not the manager: its restore ends in a barrier that a process
-                # whose restore failed never reaches, so the processes could not then compare notes.
-                handler = ocp.CompositeCheckpointHandler()
-                out = handler.restore(
-                    self._mngr.directory / str(step),
-                    ocp.args.Composite(state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()))
-            except Exception as e:  # noqa: BLE001 - any failure means: this one is unusable here
-                error = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
-            ok = _all_processes(out is not None)
-            if ok.all():
-                return step, out["state"], dict(out["data"])
-            if not ok[0]:
-                log.warning("checkpoint at step %d in %s cannot be restored (%s); trying an older one",
-                            step, self.directory, error or "on process 0")
-                continue
-            bad = [int(i) for i in np.flatnonzero(~ok)]
-            raise ProcessesDisagree(f"checkpoint at step {step} in {self.directory} restores on process 0 but not on "
-                               f"process(es) {bad}" + (f": {error}" if error else " (see their logs)")
-                               + "; every process must see the same checkpoint directory")
-        return None
+        unreadable: list[int] = []
+        try:
+            for step in _broadcast_steps(sorted(self._mngr.all_steps(), reverse=True)):
+                out, error = None, ""
+                try:
+                    # The items' handlers directly, not the manager: its restore ends in a barrier that a process
+                    # whose restore failed never reaches, so the processes could not then compare notes.
+                    handler = ocp.CompositeCheckpointHandler()
+                    out = handler.restore(
+                        self._mngr.directory / str(step),
+                        ocp.args.Composite(state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()))
+                except Exception as e:  # noqa: BLE001 - any failure means: this one is unusable here
+                    error = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+                ok = _all_processes(out is not None)
+                if ok.all():
+                    return step, out["state"], dict(out["data"])
+                if not ok[0]:
+                    log.warning("checkpoint at step %d in %s cannot be restored (%s); trying an older one",
+                                step, self.directory, error or "on process 0")
+                    unreadable.append(step)
+                    continue
+                bad = [int(i) for i in np.flatnonzero(~ok)]
+                raise ProcessesDisagree(f"checkpoint at step {step} in {self.directory} restores on process 0 but "
+                                        f"not on process(es) {bad}" + (f": {error}" if error else " (see their logs)")
+                                        + "; every process must see the same checkpoint directory")
+            return None
+        finally:
+            if unreadable:
+                self._set_aside(unreadable)
+
+    def _set_aside(self, steps: list[int]) -> None:
+        """Rename each unreadable step's directory to `<step>.unreadable` (process 0; every process waits), so the
+        manager no longer lists it and the step can be saved again."""
+        if jax.process_index() == 0:
+            root = self._mngr.directory  # an etils Path: local or a bucket alike
+            for step in steps:
+                dest, k = root / f"{step}.unreadable", 1
+                while dest.exists():
+                    dest, k = root / f"{step}.unreadable{k}", k + 1
+                (root / str(step)).rename(dest)
+                log.warning("set the unreadable checkpoint of step %d aside as %s", step, dest)
+        barrier("checkpoints set aside")
+        self._mngr.reload()
 
     def wait(self) -> None:
         """Block until every asynchronous save has been committed."""
