@@ -51,7 +51,7 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO_CONFIG = os.path.join(ROOT, "configs", "demo.py")
@@ -220,14 +220,15 @@ class _Children:
     starts after it is stopped as it starts.
     """
 
-    def __init__(self):
+    def __init__(self, clock: Callable[[], float] = time.time):
+        self._clock = clock
         self._lock = threading.Lock()
         self._share: dict[Any, float] = {}
-        self._t = time.time()
+        self._t = clock()
         self.stopping = False
 
     def _advance(self) -> None:
-        now = time.time()
+        now = self._clock()
         for proc in self._share:
             self._share[proc] += (now - self._t) / len(self._share)
         self._t = now

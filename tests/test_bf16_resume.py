@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import signal
 
 import numpy as np
 import orbax.checkpoint as ocp
@@ -24,8 +23,7 @@ def test_a_bfloat16_run_resumes_exactly_and_writes_float32(tmp_path):
 
     workdir, logs = tmp_path / "run", tmp_path / "logs"
     logs.mkdir()
-    procs = cli.start(args(workdir), devices=1, log_dir=logs)
-    cli.signal_when(procs, 0, signal.SIGTERM, lambda: "training from step 0" in cli.read_log(logs), "the loop")
+    procs = cli.start(args(workdir), devices=1, log_dir=logs, fault={0: "SIGTERM@0"})
     [(code, _)] = cli.finish(procs)
     assert code == 0, cli.read_log(logs)[-3000:]
     assert cli.checkpoint_steps(workdir) == [1]

@@ -132,3 +132,18 @@ def test_corrupt_latest_checkpoint_falls_back_with_a_warning(tmp_path, caplog):
 
 def test_no_checkpoint_gives_none(tmp_path):
     assert Checkpointer(str(tmp_path / "empty")).restore_latest({"w": jnp.zeros(2)}) is None
+
+
+def test_test_fault_parses_and_names_a_malformed_value(monkeypatch):
+    import signal
+
+    from cankd_jax.train import trainer
+
+    monkeypatch.delenv(trainer.FAULT_ENV, raising=False)
+    assert trainer._fault() == (0, -1)
+    monkeypatch.setenv(trainer.FAULT_ENV, "SIGKILL@5")
+    assert trainer._fault() == (signal.SIGKILL, 5)
+    for bad in ("SIGKILL", "SIGNOPE@3", "SIGTERM@x"):
+        monkeypatch.setenv(trainer.FAULT_ENV, bad)
+        with pytest.raises(ValueError, match="expected SIGNAME@STEP"):
+            trainer._fault()

@@ -7,10 +7,10 @@ import os
 import socket
 import subprocess
 import sys
-import time
-from typing import Callable, Optional
+from typing import Optional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FAULT_ENV = "CANKD_JAX_TEST_FAULT"  # cankd_jax.train.trainer.FAULT_ENV (not imported: this module imports no jax)
 SMOKE = os.path.join(ROOT, "configs", "smoke.py")
 # The runs the end-to-end tests compare: 8 steps, every step logged, checkpoints at 4 and 8, one evaluation.
 EIGHT_STEPS = ("--config.total_steps=8", "--config.log_every=1", "--config.checkpoint_every=4",
@@ -37,10 +37,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start(args: list[str], *, processes: int = 1, devices: int = 4, log_dir=None) -> list[subprocess.Popen]:
+def start(args: list[str], *, processes: int = 1, devices: int = 4, log_dir=None,
+          fault: Optional[dict[int, str]] = None) -> list[subprocess.Popen]:
     """Start `args` as one process, or as `processes` processes of one job (each with `devices` devices).
 
     Output goes to `log_dir/process{i}.log` when given (read it with `read_log`), else to a pipe.
+    `fault`: process index -> "SIGNAME@STEP", a signal that process sends itself after that step (0: before
+    the first step; `trainer.FAULT_ENV`), so a test interrupts a run at a step rather than at a moment.
     """
     extra = []
     if processes > 1:
@@ -53,7 +56,8 @@ def start(args: list[str], *, processes: int = 1, devices: int = 4, log_dir=None
             out = open(os.path.join(log_dir, f"process{i}.log"), "w")  # noqa: SIM115 - the child owns it
         pid_flag = [f"--process_id={i}"] if processes > 1 else []
         procs.append(subprocess.Popen([*args, *extra, *pid_flag], stdout=out, stderr=subprocess.STDOUT, text=True,
-                                      env=env(devices), cwd=ROOT))
+                                      env=env(devices, **({FAULT_ENV: fault[i]} if fault and i in fault else {})),
+                                      cwd=ROOT))
     return procs
 
 
@@ -83,26 +87,6 @@ def run(args: list[str], *, processes: int = 1, devices: int = 4, log_dir=None) 
 def read_log(log_dir, i: int = 0) -> str:
     path = os.path.join(log_dir, f"process{i}.log")
     return open(path).read() if os.path.exists(path) else ""
-
-
-def wait_for(condition: Callable[[], bool], procs: list[subprocess.Popen], what: str, timeout: float = 300) -> None:
-    deadline = time.time() + timeout
-    while not condition():
-        if any(p.poll() is not None for p in procs):
-            raise AssertionError(f"a process ended before {what}")
-        if time.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
-
-
-def signal_when(procs, target: int, sig: int, condition: Callable[[], bool], what: str) -> None:
-    try:
-        wait_for(condition, procs, what)
-    except AssertionError:
-        for p in procs:
-            p.kill()
-        raise
-    procs[target].send_signal(sig)
 
 
 def rows(workdir) -> list[dict]:

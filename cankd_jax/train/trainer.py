@@ -23,6 +23,7 @@ import json
 import logging
 import math
 import os
+import signal
 import time
 from typing import Any, Optional
 
@@ -44,6 +45,21 @@ from cankd_jax.train.state import plan_state
 from cankd_jax.train.step import jit_train_step, make_train_step
 
 log = logging.getLogger(__name__)
+# For the end-to-end tests, faults at a chosen step instead of a chosen moment: "SIGNAME@N" makes this process
+# send itself that signal after step N (its metrics written, every checkpoint before it on disk), or with N = 0
+# just before the train loop (a notice that arrives during start-up).
+FAULT_ENV = "CANKD_JAX_TEST_FAULT"
+
+
+def _fault() -> tuple[int, int]:
+    """(signal, step) of `FAULT_ENV`, or (0, -1) when unset; a malformed value is a one-line error."""
+    value = os.environ.get(FAULT_ENV, "")
+    if not value:
+        return 0, -1
+    name, _, step = value.partition("@")
+    if not hasattr(signal, name) or not step.isdigit():
+        raise ValueError(f"{FAULT_ENV}={value!r}: expected SIGNAME@STEP, e.g. SIGKILL@5 or SIGTERM@0")
+    return int(getattr(signal, name)), int(step)
 
 
 class NonFiniteError(FloatingPointError):
@@ -125,7 +141,11 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, preempt
             progress.update(step, f"loss {host['loss']:.4f}")
             last_metrics = host
 
+    fault_signal, fault_step = _fault()
     barrier("train loop")
+    if fault_step == 0 and start == 0:
+        log.warning("%s: signal %d to this process before the first step", FAULT_ENV, fault_signal)
+        os.kill(os.getpid(), fault_signal)
     log.info("training from step %d of %d in %s (%.1f s since the start; %d batch shape%s)", start,
              config.total_steps, workdir, time.perf_counter() - t_start, shapes, "" if shapes == 1 else "s")
     try:
@@ -153,6 +173,13 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, preempt
                     last_saved = step
                 if stop:
                     break
+                if step == fault_step:
+                    if pending is not None:
+                        finish(*pending)
+                        pending = None
+                    ckpt.wait()
+                    log.warning("%s: signal %d to this process after step %d", FAULT_ENV, fault_signal, step)
+                    os.kill(os.getpid(), fault_signal)
             if pending is not None:
                 finish(*pending)
     except NonFiniteError:

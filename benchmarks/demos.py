@@ -1,0 +1,81 @@
+"""Re-run the README's demos on this checkout and print their numbers next to the committed ones.
+
+    python benchmarks/demos.py                       # both demos (about 35 min on a 2-core CPU)
+    python benchmarks/demos.py --demos detection     # one of them
+    python benchmarks/demos.py --workdir /tmp/demos  # keep (and resume) the runs there
+
+The committed figures come from `results/`, not from the README's text: the segmentation demo's are seed 0
+of the study (`results/demo/cells.csv`: the teacher, the student alone and CanKD at the `demo` setting, which
+`configs/demo.py` runs exactly), the detection demo's `results/detection_demo/summary.json`. Any change to
+the step, a loss or a model re-runs this before it lands; a row whose numbers differ means the README's
+figures (and those files) are from an older commit. The runs are deterministic: the same commit on the same
+machine gives the same numbers to the last digit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# demo -> (config, the phases compared)
+DEMOS = {
+    "segmentation": ("configs/demo.py", ("teacher", "student", "cankd")),
+    "detection": ("configs/detection_demo.py", ("teacher", "student", "cankd")),
+}
+
+
+def committed(demo: str) -> dict[str, float]:
+    """The committed figures of `demo`'s phases, in percent."""
+    if demo == "segmentation":
+        loss_of = {"teacher": "teacher", "student": "none", "cankd": "cankd"}
+        with open(os.path.join(ROOT, "results", "demo", "cells.csv")) as f:
+            cells = {(r["loss"]): float(r["value"]) for r in csv.DictReader(f)
+                     if r["setting"] == "demo" and r["seed"] == "0" and r["status"] == "ok"}
+        return {phase: cells[loss] for phase, loss in loss_of.items()}
+    with open(os.path.join(ROOT, "results", "detection_demo", "summary.json")) as f:
+        summary = json.load(f)
+    return {phase: 100 * summary[phase] for phase in DEMOS[demo][1]}
+
+
+def run(demo: str, workdir: str) -> tuple[dict[str, float], float]:
+    """Run (or resume) `demo` in `workdir`: its phases' held-out metric in percent, and the wall seconds."""
+    config, phases = DEMOS[demo]
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--config", os.path.join(ROOT, config),
+                    "--workdir", workdir], cwd=ROOT, check=True)
+    with open(os.path.join(workdir, "summary.json")) as f:
+        summary = json.load(f)
+    return {p: 100 * summary[p] for p in phases}, time.perf_counter() - t0
+
+
+def main(argv: list[str]) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--demos", nargs="+", default=list(DEMOS), choices=list(DEMOS))
+    ap.add_argument("--workdir", default="", help="where the runs go (default: a new temporary folder)")
+    args = ap.parse_args(argv)
+    root = args.workdir or tempfile.mkdtemp(prefix="cankd_demos_")
+    rows, differ = [], False
+    for demo in args.demos:
+        got, wall = run(demo, os.path.join(root, demo))
+        want = committed(demo)
+        for phase in DEMOS[demo][1]:
+            same = f"{got[phase]:.2f}" == f"{want[phase]:.2f}"
+            differ |= not same
+            rows.append(f"| {demo} | {phase} | {got[phase]:.2f} | {want[phase]:.2f} | {'yes' if same else '**no**'} |")
+        rows.append(f"| {demo} | (wall time) | {wall / 60:.1f} min | | |")
+    print("\n| demo | phase | this checkout | committed | same |\n|---|---|---|---|---|\n" + "\n".join(rows))
+    print(f"\nruns in {root}")
+    if differ:
+        print("some figures differ from the committed ones: update results/ and the README from these runs")
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
