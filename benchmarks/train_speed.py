@@ -425,7 +425,7 @@ def _torch_network(cfg, num_classes: int):
 
     from cankd_jax import models
 
-    backbone = models.make_network(dict(name=cfg["backbone"], kwargs=cfg.get("kwargs") or {}), num_classes=None)
+    backbone = models.make_network(dict(name=cfg["backbone"], backbone_kwargs=cfg.get("backbone_kwargs") or {}), num_classes=None)
     if not isinstance(backbone, models.ResNet):
         raise ValueError(f"the PyTorch step covers ResNet backbones, not {cfg['backbone']!r}")
     bb = ref.ResNet(backbone.depth, stem_width=backbone.stem_width, base_width=backbone.base_width,

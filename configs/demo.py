@@ -34,7 +34,7 @@ TEACHER_WIDTH = 16       # ResNet-18 layer4: 16 * 8 = 128 channels
 STUDENT_WIDTH = 8        # ResNet-18 layer4: 8 * 8 = 64 channels
 
 def _network(width: int) -> dict:
-    return dict(name="fcn", backbone="resnet18_v1c_d8", kwargs=dict(base_width=width, stem_width=width),
+    return dict(name="fcn", backbone="resnet18_v1c_d8", backbone_kwargs=dict(base_width=width, stem_width=width),
                 head_channels=4 * width, frozen_stages=-1, norm_eval=False)
 
 

@@ -45,7 +45,7 @@ def _network(detector: str, width: int) -> dict:
     head = dict(feat_channels=NECK, stacked_convs=2)
     if detector == "fcos":
         head["num_groups"] = 8
-    return dict(name=detector, backbone="resnet18", kwargs=dict(base_width=width, stem_width=width),
+    return dict(name=detector, backbone="resnet18", backbone_kwargs=dict(base_width=width, stem_width=width),
                 neck_kwargs=dict(out_channels=NECK), head_kwargs=head, frozen_stages=-1, norm_eval=False)
 
 

@@ -18,7 +18,7 @@ NECK = 16
 
 
 def _backbone(width: int) -> dict:
-    return dict(backbone="resnet18", kwargs=dict(base_width=width, stem_width=width), frozen_stages=-1,
+    return dict(backbone="resnet18", backbone_kwargs=dict(base_width=width, stem_width=width), frozen_stages=-1,
                 norm_eval=False)
 
 

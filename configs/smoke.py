@@ -29,11 +29,11 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         crop_size=(32, 32), scale=(32, 32), ratio_range=(0.75, 1.5), eval_batch_size=8, workers=0,
     ))
     c.student = ml_collections.ConfigDict(dict(
-        name="fcn", backbone="resnet18_v1c_d8", kwargs=dict(base_width=8, stem_width=8), head_channels=16,
+        name="fcn", backbone="resnet18_v1c_d8", backbone_kwargs=dict(base_width=8, stem_width=8), head_channels=16,
         frozen_stages=-1, norm_eval=False,
     ))
     c.teacher = ml_collections.ConfigDict(dict(
-        name="fcn", backbone="resnet18_v1c_d8", kwargs=dict(base_width=16, stem_width=16), head_channels=32,
+        name="fcn", backbone="resnet18_v1c_d8", backbone_kwargs=dict(base_width=16, stem_width=16), head_channels=32,
         checkpoint="",  # a trained teacher: an export/ dir of a teacher run, or a PyTorch .pth
         random_init=True,  # this config exercises the machinery: a random teacher, on purpose
     ))

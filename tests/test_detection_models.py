@@ -290,7 +290,7 @@ def test_registry_errors_name_the_problem():
 
 def test_make_network_builds_detectors_and_teacher_trunks_from_config_blocks():
     cfg = ml_collections.ConfigDict(dict(
-        name="retinanet", backbone="resnet50", kwargs=dict(BACKBONE), neck_kwargs=dict(out_channels=FPN_CH),
+        name="retinanet", backbone="resnet50", backbone_kwargs=dict(BACKBONE), neck_kwargs=dict(out_channels=FPN_CH),
         head_kwargs=dict(feat_channels=HEAD_CH), dtype="bfloat16", checkpoint="", pretrained=""))
     net = models.make_network(cfg, num_classes=7)
     assert isinstance(net, models.RetinaNet) and net.bbox_head.num_classes == 7 and net.neck.out_channels == FPN_CH

@@ -28,7 +28,7 @@ def _step_setup(mesh):
     config = load_config(os.path.join(CONFIGS, "detection_smoke.py"))
     config.distill = config.distill[:2]
     for net in (config.student, config.teacher):  # one block per stage: what 4 CPU devices compile in seconds
-        net.kwargs.stage_blocks = (1, 1, 1, 1)
+        net.backbone_kwargs.stage_blocks = (1, 1, 1, 1)
     run = build.build_run(config, mesh, input_size=(64, 64))
     plan = plan_state(run.init_variables, run.tx, 0, mesh)
     state, shardings = plan.init(), plan.shardings
@@ -116,7 +116,7 @@ def test_dagger_student_takes_neck_and_head_from_the_teacher_and_the_backbone_fr
     interop.save_pth(teacher_sd, str(tmp_path / "teacher.pth"))
     interop.save_pth(imagenet, str(tmp_path / "r50.pth"))
     cfg = ml_collections.ConfigDict(dict(
-        name="retinanet", backbone="resnet50", kwargs=BACKBONE, neck_kwargs=dict(out_channels=FPN_CH),
+        name="retinanet", backbone="resnet50", backbone_kwargs=BACKBONE, neck_kwargs=dict(out_channels=FPN_CH),
         head_kwargs=dict(feat_channels=HEAD_CH, stacked_convs=STACKED), pretrained=str(tmp_path / "r50.pth"),
         inherit="teacher"))
     student = models.make_network(cfg, num_classes=K)

@@ -274,12 +274,12 @@ def test_a_cell_is_the_demo_run_resized_with_its_own_seed(setting, size, steps):
         "name": "cankd_no_skip", "loss": "cankd", "student_feature": "layer4", "teacher_feature": "layer4",
         "connector": 128, "weight": 1.0, "options": {"loss_weight": 10.0, "skip": False, "in_channels": 128}}]
     assert cfg.student.to_dict() == {"name": "fcn", "backbone": "resnet18_v1c_d8", "head_channels": 32,
-                                     "kwargs": {"base_width": 8, "stem_width": 8}, "frozen_stages": -1,
+                                     "backbone_kwargs": {"base_width": 8, "stem_width": 8}, "frozen_stages": -1,
                                      "norm_eval": False}
     assert cfg.optimizer.to_dict() == {"name": "adamw", "lr": 3e-3, "weight_decay": 1e-4, "grad_clip_norm": 0.0,
                                        "schedule": "poly", "power": 0.9, "min_lr": 1e-5, "warmup_steps": 50}
     teacher = kd_study.run_config(setting, "teacher", 3, root="/r", study="s")
-    assert teacher.seed == 0 and list(teacher.distill) == [] and teacher.student.kwargs.base_width == 16
+    assert teacher.seed == 0 and list(teacher.distill) == [] and teacher.student.backbone_kwargs.base_width == 16
     assert teacher.total_steps == 2000
     alone = kd_study.run_config(setting, "none", 3, root="/r", study="s")
-    assert list(alone.distill) == [] and alone.seed == 3 and alone.student.kwargs.base_width == 8
+    assert list(alone.distill) == [] and alone.seed == 3 and alone.student.backbone_kwargs.base_width == 8

@@ -97,7 +97,7 @@ def test_registry_names_and_errors():
 
 def test_make_network_from_a_config_block():
     cfg = ml_collections.ConfigDict(dict(
-        name="pspnet", backbone="resnet18_v1c_d8", kwargs=dict(base_width=8, stem_width=8), head_channels=16,
+        name="pspnet", backbone="resnet18_v1c_d8", backbone_kwargs=dict(base_width=8, stem_width=8), head_channels=16,
         frozen_stages=1, norm_eval=False, dtype="bfloat16", checkpoint="", pretrained=""))
     net = models.make_network(cfg, num_classes=7)
     assert isinstance(net, models.Segmenter) and net.decode_head.channels == 16
@@ -232,3 +232,11 @@ def test_initialisation_follows_the_pytorch_networks():
     head = jit_init(models.ASPPHead(num_classes=3, channels=256), jnp.zeros((1, 4, 4, 8)))["params"]
     cls = np.asarray(head["conv_seg"]["kernel"])  # mmseg: N(0, 0.01^2), zero bias
     assert abs(cls.std() - 0.01) < 0.002 and np.all(np.asarray(head["conv_seg"]["bias"]) == 0)
+
+
+def test_network_config_names_the_backbone_options_backbone_kwargs():
+    net = models.make_network(dict(name="fcn", backbone="resnet18_v1c_d8", backbone_kwargs=dict(base_width=8)),
+                              num_classes=3)
+    assert net.backbone.base_width == 8
+    with pytest.raises(ValueError, match="the backbone's options are `backbone_kwargs`.*not `kwargs`"):
+        models.make_network(dict(name="fcn", backbone="resnet18_v1c_d8", kwargs=dict(base_width=8)), num_classes=3)

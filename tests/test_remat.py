@@ -61,7 +61,7 @@ def test_remat_keeps_less_for_the_backward_pass():
 
 
 def test_remat_keeps_the_parameter_tree_and_names_its_policies():
-    cfg = dict(name="deeplabv3", backbone="resnet18_v1c_d8", kwargs=dict(base_width=4, stem_width=4), head_channels=8)
+    cfg = dict(name="deeplabv3", backbone="resnet18_v1c_d8", backbone_kwargs=dict(base_width=4, stem_width=4), head_channels=8)
     plain = models.make_network(cfg, num_classes=3)
     remat = models.make_network(network_config(cfg, remat="dots_saveable"), num_classes=3)
     x = jnp.zeros((1, 32, 32, 3))

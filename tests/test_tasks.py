@@ -86,7 +86,7 @@ def test_student_starts_from_a_pretrained_backbone(tmp_path, caplog):
     state = export_state_dict(backbone, bb_vars)
     state["fc.weight"] = np.zeros((10, 64), np.float32)  # an ImageNet head: reported, not loaded
     save_pth(state, path)
-    cfg = ml_collections.ConfigDict(dict(name="fcn", backbone="resnet18_v1c_d8", kwargs=kw, pretrained=path))
+    cfg = ml_collections.ConfigDict(dict(name="fcn", backbone="resnet18_v1c_d8", backbone_kwargs=kw, pretrained=path))
     student = models.make_network(cfg, num_classes=3)
     with caplog.at_level(logging.INFO, logger="cankd_jax.train.weights"):
         loaded = load_pretrained(cfg, student, size)
@@ -115,7 +115,7 @@ def test_the_run_initialises_the_student_from_pretrained(tmp_path):
     from cankd_jax.train.state import plan_state
 
     cfg = load_config(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "smoke.py"))
-    backbone = models.make_model(cfg.student.backbone, **cfg.student.kwargs)
+    backbone = models.make_model(cfg.student.backbone, **cfg.student.backbone_kwargs)
     bb_vars = _host_random_variables(backbone, jnp.zeros((1, 32, 32, 3)), 7)
     path = str(tmp_path / "bb.pth")
     save_pth(export_state_dict(backbone, bb_vars), path)

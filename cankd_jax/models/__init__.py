@@ -10,7 +10,7 @@ BatchNorm statistics live in the `batch_stats` collection.
 """
 
 from cankd_jax.models.conv import ConvModule, conv2d  # noqa: F401
-from cankd_jax.models.dense_heads import FCOSHead, RetinaHead, Scale, flatten_levels  # noqa: F401
+from cankd_jax.models.dense_heads import FCOSHead, RetinaHead, Scale  # noqa: F401
 from cankd_jax.models.fpn import FPN  # noqa: F401
 from cankd_jax.models.freeze import (  # noqa: F401
     ALL,

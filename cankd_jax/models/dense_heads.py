@@ -9,8 +9,8 @@ a dict of per-level tuples of NHWC maps, the raw outputs of mmdet's
     PyTorch (B, A*K, H, W)  --permute(0, 2, 3, 1)-->  ours (B, H, W, A*K)
 
 so channel `a*K + k` is anchor `a`, class `k`, exactly mmdet's order, and
-`flatten_levels(cls_scores, K)` gives `(B, sum_l H_l*W_l*A, K)` in mmdet's
-(location row-major, anchor, class) order, the order its losses and
+`cankd_jax.detection.flatten_level_maps(cls_scores, K)` gives `(B, sum_l H_l*W_l*A, K)`
+in mmdet's (location row-major, anchor, class) order, the order its losses and
 `predict_by_feat` use after `permute(0, 2, 3, 1).reshape(B, -1, K)`.
 
 Submodule names are mmdet's state-dict keys (`cls_convs.0.conv`,
@@ -41,15 +41,6 @@ head_normal_init = nn.initializers.normal(0.01)
 def prior_bias(prior_prob: float) -> float:
     """mmcv's `bias_init_with_prob`: the logit bias whose sigmoid is `prior_prob`."""
     return float(-math.log((1.0 - prior_prob) / prior_prob))
-
-
-def flatten_levels(maps: Sequence[Array], last: int) -> Array:
-    """`(B, H_l, W_l, A * last)` per level -> `(B, sum_l H_l * W_l * A, last)`, mmdet's order.
-
-    mmdet's `x.permute(0, 2, 3, 1).reshape(B, -1, last)` per level, concatenated
-    over levels: rows run over locations (row-major), then anchors.
-    """
-    return jnp.concatenate([m.reshape(m.shape[0], -1, last) for m in maps], axis=1)
 
 
 class Scale(nn.Module):

@@ -297,7 +297,7 @@ def make_network(cfg: Any, *, num_classes: int) -> nn.Module:
 
     Fields: `name` (a backbone name for a classifier; a segmenter `fcn` /
     `deeplabv3` / `pspnet`; a detector `retinanet` / `fcos`; a trunk `fpn` /
-    `retinanet_fpn` / `fcos_fpn` / `gfl_fpn`), `backbone` and `kwargs`
+    `retinanet_fpn` / `fcos_fpn` / `gfl_fpn`), `backbone` and `backbone_kwargs`
     (backbone fields, e.g. `base_width`), `frozen_stages`, `norm_eval`,
     `dtype` / `param_dtype` (names such as 'bfloat16'), `remat` (a
     `cankd_jax.compute.REMAT_POLICIES` name; segmenters and ResNets), `frozen_prefixes`
@@ -319,7 +319,10 @@ def make_network(cfg: Any, *, num_classes: int) -> nn.Module:
     remat_policy(remat)  # unknown names fail here
     common.update(dtype=_dtype(fields.pop("dtype", None)),
                   param_dtype=_dtype(fields.pop("param_dtype", None)) or jnp.float32)
-    kwargs = dict(fields.pop("kwargs", None) or {})
+    if "kwargs" in fields:
+        raise ValueError(f"network config {name!r}: the backbone's options are `backbone_kwargs` (as make_model "
+                         f"names them), not `kwargs`")
+    kwargs = dict(fields.pop("backbone_kwargs", None) or {})
 
     def take(renamed: Mapping[str, str]) -> dict[str, Any]:
         return {renamed[k]: fields.pop(k) for k in list(fields) if k in renamed}

@@ -26,7 +26,30 @@ def pyramid_level_names(backbone: nn.Module, neck: nn.Module, in_features: Seque
     return [f"fpn.p{first + i}" for i in range(neck.num_outs)]
 
 
-class DetectionTrunk(nn.Module):
+class _Pyramid:
+    """What a trunk and a detector share (a mixin of their modules, which hold `backbone`, `neck` and
+    `in_features`): the frozen keys, the pyramid's level names and strides, and the forward pass up to it."""
+
+    def frozen_prefixes(self) -> tuple[str, ...]:
+        """State-dict prefixes of the frozen backbone parameters."""
+        return tuple("backbone." + p for p in frozen_prefixes(self.backbone))
+
+    def level_names(self) -> list[str]:
+        """Names of the neck's outputs, finest first."""
+        return pyramid_level_names(self.backbone, self.neck, self.in_features)
+
+    def level_strides(self) -> tuple[int, ...]:
+        """Stride of each neck output (8, 16, 32, 64, 128 for P3-P7)."""
+        return tuple(2 ** int(n[len("fpn.p"):]) for n in self.level_names())
+
+    def _features(self, images: Array, train: bool) -> tuple[dict[str, Array], list[Array]]:
+        """(the backbone's features and the pyramid by name, the pyramid's levels finest first)."""
+        feats = dict(self.backbone(images, train=train))
+        pyramid = list(self.neck([feats[n] for n in self.in_features], train=train))
+        return {**feats, **dict(zip(self.level_names(), pyramid))}, pyramid
+
+
+class DetectionTrunk(_Pyramid, nn.Module):
     """Backbone + `FPN`, the part of mmdet's detectors that CanKD distills.
 
     `__call__(images (B, H, W, 3), *, train) -> dict`: the backbone's features
@@ -47,26 +70,16 @@ class DetectionTrunk(nn.Module):
     neck: nn.Module
     in_features: tuple[str, ...] = STAGES
 
-    def frozen_prefixes(self) -> tuple[str, ...]:
-        """State-dict prefixes of the frozen backbone parameters."""
-        return tuple("backbone." + p for p in frozen_prefixes(self.backbone))
-
     def checkpoint_prefixes(self) -> dict[str, str]:
         """The checkpoint keys `import_state_dict` reads by default: the backbone's and the neck's."""
         return {"backbone.": "backbone.", "neck.": "neck."}
 
-    def level_names(self) -> list[str]:
-        """Names of the neck's outputs, finest first."""
-        return pyramid_level_names(self.backbone, self.neck, self.in_features)
-
     @nn.compact
     def __call__(self, images: Array, *, train: bool) -> dict[str, Array]:
-        feats = dict(self.backbone(images, train=train))
-        pyramid = self.neck([feats[n] for n in self.in_features], train=train)
-        return {**feats, **dict(zip(self.level_names(), pyramid))}
+        return self._features(images, train)[0]
 
 
-class SingleStageDetector(nn.Module):
+class SingleStageDetector(_Pyramid, nn.Module):
     """mmdet's `SingleStageDetector`: backbone, FPN neck, dense head; parameters under `backbone`, `neck`,
     `bbox_head` (the whole mmdet checkpoint's keys).
 
@@ -81,28 +94,14 @@ class SingleStageDetector(nn.Module):
     bbox_head: nn.Module
     in_features: tuple[str, ...] = STAGES
 
-    def frozen_prefixes(self) -> tuple[str, ...]:
-        """State-dict prefixes of the frozen backbone parameters."""
-        return tuple("backbone." + p for p in frozen_prefixes(self.backbone))
-
-    def level_names(self) -> list[str]:
-        """Names of the neck's outputs, finest first."""
-        return pyramid_level_names(self.backbone, self.neck, self.in_features)
-
-    def level_strides(self) -> tuple[int, ...]:
-        """Stride of each neck output (8, 16, 32, 64, 128 for P3-P7)."""
-        return tuple(2 ** int(n[len("fpn.p"):]) for n in self.level_names())
-
     def _check_head(self) -> None:
         pass
 
     @nn.compact
     def __call__(self, images: Array, *, train: bool) -> dict[str, Array]:
         self._check_head()
-        feats = dict(self.backbone(images, train=train))
-        pyramid = self.neck([feats[n] for n in self.in_features], train=train)
-        out = {**feats, **dict(zip(self.level_names(), pyramid))}
-        head = self.bbox_head(list(pyramid), train=train)
+        out, pyramid = self._features(images, train)
+        head = self.bbox_head(pyramid, train=train)
         overlap = sorted(set(head) & set(out))
         if overlap:
             raise ValueError(f"{type(self).__name__}: head outputs {overlap} clash with backbone/neck feature names")
@@ -115,7 +114,7 @@ class RetinaNet(SingleStageDetector):
 
     Outputs: the trunk's features, `cls_scores` (per level `(B, H_l, W_l, 9 * K)`)
     and `bbox_preds` (per level `(B, H_l, W_l, 9 * 4)`), in mmdet's channel
-    order (`flatten_levels` gives `(B, sum H_l W_l 9, K)`).
+    order (`cankd_jax.detection.flatten_level_maps` gives `(B, sum H_l W_l 9, K)`).
     """
 
 

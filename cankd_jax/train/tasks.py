@@ -167,6 +167,9 @@ class ClassificationTask(_SummedCounts):
         return {"top1": float(counts[0] / max(counts[1], 1))}
 
 
+DETECTOR_NMS = None  # DetectionTask.iou_threshold: the detector's own NMS threshold (its mmdet test config's)
+
+
 @dataclasses.dataclass(frozen=True)
 class DetectionTask:
     """One-stage detection (`detector` 'retinanet' or 'fcos'): mmdet's training losses, COCO mAP.
@@ -184,7 +187,8 @@ class DetectionTask:
     `eval_outputs`: mmdet's test-time post-processing inside the jitted evaluation
     (per level the top `nms_pre` (anchor, class) pairs above `score_thr`; decode; clip
     to the resized image; back to the original image by the scale factor; class-aware
-    NMS at `iou_threshold` (0: the detector's, 0.5 RetinaNet / 0.6 FCOS); the best
+    NMS at `iou_threshold` (`DETECTOR_NMS`, the default: the detector's test config's, 0.5 RetinaNet / 0.6
+    FCOS); the best
     `max_per_img`), plus the image ids and valid flags. `accumulate` gathers them on the
     host; `summarize` runs COCOeval (bbox) against `ground_truth`, the eval split in
     COCO's format (`with_data` sets it and `category_ids`, the map from contiguous
@@ -204,7 +208,7 @@ class DetectionTask:
     norm_on_bbox: bool = True
     score_thr: float = 0.05
     nms_pre: int = 1000
-    iou_threshold: float = 0.0
+    iou_threshold: Optional[float] = None  # DETECTOR_NMS
     max_per_img: int = 100
     metric: str = "mAP"
     category_ids: tuple[int, ...] = dataclasses.field(default=(), metadata={"internal": True})
@@ -247,7 +251,8 @@ class DetectionTask:
     def postprocess_config(self) -> det.PostprocessConfig:
         default = det.RETINANET_TEST_CFG if self.detector == "retinanet" else det.FCOS_TEST_CFG
         return det.PostprocessConfig(score_thr=self.score_thr, nms_pre=self.nms_pre,
-                                     iou_threshold=self.iou_threshold or default.iou_threshold,
+                                     iou_threshold=default.iou_threshold if self.iou_threshold is DETECTOR_NMS
+                                     else self.iou_threshold,
                                      max_per_img=self.max_per_img)
 
     def _levels(self, outputs: Mapping[str, Any]) -> tuple[list[tuple[int, int]], tuple[int, ...]]:
