@@ -4,18 +4,18 @@
     python benchmarks/demos.py --demos detection     # one of them
     python benchmarks/demos.py --workdir /tmp/demos  # keep (and resume) the runs there
 
-The committed figures come from `results/`, not from the README's text: the segmentation demo's are seed 0
-of the study (`results/demo/cells.csv`: the teacher, the student alone and CanKD at the `demo` setting, which
-`configs/demo.py` runs exactly), the detection demo's `results/detection_demo/summary.json`. Any change to
-the step, a loss or a model re-runs this before it lands; a row whose numbers differ means the README's
-figures (and those files) are from an older commit. The runs are deterministic: the same commit on the same
-machine gives the same numbers to the last digit.
+The committed figures come from `results/`, not from the README's text: `results/demo/summary.json` and
+`results/detection_demo/summary.json`, each the summary of the demo's last measured run. Any change to the
+step, a loss or a model re-runs this before it lands; a row whose numbers differ means the README's figures
+(and those files) are from an older commit, or from another machine: the runs are deterministic on one
+machine (the same commit gives the same numbers to the last digit), but XLA:CPU compiles differently for
+different processors, and training from scratch turns last-bit differences into different numbers
+(`results/demo/README.md`).
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import subprocess
@@ -31,15 +31,12 @@ DEMOS = {
 }
 
 
+RESULTS = {"segmentation": "results/demo/summary.json", "detection": "results/detection_demo/summary.json"}
+
+
 def committed(demo: str) -> dict[str, float]:
     """The committed figures of `demo`'s phases, in percent."""
-    if demo == "segmentation":
-        loss_of = {"teacher": "teacher", "student": "none", "cankd": "cankd"}
-        with open(os.path.join(ROOT, "results", "demo", "cells.csv")) as f:
-            cells = {(r["loss"]): float(r["value"]) for r in csv.DictReader(f)
-                     if r["setting"] == "demo" and r["seed"] == "0" and r["status"] == "ok"}
-        return {phase: cells[loss] for phase, loss in loss_of.items()}
-    with open(os.path.join(ROOT, "results", "detection_demo", "summary.json")) as f:
+    with open(os.path.join(ROOT, RESULTS[demo])) as f:
         summary = json.load(f)
     return {phase: 100 * summary[phase] for phase in DEMOS[demo][1]}
 

@@ -1,21 +1,15 @@
-"""Tasks: what the student is trained for and how it is evaluated (segmentation, classification, detection).
-
-A task is chosen by `config.task.name` from `TASKS` and gives the train step its
-loss and the evaluator its per-batch outputs and their summary (`Task`).
-Segmentation ignores label 255. Detection (RetinaNet, FCOS) trains on mmdet's
-targets and losses (`cankd_jax.detection`) and is scored by pycocotools' COCOeval.
-"""
+"""One-stage detection (RetinaNet, FCOS): mmdet's training targets and losses, its test-time post-processing
+inside the jitted evaluation, and pycocotools' COCOeval on the host. The building blocks (boxes, anchors,
+assigners, losses, NMS) are `cankd_jax.detection`'s."""
 
 from __future__ import annotations
 
 import contextlib
 import copy
 import dataclasses
-import functools
 import io
 import logging
-from collections.abc import Sequence
-from typing import Any, Mapping, Optional, Protocol
+from typing import Any, Mapping, Optional
 
 import jax
 import jax.numpy as jnp
@@ -24,147 +18,6 @@ import numpy as np
 from cankd_jax import detection as det
 
 log = logging.getLogger(__name__)
-
-IGNORE_LABEL = 255
-
-
-def segmentation_cross_entropy(logits: jax.Array, labels: jax.Array, *, avg_non_ignore: bool = False,
-                               class_weight: Optional[Sequence[float]] = None) -> jax.Array:
-    """Pixel-wise softmax cross-entropy, pixels labelled 255 ignored.
-
-    `logits (B, H, W, K)`, `labels (B, H, W)` int. mmseg's default
-    (`avg_non_ignore=False`) averages over every pixel, ignored ones counting
-    zero; `avg_non_ignore=True` averages over the labelled pixels only.
-    `class_weight` (K,) scales each pixel's loss by the weight of its label and,
-    as in mmseg (unlike PyTorch's weighted 'mean'), does not renormalise.
-    """
-    if logits.shape[:3] != labels.shape:
-        raise ValueError(f"segmentation logits {logits.shape} and labels {labels.shape} differ in (B, H, W)")
-    if class_weight is not None and len(class_weight) != logits.shape[-1]:
-        raise ValueError(f"class_weight has {len(class_weight)} entries for {logits.shape[-1]} classes")
-    valid = labels != IGNORE_LABEL
-    safe = jnp.where(valid, labels, 0).astype(jnp.int32)
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    nll = -jnp.take_along_axis(logp, safe[..., None], axis=-1)[..., 0]
-    if class_weight is not None:
-        nll = nll * jnp.asarray(class_weight, jnp.float32)[safe]
-    nll = jnp.where(valid, nll, 0.0)
-    denom = jnp.maximum(jnp.sum(valid), 1) if avg_non_ignore else nll.size
-    return jnp.sum(nll) / denom
-
-
-def classification_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
-    """Mean softmax cross-entropy. `logits (B, K)`, `labels (B,)` int."""
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    return -jnp.mean(jnp.take_along_axis(logp, labels.astype(jnp.int32)[:, None], axis=-1))
-
-
-def confusion_matrix(preds: jax.Array, labels: jax.Array, valid: jax.Array, num_classes: int) -> jax.Array:
-    """`(K, K)` int32 counts [true, predicted] over pixels where `valid` and the label is not 255."""
-    keep = valid & (labels != IGNORE_LABEL) & (labels < num_classes)
-    idx = jnp.where(keep, labels.astype(jnp.int32) * num_classes + preds.astype(jnp.int32), 0)
-    counts = jnp.bincount(idx.reshape(-1), weights=keep.reshape(-1).astype(jnp.int32), length=num_classes * num_classes)
-    return counts.reshape(num_classes, num_classes).astype(jnp.int32)
-
-
-def mean_iou(confusion: np.ndarray) -> tuple[float, np.ndarray]:
-    """mIoU over classes present in the labels or predictions (mmseg ignores classes with no union)."""
-    confusion = np.asarray(confusion, np.float64)
-    inter = np.diag(confusion)
-    union = confusion.sum(0) + confusion.sum(1) - inter
-    iou = np.where(union > 0, inter / np.maximum(union, 1), np.nan)
-    return float(np.nanmean(iou)) if np.any(union > 0) else 0.0, iou
-
-
-# --- the tasks ------------------------------------------------------------------------------------------
-
-
-class Task(Protocol):
-    """What the train step and the evaluator need from a task.
-
-    `loss(outputs, labels) -> (total, terms)`: float32 scalars, under jit.
-    `eval_outputs(outputs, batch) -> pytree`: what evaluation keeps of one eval
-      batch (under jit; `batch['valid'] (B,)` marks real examples), e.g. a confusion
-      matrix or the decoded detections; it reaches the host replicated, on every process.
-    `accumulate(total, outputs) -> total`: folds one batch's host outputs into the running
-      total (`total` is None for the first batch); the same on every process.
-    `summarize(total) -> {name: float}`: the metrics, `metric` among them (the headline).
-    """
-
-    metric: str
-
-    def loss(self, outputs: Mapping[str, jax.Array], labels: Any) -> tuple[jax.Array, dict[str, jax.Array]]: ...
-
-    def eval_outputs(self, outputs: Mapping[str, jax.Array], batch: Mapping[str, Any]) -> Any: ...
-
-    def accumulate(self, total: Any, outputs: Any) -> Any: ...
-
-    def summarize(self, total: Any) -> dict[str, float]: ...
-
-
-class _SummedCounts:
-    """`accumulate` for tasks whose eval outputs are integer counts: a sum in int64 on the host."""
-
-    def accumulate(self, total: Optional[np.ndarray], outputs: np.ndarray) -> np.ndarray:
-        outputs = np.asarray(outputs, np.int64)
-        return outputs if total is None else total + outputs
-
-
-@dataclasses.dataclass(frozen=True)
-class SegmentationTask(_SummedCounts):
-    """Pixel cross-entropy on `logits` (+ `aux_weight` x on `aux_logits`), evaluated by mIoU."""
-
-    num_classes: int
-    aux_weight: float = 0.4
-    avg_non_ignore: bool = False
-    class_weight: Optional[tuple[float, ...]] = None  # mmseg's CrossEntropyLoss(class_weight=...), both heads
-    metric: str = "mIoU"
-
-    def __post_init__(self):
-        if self.class_weight is not None:
-            if len(self.class_weight) != self.num_classes:
-                raise ValueError(f"task.class_weight has {len(self.class_weight)} entries for "
-                                 f"task.num_classes={self.num_classes}")
-            object.__setattr__(self, "class_weight", tuple(float(w) for w in self.class_weight))
-
-    def loss(self, outputs: Mapping[str, jax.Array], labels: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
-        ce = functools.partial(segmentation_cross_entropy, avg_non_ignore=self.avg_non_ignore,
-                               class_weight=self.class_weight)
-        terms = {"seg": ce(outputs["logits"], labels)}
-        if self.aux_weight and "aux_logits" in outputs:
-            terms["aux"] = self.aux_weight * ce(outputs["aux_logits"], labels)
-        return sum(terms.values()), terms
-
-    def eval_outputs(self, outputs: Mapping[str, jax.Array], batch: Mapping[str, Any]) -> jax.Array:
-        """`(K, K)` int32 confusion counts [true, predicted] of the batch's real examples."""
-        preds = jnp.argmax(outputs["logits"], axis=-1)
-        return confusion_matrix(preds, batch["label"], batch["valid"][:, None, None], self.num_classes)
-
-    def summarize(self, counts: np.ndarray) -> dict[str, float]:
-        miou, _ = mean_iou(counts)
-        total = counts.sum()
-        return {"mIoU": miou, "pixel_acc": float(np.trace(counts) / total) if total else 0.0}
-
-
-@dataclasses.dataclass(frozen=True)
-class ClassificationTask(_SummedCounts):
-    """Softmax cross-entropy on `logits`, evaluated by top-1 accuracy."""
-
-    num_classes: int
-    metric: str = "top1"
-
-    def loss(self, outputs: Mapping[str, jax.Array], labels: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
-        ce = classification_cross_entropy(outputs["logits"], labels)
-        return ce, {"ce": ce}
-
-    def eval_outputs(self, outputs: Mapping[str, jax.Array], batch: Mapping[str, Any]) -> jax.Array:
-        """`(2,)` int32: correct top-1 predictions and real examples in the batch."""
-        valid = batch["valid"]
-        correct = (jnp.argmax(outputs["logits"], -1) == batch["label"]) & valid
-        return jnp.stack([jnp.sum(correct), jnp.sum(valid)]).astype(jnp.int32)
-
-    def summarize(self, counts: np.ndarray) -> dict[str, float]:
-        return {"top1": float(counts[0] / max(counts[1], 1))}
 
 
 DETECTOR_NMS = None  # DetectionTask.iou_threshold: the detector's own NMS threshold (its mmdet test config's)
@@ -360,20 +213,3 @@ def coco_eval(ground_truth: Optional[dict], results: np.ndarray) -> dict[str, fl
         evaluator.summarize()
     log.info("COCOeval:\n%s", "\n".join(line for line in printed.getvalue().splitlines() if line.startswith(" Average")))
     return {name: float(v) for name, v in zip(COCO_METRICS, evaluator.stats[:6])}
-
-
-TASKS: dict[str, Any] = {"segmentation": SegmentationTask, "classification": ClassificationTask,
-                         "detection": DetectionTask}
-
-
-def make_task(cfg: Any) -> Task:
-    """The task of a `config.task` block: `name` (a key of `TASKS`) and the task's fields."""
-    cfg = dict(cfg.to_dict() if hasattr(cfg, "to_dict") else cfg)
-    name = cfg.pop("name", None)
-    if name not in TASKS:
-        raise ValueError(f"unknown task.name {name!r}; choose one of {', '.join(sorted(TASKS))}")
-    fields = {f.name for f in dataclasses.fields(TASKS[name]) if not f.metadata.get("internal")} - {"metric"}
-    unknown = sorted(set(cfg) - fields)
-    if unknown:
-        raise ValueError(f"unknown task key(s) {', '.join(unknown)} for task {name!r}; known: {', '.join(sorted(fields))}")
-    return TASKS[name](**cfg)
