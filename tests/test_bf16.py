@@ -83,6 +83,7 @@ def _cos(a, b) -> float:
     return float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
 
 
+@pytest.mark.slow  # heavy in-process check: the slow tier keeps the quick one under 5 minutes
 def test_one_smoke_step_in_bfloat16_is_close_to_float32():
     g32, m32, _ = smoke_step.grads("float32")
     g16, m16, s16 = smoke_step.grads("bfloat16")

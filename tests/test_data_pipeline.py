@@ -121,6 +121,7 @@ def test_bad_rows_and_states_are_named():
         make_train_iterator(_IdSource(8), _noisy, global_batch_size=4, seed=0, state={"examples": 3})
 
 
+@pytest.mark.slow  # heavy in-process check: the slow tier keeps the quick one under 5 minutes
 def test_worker_processes_give_the_same_batches_and_resume_across_worker_counts():
     """Pins what we rely on from Grain: in-order delivery with workers, and the sampler's generator reaching
     the augmentation."""

@@ -51,6 +51,7 @@ def _batches(n, seed=0):
                          "pad_shape": np.array([[64, 64], [64, 64], [64, 64], [64, 64]], np.float32)}}
 
 
+@pytest.mark.slow  # heavy in-process check: the slow tier keeps the quick one under 5 minutes
 def test_detection_step_gives_the_same_numbers_on_one_and_four_devices():
     history = {}
     for n in (1, 4):

@@ -29,7 +29,7 @@ class _FakeProc:
 
 
 def _fake_child(calls, hold=0.0, on_start=None):
-    """Stands in for the training child: registered with the study's children like a real one, it runs for `hold`
+    """Stands in for the training child: registered with the study's children like a real one, a cell runs for `hold`
     seconds (less if signalled: then it leaves the run unfinished, as a child that saved a checkpoint does) and
     writes the summary.json a finished run would. A cell that starts before its setting's teacher has finished
     fails the study. `on_start(setting, loss, seed)` runs as the child starts."""
@@ -50,7 +50,7 @@ def _fake_child(calls, hold=0.0, on_start=None):
             run_child.most = max(run_child.most, now[0])
         if on_start:
             on_start(setting, loss, int(seed))
-        proc.signalled.wait(hold)
+        proc.signalled.wait(hold if loss != "teacher" else 0.0)  # the teacher never holds: cells wait on it
         with lock:
             now[0] -= 1
         share = children.remove(proc) if children is not None else 0.0

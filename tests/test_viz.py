@@ -44,6 +44,7 @@ def smoke_workdir(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow  # heavy in-process check: the slow tier keeps the quick one under 5 minutes
 def test_the_drawn_attention_row_is_the_row_of_the_loss_s_literal_matrix(smoke_workdir):
     d = viz.collect(*(str(smoke_workdir / k) for k in ("teacher", "student", "cankd")), indices=(0, 1),
                     config_path=SMOKE, data_dir=str(smoke_workdir / "data"))
@@ -66,6 +67,7 @@ def test_the_drawn_attention_row_is_the_row_of_the_loss_s_literal_matrix(smoke_w
     assert float(np.abs(d["rows"]).max()) > 0
 
 
+@pytest.mark.slow  # shares the module fixture above (a trained-looking workdir, 18 s to build)
 def test_the_command_writes_a_png_of_the_expected_size(smoke_workdir, tmp_path):
     out = tmp_path / "attention.png"
     # The layout train.py gives a config with phases: WORKDIR/{teacher,student,cankd}, the config named here.
