@@ -1,4 +1,4 @@
-"""RetinaNet and the authors' FCOS student against mmdetection 3.3 itself (`mmdet_reference.py`).
+"""RetinaNet and the authors' FCOS student against mmdetection 3.3 itself (`openmmlab_reference.py`).
 
 Each detector is built by mmdet from its own shipped config file, with widths and the class count shrunk for
 the CPU (`OVERRIDES`; nothing that changes what is computed, except FCOS's `centerness_on_reg=False`, which is
@@ -28,7 +28,7 @@ import numpy as np
 import pytest
 import torch
 
-import mmdet_reference as mr
+import openmmlab_reference as mr
 from cankd_jax import models
 from cankd_jax.interop import torch as interop
 from cankd_jax.train.tasks import DetectionTask

@@ -1,13 +1,14 @@
-"""mmdetection 3.3 itself as the tests' reference: its models built from its own config files, on the CPU.
+"""mmdetection 3.3 and mmsegmentation 1.2.2 themselves as the tests' reference: their models built from their own
+config files, on the CPU.
 
-mmdet, mmengine and mmcv-lite come with the `mmdet` test extra (`pip install -e '.[test,mmdet]'` and
-`pip install --no-deps mmdet==3.3.0`, as `.ci/run` does); mmcv-lite lacks mmcv's compiled kernels, which
-`mmcv_ext.py` stands in for. `available()` says whether all of that imports, so a test module can skip with the
-reason on a machine without the extra (CI has it).
+mmdet, mmseg, mmengine and mmcv-lite come with the `openmmlab` test extra (`pip install -e
+'.[test,openmmlab]'` and `pip install --no-deps mmdet==3.3.0 mmsegmentation==1.2.2`, as `.ci/run` does);
+mmcv-lite lacks mmcv's compiled kernels, which `mmcv_ext.py` stands in for. `available()` says whether all of
+that imports, so a test module can skip with the reason on a machine without the extra (CI has it).
 
-`build(config, overrides, seed)` builds the model of one of mmdet's shipped config files (`mmdet/.mim/configs`)
-after `Config.merge_from_dict(overrides)`: the tests shrink widths and class counts, never a setting that
-changes what is computed, and say so where they override one. `perturb_` then gives every parameter and
+`build(config, overrides, seed)` builds the model of one of mmdet's shipped config files (`mmdet/.mim/configs`),
+`build_segmentor` one of mmseg's, after `Config.merge_from_dict(overrides)`: the tests shrink widths and class
+counts, never a setting that changes what is computed, and say so where they override one. `perturb_` then gives every parameter and
 BatchNorm / GroupNorm statistic seeded non-trivial values, so every term of the forward pass shows in a
 comparison.
 """
@@ -26,14 +27,20 @@ _IMPORT_ERROR: Optional[str] = None
 try:
     mmcv_ext.install()
     import mmdet
+    import mmseg
     from mmdet.utils import register_all_modules
     from mmengine.config import Config
+    from mmengine.registry import DefaultScope
     from mmengine.structures import InstanceData
+    from mmseg.utils import register_all_modules as register_all_mmseg_modules
 
     register_all_modules()
+    register_all_mmseg_modules(init_default_scope=False)
     CONFIGS = os.path.join(os.path.dirname(mmdet.__file__), ".mim", "configs")
+    SEG_CONFIGS = os.path.join(os.path.dirname(mmseg.__file__), ".mim", "configs")
 except ImportError as e:  # the extra is not installed
-    _IMPORT_ERROR = f"mmdetection 3.3 is not importable ({e}); install the test extra: pip install -e '.[test,mmdet]'"
+    _IMPORT_ERROR = (f"mmdetection 3.3 / mmsegmentation 1.2.2 are not importable ({e}); install the test extra: "
+                     "pip install -e '.[test,openmmlab]' && pip install --no-deps mmdet==3.3.0 mmsegmentation==1.2.2")
 
 
 def available() -> Optional[str]:
@@ -49,7 +56,19 @@ def build(config: str, overrides: dict[str, Any], seed: int = 0) -> tuple[torch.
     cfg = Config.fromfile(os.path.join(CONFIGS, config))
     cfg.merge_from_dict(overrides)
     torch.manual_seed(seed)
-    return MODELS.build(cfg.model), cfg
+    with DefaultScope.overwrite_default_scope("mmdet"):  # type names resolve in mmdet's registries
+        return MODELS.build(cfg.model), cfg
+
+
+def build_segmentor(config: str, overrides: dict[str, Any], seed: int = 0) -> tuple[torch.nn.Module, Any]:
+    """(model, config) of mmseg's `configs/<config>`, as `build` does for mmdet's."""
+    from mmseg.registry import MODELS
+
+    cfg = Config.fromfile(os.path.join(SEG_CONFIGS, config))
+    cfg.merge_from_dict(overrides)
+    torch.manual_seed(seed)
+    with DefaultScope.overwrite_default_scope("mmseg"):  # type names resolve in mmseg's registries
+        return MODELS.build(cfg.model), cfg
 
 
 def perturb_(model: torch.nn.Module, seed: int, cls_bias: tuple[float, float] = (-2.5, 0.5)) -> torch.nn.Module:
