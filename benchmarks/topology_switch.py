@@ -56,8 +56,9 @@ def main(argv: list[str]) -> None:
     train(one, 1, args.steps, args.switch, cache)
     train(many, args.devices, args.steps, args.switch, cache)
     shutil.copytree(one, switched)
-    for name in (str(args.steps), "export"):
-        shutil.rmtree(os.path.join(switched, "checkpoints" if name.isdigit() else "", name))
+    # `one` as it was at the switch: its last checkpoint, export and summary gone.
+    shutil.rmtree(os.path.join(switched, "checkpoints", str(args.steps)))
+    shutil.rmtree(os.path.join(switched, "export"))
     os.remove(os.path.join(switched, "summary.json"))
     train(switched, args.devices, args.steps, args.switch, cache)
     a, m, s = rows(one), rows(many), rows(switched)

@@ -165,9 +165,8 @@ def case_shape(case: str, cpu: bool, args) -> tuple[tuple[int, int], int]:
 
 def random_batch(config, local: int, size: tuple[int, int], rng) -> dict:
     """A batch of the config's task: images and labels (segmentation maps, or padded boxes)."""
-    import numpy as np
-
     import jax
+    import numpy as np
 
     from cankd_jax.data.detection import empty_train_label
 
@@ -551,13 +550,10 @@ def spawn(kind: str, case: str, variant: str, args, timeout: float | None = None
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", kind, "--cases", case, "--variant", variant,
            "--loss", args.loss, "--remat", args.remat, "--threads", str(args.threads),
            "--dilated-conv", args.dilated_conv]
-    for flag in ("steps", "height", "width", "batch", "dtype"):
-        if getattr(args, flag):
+    for flag in ("steps", "height", "width", "batch", "dtype", "profile", "hlo"):
+        if getattr(args, flag, None):
             cmd += [f"--{flag}", str(getattr(args, flag))]
     cmd += ["--channels-last"] if args.channels_last else []
-    for flag in ("profile", "hlo"):
-        if getattr(args, flag, ""):
-            cmd += [f"--{flag}", getattr(args, flag)]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=_ENV, timeout=timeout)
     except subprocess.TimeoutExpired:
