@@ -1,6 +1,10 @@
 """One sitting on a lent accelerator: the measurements issue 22 asks for, in a fixed order, within a time budget.
 
     python benchmarks/device_session.py --out DIR --budget 400 [--cases profile triton retinanet fcos ...]
+    python benchmarks/device_session.py --out DIR --budget 400 --cases profile@wgrad dlv3@batched
+
+A case written NAME@FORM runs with dilated convolutions in that form (`cankd_jax.compute.dilated_conv`:
+auto, batched, wgrad, native) instead of --dilated-conv's.
 
 Each case is one `train_speed.py --report` run in its own process (a compiler abort
 loses that case only), given what is left of the budget and at most its own cap;
@@ -11,20 +15,22 @@ what it measured. Cases, in the default order:
   profile    the paper's Cityscapes step (dlv3: DeepLabV3 R101-d8 -> R18-d8 + CanKD, 512x1024, 8 images
              per device, bfloat16): step time and a profiler trace of 3 steps, summed per kernel and per HLO
              op (`trace_summary.py`), with the compiled program's text
+  dlv3       the same step, timed only (no trace)
   triton     the demo step compiled with XLA's Triton GEMM fusion on (the default): does this jax still
              abort on our step (`triton_tiling_propagation.cc ... subdim_size_accumulator == dim_size`)?
   retinanet  the COCO RetinaNet R101 -> R50 step at 800x1344, 2 images per device, bfloat16
   fcos       the COCO FCOS R101 -> R50 step, likewise
   dlv3_16    the Cityscapes step with 16 images per device
   retinanet_8, fcos_8  the COCO steps with 8 images per device
+  retinanet_profile    the COCO RetinaNet step (2 images per device) with a trace, as `profile`
 
 Every case but `triton` compiles with `--xla_gpu_enable_triton_gemm=false` (cuBLAS for the
 matmuls), which the abort forces on jax 0.11.2. A compilation cache under /tmp serves a case
 run twice in one sitting. Files in DIR: `session.log` (everything printed), `env.txt`,
 `results.json` (one row per case, as `train_speed.py --report --json` writes them, with
-the case's name, wall time and exit status), and for `profile` the trace summary
-(`dlv3_ops.md`), the trace (`dlv3_trace.json.gz`) and the compiled program
-(`dlv3_hlo.txt.gz`): at most the 8 files a device call brings back.
+the case's name, wall time and exit status), and for each traced case the trace summary
+(`CASE_FORM_ops.md`) and the trace (`CASE_FORM_trace.json.gz`), with the compiled program
+(`CASE_FORM_hlo.txt.gz`) for the first one only: at most the 8 files a device call brings back.
 """
 
 from __future__ import annotations
@@ -42,14 +48,17 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 TRITON_OFF = "--xla_gpu_enable_triton_gemm=false"
 # case -> (train_speed.py --report arguments, cap in seconds)
 CASES = {
-    "profile": (["--cases", "dlv3", "--images-per-device", "8", "--profile", "{tmp}/profile"], 150),
+    "profile": (["--cases", "dlv3", "--images-per-device", "8", "--profile", "{tmp}/{case}"], 150),
+    "dlv3": (["--cases", "dlv3", "--images-per-device", "8"], 120),
     "triton": (["--cases", "demo", "--steps", "3"], 70),
     "retinanet": (["--cases", "retinanet", "--images-per-device", "2"], 240),
     "fcos": (["--cases", "fcos", "--images-per-device", "2"], 200),
     "dlv3_16": (["--cases", "dlv3", "--images-per-device", "16"], 120),
     "retinanet_8": (["--cases", "retinanet", "--images-per-device", "8"], 240),
     "fcos_8": (["--cases", "fcos", "--images-per-device", "8"], 200),
+    "retinanet_profile": (["--cases", "retinanet", "--images-per-device", "2", "--profile", "{tmp}/{case}"], 240),
 }
+FORMS = ("auto", "batched", "wgrad", "native")
 DEFAULT = ("env", "profile", "triton", "retinanet", "fcos", "dlv3_16")
 MIN_SECONDS = 45  # a case is not started with less than this left: no compile of ours finishes sooner
 
@@ -75,10 +84,13 @@ def env_case(out: str) -> None:
     log(out, "\n".join(parts))
 
 
-def run_case(name: str, out: str, tmp: str, seconds: float, results: list, dilated_conv: str) -> None:
+def run_case(case: str, out: str, tmp: str, seconds: float, results: list, dilated_conv: str) -> None:
+    name, _, form = case.partition("@")
+    dilated_conv = form or dilated_conv
+    tag = f"{name}_{dilated_conv}"
     args, _ = CASES[name]
-    args = [a.format(tmp=tmp) for a in args]
-    part = os.path.join(tmp, f"{name}.json")
+    args = [a.format(tmp=tmp, case=tag) for a in args]
+    part = os.path.join(tmp, f"{tag}.json")
     cmd = [sys.executable, os.path.join(HERE, "train_speed.py"), "--report", "--dtypes", "bfloat16",
            "--json", part, "--timeout", str(int(seconds - 5)), "--dilated-conv", dilated_conv, *args]
     env = dict(os.environ)
@@ -96,26 +108,36 @@ def run_case(name: str, out: str, tmp: str, seconds: float, results: list, dilat
     log(out, text.strip())
     rows = json.load(open(part))["rows"] if os.path.exists(part) else []
     for row in rows or [{}]:
-        results.append({"session_case": name, "session_wall_s": wall, "exit": status, **row})
+        results.append({"session_case": case, "dilated_conv": dilated_conv, "session_wall_s": wall, "exit": status,
+                        **row})
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(results, f, indent=1)
-    if name == "profile":
-        for pattern, dest in (("*.ops.md", "dlv3_ops.md"), ("*.trace.json.gz", "dlv3_trace.json.gz"),
-                              ("*.hlo.txt.gz", "dlv3_hlo.txt.gz")):
-            for path in glob.glob(os.path.join(tmp, "profile", pattern))[:1]:
+    if "--profile" in args:
+        kept = ["ops.md", "trace.json.gz"]
+        if not glob.glob(os.path.join(out, "*_hlo.txt.gz")):
+            kept.append("hlo.txt.gz")
+        for suffix in kept:
+            for path in glob.glob(os.path.join(tmp, tag, f"*.{suffix}"))[:1]:
                 if os.path.getsize(path) < 15 * 2**20:  # what a device call brings back, per file
-                    shutil.copy(path, os.path.join(out, dest))
+                    shutil.copy(path, os.path.join(out, f"{tag}_{suffix}"))
 
 
 def main(argv: list[str]) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True, help="folder for the results (the device call's $OUT)")
     ap.add_argument("--budget", type=float, default=400, help="seconds for the whole sitting")
-    ap.add_argument("--cases", nargs="+", default=list(DEFAULT), choices=["env", *CASES])
+    ap.add_argument("--cases", nargs="+", default=list(DEFAULT),
+                    help=f"cases in order, each NAME or NAME@FORM: {', '.join(['env', *CASES])}; forms "
+                         f"{', '.join(FORMS)}")
     ap.add_argument("--tmp", default="/tmp/device_session")
-    ap.add_argument("--dilated-conv", default="auto", choices=["auto", "batched", "native"],
+    ap.add_argument("--dilated-conv", default="auto", choices=FORMS,
                     help="how dilated convolutions are computed (cankd_jax.compute.dilated_conv)")
     args = ap.parse_args(argv)
+    for case in args.cases:
+        name, at, form = case.partition("@")
+        if name not in ("env", *CASES) or (at and form not in FORMS) or (name == "env" and at):
+            ap.error(f"unknown case {case!r}: cases are {', '.join(['env', *CASES])}, optionally NAME@FORM with "
+                     f"FORM one of {', '.join(FORMS)}")
     os.makedirs(args.out, exist_ok=True)
     os.makedirs(args.tmp, exist_ok=True)
     end = time.monotonic() + args.budget
@@ -128,7 +150,7 @@ def main(argv: list[str]) -> None:
         if left < MIN_SECONDS:
             log(args.out, f"\n## {name}: not started ({left:.0f} s of the budget left)")
             continue
-        run_case(name, args.out, args.tmp, min(left, CASES[name][1]), results, args.dilated_conv)
+        run_case(name, args.out, args.tmp, min(left, CASES[name.partition("@")[0]][1]), results, args.dilated_conv)
     log(args.out, f"\nsitting done: {args.budget - (end - time.monotonic()):.0f} s")
 
 

@@ -800,7 +800,7 @@ def parser() -> argparse.ArgumentParser:
                     help="--report on an accelerator: the batch per device of the Cityscapes and COCO cases")
     ap.add_argument("--timeout", type=float, default=600, help="--report: seconds one case may take")
     ap.add_argument("--remat", default="none", help="config.remat policy")
-    ap.add_argument("--dilated-conv", default="auto", choices=["auto", "batched", "native"],
+    ap.add_argument("--dilated-conv", default="auto", choices=["auto", "batched", "wgrad", "native"],
                     help="how dilated convolutions are computed (cankd_jax.compute.dilated_conv)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="PyTorch intra-op threads")
     ap.add_argument("--channels-last", action="store_true", help="PyTorch in channels_last memory format")

@@ -20,14 +20,18 @@ How a dilated convolution is computed (`dilated_conv`, a trace-time choice, not 
 config key: every form gives the same numbers up to float rounding, with the same
 parameters): 'batched' runs a stride-1 dilated convolution as an undilated one over
 the d x d interleaved sub-images of its input (`models.conv.dilated_as_batched`);
-'native' hands XLA the dilated convolution itself; 'auto' (the default) is 'batched'
-on GPUs and 'native' elsewhere, as measured on the paper's Cityscapes step: on one
-H200 (bfloat16, 8 images) 65.0 ms native, 52.6 ms batched, because cuDNN's kernels
-for a dilated convolution's weight gradient are slow (`results/gpu/README.md`); on
-this project's 2-core CPU (the student alone, 128x256, 2 images) 744 ms native,
-4170 ms batched, XLA:CPU being slow on many tiny images (`results/train_speed/cpu.md`).
-TPUs are unmeasured, so they keep the native form. `with dilated_conv('native'):`
-around tracing (init, jit lowering) selects a form.
+'wgrad' keeps the dilated convolution for the forward pass and the input gradient
+and computes only the weight gradient over sub-images
+(`models.conv.dilated_conv_batched_wgrad`); 'native' hands XLA the dilated
+convolution itself; 'auto' (the default) is 'batched' on GPUs and 'native'
+elsewhere, as measured on the paper's Cityscapes step: on one H200 (bfloat16, 8
+images) 65.0 ms native, 52.6 ms batched in one sitting, 48.8 ms batched and 49.1 ms
+wgrad (0.23 GB less memory) in another, because cuDNN's kernels for a dilated
+convolution's weight gradient are slow (`results/gpu/README.md`); on this project's
+2-core CPU (the student alone, 128x256, 2 images) 744 ms native, 4170 ms batched,
+XLA:CPU being slow on many tiny images (`results/train_speed/cpu.md`). TPUs are
+unmeasured, so they keep the native form. `with dilated_conv('native'):` around
+tracing (init, jit lowering) selects a form.
 """
 
 from __future__ import annotations
@@ -78,13 +82,13 @@ def checkpointed(fn: Callable, name: Optional[str]) -> Callable:
     return fn if (name or "none") == "none" else jax.checkpoint(fn, policy=policy)
 
 
-DILATED_CONV = ("auto", "batched", "native")
+DILATED_CONV = ("auto", "batched", "wgrad", "native")
 _dilated_conv: contextvars.ContextVar[str] = contextvars.ContextVar("dilated_conv", default="auto")
 
 
 @contextlib.contextmanager
 def dilated_conv(name: str) -> Iterator[None]:
-    """Trace dilated convolutions in the named form ('auto', 'batched' or 'native') inside the block."""
+    """Trace dilated convolutions in the named form ('auto', 'batched', 'wgrad' or 'native') inside the block."""
     if name not in DILATED_CONV:
         raise ValueError(f"unknown dilated convolution form {name!r}; choose one of {', '.join(DILATED_CONV)}")
     token = _dilated_conv.set(name)
@@ -95,8 +99,8 @@ def dilated_conv(name: str) -> Iterator[None]:
 
 
 def dilated_conv_form() -> str:
-    """The form dilated convolutions are traced in here, 'batched' or 'native' ('auto' resolved by the default
-    backend: 'batched' on GPUs)."""
+    """The form dilated convolutions are traced in here, 'batched', 'wgrad' or 'native' ('auto' resolved by the
+    default backend: 'batched' on GPUs)."""
     form = _dilated_conv.get()
     if form == "auto":
         return "batched" if jax.default_backend() == "gpu" else "native"

@@ -1,5 +1,6 @@
-"""Dilated convolutions computed undilated over interleaved sub-images (`conv.dilated_as_batched`) against
-PyTorch's dilated `conv2d`: values and gradients in float64, so any difference beyond rounding is a wrong index."""
+"""Dilated convolutions computed undilated over interleaved sub-images (`conv.dilated_as_batched`, and for the
+weight gradient only, `conv.dilated_conv_batched_wgrad`) against PyTorch's dilated `conv2d`: values and gradients
+in float64, so any difference beyond rounding is a wrong index."""
 
 from __future__ import annotations
 
@@ -47,9 +48,10 @@ CASES = [(8, 16, 2, 3, 1), (9, 13, 2, 3, 1), (7, 5, 4, 3, 1), (8, 8, 12, 3, 1), 
          (11, 6, 3, 5, 1), (9, 7, 2, 3, 2), (6, 9, 4, 3, 6)]
 
 
+@pytest.mark.parametrize("form", ["batched", "wgrad"])
 @pytest.mark.parametrize("h, w, d, k, groups", CASES)
-def test_batched_dilated_conv_matches_torch(h, w, d, k, groups):
-    with jax.enable_x64(), dilated_conv("batched"):
+def test_batched_dilated_conv_matches_torch(h, w, d, k, groups, form):
+    with jax.enable_x64(), dilated_conv(form):
         m = _Conv(features=6, kernel_size=k, dilation=d, groups=groups)
         x = np.random.default_rng(0).standard_normal((2, h, w, 6))
         variables = m.init(jax.random.key(0), jnp.asarray(x))
@@ -87,6 +89,23 @@ def test_forms_share_parameters_and_agree():
     assert "rhs_dilate = [1, 1]" in batched_text and "rhs_dilate = [4, 4]" not in batched_text
 
 
+def test_wgrad_form_rewrites_the_weight_gradient_only():
+    """'wgrad': the forward pass is the native dilated convolution; in the gradient program the input gradient
+    keeps the dilation (lhs-dilated transposed form) while the weight gradient is an undilated VALID convolution
+    over sub-images, so no convolution there has a kernel-sized window strided by d."""
+    m = _Conv(features=4, kernel_size=3, dilation=4)
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((1, 12, 10, 3)), jnp.float32)
+    with dilated_conv("wgrad"):
+        v = m.init(jax.random.key(0), x)
+        forward = jax.jit(m.apply).lower(v, x).as_text()
+        grad = jax.jit(jax.grad(lambda v, x: jnp.sum(m.apply(v, x) ** 2), argnums=(0, 1))).lower(v, x).as_text()
+    with dilated_conv("native"):
+        native_grad = jax.jit(jax.grad(lambda v, x: jnp.sum(m.apply(v, x) ** 2), argnums=(0, 1))).lower(v, x)
+    assert forward.count("stablehlo.convolution") == 1 and "rhs_dilate = [4, 4]" in forward
+    assert "window = {stride = [4, 4]" in native_grad.as_text()  # the window XLA writes the weight gradient with
+    assert "window = {stride = [4, 4]" not in grad and "rhs_dilate = [4, 4]" in grad
+
+
 def test_auto_form_by_backend():
     """'auto' (the default) is batched on GPUs only: on XLA:CPU the batched form is 5.6x slower (README)."""
     assert dilated_conv_form() == ("batched" if jax.default_backend() == "gpu" else "native")
@@ -107,6 +126,6 @@ def test_strided_dilated_conv_stays_native():
 
 
 def test_unknown_form_is_refused():
-    with pytest.raises(ValueError, match="unknown dilated convolution form 'fast'.*auto, batched, native"):
+    with pytest.raises(ValueError, match="unknown dilated convolution form 'fast'.*auto, batched, wgrad, native"):
         with dilated_conv("fast"):
             pass
