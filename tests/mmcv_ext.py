@@ -7,6 +7,10 @@ literal per-element transcription of that C++ (`tests/test_mmcv_ext.py`). Kernel
 `NotImplementedError` naming themselves when called; they exist as attributes because mmcv's op modules check
 at import time that every kernel they use is present (`mmcv.utils.ext_loader.load_ext`).
 
+Like the compiled kernels, the functions take mmcv's arguments in mmcv's order (positional or by the pybind names
+mmcv's callers use) and, where the kernel writes into tensors it is given (`roi_align_*`), write into them in place
+and return None.
+
 `install()` registers this module as `mmcv._ext`; call it before mmcv.ops or mmdet is imported.
 """
 
@@ -16,7 +20,7 @@ import sys
 
 import torch
 
-PORTED = ("nms",)
+PORTED = ("nms", "roi_align_forward", "roi_align_backward")
 
 
 def nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float, offset: int) -> torch.Tensor:
@@ -50,6 +54,249 @@ def nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float, offset:
         ovr = inter / (areas[i] + areas[j] - inter)
         select[_i + 1:] &= ~(ovr > iou_threshold)
     return order.masked_select(select)
+
+
+# RoIAlign (mmcv/ops/csrc/pytorch/cpu/roi_align.cpp) ------------------------------------------------------------
+
+# Elements of the (rois, channels, bins, samples) working tensors per chunk of RoIs: bounds the memory the
+# vectorised ports take (a few bytes x 60 per element) whatever the number and size of the RoIs.
+_ROI_ALIGN_CHUNK = 1 << 21
+
+
+def _roi_align_geometry(rois: torch.Tensor, dtype: torch.dtype, pooled_height: int, pooled_width: int,
+                        spatial_scale: float, sampling_ratio: int, aligned: bool, message: str):
+    """The kernels' per-RoI prologue, for all RoIs at once, in `T` = `dtype`: (roi_batch_ind, roi_start_h,
+    roi_start_w, bin_size_h, bin_size_w, roi_bin_grid_h, roi_bin_grid_w), the last two as Python ints."""
+    rois = rois.reshape(-1, 5).to(dtype)
+    # pybind hands the kernel a C++ float, which the launcher casts to T
+    scale = torch.tensor(spatial_scale, dtype=torch.float32).to(dtype)
+    offset = torch.tensor(0.5 if aligned else 0.0, dtype=dtype)
+    roi_batch_ind = rois[:, 0].to(torch.int64)  # `int roi_batch_ind = offset_rois[0]` truncates
+    roi_start_w = rois[:, 1] * scale - offset
+    roi_start_h = rois[:, 2] * scale - offset
+    roi_end_w = rois[:, 3] * scale - offset
+    roi_end_h = rois[:, 4] * scale - offset
+    roi_width = roi_end_w - roi_start_w
+    roi_height = roi_end_h - roi_start_h
+    if aligned:
+        if not bool(((roi_width >= 0) & (roi_height >= 0)).all()):
+            raise RuntimeError(message)
+    else:  # std::max(roi_width, (T)1.)
+        roi_width = torch.where(roi_width < 1, torch.ones_like(roi_width), roi_width)
+        roi_height = torch.where(roi_height < 1, torch.ones_like(roi_height), roi_height)
+    bin_size_h = roi_height / torch.tensor(pooled_height, dtype=dtype)
+    bin_size_w = roi_width / torch.tensor(pooled_width, dtype=dtype)
+    if sampling_ratio > 0:
+        grid_h = [sampling_ratio] * rois.size(0)
+        grid_w = list(grid_h)
+    else:  # ceilf(roi_height / pooled_height): ceilf takes a float (a narrowing when T is double)
+        grid_h = torch.ceil((roi_height / torch.tensor(pooled_height, dtype=dtype)).float()).to(torch.int64).tolist()
+        grid_w = torch.ceil((roi_width / torch.tensor(pooled_width, dtype=dtype)).float()).to(torch.int64).tolist()
+    return roi_batch_ind, roi_start_h, roi_start_w, bin_size_h, bin_size_w, grid_h, grid_w
+
+
+def _roi_align_chunks(grid_h: list[int], grid_w: list[int], per_sample: int):
+    """Consecutive RoI ranges [start, stop) whose samples, padded to the range's largest grid, stay within
+    `_ROI_ALIGN_CHUNK` elements of `per_sample` each (a range holds one RoI at least)."""
+    start, most_h, most_w = 0, 0, 0
+    for i, (h, w) in enumerate(zip(grid_h, grid_w)):
+        h, w = max(most_h, h), max(most_w, w)
+        if i > start and (i + 1 - start) * max(h * w, 1) * per_sample > _ROI_ALIGN_CHUNK:
+            yield start, i
+            start, h, w = i, grid_h[i], grid_w[i]
+        most_h, most_w = h, w
+    if start < len(grid_h):
+        yield start, len(grid_h)
+
+
+def _roi_align_samples(start: torch.Tensor, bin_size: torch.Tensor, grid: torch.Tensor, pooled: int, upper: int):
+    """The sample coordinates `roi_start + p * bin_size + static_cast<T>(i + .5f) * bin_size / static_cast<T>(grid)`,
+    shape (rois, pooled, upper) for p < pooled, i < upper (padded: i >= grid[roi] is not a sample of that RoI)."""
+    dtype = bin_size.dtype
+    p = torch.arange(pooled, dtype=dtype)[None, :, None]
+    i = (torch.arange(upper, dtype=dtype) + 0.5)[None, None, :]
+    start, bin_size, grid = start[:, None, None], bin_size[:, None, None], grid.to(dtype)[:, None, None]
+    return (start + p * bin_size) + (i * bin_size) / grid
+
+
+def _bilinear_axis(y: torch.Tensor, size: int):
+    """One coordinate's part of `pre_calc_for_bilinear_interpolate` / `bilinear_interpolate_gradient`:
+    (outside, low, high, l, h) with outside `y < -1.0 || y > size` (and NaN, where the kernel's `(int)y` would
+    be undefined; only the padding samples of an empty grid give one here, and those are dropped), else y <= 0
+    taken as 0, low = (int)y, high = low + 1 or, from low >= size - 1 on, low = high = size - 1 with y = low;
+    l = y - low, h = 1. - l (the kernel's `1. - l` is a double subtraction rounded to T: the same as T's own,
+    double having more than twice T's digits)."""
+    outside = ~((y >= -1.0) & (y <= size))
+    y = torch.where(y <= 0, torch.zeros_like(y), y)
+    y = torch.where(outside, torch.zeros_like(y), y)  # only so that the conversion below is defined: dropped
+    low = y.to(torch.int64)
+    last = low >= size - 1
+    low = torch.where(last, torch.full_like(low, size - 1), low)
+    high = torch.where(last, low, low + 1)
+    y = torch.where(last, low.to(y.dtype), y)
+    ly = y - low.to(y.dtype)
+    hy = 1 - ly
+    return outside, low, high, ly, hy
+
+
+def _bilinear(y_axis, x_axis, width: int, y_index, x_index):
+    """Both coordinates' parts combined as the kernels do: (outside, (pos1..pos4), (w1..w4)), pos_k the offsets
+    y_low * width + x_low, y_low * width + x_high, y_high * width + x_low, y_high * width + x_high and
+    w1 = hy * hx, w2 = hy * lx, w3 = ly * hx, w4 = ly * lx; `y_index` / `x_index` place each axis's dimensions."""
+    oy, ylo, yhi, ly, hy = (a[y_index] for a in y_axis)
+    ox, xlo, xhi, lx, hx = (a[x_index] for a in x_axis)
+    pos = (ylo * width + xlo, ylo * width + xhi, yhi * width + xlo, yhi * width + xhi)
+    return oy | ox, pos, (hy * hx, hy * lx, ly * hx, ly * lx)
+
+
+def roi_align_forward(input: torch.Tensor, rois: torch.Tensor, output: torch.Tensor, argmax_y: torch.Tensor,
+                      argmax_x: torch.Tensor, aligned_height: int, aligned_width: int, spatial_scale: float,
+                      sampling_ratio: int, pool_mode: int, aligned: bool) -> None:
+    """`roi_align_forward_cpu` (`ROIAlignForward`, mmcv/ops/csrc/pytorch/cpu/roi_align.cpp), into `output` and, for
+    max pooling (`pool_mode` 0), `argmax_y` / `argmax_x`, in place; `pool_mode` 1 averages.
+
+    As the kernel, in `input`'s dtype (float32 in mmcv's use): per RoI `(batch, x1, y1, x2, y2)`, roi_start / end
+    `coordinate * spatial_scale - offset` (offset 0.5 when `aligned`, which requires a size >= 0, else the size
+    is raised to 1 at least), bin_size `size / pooled`, a grid of `sampling_ratio` or `ceilf(size / pooled)`
+    samples per bin in each direction; per sample the weights of `pre_calc_for_bilinear_interpolate` (a sample
+    with y < -1 or y > height, or x likewise, weighs 0 at offset 0; y <= 0 is read as 0; y_low >= height - 1
+    clamps to the last row; columns alike) and `val = w1 * v1 + w2 * v2 + w3 * v3 + w4 * v4` summed left to
+    right; per bin the samples' vals in the kernel's order (iy, then ix), summed one after the other into
+    `output_val` (0. first) and divided by `count = max(grid_h * grid_w, 1)`, or the first largest val above
+    maxval's -10000 kept with its sample's unclamped (y, x) (-1 when none). Vectorised over RoIs (in chunks of
+    consecutive RoIs, each RoI's grid padded to the chunk's largest and the padding masked out), bins, samples
+    and channels (channel-last, a pixel's channels one row, as the weights and offsets are the channels'
+    alike); the loop over the samples stays, as the kernel's sum and running max are sequential.
+    """
+    channels, height, width = input.size(1), input.size(2), input.size(3)
+    pooled = channels * aligned_height * aligned_width
+    n_rois = output.numel() // pooled if pooled else 0
+    if n_rois == 0 or pool_mode not in (0, 1):  # the kernel writes nothing for another pool_mode
+        return None
+    dtype = input.dtype
+    batch, start_h, start_w, bin_h, bin_w, grid_h, grid_w = _roi_align_geometry(
+        rois[:n_rois], dtype, aligned_height, aligned_width, spatial_scale, sampling_ratio, aligned,
+        "ROIs in ROIAlign cannot have non-negative size!")
+    pixels = input.permute(0, 2, 3, 1).reshape(-1, channels)  # (batch * height * width, channels)
+    out = output.view(n_rois, channels, aligned_height, aligned_width)
+    if pool_mode == 0:
+        out_y = argmax_y.view(n_rois, channels, aligned_height, aligned_width)
+        out_x = argmax_x.view(n_rois, channels, aligned_height, aligned_width)
+    grid_h_t, grid_w_t = torch.tensor(grid_h, dtype=torch.int64), torch.tensor(grid_w, dtype=torch.int64)
+    for a, b in _roi_align_chunks(grid_h, grid_w, pooled):
+        upper_h, upper_w = max(grid_h[a:b]), max(grid_w[a:b])
+        gh, gw = grid_h_t[a:b], grid_w_t[a:b]
+        y = _roi_align_samples(start_h[a:b], bin_h[a:b], gh, aligned_height, upper_h)  # (n, ph, iy)
+        x = _roi_align_samples(start_w[a:b], bin_w[a:b], gw, aligned_width, upper_w)  # (n, pw, ix)
+        # (n, ph, pw, iy, ix), as pre_calc holds them
+        outside, pos, weights = _bilinear(_bilinear_axis(y, height), _bilinear_axis(x, width), width,
+                                          (slice(None), slice(None), None, slice(None), None),
+                                          (slice(None), None, slice(None), None, slice(None)))
+        # offset_input = input + (roi_batch_ind * channels + c) * height * width: here row roi_batch_ind * h * w
+        base = (batch[a:b] * (height * width))[:, None, None, None, None]
+        v1, v2, v3, v4 = (pixels[base + torch.where(outside, torch.zeros_like(p), p)] for p in pos)
+        w1, w2, w3, w4 = (torch.where(outside, torch.zeros_like(w), w)[..., None] for w in weights)
+        val = w1 * v1 + w2 * v2 + w3 * v3 + w4 * v4  # (n, ph, pw, iy, ix, c)
+        n = b - a
+        if pool_mode == 0:
+            maxval = torch.full((n, aligned_height, aligned_width, channels), -10000, dtype=dtype)
+            maxidx_y = torch.full_like(maxval, -1)
+            maxidx_x = torch.full_like(maxval, -1)
+        else:
+            output_val = torch.zeros((n, aligned_height, aligned_width, channels), dtype=dtype)
+        for iy in range(upper_h):
+            for ix in range(upper_w):
+                sample = ((iy < gh) & (ix < gw))[:, None, None, None]
+                v = val[:, :, :, iy, ix]
+                if pool_mode == 0:
+                    better = sample & (v > maxval)
+                    maxval = torch.where(better, v, maxval)
+                    maxidx_y = torch.where(better, y[:, :, None, iy, None], maxidx_y)
+                    maxidx_x = torch.where(better, x[:, None, :, ix, None], maxidx_x)
+                else:
+                    output_val = torch.where(sample, output_val + v, output_val)
+        if pool_mode == 0:
+            out[a:b] = maxval.permute(0, 3, 1, 2)
+            out_y[a:b] = maxidx_y.permute(0, 3, 1, 2)
+            out_x[a:b] = maxidx_x.permute(0, 3, 1, 2)
+        else:
+            count = torch.clamp(gh * gw, min=1).to(dtype)[:, None, None, None]
+            out[a:b] = (output_val / count).permute(0, 3, 1, 2)
+    return None
+
+
+def roi_align_backward(grad_output: torch.Tensor, rois: torch.Tensor, argmax_y: torch.Tensor,
+                       argmax_x: torch.Tensor, grad_input: torch.Tensor, aligned_height: int, aligned_width: int,
+                       spatial_scale: float, sampling_ratio: int, pool_mode: int, aligned: bool) -> None:
+    """`roi_align_backward_cpu` (`ROIAlignBackward`, mmcv/ops/csrc/pytorch/cpu/roi_align.cpp): adds the gradient
+    of `roi_align_forward`'s output into `grad_input`, in place.
+
+    As the kernel, in `grad_output`'s dtype, with the forward's RoI geometry: for max pooling (`pool_mode` 0) each
+    output element whose `argmax_y` is not -1 sends `grad * w_k` to the four pixels of
+    `bilinear_interpolate_gradient(argmax_y, argmax_x)` (nothing when that sample lies outside: y < -1 or
+    y > height, x likewise); for average pooling (1) each sample of its bin sends `grad * w_k / count`
+    (count = grid_h * grid_w). The kernel adds these one at a time into `grad_input`, output element after
+    output element (RoI, channel, ph, pw), then sample (iy, ix), then w1..w4, and the order of those float
+    additions sets the result's last bits. The port lays the contributions out in that order (for average
+    pooling channel-last: one row of channels per (RoI, ph, pw, iy, ix, k), which keeps each element's own
+    order, the channels being apart) and adds them with `index_add_` along dim 0, which on the CPU adds its
+    contributions one after the other in their order (the tests hold it to the transcribed kernel bit for
+    bit); vectorised over chunks of consecutive RoIs, which keeps that order too.
+    """
+    channels, height, width = grad_input.size(1), grad_input.size(2), grad_input.size(3)
+    pooled = channels * aligned_height * aligned_width
+    n_rois = grad_output.numel() // pooled if pooled else 0
+    if n_rois == 0 or pool_mode not in (0, 1):
+        return None
+    dtype = grad_output.dtype
+    batch, start_h, start_w, bin_h, bin_w, grid_h, grid_w = _roi_align_geometry(
+        rois[:n_rois], dtype, aligned_height, aligned_width, spatial_scale, sampling_ratio, aligned,
+        "ROIs in ROIAlign do not have non-negative size!")
+    grad = grad_output.reshape(n_rois, channels, aligned_height, aligned_width)
+    if pool_mode == 0:  # the argmax, so the pixels, differ from channel to channel: one flat grad_input
+        target = grad_input if grad_input.is_contiguous() else grad_input.contiguous()
+        flat = target.view(-1)
+        channel = torch.arange(channels)
+        arg_y = argmax_y.reshape(n_rois, channels, aligned_height, aligned_width)
+        arg_x = argmax_x.reshape(n_rois, channels, aligned_height, aligned_width)
+        ones = [1] * n_rois
+        for a, b in _roi_align_chunks(ones, ones, 4 * pooled):  # 4 flat contributions an element
+            y, x = arg_y[a:b], arg_x[a:b]
+            every = (slice(None),) * 4
+            outside, pos, weights = _bilinear(_bilinear_axis(y, height), _bilinear_axis(x, width), width,
+                                              every, every)
+            g = grad[a:b]
+            contributions = torch.stack([g * w for w in weights], -1)  # (n, c, ph, pw, k)
+            base = ((batch[a:b, None] * channels + channel) * (height * width))[:, :, None, None]
+            where = torch.stack([base + p for p in pos], -1)
+            keep = ((y != -1) & ~outside)[..., None].expand_as(where)
+            flat.index_add_(0, where[keep], contributions[keep])
+    else:  # a sample's pixels are its RoI's in every channel: rows of channels
+        target = grad_input.permute(0, 2, 3, 1).contiguous()
+        pixels = target.view(-1, channels)  # (batch * height * width, channels)
+        grid_h_t, grid_w_t = torch.tensor(grid_h, dtype=torch.int64), torch.tensor(grid_w, dtype=torch.int64)
+        for a, b in _roi_align_chunks(grid_h, grid_w, pooled):
+            upper_h, upper_w = max(grid_h[a:b]), max(grid_w[a:b])
+            gh, gw = grid_h_t[a:b], grid_w_t[a:b]
+            y = _roi_align_samples(start_h[a:b], bin_h[a:b], gh, aligned_height, upper_h)  # (n, ph, iy)
+            x = _roi_align_samples(start_w[a:b], bin_w[a:b], gw, aligned_width, upper_w)  # (n, pw, ix)
+            # (n, ph, pw, iy, ix)
+            outside, pos, weights = _bilinear(_bilinear_axis(y, height), _bilinear_axis(x, width), width,
+                                              (slice(None), slice(None), None, slice(None), None),
+                                              (slice(None), None, slice(None), None, slice(None)))
+            count = (gh * gw).to(dtype)[:, None, None, None, None, None]
+            g = grad[a:b].permute(0, 2, 3, 1)[:, :, :, None, None, :]  # (n, ph, pw, 1, 1, c)
+            contributions = torch.stack([g * w[..., None] / count for w in weights], -2)  # (n, ph, pw, iy, ix, k, c)
+            base = (batch[a:b] * (height * width))[:, None, None, None, None]
+            where = torch.stack([base + p for p in pos], -1)  # (n, ph, pw, iy, ix, k)
+            iy, ix = torch.arange(upper_h), torch.arange(upper_w)
+            sample = (iy[None, :, None] < gh[:, None, None]) & (ix[None, None, :] < gw[:, None, None])
+            keep = (sample[:, None, None] & ~outside)[..., None].expand_as(where)
+            pixels.index_add_(0, where[keep], contributions[keep])
+        target = target.permute(0, 3, 1, 2)
+    if target is not grad_input:
+        grad_input.copy_(target)
+    return None
 
 
 def __getattr__(name: str):

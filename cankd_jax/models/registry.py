@@ -7,6 +7,7 @@
     make_model("fpn", backbone="resnet50")                           # a detection trunk
     make_model("retinanet", backbone="resnet50", num_classes=80)     # a detector
     make_model("fcos", backbone="resnet50_caffe", num_classes=80)
+    make_model("faster_rcnn", backbone="resnet50", num_classes=80)  # a two-stage detector
 
 `make_network(cfg, num_classes=...)` does the same from a config block.
 """
@@ -27,7 +28,8 @@ from cankd_jax.models.heads import ASPPHead, FCNHead, PSPHead
 from cankd_jax.models.mobilenet_v2 import MobileNetV2
 from cankd_jax.models.resnet import ARCHITECTURES, ResNet
 from cankd_jax.models.segmenter import Segmenter
-from cankd_jax.models.trunk import FCOS, DetectionTrunk, RetinaNet, SingleStageDetector, pyramid_level_names
+from cankd_jax.models.trunk import FCOS, DetectionTrunk, RetinaNet, pyramid_level_names
+from cankd_jax.models.two_stage import FasterRCNN, RPNHead, Shared2FCBBoxHead, StandardRoIHead
 
 PyTree = Any
 _D8 = dict(strides=(1, 2, 1, 1), dilations=(1, 1, 2, 4))
@@ -66,13 +68,15 @@ TRUNKS: dict[str, dict[str, Any]] = {
 
 @dataclasses.dataclass(frozen=True)
 class DetectorSpec:
-    """How a detector name is built: its class, neck preset, head class and the head fields its configs set."""
+    """How a detector name is built: its class, neck preset, head class and the head fields its configs set;
+    a two-stage detector's `head` is its RPN head and `roi_head` its box head (inside a `StandardRoIHead`)."""
 
-    cls: type[SingleStageDetector]
+    cls: type[nn.Module]
     trunk: str
     head: type[nn.Module]
     backbone: str
     head_defaults: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    roi_head: Optional[type[nn.Module]] = None
 
 
 DETECTORS: dict[str, DetectorSpec] = {
@@ -83,6 +87,7 @@ DETECTORS: dict[str, DetectorSpec] = {
     # conv_bias='auto' (no tower bias): pass head_kwargs=dict(norm_on_bbox=False, conv_bias=None) for those.
     "fcos": DetectorSpec(FCOS, "fcos_fpn", FCOSHead, "resnet50_caffe",
                          dict(norm_on_bbox=True, centerness_on_reg=False, conv_bias=True)),
+    "faster_rcnn": DetectorSpec(FasterRCNN, "fpn", RPNHead, "resnet50", roi_head=Shared2FCBBoxHead),
 }
 
 
@@ -220,12 +225,14 @@ def make_detector(
     backbone_kwargs: Optional[Mapping[str, Any]] = None,
     neck_kwargs: Optional[Mapping[str, Any]] = None,
     head_kwargs: Optional[Mapping[str, Any]] = None,
+    roi_head_kwargs: Optional[Mapping[str, Any]] = None,
     frozen_stages: int = 1,
     norm_eval: bool = True,
     dtype: Any = None,
     param_dtype: Any = jnp.float32,
-) -> SingleStageDetector:
-    """mmdet's single-stage detectors: `retinanet` (`RetinaNet`) and `fcos` (`FCOS`).
+) -> nn.Module:
+    """mmdet's detectors: the single-stage `retinanet` (`RetinaNet`) and `fcos` (`FCOS`), the two-stage
+    `faster_rcnn` (`FasterRCNN`).
 
     - `retinanet`: default backbone `resnet50` (pytorch style); neck
       `retinanet_fpn`; `RetinaHead` (9 anchors). Teachers: `resnet101`,
@@ -238,6 +245,8 @@ def make_detector(
       BGR images minus the mean (102.9801, 115.9465, 122.7717), std 1 (mmdet's
       `DetDataPreprocessor(bgr_to_rgb=False)`); the pytorch-style ones RGB with
       ImageNet's mean/std. Normalising is the data layer's job.
+    - `faster_rcnn`: default backbone `resnet50` (pytorch style); neck `fpn` (P2-P6); `RPNHead` (3 anchors);
+      `StandardRoIHead` with `Shared2FCBBoxHead` (`roi_head_kwargs`: `fc_out_channels`, `reg_class_agnostic`).
 
     `backbone_kwargs` override backbone fields (e.g. `base_width`,
     `stage_blocks`), `neck_kwargs` the FPN's (`out_channels`, ...),
@@ -254,8 +263,15 @@ def make_detector(
     if "strides" in _fields(spec.head) and "strides" not in head_fields:
         levels = pyramid_level_names(bb, neck, spec.cls.in_features)
         head_fields["strides"] = tuple(2 ** int(n[len("fpn.p"):]) for n in levels)
-    head = _build(spec.head, f"detector {name!r} head", dict(num_classes=num_classes, dtype=dtype,
-                                                               param_dtype=param_dtype, **head_fields))
+    dtypes = dict(dtype=dtype, param_dtype=param_dtype)
+    if spec.roi_head is not None:
+        rpn = _build(spec.head, f"detector {name!r} RPN head", {**dtypes, **head_fields})
+        box = _build(spec.roi_head, f"detector {name!r} box head",
+                     {"num_classes": num_classes, **dtypes, **(roi_head_kwargs or {})})
+        return spec.cls(backbone=bb, neck=neck, rpn_head=rpn, roi_head=StandardRoIHead(bbox_head=box))
+    if roi_head_kwargs:
+        raise ValueError(f"detector {name!r} is single-stage: it has no RoI head for roi_head_kwargs")
+    head = _build(spec.head, f"detector {name!r} head", dict(num_classes=num_classes, **dtypes, **head_fields))
     return spec.cls(backbone=bb, neck=neck, bbox_head=head)
 
 
@@ -267,7 +283,7 @@ def make_model(name: str, **kwargs: Any) -> nn.Module:
     a `MobileNetV2`; `kwargs` override its fields (`num_classes` makes a ResNet
     a classifier). Segmenter names (`fcn`, `deeplabv3`, `pspnet`) go to
     `make_segmenter`, trunk names (`fpn`, `retinanet_fpn`, `fcos_fpn`,
-    `gfl_fpn`) to `make_trunk`, detector names (`retinanet`, `fcos`) to
+    `gfl_fpn`) to `make_trunk`, detector names (`retinanet`, `fcos`, `faster_rcnn`) to
     `make_detector`. Unknown names and options raise a `ValueError` listing
     the valid ones.
     """

@@ -1,0 +1,230 @@
+"""RoIAlign over a feature pyramid with mmcv 2.1's semantics (`mmcv.ops.RoIAlign`, average pooling) and
+mmdetection 3.x's `SingleRoIExtractor` level mapping, on static shapes.
+
+mmcv's kernel, per RoI `(b, x1, y1, x2, y2)` (input pixels) and level of stride `s`: the RoI in level pixels
+starts at `x1 / s - 0.5` (`aligned=True`; no shift and a 1-pixel minimum size otherwise) and is cut into
+`P x P` bins (`P = output_size`); each bin averages `gh x gw` bilinear samples on a regular grid, with
+`gh = ceil(roi_h / P)` (`sampling_ratio=0`: adaptive) or `sampling_ratio`; a sample more than one pixel outside
+the map reads zero, one within a pixel of it is clamped to the border. The average divides by `max(gh gw, 1)`.
+
+Static shapes: the adaptive grid depends on the RoI, so every RoI here evaluates a fixed number `max_samples`
+of grid points per bin, of which its own `gh gw` count (the rest weigh zero). The bound comes from the level
+mapping: a RoI of area `A` goes to the level where `sqrt(A) / s` is below `2 finest_scale / s_0`, and a RoI
+is no longer than the padded input, so `gh gw` is bounded per level (`max_grid_samples`). A RoI that breaks the
+bound (longer than the input, or put on a level by hand) gets NaN features, never a silently truncated
+average. The samples of all levels are read from one flattened pyramid by a gather, a chunk of RoIs at a time
+(`lax.map`), so neither a (RoIs x H x W) tensor nor a per-level pass over every RoI is built; the gradient
+with respect to the features is the gather's transpose, a scatter-add of the same weights mmcv's backward
+kernel uses.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+
+FINEST_SCALE = 56  # mmdet's SingleRoIExtractor default
+LEVEL_EPS = 1e-6  # map_roi_levels: floor(log2(scale / finest_scale + 1e-6))
+
+
+def map_roi_levels(rois: Array, num_levels: int, finest_scale: float = FINEST_SCALE) -> Array:
+    """mmdet's `SingleRoIExtractor.map_roi_levels`: the level of each RoI by its scale `sqrt(w h)`.
+
+    `rois (..., 5)` as `(batch index, x1, y1, x2, y2)` or `(..., 4)` boxes -> int32 `(...)` in
+    `[0, num_levels)`: `floor(log2(scale / finest_scale + 1e-6))` clamped (scale < 112 -> 0, < 224 -> 1, ...).
+    """
+    boxes = rois[..., -4:].astype(jnp.float32)
+    scale = jnp.sqrt((boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1]))
+    level = jnp.floor(jnp.log2(scale / finest_scale + LEVEL_EPS))
+    return jnp.clip(level, 0, num_levels - 1).astype(jnp.int32)
+
+
+def max_grid_samples(level_shapes: Sequence[tuple[int, int]], strides: Sequence[int], output_size: int = 7,
+                     sampling_ratio: int = 0, finest_scale: float = FINEST_SCALE) -> int:
+    """The most grid points `gh gw` a bin of any RoI can have under the level mapping of `map_roi_levels`, for
+    RoIs no longer or wider than the padded input (`level_shapes[l] * strides[l]`, the largest over levels).
+
+    Per level `l`, a RoI's level-pixel extents `(h, w)` satisfy `h w < (2^(l+1) finest_scale / s_l)^2` (not on
+    the last level) and `h, w <= input / s_l`; `gh = ceil(h / P)`. The bound takes, for each `gh`, the widest
+    RoI that area allows (with a 1e-4 relative margin for the mapping's float rounding).
+    """
+    if sampling_ratio > 0:
+        return sampling_ratio * sampling_ratio
+    if len(level_shapes) != len(strides):
+        raise ValueError(f"max_grid_samples: {len(level_shapes)} level shapes for {len(strides)} strides")
+    in_h = max(h * s for (h, _), s in zip(level_shapes, strides))
+    in_w = max(w * s for (_, w), s in zip(level_shapes, strides))
+    best = 1
+    for level, s in enumerate(strides):
+        max_h, max_w = in_h / s, in_w / s
+        last = level == len(strides) - 1
+        area = math.inf if last else (2 ** (level + 1) * finest_scale / s) ** 2 * (1 + 1e-4)
+        for gh in range(1, math.ceil(max_h / output_size) + 1):
+            min_h = output_size * (gh - 1)  # gh = ceil(h / P) needs h > P (gh - 1)
+            w = max_w if min_h == 0 else min(max_w, area / min_h)
+            gw = max(1, math.ceil(w / output_size))
+            best = max(best, gh * gw)
+    return best
+
+
+def _divide(a: Array, divisor: int) -> Array:
+    """`a / divisor` correctly rounded, as the kernel's float division. XLA rewrites a division by a constant as
+    a multiplication by its rounded reciprocal, which is off by an ulp for a third of float32 inputs and turns
+    `ceil(14 / 7)` into 3: the barrier keeps the divisor from being a constant."""
+    return a / jax.lax.optimization_barrier(jnp.full(a.shape, divisor, a.dtype))
+
+
+def _axis_samples(start: Array, bin_size: Array, grid: Array, extent: Array, output_size: int, sample: Array):
+    """Per-axis bilinear taps of every (bin, grid point) along one axis, as mmcv's pre-calculation.
+
+    `start, bin_size, grid, extent`: `(R,)` RoI start (level pixels), bin size, grid points per bin, map size.
+    `sample`: `(R, K)` int, the grid index along this axis of each of the K flattened samples of a bin.
+    -> `low, high (R, P, K)` int32 pixel indices and `w_low, w_high (R, P, K)` weights (zero outside).
+    """
+    dtype = start.dtype
+    p = jnp.arange(output_size, dtype=dtype)
+    # mmcv: start + p * bin + (i + .5) * bin / grid, evaluated left to right in float32.
+    pos = ((start[:, None, None] + p[None, :, None] * bin_size[:, None, None])
+           + (sample[:, None, :].astype(dtype) + 0.5) * bin_size[:, None, None]
+           / grid[:, None, None].astype(dtype))
+    ext = extent[:, None, None]
+    inside = (pos >= -1.0) & (pos <= ext.astype(dtype))
+    pos = jnp.maximum(pos, 0.0)
+    low = pos.astype(jnp.int32)
+    at_edge = low >= ext - 1
+    low = jnp.where(at_edge, ext - 1, low)
+    high = jnp.where(at_edge, ext - 1, low + 1)
+    pos = jnp.where(at_edge, low.astype(dtype), pos)
+    frac = pos - low.astype(dtype)
+    w_high = jnp.where(inside, frac, 0.0)
+    w_low = jnp.where(inside, 1.0 - frac, 0.0)
+    return low, high, w_low, w_high
+
+
+def roi_align(
+    features: Sequence[Array],
+    rois: Array,
+    levels: Array,
+    strides: Sequence[int],
+    *,
+    output_size: int = 7,
+    sampling_ratio: int = 0,
+    aligned: bool = True,
+    max_samples: Optional[int] = None,
+    chunk: int = 64,
+) -> Array:
+    """mmcv's `RoIAlign(output_size, 1 / strides[level], sampling_ratio, 'avg', aligned)` of each RoI on its level.
+
+    Args:
+      features: per level `(B, H_l, W_l, C)`, all with the same `C` and dtype.
+      rois: `(R, 5)` float `(batch index, x1, y1, x2, y2)` in input pixels.
+      levels: `(R,)` int, each RoI's level (`map_roi_levels`).
+      strides: per level, its stride in input pixels (spatial scale `1 / stride`).
+      max_samples: grid points evaluated per bin (None: `max_grid_samples` of these shapes); a RoI needing more
+        gets NaN.
+      chunk: RoIs gathered at once (memory: `chunk * P^2 * max_samples * 4 * C` values).
+
+    Returns `(R, P, P, C)` in the features' dtype (mmcv: `(R, C, P, P)`), computed in float32 (float64 for
+    float64 features, as mmcv's kernel for doubles).
+    """
+    if len(features) != len(strides):
+        raise ValueError(f"roi_align: {len(features)} feature levels but {len(strides)} strides")
+    chex.assert_rank(list(features), 4)
+    chex.assert_equal_shape_prefix(list(features), 1)
+    chex.assert_shape(rois, (None, 5))
+    chex.assert_shape(levels, (rois.shape[0],))
+    channels = {f.shape[-1] for f in features}
+    if len(channels) != 1:
+        raise ValueError(f"roi_align: the levels have different channel counts {sorted(channels)}")
+    (c,) = channels
+    dtype = features[0].dtype
+    shapes = [f.shape[1:3] for f in features]
+    if max_samples is None:
+        max_samples = max_grid_samples(shapes, strides, output_size, sampling_ratio)
+    batch = features[0].shape[0]
+    sizes = [batch * h * w for h, w in shapes]
+    flat = jnp.concatenate([f.reshape(-1, c) for f in features]).astype(dtype)
+    base = jnp.asarray(np.concatenate([[0], np.cumsum(sizes)[:-1]]), jnp.int32)
+    heights = jnp.asarray([h for h, _ in shapes], jnp.int32)
+    widths = jnp.asarray([w for _, w in shapes], jnp.int32)
+    scales = jnp.asarray([1.0 / s for s in strides], jnp.float32)  # mmcv takes the spatial scale as a float
+
+    acc = jnp.promote_types(dtype, jnp.float32)  # the kernel's T: float32, or float64 for float64 features
+
+    def one_chunk(args):
+        roi, level = args
+        return _align(flat, roi.astype(acc), level, base, heights, widths, scales, output_size,
+                      sampling_ratio, aligned, max_samples)
+
+    r = rois.shape[0]
+    pad = -r % chunk if r > chunk else 0
+    n = (r + pad) // chunk if r > chunk else 1
+    size = chunk if r > chunk else r
+    roi_c = jnp.pad(rois, ((0, pad), (0, 0))).reshape(n, size, 5)
+    lvl_c = jnp.pad(levels.astype(jnp.int32), (0, pad)).reshape(n, size)
+    out = jax.lax.map(one_chunk, (roi_c, lvl_c))
+    return out.reshape(n * size, output_size, output_size, c)[:r].astype(dtype)
+
+
+def _align(flat, rois, level, base, heights, widths, scales, output_size, sampling_ratio, aligned, max_samples):
+    """`roi_align` of `(R, 5)` RoIs: `(R, P, P, C)` in the RoIs' dtype (float32, or float64)."""
+    p, k = output_size, max_samples
+    acc = rois.dtype
+    h, w, scale = heights[level], widths[level], scales[level].astype(acc)
+    b = rois[:, 0].astype(jnp.int32)
+    offset = 0.5 if aligned else 0.0
+    x1, y1, x2, y2 = (rois[:, i] * scale - offset for i in range(1, 5))
+    roi_w, roi_h = x2 - x1, y2 - y1
+    if not aligned:
+        roi_w, roi_h = jnp.maximum(roi_w, 1.0), jnp.maximum(roi_h, 1.0)
+    bin_h, bin_w = _divide(roi_h, p), _divide(roi_w, p)
+    if sampling_ratio > 0:
+        gh = gw = jnp.full_like(b, sampling_ratio)
+    else:
+        gh, gw = jnp.ceil(bin_h).astype(jnp.int32), jnp.ceil(bin_w).astype(jnp.int32)
+    n = gh * gw
+    count = jnp.maximum(n, 1).astype(acc)
+    kk = jnp.arange(k, dtype=jnp.int32)[None, :]
+    gw_safe = jnp.maximum(gw, 1)[:, None]
+    iy, ix = kk // gw_safe, kk % gw_safe  # (R, K): sample k of a bin is grid point (iy, ix)
+    used = kk < n[:, None]
+    y_lo, y_hi, wy_lo, wy_hi = _axis_samples(y1, bin_h, jnp.maximum(gh, 1), h, p, iy)
+    x_lo, x_hi, wx_lo, wx_hi = _axis_samples(x1, bin_w, jnp.maximum(gw, 1), w, p, ix)
+    used = used[:, None, None, :]  # (R, 1, 1, K) over (R, ph, pw, K)
+    start = (base[level] + b * h * w)[:, None, None, None]
+    row = w[:, None, None, None]
+
+    def tap(ys, xs, wy, wx):
+        index = start + ys[:, :, None, :] * row + xs[:, None, :, :]
+        weight = jnp.where(used, wy[:, :, None, :] * wx[:, None, :, :], 0.0)
+        return jnp.take(flat, index, axis=0).astype(acc), weight
+
+    total = 0.0
+    for ys, wy in ((y_lo, wy_lo), (y_hi, wy_hi)):
+        for xs, wx in ((x_lo, wx_lo), (x_hi, wx_hi)):
+            values, weight = tap(ys, xs, wy, wx)
+            total = total + jnp.einsum("rijk,rijkc->rijc", weight, values)
+    out = total / count[:, None, None, None]
+    broken = n > k
+    return jnp.where(broken[:, None, None, None], jnp.nan, out)
+
+
+def extract_roi_features(features: Sequence[Array], rois: Array, strides: Sequence[int], *,
+                         output_size: int = 7, sampling_ratio: int = 0, finest_scale: float = FINEST_SCALE,
+                         max_samples: Optional[int] = None, chunk: int = 64) -> Array:
+    """mmdet's `SingleRoIExtractor` with `RoIAlign(output_size, sampling_ratio=0, aligned=True)`: each RoI's
+    features from the level `map_roi_levels` gives it. `features`: per level `(B, H_l, W_l, C)` (the first
+    `len(strides)` levels of the neck); `rois (R, 5)`. -> `(R, P, P, C)`."""
+    levels = map_roi_levels(rois, len(strides), finest_scale)
+    if max_samples is None and sampling_ratio == 0:
+        max_samples = max_grid_samples([f.shape[1:3] for f in features[:len(strides)]], strides, output_size,
+                                       0, finest_scale)
+    return roi_align(features[:len(strides)], rois, levels, strides, output_size=output_size,
+                     sampling_ratio=sampling_ratio, max_samples=max_samples, chunk=chunk)

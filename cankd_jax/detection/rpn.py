@@ -1,0 +1,116 @@
+"""The region proposal network's proposals on static shapes (mmdet 3.x `RPNHead.predict_by_feat`).
+
+Per image (vmapped over the batch), as mmdet's `RPNHead._predict_by_feat_single` + `_bbox_post_process`:
+
+1. per level, the sigmoid objectness of every anchor; the best `nms_pre` of the level (all of them when the
+   level has no more), ties by lower index;
+2. levels concatenated, boxes decoded from the anchors (`DeltaXYWHCoder`, means 0, stds 1) and clipped to the
+   image's un-padded shape;
+3. boxes of width or height `<= min_bbox_size` dropped (mmdet: whenever `min_bbox_size >= 0`);
+4. NMS at `iou_threshold` within each level (mmdet's `batched_nms` with the level as the label), the best
+   `max_per_img` kept, best first.
+
+Output: `max_per_img` rows per image, zero boxes and scores after `num_valid` (`valid` False). The proposals
+are not differentiated through (mmdet detaches them): this takes the RPN's outputs as values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple, Sequence
+
+import chex
+import jax
+import jax.numpy as jnp
+
+from cankd_jax.detection.anchors import AnchorGenerator
+from cankd_jax.detection.boxes import DeltaXYWHCoder
+from cankd_jax.detection.nms import batched_nms
+
+Array = jax.Array
+
+RPN_STRIDES = (4, 8, 16, 32, 64)
+# mmdet's RPN anchors: scales=[8], ratios=[0.5, 1.0, 2.0], strides 4-64 (one scale per octave).
+RPN_ANCHORS = AnchorGenerator(strides=RPN_STRIDES, ratios=(0.5, 1.0, 2.0), octave_base_scale=8.0, scales_per_octave=1)
+
+
+@dataclasses.dataclass(frozen=True)
+class ProposalConfig:
+    """mmdet's `train_cfg.rpn_proposal` / `test_cfg.rpn`."""
+
+    nms_pre: int = 1000
+    max_per_img: int = 1000
+    iou_threshold: float = 0.7
+    min_bbox_size: float = 0.0
+
+
+RPN_TRAIN_PROPOSALS = ProposalConfig(nms_pre=2000)  # faster-rcnn_r50_fpn: train_cfg.rpn_proposal
+RPN_TEST_PROPOSALS = ProposalConfig(nms_pre=1000)  # test_cfg.rpn
+
+
+class Proposals(NamedTuple):
+    """boxes `(..., max_per_img, 4)` x1y1x2y2 input pixels, best first; scores `(...,  max_per_img)` objectness;
+    valid `(..., max_per_img)` bool; num_valid `(...)` int32."""
+
+    boxes: Array
+    scores: Array
+    valid: Array
+    num_valid: Array
+
+
+def proposals_single(cls_logits: Sequence[Array], bbox_pred: Sequence[Array], anchors: Sequence[Array],
+                     img_shape: Array, *, cfg: ProposalConfig = RPN_TEST_PROPOSALS,
+                     coder: DeltaXYWHCoder = DeltaXYWHCoder()) -> Proposals:
+    """One image. Per level l: `cls_logits (N_l,)` objectness logits, `bbox_pred (N_l, 4)` deltas, `anchors
+    (N_l, 4)`, N_l = H_l W_l A in `AnchorGenerator` order; `img_shape (2,)` = (h, w) of the resized, un-padded
+    image."""
+    if not len(cls_logits) == len(bbox_pred) == len(anchors):
+        raise ValueError(f"RPN proposals need one objectness, delta and anchor array per level; got "
+                         f"{len(cls_logits)}, {len(bbox_pred)}, {len(anchors)}")
+    scores, deltas, priors, levels = [], [], [], []
+    for level, (cl, bp, an) in enumerate(zip(cls_logits, bbox_pred, anchors)):
+        chex.assert_rank(cl, 1)
+        chex.assert_shape([bp, an], (cl.shape[0], 4))
+        s = jax.nn.sigmoid(cl.astype(jnp.float32))
+        top, index = jax.lax.top_k(s, min(cfg.nms_pre, s.shape[0]))  # ties: the lower index first
+        scores.append(top)
+        deltas.append(bp.astype(jnp.float32)[index])
+        priors.append(jnp.asarray(an, jnp.float32)[index])
+        levels.append(jnp.full(top.shape, level, jnp.int32))
+    boxes = coder.decode(jnp.concatenate(priors), jnp.concatenate(deltas), max_shape=img_shape)
+    scores, levels = jnp.concatenate(scores), jnp.concatenate(levels)
+    w, h = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+    valid = (w > cfg.min_bbox_size) & (h > cfg.min_bbox_size)
+    res = batched_nms(boxes, scores, levels, valid, iou_threshold=cfg.iou_threshold, max_out=cfg.max_per_img)
+    ok = res.keep >= 0
+    idx = jnp.maximum(res.keep, 0)
+    return Proposals(boxes=jnp.where(ok[:, None], boxes[idx], 0.0), scores=jnp.where(ok, scores[idx], 0.0),
+                     valid=ok, num_valid=res.num_kept)
+
+
+def proposals(rpn_cls_scores: Sequence[Array], rpn_bbox_preds: Sequence[Array], img_shapes: Array, *,
+              cfg: ProposalConfig = RPN_TEST_PROPOSALS,
+              anchor_generator: AnchorGenerator = RPN_ANCHORS) -> Proposals:
+    """The batch's proposals from `RPNHead`'s outputs: per level `(B, H_l, W_l, A)` and `(B, H_l, W_l, 4 A)`;
+    `img_shapes (B, 2)` each image's resized, un-padded (h, w). -> `Proposals` with a leading B."""
+    if len(rpn_cls_scores) != anchor_generator.num_levels:
+        raise ValueError(f"RPN proposals: {len(rpn_cls_scores)} levels for anchors of strides "
+                         f"{anchor_generator.strides}")
+    sizes = [tuple(x.shape[1:3]) for x in rpn_cls_scores]
+    anchors = anchor_generator.grid_anchors(sizes)
+    b = rpn_cls_scores[0].shape[0]
+    cls = [x.reshape(b, -1) for x in rpn_cls_scores]
+    reg = [x.reshape(b, -1, 4) for x in rpn_bbox_preds]
+
+    def one(cl, bp, shape):
+        return proposals_single(cl, bp, anchors, shape, cfg=cfg)
+
+    return jax.vmap(one)(cls, reg, jnp.asarray(img_shapes, jnp.float32))
+
+
+def proposal_rois(props: Proposals) -> tuple[Array, Array]:
+    """`(B * M, 5)` RoIs `(image index, x1, y1, x2, y2)` of the proposals (mmdet's `bbox2roi`) and their
+    `(B * M,)` validity (the padding rows are zero boxes of their image)."""
+    b, m, _ = props.boxes.shape
+    index = jnp.broadcast_to(jnp.arange(b, dtype=jnp.float32)[:, None, None], (b, m, 1))
+    return jnp.concatenate([index, props.boxes], -1).reshape(b * m, 5), props.valid.reshape(b * m)
