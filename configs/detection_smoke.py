@@ -7,6 +7,9 @@ machinery, not the numbers), evaluated by COCOeval on 16 held-out images.
 
     python train.py --config configs/detection_smoke.py --workdir /tmp/det_smoke
     python train.py --config configs/detection_smoke.py:detector=fcos --workdir /tmp/det_smoke_fcos
+    python train.py --config configs/detection_smoke.py:detector=faster_rcnn --workdir /tmp/det_smoke_frcnn
+
+Faster R-CNN is distilled on P2-P5 (the paper's levels for it) from an `fpn` trunk (P2-P6), its box head 64 wide.
 """
 
 import ml_collections
@@ -23,7 +26,7 @@ def _backbone(width: int) -> dict:
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-    a = config_arg.parse(arg, {"detector": ("retinanet", "fcos")}, {"detector": "retinanet"},
+    a = config_arg.parse(arg, {"detector": ("retinanet", "fcos", "faster_rcnn")}, {"detector": "retinanet"},
                          config="configs/detection_smoke.py")
     detector = a["detector"]
     c = ml_collections.ConfigDict()
@@ -43,17 +46,24 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         norm="pytorch", eval_batch_size=8, workers=0,
     ))
     head = dict(feat_channels=NECK, stacked_convs=1)
+    extra = {}
+    levels = ("fpn.p3", "fpn.p4", "fpn.p5", "fpn.p6")
     if detector == "fcos":
         head["num_groups"] = 4
+    if detector == "faster_rcnn":
+        head = dict(feat_channels=NECK)
+        extra = dict(roi_head_kwargs=dict(fc_out_channels=64))
+        levels = ("fpn.p2", "fpn.p3", "fpn.p4", "fpn.p5")
     c.student = ml_collections.ConfigDict(dict(name=detector, **_backbone(8), neck_kwargs=dict(out_channels=NECK),
-                                               head_kwargs=head))
+                                               head_kwargs=head, **extra))
     c.teacher = ml_collections.ConfigDict(dict(
-        name=f"{detector}_fpn", **_backbone(16), neck_kwargs=dict(out_channels=NECK),
+        name="fpn" if detector == "faster_rcnn" else f"{detector}_fpn", **_backbone(16),
+        neck_kwargs=dict(out_channels=NECK),
         checkpoint="",  # a trained teacher: an mmdet detector .pth, or the export/ dir of a detector run
         random_init=True,  # this config exercises the machinery: a random teacher, on purpose
     ))
     c.distill = [ml_collections.ConfigDict(t) for t in detection_terms("cankd", student_channels=NECK,
-                                                                        teacher_channels=NECK)]
+                                                                        teacher_channels=NECK, levels=levels)]
     c.optimizer = ml_collections.ConfigDict(dict(
         name="sgd", lr=0.005, momentum=0.9, weight_decay=1e-4, grad_clip_norm=35.0,
         schedule="step", boundaries=(8,), decay_factor=0.1, warmup_steps=3, warmup_factor=0.001,

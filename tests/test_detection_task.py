@@ -23,9 +23,10 @@ from test_detection_models import K, torch_retinanet
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
 
-def _step_setup(mesh):
-    """The smoke config's step (narrow RetinaNet, CanKD on P3 and P4 against a random trunk) at 64 x 64."""
-    config = load_config(os.path.join(CONFIGS, "detection_smoke.py"))
+def _step_setup(mesh, detector: str = "retinanet"):
+    """The smoke config's step (narrow RetinaNet, or Faster R-CNN, CanKD on its first two distilled levels against
+    a random trunk) at 64 x 64."""
+    config = load_config(os.path.join(CONFIGS, "detection_smoke.py"), f"detector={detector}")
     config.distill = config.distill[:2]
     for net in (config.student, config.teacher):  # one block per stage: what 4 CPU devices compile in seconds
         net.backbone_kwargs.stage_blocks = (1, 1, 1, 1)
@@ -52,18 +53,25 @@ def _batches(n, seed=0):
 
 
 @pytest.mark.slow  # heavy in-process check: the slow tier keeps the quick one under 5 minutes
-def test_detection_step_gives_the_same_numbers_on_one_and_four_devices():
+@pytest.mark.parametrize("detector, terms", [("retinanet", ("task/loss_cls", "task/loss_bbox", "distill/cankd_p3",
+                                                            "distill/cankd_p4")),
+                                              ("faster_rcnn", ("task/loss_rpn_cls", "task/loss_rpn_bbox",
+                                                               "task/loss_cls", "task/loss_bbox", "distill/cankd_p2",
+                                                               "distill/cankd_p3"))])
+def test_detection_step_gives_the_same_numbers_on_one_and_four_devices(detector, terms):
+    """Faster R-CNN too: its anchors and RoIs are sampled with keys of the step and of each image's index in the
+    global batch, so the 4-device step samples what the 1-device step does."""
     history = {}
     for n in (1, 4):
         mesh = make_mesh(jax.devices()[:n])
-        run, state, step = _step_setup(mesh)
+        run, state, step = _step_setup(mesh, detector)
         history[n] = []
         with jax.set_mesh(mesh):
             for b in _batches(3):
                 state, metrics = step(state, run.teacher_vars, global_batch(b, mesh))
                 history[n].append(jax.device_get(metrics))
     for m1, m4 in zip(history[1], history[4], strict=True):
-        assert set(m1) >= {"task/loss_cls", "task/loss_bbox", "distill/cankd_p3", "distill/cankd_p4"}
+        assert set(m1) >= set(terms)
         for k in m1:
             np.testing.assert_allclose(m4[k], m1[k], rtol=2e-5, atol=1e-7, err_msg=k)
     assert history[1][0]["task/loss_bbox"] > 0 and history[1][-1]["loss"] != history[1][0]["loss"]

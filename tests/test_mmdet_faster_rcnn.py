@@ -134,3 +134,197 @@ def test_detections():
         np.testing.assert_array_equal(np.asarray(c["d"].labels[i, :n]), theirs.labels.numpy())
         np.testing.assert_allclose(np.asarray(c["d"].scores[i, :n]), theirs.scores.numpy(), atol=5e-5, rtol=0)
         np.testing.assert_allclose(np.asarray(c["d"].boxes[i, :n]), theirs.bboxes.numpy(), atol=1e-3, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Training: targets, sampling fed from mmdet, losses and their gradients with respect to the heads' outputs.
+
+G = 12  # padded ground-truth rows
+
+
+def _gt():
+    r = np.random.default_rng(5)
+    out = []
+    for (h, w), n in zip(IMG_SHAPES, (9, 6)):
+        wh = np.exp(r.uniform(np.log(8), np.log(0.7 * min(h, w)), (n, 2)))
+        xy = r.uniform(0, 1, (n, 2)) * ([w, h] - wh)
+        out.append((np.concatenate([xy, xy + wh], 1).astype(np.float32), r.integers(0, K, n)))
+    return out
+
+
+GT = _gt()
+
+
+def _recording(sampler):
+    """Wrap an mmdet sampler so that each call's `SamplingResult` is kept, in call order (one per image)."""
+    seen = []
+    original = sampler.sample
+
+    def sample(*args, **kwargs):
+        result = original(*args, **kwargs)
+        seen.append(result)
+        return result
+
+    sampler.sample = sample
+    return seen
+
+
+def _mask(n: int, index: torch.Tensor) -> np.ndarray:
+    m = np.zeros(n, bool)
+    m[index.numpy()] = True
+    return m
+
+
+@functools.lru_cache(maxsize=None)
+def train_case() -> dict:
+    from mmdet.structures.bbox import bbox2roi
+
+    from cankd_jax.detection.rcnn import candidate_assignment, rcnn_loss, rcnn_sample_single
+    from cankd_jax.detection.rpn import RPN_ANCHORS, RPN_TRAIN_PROPOSALS, rpn_loss, rpn_targets_single
+    from cankd_jax.detection.samplers import Sample
+
+    c = case()
+    tm, feats = c["tm"], c["feats"]
+    cfg = mr.build("faster_rcnn/faster-rcnn_r50_fpn_1x_coco.py", OVERRIDES, seed=0)[1]
+    metas = [mr.img_meta(s, p, BATCH_SHAPE, f) for s, p, f in zip(IMG_SHAPES, PAD_SHAPES, SCALES)]
+    gts = [mr.gt_instances(b, l) for b, l in GT]
+    rpn_gts = [mr.gt_instances(b, np.zeros_like(l)) for b, l in GT]  # mmdet's RPN sees class 0 only
+    torch.manual_seed(0)
+
+    # The RPN's loss, on leaf copies of its outputs.
+    cls = [t.detach().clone().requires_grad_(True) for t in c["rpn"][0]]
+    reg = [t.detach().clone().requires_grad_(True) for t in c["rpn"][1]]
+    rpn_samples = _recording(tm.rpn_head.sampler)
+    rpn_losses = tm.rpn_head.loss_by_feat(cls, reg, rpn_gts, metas)
+    (sum(rpn_losses["loss_rpn_cls"]) + sum(rpn_losses["loss_rpn_bbox"])).backward()
+    # The training proposals and the box head's loss on mmdet's sampled RoIs.
+    with torch.no_grad():
+        props = tm.rpn_head.predict_by_feat(c["rpn"][0], c["rpn"][1], batch_img_metas=metas,
+                                            cfg=cfg.model.train_cfg.rpn_proposal, rescale=False)
+    roi_samples, assigns = [], []
+    for i in range(2):
+        p = props[i].clone()
+        p.priors = p.pop("bboxes")
+        assign = tm.roi_head.bbox_assigner.assign(p, gts[i], None)
+        assigns.append(assign.gt_inds.clone())
+        roi_samples.append(tm.roi_head.bbox_sampler.sample(assign, p, gts[i]))
+    rois = bbox2roi([s.priors for s in roi_samples])
+    with torch.no_grad():
+        head = tm.roi_head._bbox_forward(feats, rois)
+    cls_score = head["cls_score"].detach().clone().requires_grad_(True)
+    bbox_pred = head["bbox_pred"].detach().clone().requires_grad_(True)
+    targets = tm.roi_head.bbox_head.get_targets(roi_samples, cfg.model.train_cfg.rcnn)
+    roi_losses = tm.roi_head.bbox_head.loss(cls_score, bbox_pred, rois, *targets)
+    (roi_losses["loss_cls"] + roi_losses["loss_bbox"]).backward()
+
+    # Ours: the RPN's targets from mmdet's sampled anchors (indices into the anchors valid on each image).
+    sizes = [tuple(t.shape[2:]) for t in c["rpn"][0]]
+    anchors = np.concatenate(RPN_ANCHORS.grid_anchors(sizes))
+    a = anchors.shape[0]
+    boxes = np.zeros((2, G, 4), np.float32)
+    labels = np.zeros((2, G), np.int32)
+    valid = np.zeros((2, G), bool)
+    for i, (b, l) in enumerate(GT):
+        boxes[i, :len(b)], labels[i, :len(b)], valid[i, :len(b)] = b, l, True
+    rpn_t = []
+    for i in range(2):
+        flags = np.concatenate([np.asarray(f) for f in RPN_ANCHORS.valid_flags(sizes, PAD_SHAPES[i])])
+        where = np.flatnonzero(flags)
+        s = rpn_samples[i]
+        sample = Sample(jnp.asarray(_mask(a, torch.from_numpy(where[s.pos_inds.numpy()]))),
+                        jnp.asarray(_mask(a, torch.from_numpy(where[s.neg_inds.numpy()]))))
+        rpn_t.append(rpn_targets_single(anchors, flags, boxes[i], valid[i], sample=sample))
+    rpn_t = jax.tree.map(lambda *x: jnp.stack(x), *rpn_t)
+    cls_ours = jnp.concatenate([jnp.asarray(mr.nhwc(t.detach())).reshape(2, -1) for t in c["rpn"][0]], 1)
+    reg_ours = jnp.concatenate([jnp.asarray(mr.nhwc(t.detach())).reshape(2, -1, 4) for t in c["rpn"][1]], 1)
+    rpn_ours, rpn_grads = jax.value_and_grad(lambda cl, rg: sum(rpn_loss(cl, rg, rpn_t).values()), argnums=(0, 1))(
+        cls_ours, reg_ours)
+    rpn_terms = rpn_loss(cls_ours, reg_ours, rpn_t)
+
+    # Ours: the training proposals, the candidates' assignment, the box head's targets from mmdet's sample.
+    out = c["out"]
+    ours_props = jax.jit(lambda o: proposals(o["rpn_cls_scores"], o["rpn_bbox_preds"], IMG_SHAPES,
+                                             cfg=RPN_TRAIN_PROPOSALS))(out)
+    m = ours_props.boxes.shape[1]
+    samples, gt_inds = [], []
+    for i in range(2):
+        _, inds = candidate_assignment(ours_props.boxes[i], ours_props.valid[i], boxes[i], valid[i])
+        gt_inds.append(np.asarray(inds))
+        g_i, s = len(GT[i][0]), roi_samples[i]
+
+        def ours_index(j: np.ndarray) -> np.ndarray:  # mmdet's (gts, then proposals) -> our (G slots, M slots)
+            return np.where(j < g_i, j, G + j - g_i)
+
+        sample = Sample(jnp.asarray(_mask(G + m, torch.from_numpy(ours_index(s.pos_inds.numpy())))),
+                        jnp.asarray(_mask(G + m, torch.from_numpy(ours_index(s.neg_inds.numpy())))))
+        samples.append(rcnn_sample_single(ours_props.boxes[i], ours_props.valid[i], boxes[i], labels[i], valid[i],
+                                          num_classes=K, sample=sample))
+    samples = jax.tree.map(lambda *x: jnp.stack(x), *samples)
+    # mmdet's head outputs, laid out in our slots (each image's sampled RoIs first, in the same order).
+    slots = samples.valid.shape[1]
+    rows = np.full((2 * slots,), -1)
+    start = 0
+    for i, s in enumerate(roi_samples):
+        n = len(s.pos_inds) + len(s.neg_inds)
+        rows[i * slots:i * slots + n] = np.arange(start, start + n)
+        start += n
+    take = np.maximum(rows, 0)
+    cls_in = jnp.where(rows[:, None] >= 0, jnp.asarray(cls_score.detach().numpy())[take], 0.0)
+    reg_in = jnp.where(rows[:, None] >= 0, jnp.asarray(bbox_pred.detach().numpy())[take], 0.0)
+    roi_ours, roi_grads = jax.value_and_grad(lambda cl, rg: sum(rcnn_loss(cl, rg, samples).values()),
+                                             argnums=(0, 1))(cls_in, reg_in)
+    roi_terms = rcnn_loss(cls_in, reg_in, samples)
+    return dict(rpn_losses=rpn_losses, cls=cls, reg=reg, rpn_terms=rpn_terms, rpn_grads=rpn_grads, props=props,
+                ours_props=ours_props, assigns=assigns, gt_inds=gt_inds, roi_samples=roi_samples, samples=samples,
+                rois=rois, targets=targets, roi_losses=roi_losses, cls_score=cls_score, bbox_pred=bbox_pred,
+                roi_terms=roi_terms, roi_grads=roi_grads, rows=rows)
+
+
+def test_training_proposals():
+    t = train_case()
+    for i, theirs in enumerate(t["props"]):
+        n = int(t["ours_props"].num_valid[i])
+        assert n == len(theirs) > 100
+        np.testing.assert_allclose(np.asarray(t["ours_props"].boxes[i, :n]), theirs.bboxes.numpy(), atol=1e-3, rtol=0)
+
+
+def test_rpn_loss_and_gradients():
+    t = train_case()
+    for ours, theirs in (("loss_rpn_cls", "loss_rpn_cls"), ("loss_rpn_bbox", "loss_rpn_bbox")):
+        np.testing.assert_allclose(float(t["rpn_terms"][ours]), float(sum(t["rpn_losses"][theirs])), rtol=1e-5)
+    assert float(sum(t["rpn_losses"]["loss_rpn_bbox"])) > 0  # positives were sampled
+    g_cls = np.concatenate([mr.nhwc(x.grad).reshape(2, -1) for x in t["cls"]], 1)
+    g_reg = np.concatenate([mr.nhwc(x.grad).reshape(2, -1, 4) for x in t["reg"]], 1)
+    assert_close(t["rpn_grads"][0], g_cls, rtol=1e-5)
+    assert_close(t["rpn_grads"][1], g_reg, rtol=1e-5)
+
+
+def test_candidate_assignment_matches_mmdet():
+    """On the same proposals (mmdet's training proposals equal ours, above), the max-IoU assignment of every
+    proposal: mmdet's gt_inds (0 negative, i + 1 positive of gt i) against ours (BACKGROUND, i)."""
+    t = train_case()
+    for i, theirs in enumerate(t["assigns"]):
+        n = len(theirs)
+        ours = t["gt_inds"][i][G:G + n]
+        np.testing.assert_array_equal(np.where(ours >= 0, ours + 1, 0), theirs.numpy())
+        assert (theirs.numpy() > 0).any() and (theirs.numpy() == 0).any()
+
+
+def test_rcnn_targets_loss_and_gradients():
+    t = train_case()
+    labels, label_weights, bbox_targets, bbox_weights = (np.asarray(x) for x in t["targets"])
+    rows = t["rows"]
+    used = rows >= 0
+    s = t["samples"]
+    assert int(np.sum(np.asarray(s.valid))) == len(labels)
+    np.testing.assert_array_equal(np.asarray(s.labels).reshape(-1)[used], labels)
+    # Our RoIs are our proposals, which match mmdet's to 1e-3 px (decoding in another order of float32 ops);
+    # a delta target moves by that over (box size x std 0.1 / 0.2), so by up to ~2e-3 for 5-px boxes.
+    np.testing.assert_allclose(np.asarray(s.boxes).reshape(-1, 4)[used], t["rois"][:, 1:].numpy(), atol=1e-3, rtol=0)
+    np.testing.assert_allclose(np.asarray(s.bbox_targets).reshape(-1, 4)[used], bbox_targets, atol=2e-3, rtol=0)
+    for name in ("loss_cls", "loss_bbox"):
+        np.testing.assert_allclose(float(t["roi_terms"][name]), float(t["roi_losses"][name]), rtol=1e-5)
+    assert float(t["roi_losses"]["loss_bbox"]) > 0
+    assert_close(np.asarray(t["roi_grads"][0])[used], t["cls_score"].grad.numpy(), rtol=1e-5)
+    assert_close(np.asarray(t["roi_grads"][1])[used], t["bbox_pred"].grad.numpy(), rtol=1e-5)
+    assert not np.asarray(t["roi_grads"][0])[~used].any()  # unused slots take no part

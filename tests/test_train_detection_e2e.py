@@ -54,3 +54,27 @@ def test_sigterm_then_resume_gives_the_reference_numbers(tmp_path, reference, da
     assert "resumed from step 1" in out
     cli.assert_same_training(cli.rows(workdir), cli.rows(reference))
     assert cli.summary(workdir)["eval"] == cli.summary(reference)["eval"]
+
+
+def test_faster_rcnn_sigterm_then_resume_gives_the_same_numbers(tmp_path, data_dir):
+    """The two-stage student through train.py: RPN and box-head losses logged, CanKD on P2-P5, COCO mAP, the
+    PyTorch export; a run stopped by SIGTERM after its first step resumes to the uninterrupted run's numbers
+    (the anchors' and RoIs' random sampling follows the step, not the process)."""
+    config = f"{SMOKE}:detector=faster_rcnn"
+    reference = tmp_path / "reference"
+    cli.run(cli.command(reference, f"--config.data.data_dir={data_dir}", *EIGHT_STEPS, config=config), devices=1)
+    rows = cli.rows(reference)
+    assert all(k in rows[0] for k in ("task/loss_rpn_cls", "task/loss_rpn_bbox", "task/loss_cls", "task/loss_bbox",
+                                      "distill/cankd_p2", "distill/cankd_p5"))
+    assert rows[0]["task/loss_rpn_bbox"] > 0 and rows[0]["task/loss_bbox"] > 0
+    assert set(cli.summary(reference)["eval"]) == {"mAP", "AP50", "AP75", "AP_S", "AP_M", "AP_L"}
+    assert os.path.exists(reference / "export" / "student.pth")
+    workdir = tmp_path / "run"
+    args = cli.command(workdir, f"--config.data.data_dir={data_dir}", *EIGHT_STEPS, config=config)
+    procs = cli.start(args, devices=1, log_dir=tmp_path, fault={0: "SIGTERM@0"})
+    [(code, _)] = cli.finish(procs)
+    assert code == 0, cli.read_log(tmp_path)[-3000:]
+    assert cli.checkpoint_steps(workdir) == [1]
+    assert "resumed from step 1" in cli.run(args, devices=1)[0]
+    cli.assert_same_training(cli.rows(workdir), rows)
+    assert cli.summary(workdir)["eval"] == cli.summary(reference)["eval"]

@@ -45,7 +45,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Mapping
-from typing import Any, Optional, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 

@@ -1,4 +1,5 @@
-"""The region proposal network's proposals on static shapes (mmdet 3.x `RPNHead.predict_by_feat`).
+"""The region proposal network on static shapes: its proposals (mmdet 3.x `RPNHead.predict_by_feat`) and its
+training targets and losses (`RPNHead.loss_by_feat`).
 
 Per image (vmapped over the batch), as mmdet's `RPNHead._predict_by_feat_single` + `_bbox_post_process`:
 
@@ -12,20 +13,28 @@ Per image (vmapped over the batch), as mmdet's `RPNHead._predict_by_feat_single`
 
 Output: `max_per_img` rows per image, zero boxes and scores after `num_valid` (`valid` False). The proposals
 are not differentiated through (mmdet detaches them): this takes the RPN's outputs as values.
+
+Training (`train_cfg.rpn`): max-IoU assignment of the anchors valid on the image's padded extent (0.7 / 0.3,
+low-quality matches down to 0.3), 256 anchors sampled at positive fraction 0.5 (`samplers.random_sample`),
+binary cross-entropy on the sampled anchors' objectness and L1 on the positives' deltas, both divided by the
+number of sampled anchors in the batch (mmdet's `avg_factor` with the random sampler).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import NamedTuple, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import chex
 import jax
 import jax.numpy as jnp
 
 from cankd_jax.detection.anchors import AnchorGenerator
+from cankd_jax.detection.assigners import BACKGROUND, max_iou_assign
 from cankd_jax.detection.boxes import DeltaXYWHCoder
+from cankd_jax.detection.losses import bce_loss, l1_loss
 from cankd_jax.detection.nms import batched_nms
+from cankd_jax.detection.samplers import Sample, random_sample
 
 Array = jax.Array
 
@@ -114,3 +123,70 @@ def proposal_rois(props: Proposals) -> tuple[Array, Array]:
     b, m, _ = props.boxes.shape
     index = jnp.broadcast_to(jnp.arange(b, dtype=jnp.float32)[:, None, None], (b, m, 1))
     return jnp.concatenate([index, props.boxes], -1).reshape(b * m, 5), props.valid.reshape(b * m)
+
+
+@dataclasses.dataclass(frozen=True)
+class RPNTrainConfig:
+    """mmdet's `train_cfg.rpn` (faster-rcnn_r50_fpn)."""
+
+    pos_iou_thr: float = 0.7
+    neg_iou_thr: float = 0.3
+    min_pos_iou: float = 0.3
+    num: int = 256
+    pos_fraction: float = 0.5
+
+
+RPN_TRAIN_CFG = RPNTrainConfig()
+
+
+class RPNTargets(NamedTuple):
+    """Targets of one image's anchors (A = all levels', concatenated in `AnchorGenerator` order).
+
+    objectness `(A,)` float32: 1 for a sampled positive, 0 otherwise; label_weights `(A,)` float32: 1 for the
+    sampled anchors; bbox_targets `(A, 4)` deltas of the sampled positives (0 elsewhere); bbox_weights `(A, 4)`;
+    num_samples `()` int32: anchors sampled in this image."""
+
+    objectness: Array
+    label_weights: Array
+    bbox_targets: Array
+    bbox_weights: Array
+    num_samples: Array
+
+
+def rpn_targets_single(anchors: Array, anchor_valid: Array, gt_boxes: Array, gt_valid: Array,
+                       key: Optional[Array] = None, *, sample: Optional[Sample] = None,
+                       cfg: RPNTrainConfig = RPN_TRAIN_CFG, coder: DeltaXYWHCoder = DeltaXYWHCoder()) -> RPNTargets:
+    """mmdet `AnchorHead._get_targets_single` for the RPN: `anchors (A, 4)`, `anchor_valid (A,)` (the valid
+    flags of the image's padded shape; `allowed_border=-1`), `gt_boxes (G, 4)`, `gt_valid (G,)`. The anchors
+    are sampled with `key`, or `sample` gives the sampled positives and negatives (the tests feed mmdet's)."""
+    res = max_iou_assign(anchors, gt_boxes, gt_valid, anchor_valid, pos_iou_thr=cfg.pos_iou_thr,
+                         neg_iou_thr=cfg.neg_iou_thr, min_pos_iou=cfg.min_pos_iou)
+    if sample is None:
+        if key is None:
+            raise ValueError("rpn_targets_single: give a sampling key, or the sample itself")
+        sample = random_sample(key, res.gt_inds >= 0, res.gt_inds == BACKGROUND, num=cfg.num,
+                               pos_fraction=cfg.pos_fraction)
+    pos, neg = sample
+    anchors = jnp.asarray(anchors, jnp.float32)
+    idx = jnp.maximum(res.gt_inds, 0)
+    # Non-positives encode against themselves, so no log(0) of a padded ground truth is ever formed.
+    matched = jnp.where(pos[:, None], jnp.asarray(gt_boxes, jnp.float32)[idx], anchors)
+    bbox_targets = jnp.where(pos[:, None], coder.encode(anchors, matched), 0.0)
+    return RPNTargets(objectness=pos.astype(jnp.float32), label_weights=(pos | neg).astype(jnp.float32),
+                      bbox_targets=bbox_targets,
+                      bbox_weights=jnp.broadcast_to(pos[:, None], bbox_targets.shape).astype(jnp.float32),
+                      num_samples=jnp.sum(pos | neg).astype(jnp.int32))
+
+
+def rpn_loss(cls_logits: Array, bbox_pred: Array, targets: RPNTargets) -> dict[str, Array]:
+    """`loss_rpn_cls` (BCE) and `loss_rpn_bbox` (L1 on deltas), both loss_weight 1, each divided by the batch's
+    sampled anchors. `cls_logits (B, A)`, `bbox_pred (B, A, 4)`, `targets` with a leading B."""
+    chex.assert_rank(cls_logits, 2)
+    b, a = cls_logits.shape
+    chex.assert_shape(bbox_pred, (b, a, 4))
+    chex.assert_shape(targets.objectness, (b, a))
+    avg = jnp.sum(targets.num_samples).astype(jnp.float32)
+    return {"loss_rpn_cls": bce_loss(cls_logits.reshape(-1), targets.objectness.reshape(-1),
+                                     targets.label_weights.reshape(-1), avg_factor=avg),
+            "loss_rpn_bbox": l1_loss(bbox_pred.reshape(-1, 4), targets.bbox_targets.reshape(-1, 4),
+                                     targets.bbox_weights.reshape(-1, 4), avg_factor=avg)}

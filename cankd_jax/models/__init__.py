@@ -38,3 +38,4 @@ from cankd_jax.models.registry import (  # noqa: F401
 from cankd_jax.models.resnet import BasicBlock, Bottleneck, ResNet  # noqa: F401
 from cankd_jax.models.segmenter import Segmenter  # noqa: F401
 from cankd_jax.models.trunk import FCOS, DetectionTrunk, RetinaNet, SingleStageDetector  # noqa: F401
+from cankd_jax.models.two_stage import FasterRCNN, RPNHead, Shared2FCBBoxHead, StandardRoIHead  # noqa: F401

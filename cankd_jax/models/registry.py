@@ -312,14 +312,14 @@ def make_network(cfg: Any, *, num_classes: int) -> nn.Module:
     """The network of a config block (`config.student` / `config.teacher`).
 
     Fields: `name` (a backbone name for a classifier; a segmenter `fcn` /
-    `deeplabv3` / `pspnet`; a detector `retinanet` / `fcos`; a trunk `fpn` /
+    `deeplabv3` / `pspnet`; a detector `retinanet` / `fcos` / `faster_rcnn`; a trunk `fpn` /
     `retinanet_fpn` / `fcos_fpn` / `gfl_fpn`), `backbone` and `backbone_kwargs`
     (backbone fields, e.g. `base_width`), `frozen_stages`, `norm_eval`,
     `dtype` / `param_dtype` (names such as 'bfloat16'), `remat` (a
     `cankd_jax.compute.REMAT_POLICIES` name; segmenters and ResNets), `frozen_prefixes`
     (extra frozen keys, see `frozen_labels`); segmenters also `head_channels`,
     `aux_channels`, `dropout_ratio`, `head_kwargs`; detectors `neck_kwargs` and
-    `head_kwargs`; trunks `neck_kwargs`. `frozen_stages` / `norm_eval` left out
+    `head_kwargs` (and Faster R-CNN `roi_head_kwargs`); trunks `neck_kwargs`. `frozen_stages` / `norm_eval` left out
     take each builder's default (mmdet's 1 / True for detectors and trunks,
     -1 / False otherwise). The checkpoint fields are left to the loader;
     `num_classes` (the task's) is not used by a trunk.
@@ -352,7 +352,8 @@ def make_network(cfg: Any, *, num_classes: int) -> nn.Module:
         raise ValueError(f"remat={remat!r} is implemented for segmenters and ResNet classifiers, not for {name!r}; "
                          "use remat='none'")
     elif name in DETECTORS:
-        options = take({"backbone": "backbone", "neck_kwargs": "neck_kwargs", "head_kwargs": "head_kwargs"})
+        options = take({"backbone": "backbone", "neck_kwargs": "neck_kwargs", "head_kwargs": "head_kwargs",
+                        "roi_head_kwargs": "roi_head_kwargs"})
         model = make_detector(name, num_classes=num_classes, backbone_kwargs=kwargs, **options, **common)
     elif name in TRUNKS:
         options = take({"backbone": "backbone"})

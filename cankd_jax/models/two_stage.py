@@ -14,7 +14,7 @@ differentiated through, as in mmdet (its proposals are detached).
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import chex
 import flax.linen as nn
@@ -125,10 +125,13 @@ class FasterRCNN(_Pyramid, nn.Module):
     """Faster R-CNN (mmdet 3.x `faster-rcnn_r50_fpn_1x_coco`): ResNet (`frozen_stages=1`, `norm_eval`), FPN (P2-P6,
     P6 by max-pool), `RPNHead`, `StandardRoIHead`; parameters under `backbone`, `neck`, `rpn_head`, `roi_head`.
 
-    `__call__(images (B, H, W, 3), *, train, rois=None) -> dict`: the trunk's features (`fpn.p2`..`fpn.p6`), the
-    RPN's per-level `rpn_cls_scores` / `rpn_bbox_preds`, and, for `rois (R, 5)` (image index, x1, y1, x2, y2 in
-    input pixels), the box head's `roi_cls_scores (R, K + 1)` and `roi_bbox_preds (R, 4 K)`. Without `rois` the
-    box head runs on none (R = 0): its parameters exist, the call costs nothing.
+    `__call__(images (B, H, W, 3), *, train, rois=None, roi_sampler=None) -> dict`: the trunk's features
+    (`fpn.p2`..`fpn.p6`), the RPN's per-level `rpn_cls_scores` / `rpn_bbox_preds`, and the box head's
+    `roi_cls_scores (R, K + 1)` and `roi_bbox_preds (R, 4 K)` for the RoIs `(R, 5)` (image index, x1, y1, x2, y2
+    in input pixels) given as `rois`, or chosen by `roi_sampler` from the RPN's outputs (taken without their
+    gradient, as mmdet detaches its proposals): `roi_sampler(rpn_outputs) -> (rois, extra)`, whose `extra`
+    arrays join the outputs (the task's proposals or sampled targets: `DetectionTask.apply_kwargs`). With
+    neither, the box head runs on no RoI (R = 0): its parameters exist, the call costs nothing.
     """
 
     backbone: nn.Module
@@ -142,14 +145,21 @@ class FasterRCNN(_Pyramid, nn.Module):
         return self.level_strides()
 
     @nn.compact
-    def __call__(self, images: Array, *, train: bool, rois: Optional[Array] = None) -> dict[str, Array]:
+    def __call__(self, images: Array, *, train: bool, rois: Optional[Array] = None,
+                 roi_sampler: Optional[Callable[[dict[str, Any]], tuple[Array, dict[str, Any]]]] = None
+                 ) -> dict[str, Any]:
         out, pyramid = self._features(images, train)
         strides = tuple(self.roi_head.strides)
         if tuple(self.level_strides()[:len(strides)]) != strides:
             raise ValueError(f"FasterRCNN: the RoI head's strides {strides} are not the first pyramid levels' "
                              f"{self.level_strides()}")
         rpn = self.rpn_head(pyramid, train=train)
+        extra: dict[str, Any] = {}
+        if rois is not None and roi_sampler is not None:
+            raise ValueError("FasterRCNN: give rois or a roi_sampler, not both")
+        if roi_sampler is not None:
+            rois, extra = roi_sampler(jax.lax.stop_gradient(rpn))
         if rois is None:
             rois = jnp.zeros((0, 5), jnp.float32)
         roi = self.roi_head(pyramid, rois, train=train)
-        return {**out, **rpn, **roi}
+        return {**out, **rpn, **roi, **extra}

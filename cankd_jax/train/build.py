@@ -64,7 +64,8 @@ def build_run(config: ml_collections.ConfigDict, mesh: Mesh, *, input_size: Opti
     dtype, remat = config.get("dtype", "float32"), config.get("remat", "none")
     compute_dtype(dtype), remat_policy(remat)  # unknown names: a ValueError listing the valid ones
     student = models.make_network(network_config(config.student, dtype, remat), num_classes=config.task.num_classes)
-    if hasattr(task, "for_detector") and hasattr(student, "bbox_head"):  # a detector's targets follow its head
+    if hasattr(task, "for_detector") and (hasattr(student, "bbox_head") or hasattr(student, "rpn_head")):
+        # a detector's targets follow its head
         task = task.for_detector(student, config.task)
     terms = make_terms(config.get("distill", ()), dtype=dtype)
     teacher = None

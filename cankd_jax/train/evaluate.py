@@ -11,6 +11,7 @@ from jax.sharding import Mesh
 from cankd_jax.train.compiled import CompiledPerShape
 from cankd_jax.train.sharding import global_batch, replicated
 from cankd_jax.train.tasks import Task
+from cankd_jax.train.tasks.base import task_apply_kwargs
 
 PyTree = Any
 
@@ -29,7 +30,8 @@ def make_evaluator(task: Task, data: Any, mesh: Mesh) -> Callable[[nn.Module, Py
     def evaluate(network: nn.Module, variables: PyTree) -> dict[str, float]:
         if id(network) not in cache:
             def outputs(variables, batch):
-                return task.eval_outputs(network.apply(variables, batch["image"], train=False), batch)
+                kwargs = task_apply_kwargs(task, batch, train=False)  # Faster R-CNN: its test proposals
+                return task.eval_outputs(network.apply(variables, batch["image"], train=False, **kwargs), batch)
 
             cache[id(network)] = CompiledPerShape(jax.jit(outputs, out_shardings=out_sharding),
                                                   what="evaluation", key_argnums=(1,))

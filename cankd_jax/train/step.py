@@ -32,6 +32,7 @@ from cankd_jax.train.compiled import CompiledPerShape
 from cankd_jax.train.sharding import batch_sharding, replicated
 from cankd_jax.train.state import TrainState
 from cankd_jax.train.tasks import Task
+from cankd_jax.train.tasks.base import task_apply_kwargs
 
 Array = jax.Array
 PyTree = Any
@@ -96,6 +97,9 @@ def distill_losses(
     return values, new_stats
 
 
+SAMPLE_STREAM = 0x5A4D  # fold_in constant of the task's sampling key (random RoI / anchor sampling)
+
+
 def make_grad_fn(
     *,
     student: nn.Module,
@@ -133,6 +137,9 @@ def step_loss(*, student: nn.Module, teacher: Optional[nn.Module], terms: tuple[
     rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     dropout_rng, mask_rng = jax.random.split(rng)
     t_feats = teacher_features(teacher, teacher_vars, images, t_names) if terms else {}
+    # What the task hands the student's call (Faster R-CNN: how it samples its RoIs), with a key of its own that
+    # leaves the dropout and mask keys as they were.
+    extra = task_apply_kwargs(task, labels, train=True, key=jax.random.fold_in(rng, SAMPLE_STREAM))
 
     def loss_fn(params):
         s_out, s_upd = student.apply(
@@ -141,6 +148,7 @@ def step_loss(*, student: nn.Module, teacher: Optional[nn.Module], terms: tuple[
             train=True,
             mutable=["batch_stats"],
             rngs={"dropout": dropout_rng},
+            **extra,
         )
         task_total, task_terms = task.loss(s_out, labels)
         d_values, d_stats = distill_losses(

@@ -18,6 +18,8 @@ class Task(Protocol):
     `accumulate(total, outputs) -> total`: folds one batch's host outputs into the running
       total (`total` is None for the first batch); the same on every process.
     `summarize(total) -> {name: float}`: the metrics, `metric` among them (the headline).
+    Optional: `apply_kwargs(data, *, train, key) -> dict`, keyword arguments for the network's call (the labels in
+      training with a sampling key, the eval batch otherwise; `task_apply_kwargs`).
     """
 
     metric: str
@@ -29,6 +31,13 @@ class Task(Protocol):
     def accumulate(self, total: Any, outputs: Any) -> Any: ...
 
     def summarize(self, total: Any) -> dict[str, float]: ...
+
+
+def task_apply_kwargs(task: Any, data: Any, *, train: bool, key: Optional[jax.Array] = None) -> dict[str, Any]:
+    """The keyword arguments a task adds to the network's call: `task.apply_kwargs(...)` if it has one (two-stage
+    detection: the RoI sampler), else none. `data`: the batch's labels in training, the eval batch otherwise."""
+    method = getattr(task, "apply_kwargs", None)
+    return dict(method(data, train=train, key=key)) if callable(method) else {}
 
 
 class _SummedCounts:

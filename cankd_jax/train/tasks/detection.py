@@ -1,6 +1,6 @@
-"""One-stage detection (RetinaNet, FCOS): mmdet's training targets and losses, its test-time post-processing
+"""Detection (RetinaNet, FCOS, Faster R-CNN): mmdet's training targets and losses, its test-time post-processing
 inside the jitted evaluation, and pycocotools' COCOeval on the host. The building blocks (boxes, anchors,
-assigners, losses, NMS) are `cankd_jax.detection`'s."""
+assigners, samplers, losses, NMS, RoIAlign, proposals) are `cankd_jax.detection`'s."""
 
 from __future__ import annotations
 
@@ -16,6 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from cankd_jax import detection as det
+from cankd_jax.detection import rcnn, rpn
+from cankd_jax.detection.samplers import sample_key
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +27,7 @@ DETECTOR_NMS = None  # DetectionTask.iou_threshold: the detector's own NMS thres
 
 @dataclasses.dataclass(frozen=True)
 class DetectionTask:
-    """One-stage detection (`detector` 'retinanet' or 'fcos'): mmdet's training losses, COCO mAP.
+    """Detection (`detector` 'retinanet', 'fcos' or 'faster_rcnn'): mmdet's training losses, COCO mAP.
 
     `loss(outputs, labels)`: the student's per-level head outputs (`cls_scores`,
     `bbox_preds`, FCOS `centernesses`) against the batch's padded ground truth
@@ -49,7 +51,16 @@ class DetectionTask:
     0.50:0.95), `AP50`, `AP75`, `AP_S`, `AP_M`, `AP_L` (-1 where the split has no
     object of that size, as COCOeval), fractions in [0, 1].
 
-    `strides`: the neck levels' (P3-P7); `norm_on_bbox`: FCOS's head setting (its
+    Faster R-CNN (`faster_rcnn`): `apply_kwargs` gives the student's call a RoI sampler. In training it takes
+    the RPN's proposals (`rpn.RPN_TRAIN_PROPOSALS`), samples 256 anchors and 512 RoIs per image with keys
+    derived from the step's key and the image's index in the global batch (`samplers.sample_key`: the same
+    draw on any number of devices), and returns the RPN's targets and the sampled RoIs, which the box head
+    then classifies; `loss` adds `loss_rpn_cls`, `loss_rpn_bbox` (`rpn.rpn_loss`), `loss_cls`, `loss_bbox`
+    (`rcnn.rcnn_loss`). At test time it gives the RPN's test proposals (`rpn.RPN_TEST_PROPOSALS`, clipped to
+    each image) and `detect` is the box head's post-processing (`rcnn.rcnn_postprocess`: score 0.05, NMS 0.5,
+    100 per image, unless `score_thr` / `iou_threshold` / `max_per_img` say otherwise).
+
+    `strides`: the neck levels' (P3-P7; P2-P6 for Faster R-CNN); `norm_on_bbox`: FCOS's head setting (its
     training distances in strides). A run takes both from the student's head
     (`for_detector`), so the network is their one source; a config that sets either
     to another value is refused.
@@ -68,7 +79,7 @@ class DetectionTask:
     ground_truth: Optional[dict] = dataclasses.field(default=None, compare=False, repr=False,
                                                      metadata={"internal": True})
 
-    DETECTORS = ("retinanet", "fcos")
+    DETECTORS = ("retinanet", "fcos", "faster_rcnn")
 
     def __post_init__(self):
         if self.detector not in self.DETECTORS:
@@ -78,8 +89,8 @@ class DetectionTask:
     def for_detector(self, detector: Any, cfg: Mapping[str, Any]) -> DetectionTask:
         """This task matched to the student: its kind (from its head), its levels' strides, and FCOS's
         `norm_on_bbox` (from its head). `cfg` (the `config.task` block) may name these only with those values."""
-        head = detector.bbox_head
-        kind = {"RetinaHead": "retinanet", "FCOSHead": "fcos"}.get(type(head).__name__)
+        head = getattr(detector, "bbox_head", None) or getattr(detector, "rpn_head", None)
+        kind = {"RetinaHead": "retinanet", "FCOSHead": "fcos", "RPNHead": "faster_rcnn"}.get(type(head).__name__)
         if kind != self.detector:
             raise ValueError(f"task.detector={self.detector!r} but the student's head is a {type(head).__name__}"
                              + (f"; set task.detector to {kind!r}" if kind else ", which this task has no targets for"))
@@ -114,6 +125,45 @@ class DetectionTask:
             raise ValueError(f"the detector has {len(sizes)} levels but task.strides={self.strides}")
         return sizes, self.strides
 
+    def apply_kwargs(self, data: Mapping[str, Any], *, train: bool, key: Optional[jax.Array] = None) -> dict:
+        """Faster R-CNN: the `roi_sampler` of the student's call (see the class docstring); nothing otherwise.
+        `data`: the batch's labels (training, with the step's sampling `key`) or the eval batch."""
+        if self.detector != "faster_rcnn":
+            return {}
+        img_shapes = data["img_shape"]
+        if not train:
+            def test_rois(rpn_out):
+                props = rpn.proposals(rpn_out["rpn_cls_scores"], rpn_out["rpn_bbox_preds"], img_shapes,
+                                      cfg=rpn.RPN_TEST_PROPOSALS)
+                rois, _ = rpn.proposal_rois(props)
+                return rois, {"proposals": props}
+
+            return {"roi_sampler": test_rois}
+        if key is None:
+            raise ValueError("DetectionTask.apply_kwargs: Faster R-CNN's training needs a sampling key")
+        k = self.num_classes
+        gt = (data["boxes"], data["labels"], data["valid"])
+
+        def train_rois(rpn_out):
+            sizes = [tuple(int(d) for d in m.shape[1:3]) for m in rpn_out["rpn_cls_scores"]]
+            props = rpn.proposals(rpn_out["rpn_cls_scores"], rpn_out["rpn_bbox_preds"], img_shapes,
+                                  cfg=rpn.RPN_TRAIN_PROPOSALS)
+            anchors = np.concatenate(rpn.RPN_ANCHORS.grid_anchors(sizes))
+            b = img_shapes.shape[0]
+
+            def one(index, pad_shape, boxes, gt_labels, valid, proposals, proposal_valid):
+                image_key = sample_key(key, 0, index)  # the step is already folded into `key`
+                flags = jnp.concatenate(rpn.RPN_ANCHORS.valid_flags(sizes, pad_shape))
+                rpn_t = rpn.rpn_targets_single(anchors, flags, boxes, valid, jax.random.fold_in(image_key, 0))
+                roi_s = rcnn.rcnn_sample_single(proposals, proposal_valid, boxes, gt_labels, valid,
+                                                jax.random.fold_in(image_key, 1), num_classes=k)
+                return rpn_t, roi_s
+
+            rpn_t, roi_s = jax.vmap(one)(jnp.arange(b), data["pad_shape"], *gt, props.boxes, props.valid)
+            return rcnn.sample_rois(roi_s), {"rpn_targets": rpn_t, "roi_samples": roi_s}
+
+        return {"roi_sampler": train_rois}
+
     def targets(self, outputs: Mapping[str, Any], labels: Mapping[str, jax.Array]) -> Any:
         """The batch's training targets, per image (vmapped): `RetinaNetTargets` over the anchors (valid within
         each image's `pad_shape`), or `FCOSTargets` over the points; every leaf with a leading batch axis."""
@@ -134,6 +184,15 @@ class DetectionTask:
                                                          norm_on_bbox=self.norm_on_bbox))(*gt)
 
     def loss(self, outputs: Mapping[str, Any], labels: Mapping[str, jax.Array]) -> tuple[jax.Array, dict]:
+        if self.detector == "faster_rcnn":
+            if "rpn_targets" not in outputs:
+                raise ValueError("Faster R-CNN's loss needs the outputs of a call with DetectionTask.apply_kwargs' "
+                                 "roi_sampler (the RPN's targets and the sampled RoIs)")
+            cls = jnp.concatenate([m.reshape(m.shape[0], -1) for m in outputs["rpn_cls_scores"]], 1)
+            reg = det.flatten_level_maps(outputs["rpn_bbox_preds"], 4)
+            terms = {**rpn.rpn_loss(cls, reg, outputs["rpn_targets"]),
+                     **rcnn.rcnn_loss(outputs["roi_cls_scores"], outputs["roi_bbox_preds"], outputs["roi_samples"])}
+            return sum(terms.values()), terms
         k = self.num_classes
         cls = det.flatten_level_maps(outputs["cls_scores"], k)
         reg = det.flatten_level_maps(outputs["bbox_preds"], 4)
@@ -148,6 +207,15 @@ class DetectionTask:
 
     def detect(self, outputs: Mapping[str, Any], img_shapes: jax.Array, scale_factors: jax.Array) -> det.Detections:
         """Inference-mode head outputs -> `Detections` in original-image pixels (jit-able)."""
+        if self.detector == "faster_rcnn":
+            props = outputs["proposals"]
+            b, m = props.valid.shape
+            cfg = rcnn.RCNNTestConfig(score_thr=self.score_thr, max_per_img=self.max_per_img,
+                                      iou_threshold=rcnn.RCNN_TEST_CFG.iou_threshold
+                                      if self.iou_threshold is DETECTOR_NMS else self.iou_threshold)
+            return rcnn.rcnn_postprocess(props.boxes, props.valid, outputs["roi_cls_scores"].reshape(b, m, -1),
+                                         outputs["roi_bbox_preds"].reshape(b, m, -1), img_shapes, scale_factors,
+                                         cfg=cfg)
         sizes, strides = self._levels(outputs)
         b, k, cfg = outputs["cls_scores"][0].shape[0], self.num_classes, self.postprocess_config
         cls = [m.reshape(b, -1, k) for m in outputs["cls_scores"]]
