@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cankd_jax.detection.boxes import DeltaXYWHCoder, DistancePointCoder, rescale_boxes
-from cankd_jax.detection.nms import batched_nms
+from cankd_jax.detection.nms import NMSResult, batched_nms
 
 Array = jax.Array
 
@@ -79,6 +79,11 @@ def _finish(boxes, scores, labels, valid, scale_factor, cfg: PostprocessConfig) 
         w, h = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
         valid = valid & (w > cfg.min_bbox_size) & (h > cfg.min_bbox_size)
     res = batched_nms(boxes, scores, labels, valid, iou_threshold=cfg.iou_threshold, max_out=cfg.max_per_img)
+    return kept_detections(boxes, scores, labels, res)
+
+
+def kept_detections(boxes: Array, scores: Array, labels: Array, res: NMSResult) -> Detections:
+    """The candidates NMS kept, best first, as `Detections` (zero boxes and scores, label -1 after `num_kept`)."""
     ok = res.keep >= 0
     idx = jnp.maximum(res.keep, 0)
     return Detections(

@@ -31,7 +31,8 @@ from cankd_jax.detection.assigners import BACKGROUND, IGNORE, max_iou_assign
 from cankd_jax.detection.boxes import DeltaXYWHCoder, rescale_boxes
 from cankd_jax.detection.losses import l1_loss, weight_reduce
 from cankd_jax.detection.nms import batched_nms
-from cankd_jax.detection.postprocess import Detections
+from cankd_jax.detection.postprocess import Detections, kept_detections
+from cankd_jax.detection.roi_align import batch_rois
 from cankd_jax.detection.samplers import Sample, random_sample
 
 Array = jax.Array
@@ -73,10 +74,7 @@ def rcnn_postprocess_single(roi_boxes: Array, roi_valid: Array, cls_logits: Arra
     labels = jnp.tile(jnp.arange(k, dtype=jnp.int32), r)
     valid = jnp.repeat(roi_valid, k) & (scores > cfg.score_thr)
     res = batched_nms(boxes, scores, labels, valid, iou_threshold=cfg.iou_threshold, max_out=cfg.max_per_img)
-    ok = res.keep >= 0
-    idx = jnp.maximum(res.keep, 0)
-    return Detections(boxes=jnp.where(ok[:, None], boxes[idx], 0.0), scores=jnp.where(ok, scores[idx], 0.0),
-                      labels=jnp.where(ok, labels[idx], -1).astype(jnp.int32), num_valid=res.num_kept)
+    return kept_detections(boxes, scores, labels, res)
 
 
 def rcnn_postprocess(roi_boxes: Array, roi_valid: Array, cls_logits: Array, bbox_pred: Array, img_shapes: Array,
@@ -180,6 +178,4 @@ def rcnn_loss(cls_logits: Array, bbox_pred: Array, samples: RoISample) -> dict[s
 
 def sample_rois(samples: RoISample) -> Array:
     """`(B * S, 5)` RoIs `(image index, x1, y1, x2, y2)` of a batch's sampled slots (unused slots: zero boxes)."""
-    b, s, _ = samples.boxes.shape
-    index = jnp.broadcast_to(jnp.arange(b, dtype=jnp.float32)[:, None, None], (b, s, 1))
-    return jnp.concatenate([index, samples.boxes], -1).reshape(b * s, 5)
+    return batch_rois(samples.boxes)

@@ -216,6 +216,13 @@ def _align(flat, rois, level, base, heights, widths, scales, output_size, sampli
     return jnp.where(broken[:, None, None, None], jnp.nan, out)
 
 
+def batch_rois(boxes: Array) -> Array:
+    """mmdet's `bbox2roi` on static shapes: `(B, M, 4)` boxes -> `(B * M, 5)` RoIs `(image index, x1, y1, x2, y2)`."""
+    b, m, _ = boxes.shape
+    index = jnp.broadcast_to(jnp.arange(b, dtype=boxes.dtype)[:, None, None], (b, m, 1))
+    return jnp.concatenate([index, boxes], -1).reshape(b * m, 5)
+
+
 def extract_roi_features(features: Sequence[Array], rois: Array, strides: Sequence[int], *,
                          output_size: int = 7, sampling_ratio: int = 0, finest_scale: float = FINEST_SCALE,
                          max_samples: Optional[int] = None, chunk: int = 64) -> Array:

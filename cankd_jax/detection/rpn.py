@@ -34,6 +34,7 @@ from cankd_jax.detection.assigners import BACKGROUND, max_iou_assign
 from cankd_jax.detection.boxes import DeltaXYWHCoder
 from cankd_jax.detection.losses import bce_loss, l1_loss
 from cankd_jax.detection.nms import batched_nms
+from cankd_jax.detection.roi_align import batch_rois
 from cankd_jax.detection.samplers import Sample, random_sample
 
 Array = jax.Array
@@ -120,9 +121,7 @@ def proposals(rpn_cls_scores: Sequence[Array], rpn_bbox_preds: Sequence[Array], 
 def proposal_rois(props: Proposals) -> tuple[Array, Array]:
     """`(B * M, 5)` RoIs `(image index, x1, y1, x2, y2)` of the proposals (mmdet's `bbox2roi`) and their
     `(B * M,)` validity (the padding rows are zero boxes of their image)."""
-    b, m, _ = props.boxes.shape
-    index = jnp.broadcast_to(jnp.arange(b, dtype=jnp.float32)[:, None, None], (b, m, 1))
-    return jnp.concatenate([index, props.boxes], -1).reshape(b * m, 5), props.valid.reshape(b * m)
+    return batch_rois(props.boxes), props.valid.reshape(-1)
 
 
 @dataclasses.dataclass(frozen=True)
