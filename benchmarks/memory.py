@@ -11,6 +11,7 @@ workspace). peak = arguments + outputs - aliased (donated) + temporaries.
     python benchmarks/memory.py                                   # the paper's Cityscapes step, 1/2/4 images
     python benchmarks/memory.py --batches 2 --remat none dots_saveable nothing_saveable
     python benchmarks/memory.py --case retinanet --batches 1 2 4   # the COCO step at 800x1344 (FPN P3-P6)
+    python benchmarks/memory.py --case faster_rcnn --batches 2     # Faster R-CNN, CanKD on P2-P5
 
 Caveat: XLA's buffer assignment is the compiling backend's. Compiled here for
 the CPU it is an estimate of what a GPU / TPU compile needs (their fusion and
@@ -39,6 +40,7 @@ CASES = {
     "dlv3_alone": ("cityscapes.py", "head=deeplabv3,loss=none", (512, 1024)),
     "retinanet": ("coco.py", "detector=retinanet,teacher=retinanet_r101,loss=cankd", (800, 1344)),
     "fcos": ("coco.py", "detector=fcos,teacher=fcos_r101,loss=cankd", (800, 1344)),
+    "faster_rcnn": ("coco.py", "detector=faster_rcnn,teacher=faster_rcnn_r101,loss=cankd", (800, 1344)),
 }
 PENDING: dict[str, str] = {}
 MAX_BOXES = 100  # padded boxes per image in the detection batch (COCO train2017 has up to 93 per image)
@@ -154,6 +156,9 @@ def kept_for_backward(run, state, batch) -> int:
     from cankd_jax.train.step import step_loss
 
     def total(params, rest):
+        # Only the parameters are differentiated, as in the step: a gradient w.r.t. the batch would keep residuals
+        # the step never keeps (Faster R-CNN's ground-truth boxes are RoIs: the gathered features of every RoI).
+        rest = jax.lax.stop_gradient(rest)
         st = rest["state"].replace(params=params)
         loss_fn, _ = step_loss(student=run.student, teacher=run.teacher, terms=run.terms, task=run.task, state=st,
                                teacher_vars=rest["teacher"], batch=rest["batch"])

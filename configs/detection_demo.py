@@ -4,24 +4,29 @@
     python train.py --config configs/detection_demo.py:loss=pkd --workdir /tmp/det_demo         # a baseline instead
     python train.py --config configs/detection_demo.py:loss=cankd+fitnet --workdir /tmp/det_demo  # several, one table
     python train.py --config configs/detection_demo.py:detector=retinanet --workdir /tmp/det_demo_retina
+    python train.py --config configs/detection_demo.py:detector=faster_rcnn --workdir /tmp/det_demo_frcnn
 
 Phases on the built-in synthetic scenes seen as detection (64x64 images resized to 128x128
 as mmdet's keep-ratio resize would, 6 shape classes, no download), each in `workdir/<phase>`
 and each resumable on its own:
 
-  teacher   FCOS (or RetinaNet) on a ResNet-18 layout at a quarter of the standard width,
+  teacher   FCOS (or RetinaNet, or Faster R-CNN) on a ResNet-18 layout at a quarter of the standard width,
             from scratch; re-used when `workdir/teacher` already holds a finished run
   student   the same detector with an eighth-width backbone (the teacher's FPN and head
             widths), detection losses only
   <loss>    the same student, same steps and data order, plus the distillation loss on each
             of P3-P6 against the trained teacher's backbone + FPN (its trunk; the head is not
             used): the paper's recipe scaled down (four loss modules, loss_weight 10, equal
-            FPN widths so no connector)
+            FPN widths so no connector); Faster R-CNN distils P2-P5, as the paper's
+            two-stage rows, with mmdet's RPN and RoI assignment and sampling; the counts
+            scaled to the small images (`RCNN_COUNTS`: 300 proposals and 128 sampled RoIs
+            per image instead of 1000 and 512; fc widths 128 instead of 1024)
 
 `workdir/summary.json` gets `{"metric": "mAP", "teacher": x, "student": y, "cankd": z, ...}`:
 COCO AP (IoU 0.50:0.95, pycocotools' COCOeval) on the 500 held-out scenes, with the teacher's
-and every phase's AP50/AP75/AP_S in its `phases` entry. Every object is under 32x32 pixels in
-the original 64x64 images, so AP_M and AP_L are -1 (COCOeval's "no such objects").
+and every phase's AP50/AP75/AP_S/AP_M in its `phases` entry. Objects are small in the original 64x64
+images (COCO's sizes: most under 32x32 pixels, a few medium, none over 96x96, so AP_L is -1, COCOeval's
+"no such objects").
 
 From scratch in minutes: AdamW with a cosine decay and the networks' BatchNorm in training
 mode (no frozen stages, no norm_eval), where the paper fine-tunes ImageNet backbones with SGD
@@ -41,16 +46,27 @@ STUDENT_WIDTH = 8        # ResNet-18 layer4: 8 * 8 = 64 channels
 NECK = 32                # FPN and head channels of both networks (the paper's 256 -> 256)
 
 
+FC = 128                 # Faster R-CNN's box head (the paper's 1024)
+LEVELS = {"faster_rcnn": ("fpn.p2", "fpn.p3", "fpn.p4", "fpn.p5")}  # the others: P3-P6
+# Faster R-CNN's proposal and RoI counts scaled to 128x128 images (4,092 anchors; mmdet's 2000 / 1000
+# proposals and 512 RoIs are for 800x1344, 268,569 anchors): (nms_pre, max_per_img) and RoIs per image
+RCNN_COUNTS = dict(train_proposals=(500, 300), test_proposals=(300, 300), roi_samples=128)
+
+
 def _network(detector: str, width: int) -> dict:
     head = dict(feat_channels=NECK, stacked_convs=2)
+    extra = {}
     if detector == "fcos":
         head["num_groups"] = 8
+    if detector == "faster_rcnn":
+        head = dict(feat_channels=NECK)
+        extra = dict(roi_head_kwargs=dict(fc_out_channels=FC))
     return dict(name=detector, backbone="resnet18", backbone_kwargs=dict(base_width=width, stem_width=width),
-                neck_kwargs=dict(out_channels=NECK), head_kwargs=head, frozen_stages=-1, norm_eval=False)
+                neck_kwargs=dict(out_channels=NECK), head_kwargs=head, frozen_stages=-1, norm_eval=False, **extra)
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-    a = config_arg.parse(arg, {"loss": PRESET_LOSSES, "detector": ("retinanet", "fcos")},
+    a = config_arg.parse(arg, {"loss": PRESET_LOSSES, "detector": ("retinanet", "fcos", "faster_rcnn")},
                          {"loss": ["cankd"], "detector": "fcos"}, config="configs/detection_demo.py",
                          lists=("loss",))
     detector, losses = a["detector"], a["loss"]
@@ -67,11 +83,13 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.metric = "mAP"
 
     c.task = dict(name="detection", num_classes=6, detector=detector)
+    if detector == "faster_rcnn":
+        c.task.update(RCNN_COUNTS)
     c.data = dict(name="synthetic_detection", data_dir="", image_size=64, num_train=2000, num_test=500,
                   scale=(128, 128), norm="pytorch", eval_batch_size=50, workers=0)
     c.student = _network(detector, STUDENT_WIDTH)
     # The teacher run's export holds the whole detector; the distilling runs read its backbone and neck.
-    trunk = {k: v for k, v in _network(detector, TEACHER_WIDTH).items() if k != "head_kwargs"}
+    trunk = {k: v for k, v in _network(detector, TEACHER_WIDTH).items() if k not in ("head_kwargs", "roi_head_kwargs")}
     c.teacher = dict(trunk, name=f"{detector}_fpn", checkpoint="{workdir}/teacher/export")
     c.distill = []
     c.optimizer = dict(name="adamw", lr=2e-3, weight_decay=1e-4, grad_clip_norm=35.0, schedule="cosine",
@@ -83,7 +101,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.phase_overrides = {
         "teacher": dict(student=_network(detector, TEACHER_WIDTH), total_steps=TEACHER_STEPS),
         "student": {},
-        **{name: dict(distill=detection_terms(name, student_channels=NECK, teacher_channels=NECK))
+        **{name: dict(distill=detection_terms(name, student_channels=NECK, teacher_channels=NECK,
+                                              **({"levels": LEVELS[detector]} if detector in LEVELS else {})))
            for name in losses},
     }
     return c

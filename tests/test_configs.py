@@ -43,6 +43,9 @@ CASES = [
     ("coco.py", "teacher=gfl_r101,loss=pkd"),
     ("coco.py", "teacher=retinanet_x101,dagger=true,loss=mgd"),
     ("coco.py", "loss=none"),
+    ("coco.py", "detector=faster_rcnn"),
+    ("coco.py", "detector=faster_rcnn,teacher=cmrcnn_x101,dagger=true"),
+    ("coco.py", "teacher=faster_rcnn_x101"),
     ("detection_smoke.py", ""),
     ("detection_smoke.py", "detector=fcos"),
     ("detection_demo.py", ""),
@@ -143,6 +146,41 @@ def test_coco_config_follows_the_paper():
     assert load("coco.py", "dagger=true").student.inherit == "teacher" and not cfg.student.inherit
     with pytest.raises(ValueError, match="teacher must be a retinanet"):
         load("coco.py", "teacher=fcos_r101,dagger=true")
+
+
+def test_coco_two_stage_rows_follow_the_authors_configs():
+    """nlkdIN_fpn_faster-rcnn_r101_faster-rcnn_r50_2x_coco.py, nlkdIN_fpn_cmrcnn_x101_frcnn_r50_2x_coco.py, their
+    dagger twins and nlkdIN_fpn_faster-rcnn_x101_retina_r50_1x_coco.py."""
+    epoch = 117_266 // 4
+    f = load("coco.py", "detector=faster_rcnn")
+    assert (f.task.detector, f.student.name, f.student.backbone, f.data.norm) == (
+        "faster_rcnn", "faster_rcnn", "resnet50", "pytorch")
+    assert (f.teacher.name, f.teacher.backbone) == ("faster_rcnn_fpn", "resnet101")
+    terms = make_terms(f.distill)
+    assert [(t.student_feature, t.teacher_feature, t.loss.in_channels, t.loss.loss_weight) for t in terms] == [
+        (f"fpn.p{k}", f"fpn.p{k}", 256, 10.0) for k in (2, 3, 4, 5)]  # the neck's outputs 0-3
+    o = f.optimizer
+    assert (o.lr, o.momentum, o.weight_decay, o.grad_clip_norm) == (0.005, 0.9, 1e-4, 35.0)
+    assert f.total_steps == 24 * epoch and list(o.boundaries) == [16 * epoch, 22 * epoch]
+    assert not f.student.inherit
+    d = load("coco.py", "detector=faster_rcnn,dagger=true")  # neck + roi_head.bbox_head, not the RPN head
+    assert d.student.inherit == "teacher" and not d.student.inherit_skip_mismatched
+    assert [tuple(p) for p in d.student.inherit_prefixes] == [
+        ("neck.", "neck."), ("roi_head.bbox_head.", "roi_head.bbox_head.")]
+    c = load("coco.py", "detector=faster_rcnn,teacher=cmrcnn_x101,dagger=true")  # Cascade's first stage
+    assert (c.teacher.name, c.teacher.backbone, c.total_steps) == ("cascade_rcnn_fpn", "resnext101_64x4d", 24 * epoch)
+    assert [tuple(p) for p in c.student.inherit_prefixes] == [
+        ("neck.", "neck."), ("roi_head.bbox_head.", "roi_head.bbox_head.0.")] and c.student.inherit_skip_mismatched
+    # Faster R-CNN X101-32x4d -> RetinaNet R50, 1x: levels paired by stride (the teacher's P3-P6, not its P2-P5)
+    r = load("coco.py", "teacher=faster_rcnn_x101")
+    assert (r.teacher.name, r.teacher.backbone, r.total_steps) == ("faster_rcnn_fpn", "resnext101_32x4d", 12 * epoch)
+    assert [(t.student_feature, t.teacher_feature) for t in make_terms(r.distill)] == [
+        (f"fpn.p{k}", f"fpn.p{k}") for k in (3, 4, 5, 6)]
+    with pytest.raises(ValueError, match="teacher=retinanet_r101 gives only fpn.p3.*choose a teacher with those "
+                                         "levels \\(faster_rcnn_r101, faster_rcnn_x101, cmrcnn_x101\\)"):
+        load("coco.py", "detector=faster_rcnn,teacher=retinanet_r101")
+    with pytest.raises(ValueError, match="teacher must be a retinanet \\(teacher=faster_rcnn_x101 is a faster_rcnn"):
+        load("coco.py", "teacher=faster_rcnn_x101,dagger=true")
 
 
 @pytest.mark.parametrize("arg,teacher_head,student_keys,weight", [

@@ -84,6 +84,35 @@ def test_task_config_errors_are_named():
         make_task(dict(name="detection", num_classes=3, ground_truth={}))
     with pytest.raises(ValueError, match="has 5 levels but task.strides"):
         DetectionTask(num_classes=3, strides=(8, 16))._levels({"cls_scores": [np.zeros((1, 2, 2, 3))] * 5})
+    with pytest.raises(ValueError, match=r"task.train_proposals is \(nms_pre, max_per_img\), two positive counts; "
+                                         r"got \(2000,\)"):
+        make_task(dict(name="detection", num_classes=3, detector="faster_rcnn", train_proposals=[2000]))
+    with pytest.raises(ValueError, match="task.roi_samples must be positive; got 0"):
+        make_task(dict(name="detection", num_classes=3, detector="faster_rcnn", roi_samples=0))
+
+
+def test_faster_rcnn_proposal_and_roi_counts_come_from_the_task():
+    """mmdet's counts by default (2000 / 1000 proposals in training, 1000 / 1000 at test, 512 RoIs per image);
+    `train_proposals`, `test_proposals` and `roi_samples` set them (configs/detection_demo.py scales them down)."""
+    import jax.numpy as jnp
+
+    config = load_config(os.path.join(CONFIGS, "detection_smoke.py"), "detector=faster_rcnn")
+    run = build.build_run(config, make_mesh(jax.devices()[:1]), input_size=(64, 64), abstract_teacher=True)
+    assert (run.task.train_proposals, run.task.test_proposals, run.task.roi_samples) == ((2000, 1000), (1000, 1000),
+                                                                                         512)
+    student = run.student
+    batch = next(_batches(1))
+    x, labels = jnp.asarray(batch["image"]), jax.tree.map(jnp.asarray, batch["label"])
+    variables = student.init(jax.random.key(0), x, train=False)
+    for counts in (dict(train_proposals=(40, 20), test_proposals=(30, 12), roi_samples=16), {}):
+        task = make_task(dict(config.task, **counts)).for_detector(student, config.task)
+        train_kw = task.apply_kwargs(labels, train=True, key=jax.random.key(1))
+        out, _ = student.apply(variables, x, train=True, mutable=["batch_stats"], **train_kw)
+        test_out = student.apply(variables, x, train=False, **task.apply_kwargs(labels, train=False))
+        b = x.shape[0]
+        assert out["roi_samples"].labels.shape == (b, counts.get("roi_samples", 512))
+        assert out["roi_cls_scores"].shape[0] == b * counts.get("roi_samples", 512)
+        assert test_out["proposals"].boxes.shape == (b, counts.get("test_proposals", (0, 1000))[1], 4)
 
 
 def test_task_follows_the_student_head():

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from flax import traverse_util
 
 import openmmlab_reference as mr
 from cankd_jax import models
@@ -328,3 +329,62 @@ def test_rcnn_targets_loss_and_gradients():
     assert_close(np.asarray(t["roi_grads"][0])[used], t["cls_score"].grad.numpy(), rtol=1e-5)
     assert_close(np.asarray(t["roi_grads"][1])[used], t["bbox_pred"].grad.numpy(), rtol=1e-5)
     assert not np.asarray(t["roi_grads"][0])[~used].any()  # unused slots take no part
+
+
+def test_cascade_teacher_trunk_and_dagger_load_what_mmdet_and_mmengine_load(tmp_path):
+    """mmdet's Cascade Mask R-CNN (its own config file, shrunk as above) as the cmrcnn_x101 teacher: its
+    `backbone.*` and `neck.*` load strictly into the `cascade_rcnn_fpn` trunk (the heads' keys listed as ignored),
+    which gives mmdet's P2-P6. And configs/coco.py:detector=faster_rcnn,teacher=cmrcnn_x101,dagger=true starts the
+    student's neck and box head from it as the authors' dagger config does: mmengine's `PretrainedInit` with
+    `prefix='neck.'` and `prefix='roi_head.bbox_head.0'` into mmdet's Faster R-CNN. The same tensors load, to the
+    bit; the class-agnostic `fc_reg` (4 outputs, not 4 x K) is skipped by both."""
+    from mmengine.model.weight_init import PretrainedInit
+
+    from cankd_jax.config_arg import load_config
+    from cankd_jax.train.weights import load_pretrained
+
+    overrides = {k: v for k, v in OVERRIDES.items() if not k.startswith("model.roi_head.bbox_head")}
+    overrides.update({f"model.roi_head.bbox_head.{i}.{k}": v for i in range(3)
+                      for k, v in (("in_channels", FPN_CH), ("fc_out_channels", 64), ("num_classes", K))})
+    overrides.update({"model.roi_head.mask_roi_extractor.out_channels": FPN_CH,
+                      "model.roi_head.mask_head.in_channels": FPN_CH, "model.roi_head.mask_head.num_classes": K})
+    teacher, _ = mr.build("cascade_rcnn/cascade-mask-rcnn_r50_fpn_1x_coco.py", overrides, seed=3)
+    mr.perturb_(teacher, seed=4)
+    teacher.eval()
+    path = str(tmp_path / "cascade.pth")
+    torch.save({"state_dict": teacher.state_dict()}, path)
+
+    trunk = models.make_model("cascade_rcnn_fpn", backbone="resnet50",
+                              backbone_kwargs=dict(base_width=16, stem_width=16), out_channels=FPN_CH)
+    trunk_vars, report = interop.load_checkpoint(path, trunk)
+    assert not report.missing and not report.unexpected
+    assert any(k.startswith("roi_head.bbox_head.2.") for k in report.ignored)
+    x = np.random.default_rng(6).normal(size=(1, 96, 128, 3)).astype(np.float32)
+    with torch.no_grad():
+        theirs_p = teacher.extract_feat(mr.nchw(x))
+    ours_p = trunk.apply(trunk_vars, jnp.asarray(x), train=False)
+    for k, t in zip(range(2, 7), theirs_p, strict=True):
+        assert_close(ours_p[f"fpn.p{k}"], mr.nhwc(t), rtol=2e-5)
+
+    theirs, _ = mr.build("faster_rcnn/faster-rcnn_r50_fpn_1x_coco.py", OVERRIDES, seed=5)
+    before = {k: v.clone() for k, v in theirs.state_dict().items()}
+    PretrainedInit(checkpoint=path, prefix="neck.")(theirs.neck)
+    PretrainedInit(checkpoint=path, prefix="roi_head.bbox_head.0")(theirs.roi_head.bbox_head)
+    after = theirs.state_dict()
+    changed = {k for k in after if not torch.equal(after[k], before[k])}
+
+    cfg = load_config("configs/coco.py", "detector=faster_rcnn,teacher=cmrcnn_x101,dagger=true")
+    model = models.make_model("faster_rcnn", num_classes=K, backbone_kwargs=dict(base_width=16, stem_width=16),
+                              neck_kwargs=dict(out_channels=FPN_CH), head_kwargs=dict(feat_channels=FPN_CH),
+                              roi_head_kwargs=dict(fc_out_channels=64))
+    sample = jnp.zeros((1, 64, 64, 3), jnp.float32)
+    loaded = load_pretrained(cfg.student, model, sample, teacher_cfg=dict(checkpoint=path))
+    layout = interop.state_dict_layout(model, sample=sample)
+    ours = {key for key, slot in layout.items() if (slot.collection, *slot.path) in loaded}
+    assert ours == changed and any(k.startswith("roi_head.bbox_head.shared_fcs") for k in ours)
+    assert not any("fc_reg" in k or k.startswith(("rpn_head.", "backbone.")) for k in ours)
+    variables = traverse_util.flatten_dict(jax.eval_shape(lambda: model.init(jax.random.key(0), sample, train=False)))
+    variables = {k: loaded.get(k, np.zeros(a.shape, a.dtype)) for k, a in variables.items()}
+    exported = interop.export_state_dict(model, traverse_util.unflatten_dict(variables), sample=sample)
+    for key in ours:
+        np.testing.assert_array_equal(exported[key], after[key].numpy(), err_msg=key)

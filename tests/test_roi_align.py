@@ -61,9 +61,12 @@ def _mmcv_roi_align(feat: np.ndarray, rois: np.ndarray, cotangent: np.ndarray, s
     return mr.nhwc(y), mr.nhwc(x.grad)
 
 
-@pytest.mark.parametrize("sampling_ratio, aligned, stride", [(0, True, 4), (0, False, 8), (2, True, 8),
-                                                             (0, True, 1)])
-def test_roi_align_matches_mmcv(sampling_ratio, aligned, stride):
+@pytest.mark.parametrize("sampling_ratio, aligned, stride, tiered", [(0, True, 4, True), (0, False, 8, True),
+                                                                     (2, True, 8, True), (0, True, 1, True),
+                                                                     (0, True, 4, False)])
+def test_roi_align_matches_mmcv(sampling_ratio, aligned, stride, tiered):
+    """Both forms: RoIs sorted by their grids with each chunk of 16 on its own static grid (`tiered`), and the
+    static bound (36 points per bin here) for every RoI."""
     rng = np.random.default_rng(sampling_ratio + 10 * stride + aligned)
     feat = rng.standard_normal((2, 13, 17, 3)).astype(np.float32)
     rois = _rois(rng, 40, 2, 13 * stride, 17 * stride)
@@ -72,7 +75,7 @@ def test_roi_align_matches_mmcv(sampling_ratio, aligned, stride):
 
     def f(x):
         return roi_align([x], jnp.asarray(rois), jnp.zeros(40, jnp.int32), [stride], sampling_ratio=sampling_ratio,
-                         aligned=aligned, max_samples=max(4, 3 * 3 * 4), chunk=16)
+                         aligned=aligned, max_samples=max(4, 3 * 3 * 4), chunk=16, tiered=tiered)
 
     y, vjp = jax.vjp(jax.jit(f), jnp.asarray(feat))
     (gx,) = vjp(jnp.asarray(cotangent))

@@ -119,10 +119,11 @@ class LoadReport:
     missing: tuple[str, ...]
     unexpected: tuple[str, ...]
     ignored: tuple[str, ...] = ()
+    mismatched: tuple[str, ...] = ()  # checkpoint keys of another shape, skipped (`skip_mismatched=True`)
 
     def __str__(self) -> str:
         return (f"loaded {len(self.loaded)} keys; missing {len(self.missing)}; unexpected {len(self.unexpected)}; "
-                f"ignored {len(self.ignored)}")
+                f"ignored {len(self.ignored)}; skipped for their shape {len(self.mismatched)}")
 
 
 def default_sample(model: nn.Module) -> jax.ShapeDtypeStruct:
@@ -211,6 +212,7 @@ def import_state_dict(
     strict: bool = True,
     init_variables: Optional[PyTree] = None,
     sample: Any = None,
+    skip_mismatched: bool = False,
 ) -> tuple[dict, LoadReport]:
     """Flax variables `{'params', 'batch_stats'}` for `model` from a PyTorch state dict.
 
@@ -233,18 +235,26 @@ def import_state_dict(
       init_variables: the variables missing keys keep (a partial load).
       sample: the model's first call argument, see `state_dict_layout`.
 
-    Shape mismatches always raise; every problem is listed in one `ValueError`,
+      skip_mismatched: a checkpoint key whose shape differs from the model's
+        is skipped (the variable keeps its `init_variables` value; the key is
+        reported in `mismatched`, the model key in `missing`), as mmengine's non-strict loader does, e.g.
+        a class-agnostic teacher box regressor (4 outputs) into a
+        class-specific student's (320); needs `strict=False`.
+
+    Otherwise shape mismatches raise; every problem is listed in one `ValueError`,
     each key by name (and shapes where they differ). A missing
     `num_batches_tracked` (checkpoints from before PyTorch 0.4.1) reads as 0, as
     PyTorch itself loads it.
 
     Returns: `(variables, report)`.
     """
+    if skip_mismatched and strict:
+        raise ValueError("import_state_dict: skip_mismatched=True is a partial load; pass strict=False with it")
     layout = state_dict_layout(model, sample=sample)
     key_prefixes = default_key_prefixes(model) if key_prefixes is None else dict(key_prefixes)
     reader = StateDictReader(state_dict)
     variables: dict = {}
-    loaded, missing, misshaped = [], [], []
+    loaded, missing, misshaped, skipped = [], [], [], []
     for key, slot in layout.items():
         where = (slot.collection,) + slot.path
         source = _checkpoint_key(key, key_prefixes)
@@ -258,8 +268,12 @@ def import_state_dict(
             continue
         found = tuple(np.shape(to_numpy(state_dict[source])))
         if found != slot.torch_shape:
-            misshaped.append(f"{source} {found} (expected {slot.torch_shape})")
+            (skipped if skip_mismatched else misshaped).append(f"{source} {found} (expected {slot.torch_shape})")
             reader.mark_used([source])
+            if skip_mismatched:  # kept from init_variables, as a missing key is
+                missing.append(key)
+                if init_variables is not None:
+                    _put(variables, where, _get(init_variables, where, "init_variables"))
             continue
         value = _KINDS[slot.kind].to_flax(reader.get(source, slot.torch_shape)).astype(slot.dtype)
         _put(variables, where, jnp.asarray(value))
@@ -279,7 +293,7 @@ def import_state_dict(
         if not strict and missing and init_variables is None:
             hint = " (a partial load keeps missing variables from init_variables=, which was not given)"
         raise ValueError(f"state dict does not match {type(model).__name__}{hint}; " + "; ".join(problems))
-    return variables, LoadReport(tuple(loaded), tuple(missing), tuple(unexpected), tuple(ignored))
+    return variables, LoadReport(tuple(loaded), tuple(missing), tuple(unexpected), tuple(ignored), tuple(skipped))
 
 
 def export_state_dict(
@@ -363,6 +377,7 @@ def load_checkpoint(
     init_variables: Optional[PyTree] = None,
     weights_only: bool = True,
     sample: Any = None,
+    skip_mismatched: bool = False,
 ) -> tuple[dict, LoadReport]:
     """`import_state_dict(model, load_pth(path), ...)`: an mmseg / mmdet / torchvision `.pth` into `model`.
 
@@ -374,7 +389,8 @@ def load_checkpoint(
     `report.ignored`).
     """
     return import_state_dict(model, load_pth(path, weights_only=weights_only), key_prefixes=key_prefixes,
-                             strict=strict, init_variables=init_variables, sample=sample)
+                             strict=strict, init_variables=init_variables, sample=sample,
+                             skip_mismatched=skip_mismatched)
 
 
 # --- conveniences ---------------------------------------------------------------------------------------

@@ -56,10 +56,13 @@ BACKBONES: dict[str, dict[str, Any]] = _backbone_presets()
 # The class each backbone name builds (ResNet unless listed).
 BACKBONE_TYPES: dict[str, type[nn.Module]] = {"mobilenet_v2": MobileNetV2, "mobilenet_v2_d8": MobileNetV2}
 SEGMENTATION_HEADS: dict[str, type[nn.Module]] = {"fcn": FCNHead, "deeplabv3": ASPPHead, "pspnet": PSPHead}
-# Necks by detector: Faster R-CNN's (P2-P6, P6 by max-pool), RetinaNet's (P3-P7 by convs on C5), FCOS's (P3-P7 by
+# Necks by detector: Faster R-CNN's and Cascade (Mask) R-CNN's (P2-P6, P6 by max-pool; `fpn` and its two names
+# by detector), RetinaNet's (P3-P7 by convs on C5), FCOS's (P3-P7 by
 # convs on P5, ReLU before P7's), GFL's / ATSS's (P3-P7 by convs on P5, no ReLU).
 TRUNKS: dict[str, dict[str, Any]] = {
     "fpn": {},
+    "faster_rcnn_fpn": {},
+    "cascade_rcnn_fpn": {},
     "retinanet_fpn": dict(start_level=1, add_extra_convs="on_input"),
     "fcos_fpn": dict(start_level=1, add_extra_convs="on_output", relu_before_extra_convs=True),
     "gfl_fpn": dict(start_level=1, add_extra_convs="on_output"),
@@ -195,8 +198,9 @@ def make_trunk(
     `fpn_kwargs` override the preset's `FPN` fields (`out_channels`,
     `num_outs`, `start_level`, `add_extra_convs`, `relu_before_extra_convs`).
     A detection teacher that only gives features is a trunk: `retinanet_fpn`
-    for RetinaNet, `fcos_fpn` for FCOS, `gfl_fpn` for GFL / ATSS, `fpn` for
-    Faster R-CNN; it reads the `backbone.*` and `neck.*` keys of the detector's
+    for RetinaNet, `fcos_fpn` for FCOS, `gfl_fpn` for GFL / ATSS, `fpn` (or
+    its names `faster_rcnn_fpn`, `cascade_rcnn_fpn`) for Faster R-CNN and
+    Cascade (Mask) R-CNN; it reads the `backbone.*` and `neck.*` keys of the detector's
     mmdet checkpoint and reports the others as ignored (`DetectionTrunk`).
     """
     if name not in TRUNKS:
@@ -283,7 +287,7 @@ def make_model(name: str, **kwargs: Any) -> nn.Module:
     a `MobileNetV2`; `kwargs` override its fields (`num_classes` makes a ResNet
     a classifier). Segmenter names (`fcn`, `deeplabv3`, `pspnet`) go to
     `make_segmenter`, trunk names (`fpn`, `retinanet_fpn`, `fcos_fpn`,
-    `gfl_fpn`) to `make_trunk`, detector names (`retinanet`, `fcos`, `faster_rcnn`) to
+    `gfl_fpn`, `faster_rcnn_fpn`, `cascade_rcnn_fpn`) to `make_trunk`, detector names (`retinanet`, `fcos`, `faster_rcnn`) to
     `make_detector`. Unknown names and options raise a `ValueError` listing
     the valid ones.
     """
@@ -301,7 +305,7 @@ def make_model(name: str, **kwargs: Any) -> nn.Module:
 
 # Config fields read by the checkpoint loader, not by the network builder.
 _LOADER_FIELDS = {"checkpoint", "checkpoint_prefixes", "random_init", "pretrained", "pretrained_prefixes", "inherit",
-                  "inherit_prefixes"}
+                  "inherit_prefixes", "inherit_skip_mismatched"}
 
 
 def _dtype(value: Any) -> Any:
@@ -313,7 +317,7 @@ def make_network(cfg: Any, *, num_classes: int) -> nn.Module:
 
     Fields: `name` (a backbone name for a classifier; a segmenter `fcn` /
     `deeplabv3` / `pspnet`; a detector `retinanet` / `fcos` / `faster_rcnn`; a trunk `fpn` /
-    `retinanet_fpn` / `fcos_fpn` / `gfl_fpn`), `backbone` and `backbone_kwargs`
+    `retinanet_fpn` / `fcos_fpn` / `gfl_fpn` / `faster_rcnn_fpn` / `cascade_rcnn_fpn`), `backbone` and `backbone_kwargs`
     (backbone fields, e.g. `base_width`), `frozen_stages`, `norm_eval`,
     `dtype` / `param_dtype` (names such as 'bfloat16'), `remat` (a
     `cankd_jax.compute.REMAT_POLICIES` name; segmenters and ResNets), `frozen_prefixes`

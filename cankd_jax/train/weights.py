@@ -93,7 +93,8 @@ def load_pretrained(cfg: ml_collections.ConfigDict, student: nn.Module, sample: 
     segmenter's or detector's backbone). `cfg.inherit`: `'teacher'` (the teacher's
     `checkpoint`) or a path, a .pth or an export/ directory holding `student.pth`,
     read through `cfg.inherit_prefixes` (default `[('neck.', 'neck.'), ('bbox_head.',
-    'bbox_head.')]`); what it gives wins over `pretrained`. Variables neither
+    'bbox_head.')]`; `cfg.inherit_skip_mismatched` skips, and logs, tensors whose shape differs, as
+    mmengine's loader does); what it gives wins over `pretrained`. Variables neither
     covers keep their random initialisation; checkpoint keys left over (an
     ImageNet `fc.*`, a teacher's backbone) are logged.
     Returns `{(collection, *path): array}` of the loaded variables ({} without either).
@@ -117,15 +118,21 @@ def load_pretrained(cfg: ml_collections.ConfigDict, student: nn.Module, sample: 
         if not os.path.isfile(source):
             raise FileNotFoundError(f"student.inherit: checkpoint {source!r} not found")
         prefixes = dict(cfg.get("inherit_prefixes") or [("neck.", "neck."), ("bbox_head.", "bbox_head.")])
-        loaded.update(_load_into(student, sample, source, prefixes, "student.inherit"))
+        loaded.update(_load_into(student, sample, source, prefixes, "student.inherit",
+                                 skip_mismatched=bool(cfg.get("inherit_skip_mismatched", False))))
     return loaded
 
 
-def _load_into(student: nn.Module, sample: jax.Array, path: str, prefixes: dict, what: str) -> dict:
+def _load_into(student: nn.Module, sample: jax.Array, path: str, prefixes: dict, what: str, *,
+               skip_mismatched: bool = False) -> dict:
     abstract = jax.eval_shape(lambda: student.init(jax.random.key(0), sample, train=False))
     zeros = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), abstract)
     variables, report = torch_interop.load_checkpoint(path, student, key_prefixes=prefixes, strict=False,
-                                                      init_variables=zeros, sample=sample)
+                                                      init_variables=zeros, sample=sample,
+                                                      skip_mismatched=skip_mismatched)
+    if report.mismatched:
+        log.warning("%s: %d tensors of %s skipped for their shape, left at their initialisation: %s", what,
+                    len(report.mismatched), path, "; ".join(report.mismatched))
     if not report.loaded:
         raise ValueError(f"{what} {path!r}: no key matched with prefixes {prefixes}; "
                          f"the file's keys look like {', '.join(sorted(torch_interop.load_pth(path))[:3])}")

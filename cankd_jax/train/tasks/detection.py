@@ -52,11 +52,12 @@ class DetectionTask:
     object of that size, as COCOeval), fractions in [0, 1].
 
     Faster R-CNN (`faster_rcnn`): `apply_kwargs` gives the student's call a RoI sampler. In training it takes
-    the RPN's proposals (`rpn.RPN_TRAIN_PROPOSALS`), samples 256 anchors and 512 RoIs per image with keys
+    the RPN's proposals (`train_proposals`: mmdet's nms_pre 2000, 1000 per image), samples 256 anchors and
+    `roi_samples` (512) RoIs per image with keys
     derived from the step's key and the image's index in the global batch (`samplers.sample_key`: the same
     draw on any number of devices), and returns the RPN's targets and the sampled RoIs, which the box head
     then classifies; `loss` adds `loss_rpn_cls`, `loss_rpn_bbox` (`rpn.rpn_loss`), `loss_cls`, `loss_bbox`
-    (`rcnn.rcnn_loss`). At test time it gives the RPN's test proposals (`rpn.RPN_TEST_PROPOSALS`, clipped to
+    (`rcnn.rcnn_loss`). At test time it gives the RPN's test proposals (`test_proposals`: 1000, 1000; clipped to
     each image) and `detect` is the box head's post-processing (`rcnn.rcnn_postprocess`: score 0.05, NMS 0.5,
     100 per image, unless `score_thr` / `iou_threshold` / `max_per_img` say otherwise).
 
@@ -74,6 +75,11 @@ class DetectionTask:
     nms_pre: int = 1000
     iou_threshold: Optional[float] = None  # DETECTOR_NMS
     max_per_img: int = 100
+    # Faster R-CNN: mmdet's (nms_pre, max_per_img) of train_cfg.rpn_proposal and test_cfg.rpn, and
+    # train_cfg.rcnn.sampler.num; configs/detection_demo.py scales them to its 128x128 images
+    train_proposals: tuple[int, int] = (rpn.RPN_TRAIN_PROPOSALS.nms_pre, rpn.RPN_TRAIN_PROPOSALS.max_per_img)
+    test_proposals: tuple[int, int] = (rpn.RPN_TEST_PROPOSALS.nms_pre, rpn.RPN_TEST_PROPOSALS.max_per_img)
+    roi_samples: int = rcnn.RCNN_TRAIN_CFG.num
     metric: str = "mAP"
     category_ids: tuple[int, ...] = dataclasses.field(default=(), metadata={"internal": True})
     ground_truth: Optional[dict] = dataclasses.field(default=None, compare=False, repr=False,
@@ -85,6 +91,13 @@ class DetectionTask:
         if self.detector not in self.DETECTORS:
             raise ValueError(f"unknown task.detector {self.detector!r}; choose one of {', '.join(self.DETECTORS)}")
         object.__setattr__(self, "strides", tuple(int(s) for s in self.strides))
+        for name in ("train_proposals", "test_proposals"):
+            value = tuple(int(v) for v in getattr(self, name))
+            if len(value) != 2 or min(value) < 1:
+                raise ValueError(f"task.{name} is (nms_pre, max_per_img), two positive counts; got {value}")
+            object.__setattr__(self, name, value)
+        if self.roi_samples < 1:
+            raise ValueError(f"task.roi_samples must be positive; got {self.roi_samples}")
 
     def for_detector(self, detector: Any, cfg: Mapping[str, Any]) -> DetectionTask:
         """This task matched to the student: its kind (from its head), its levels' strides, and FCOS's
@@ -134,7 +147,7 @@ class DetectionTask:
         if not train:
             def test_rois(rpn_out):
                 props = rpn.proposals(rpn_out["rpn_cls_scores"], rpn_out["rpn_bbox_preds"], img_shapes,
-                                      cfg=rpn.RPN_TEST_PROPOSALS)
+                                      cfg=self._proposal_config(self.test_proposals, rpn.RPN_TEST_PROPOSALS))
                 rois, _ = rpn.proposal_rois(props)
                 return rois, {"proposals": props}
 
@@ -147,7 +160,7 @@ class DetectionTask:
         def train_rois(rpn_out):
             sizes = [tuple(int(d) for d in m.shape[1:3]) for m in rpn_out["rpn_cls_scores"]]
             props = rpn.proposals(rpn_out["rpn_cls_scores"], rpn_out["rpn_bbox_preds"], img_shapes,
-                                  cfg=rpn.RPN_TRAIN_PROPOSALS)
+                                  cfg=self._proposal_config(self.train_proposals, rpn.RPN_TRAIN_PROPOSALS))
             anchors = np.concatenate(rpn.RPN_ANCHORS.grid_anchors(sizes))
             b = img_shapes.shape[0]
 
@@ -156,13 +169,18 @@ class DetectionTask:
                 flags = jnp.concatenate(rpn.RPN_ANCHORS.valid_flags(sizes, pad_shape))
                 rpn_t = rpn.rpn_targets_single(anchors, flags, boxes, valid, jax.random.fold_in(image_key, 0))
                 roi_s = rcnn.rcnn_sample_single(proposals, proposal_valid, boxes, gt_labels, valid,
-                                                jax.random.fold_in(image_key, 1), num_classes=k)
+                                                jax.random.fold_in(image_key, 1), num_classes=k,
+                                                cfg=dataclasses.replace(rcnn.RCNN_TRAIN_CFG, num=self.roi_samples))
                 return rpn_t, roi_s
 
             rpn_t, roi_s = jax.vmap(one)(jnp.arange(b), data["pad_shape"], *gt, props.boxes, props.valid)
             return rcnn.sample_rois(roi_s), {"rpn_targets": rpn_t, "roi_samples": roi_s}
 
         return {"roi_sampler": train_rois}
+
+    @staticmethod
+    def _proposal_config(counts: tuple[int, int], default: rpn.ProposalConfig) -> rpn.ProposalConfig:
+        return dataclasses.replace(default, nms_pre=counts[0], max_per_img=counts[1])
 
     def targets(self, outputs: Mapping[str, Any], labels: Mapping[str, jax.Array]) -> Any:
         """The batch's training targets, per image (vmapped): `RetinaNetTargets` over the anchors (valid within
