@@ -229,8 +229,8 @@ def main(argv: list[str]) -> None:
         return
 
     rows = []
-    print(f"| case | input | images / device | dtype | remat | state GB | teacher GB | kept for backward GB | "
-          f"temporaries GB | peak GB | fits on | compile s |\n|---|---|---|---|---|---|---|---|---|---|---|---|",
+    print("| case | input | images / device | dtype | remat | state GB | teacher GB | kept for backward GB | "
+          "temporaries GB | peak GB | fits on | compile s |\n|---|---|---|---|---|---|---|---|---|---|---|---|",
           flush=True)
     for batch in args.batches:
         for dtype in args.dtypes:
