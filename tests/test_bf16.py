@@ -105,6 +105,7 @@ def test_one_smoke_step_in_bfloat16_is_close_to_float32():
         assert leaf.dtype in (np.float32, np.int32), leaf.dtype
 
 
+@pytest.mark.slow  # heavy in-process check: the slow tier keeps the quick one under 5 minutes
 def test_bfloat16_computes_in_bfloat16_with_float32_parameters():
     run, state, teacher_vars, _ = smoke_step.compiled("bfloat16")
     x = jnp.zeros((2, *smoke_step.SIZE, 3), jnp.float32)

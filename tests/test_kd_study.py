@@ -1,4 +1,4 @@
-"""benchmarks/kd_study.py: the grid skips finished cells and resumes, the report needs only cells.csv, and each
+"""cankd_jax/study.py (benchmarks/kd_study.py's study): the grid skips finished cells and resumes, the report needs only cells.csv, and each
 cell is the demo's run with the setting's sizes and its own seed (no training here: the child is faked)."""
 
 from __future__ import annotations
@@ -7,14 +7,12 @@ import csv
 import json
 import os
 import signal
-import sys
 import threading
 import time
 
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
-import kd_study  # noqa: E402
+from cankd_jax import study as kd_study
 
 
 class _FakeProc:

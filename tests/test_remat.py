@@ -21,6 +21,7 @@ from cankd_jax.compute import REMAT_POLICIES, checkpointed, remat_policy
 from cankd_jax.train.build import network_config
 
 
+@pytest.mark.slow  # heavy in-process check: the slow tier keeps the quick one under 5 minutes
 @pytest.mark.parametrize("policy", ["dots_saveable", "nothing_saveable"])
 def test_remat_gives_the_numbers_of_no_remat(policy):
     g0, m0, s0 = smoke_step.grads("float32", "none")

@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from cankd_jax.config_arg import load_config
+from cankd_jax.timing import peak_bf16
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
@@ -27,7 +28,7 @@ def test_the_pytorch_step_of_the_smoke_config_runs():
                                        ("TPU v5 lite", 197.0), ("TPU v5p", 459.0), ("TPU v4", 275.0),
                                        ("TPU v6 lite", 918.0), ("cpu", None)])
 def test_bf16_peaks_by_device_kind(kind, peak):
-    assert train_speed.peak_bf16(kind)[0] == peak
+    assert peak_bf16(kind)[0] == peak
 
 
 BLOCKED = ("grain", "tensorflow_datasets", "tensorflow", "tensorboardX", "tensorboard", "PIL", "cv2")
@@ -53,6 +54,7 @@ from cankd_jax.train.step import make_train_step
 for case in ("demo", "dlv3"):
     train_speed.case_config(case, "loss", "cankd")
 from cankd_jax.config_arg import load_config
+from cankd_jax.timing import peak_bf16
 config = load_config({os.path.join(ROOT, "configs", "smoke.py")!r})
 run = build.build_run(config, make_mesh(jax.devices()[:1]), input_size=(32, 32), abstract_teacher=True)
 assert run.data is None
