@@ -1,6 +1,6 @@
 """Re-run the README's demos on this checkout and print their numbers next to the committed ones.
 
-    python benchmarks/demos.py                       # the three demos (about 45 min on a 2-core CPU)
+    python benchmarks/demos.py                       # the three demos (about 18 min on a 2-core CPU)
     python benchmarks/demos.py --demos detection     # one of them
     python benchmarks/demos.py --workdir /tmp/demos  # keep (and resume) the runs there
 

@@ -171,9 +171,10 @@ def kept_for_backward(run, state, batch) -> int:
         print_saved_residuals(total, plain(state.params), rest)
     itemsize = {"f32": 4, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "bool": 1, "s8": 1, "u8": 1}
     kept = 0
-    # Not counted: the arguments, and broadcasts (of constants, such as ReLU's zeros: XLA fuses them, stores none).
-    for dtype, shape in re.findall(r"^(\w+)\[([\d,]*)\] (?!from the argument|output of broadcast_in_dim)",
-                                   out.getvalue(), re.M):
+    # Not counted: the arguments (the non-parameter ones as the stop_gradient above returns them), and broadcasts
+    # (of constants, such as ReLU's zeros: XLA fuses them, stores none).
+    skip = r"from the argument|output of broadcast_in_dim|output of stop_gradient from \S*memory\.py:\d+:\d+ \(total\)"
+    for dtype, shape in re.findall(rf"^(\w+)\[([\d,]*)\] (?!{skip})", out.getvalue(), re.M):
         kept += int(np.prod([int(d) for d in shape.split(",") if d] or [1])) * itemsize.get(dtype, 4)
     return kept
 

@@ -107,12 +107,24 @@ def test_faster_rcnn_proposal_and_roi_counts_come_from_the_task():
     for counts in (dict(train_proposals=(40, 20), test_proposals=(30, 12), roi_samples=16), {}):
         task = make_task(dict(config.task, **counts)).for_detector(student, config.task)
         train_kw = task.apply_kwargs(labels, train=True, key=jax.random.key(1))
-        out, _ = student.apply(variables, x, train=True, mutable=["batch_stats"], **train_kw)
-        test_out = student.apply(variables, x, train=False, **task.apply_kwargs(labels, train=False))
+        out = jax.eval_shape(lambda v: student.apply(v, x, train=True, mutable=["batch_stats"], **train_kw)[0],
+                             variables)
+        test_out = jax.eval_shape(lambda v: student.apply(v, x, train=False, **task.apply_kwargs(labels, train=False)),
+                                  variables)
         b = x.shape[0]
         assert out["roi_samples"].labels.shape == (b, counts.get("roi_samples", 512))
         assert out["roi_cls_scores"].shape[0] == b * counts.get("roi_samples", 512)
         assert test_out["proposals"].boxes.shape == (b, counts.get("test_proposals", (0, 1000))[1], 4)
+    # The training proposals' count shows in what the sampler can fill: 64 RoI slots, of which at most the 20
+    # proposals and the image's ground truths are candidates; mmdet's 1000 proposals fill them all.
+    num_gt = np.asarray(labels["valid"]).sum(1)
+    for train_proposals, expect in (((40, 20), np.minimum(64, 20 + num_gt)), ((2000, 1000), np.full_like(num_gt, 64))):
+        task = make_task(dict(config.task, train_proposals=train_proposals, roi_samples=64)).for_detector(
+            student, config.task)
+        samples = jax.jit(lambda v: student.apply(v, x, train=True, mutable=["batch_stats"], **task.apply_kwargs(
+            labels, train=True, key=jax.random.key(1)))[0]["roi_samples"])(variables)
+        filled = np.asarray(samples.valid).sum(1)
+        assert (filled <= expect).all() and (filled == expect).any(), (train_proposals, filled, expect)
 
 
 def test_task_follows_the_student_head():

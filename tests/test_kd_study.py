@@ -281,3 +281,18 @@ def test_a_cell_is_the_demo_run_resized_with_its_own_seed(setting, size, steps):
     assert teacher.total_steps == 2000
     alone = kd_study.run_config(setting, "none", 3, root="/r", study="s")
     assert list(alone.distill) == [] and alone.seed == 3 and alone.student.backbone_kwargs.base_width == 8
+
+
+def test_the_study_runs_as_a_module(tmp_path):
+    """Cells train in children started as `python -m cankd_jax.study` (the package's module, not the script): that
+    entry point answers as the script does."""
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-m", "cankd_jax.study", "--study", "demo", "--plan", "--seeds", "1",
+                          "--root", str(tmp_path / "runs"), "--results", str(tmp_path / "results")],
+                         capture_output=True, text=True, cwd=root, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1].startswith("0/") and "recorded" in out.stdout
+
