@@ -1,5 +1,6 @@
-"""cankd_jax/study.py (benchmarks/kd_study.py's study): the grid skips finished cells and resumes, the report needs only cells.csv, and each
-cell is the demo's run with the setting's sizes and its own seed (no training here: the child is faked)."""
+"""cankd_jax/study.py (benchmarks/kd_study.py's study): the grid skips finished cells and resumes, the report needs
+only cells.csv, and each cell is the demo's run with the setting's sizes and its own seed (no training here: the
+child is faked)."""
 
 from __future__ import annotations
 

@@ -287,8 +287,8 @@ def make_model(name: str, **kwargs: Any) -> nn.Module:
     a `MobileNetV2`; `kwargs` override its fields (`num_classes` makes a ResNet
     a classifier). Segmenter names (`fcn`, `deeplabv3`, `pspnet`) go to
     `make_segmenter`, trunk names (`fpn`, `retinanet_fpn`, `fcos_fpn`,
-    `gfl_fpn`, `faster_rcnn_fpn`, `cascade_rcnn_fpn`) to `make_trunk`, detector names (`retinanet`, `fcos`, `faster_rcnn`) to
-    `make_detector`. Unknown names and options raise a `ValueError` listing
+    `gfl_fpn`, `faster_rcnn_fpn`, `cascade_rcnn_fpn`) to `make_trunk`, detector
+    names (`retinanet`, `fcos`, `faster_rcnn`) to `make_detector`. Unknown names and options raise a `ValueError` listing
     the valid ones.
     """
     key = name.lower() if isinstance(name, str) else name
@@ -317,8 +317,8 @@ def make_network(cfg: Any, *, num_classes: int) -> nn.Module:
 
     Fields: `name` (a backbone name for a classifier; a segmenter `fcn` /
     `deeplabv3` / `pspnet`; a detector `retinanet` / `fcos` / `faster_rcnn`; a trunk `fpn` /
-    `retinanet_fpn` / `fcos_fpn` / `gfl_fpn` / `faster_rcnn_fpn` / `cascade_rcnn_fpn`), `backbone` and `backbone_kwargs`
-    (backbone fields, e.g. `base_width`), `frozen_stages`, `norm_eval`,
+    `retinanet_fpn` / `fcos_fpn` / `gfl_fpn` / `faster_rcnn_fpn` / `cascade_rcnn_fpn`), `backbone` and
+    `backbone_kwargs` (backbone fields, e.g. `base_width`), `frozen_stages`, `norm_eval`,
     `dtype` / `param_dtype` (names such as 'bfloat16'), `remat` (a
     `cankd_jax.compute.REMAT_POLICIES` name; segmenters and ResNets), `frozen_prefixes`
     (extra frozen keys, see `frozen_labels`); segmenters also `head_channels`,
