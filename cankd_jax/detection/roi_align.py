@@ -175,27 +175,27 @@ def roi_align(
     r = rois.shape[0]
     if r == 0:
         return jnp.zeros((0, output_size, output_size, c), dtype)
+    pad = -r % chunk if r > chunk else 0
+    n = (r + pad) // chunk if r > chunk else 1
+    size = chunk if r > chunk else r
     order = None
+    # Each chunk's branch: the smallest tier covering its largest grid (tier 0 throughout with one tier).
+    branch = jnp.zeros((n,), jnp.int32)
     if len(tiers) > 1:
         need = _grid(rois.astype(acc), levels, scales, output_size, sampling_ratio, aligned)[2]
         order = jnp.argsort(need, stable=True)
         rois, levels = rois[order], levels[order]
+        chunk_need = jnp.max(jnp.pad(need[order], (0, pad)).reshape(n, size), axis=1)
+        branch = jnp.searchsorted(jnp.asarray(tiers[:-1]), chunk_need).astype(jnp.int32)
+    branches = [lambda ro, lv, k=k: _align(flat, ro.astype(acc), lv, *geometry, k) for k in tiers]
 
     def one_chunk(args):
-        roi, level = args
-        roi = roi.astype(acc)
-        branches = [lambda ro, lv, k=k: _align(flat, ro, lv, *geometry, k) for k in tiers]
-        if len(branches) == 1:
-            return branches[0](roi, level)
-        need = jnp.max(_grid(roi, level, scales, output_size, sampling_ratio, aligned)[2])
-        return jax.lax.switch(jnp.searchsorted(jnp.asarray(tiers[:-1]), need), branches, roi, level)
+        roi, level, b = args
+        return branches[0](roi, level) if len(branches) == 1 else jax.lax.switch(b, branches, roi, level)
 
-    pad = -r % chunk if r > chunk else 0
-    n = (r + pad) // chunk if r > chunk else 1
-    size = chunk if r > chunk else r
     roi_c = jnp.pad(rois, ((0, pad), (0, 0))).reshape(n, size, 5)
     lvl_c = jnp.pad(levels, (0, pad)).reshape(n, size)
-    out = jax.lax.map(one_chunk, (roi_c, lvl_c)).reshape(n * size, output_size, output_size, c)[:r]
+    out = jax.lax.map(one_chunk, (roi_c, lvl_c, branch)).reshape(n * size, output_size, output_size, c)[:r]
     if order is not None:
         out = out[jnp.argsort(order)]
     return out.astype(dtype)
