@@ -54,36 +54,21 @@ def analyse(case: str, batch: int, dtype: str, remat: str, size: tuple[int, int]
 
     from cankd_jax.config_arg import load_config
     from cankd_jax.data.detection import empty_train_example
-    from cankd_jax.train import build
-    from cankd_jax.train.sharding import batch_sharding, make_mesh, replicated
-    from cankd_jax.train.state import plan_state
-    from cankd_jax.train.step import make_train_step
+    from cankd_jax.train.aot import abstract_step, compile_for_analysis
+    from cankd_jax.train.sharding import make_mesh
 
     file, arg, _ = CASES[case]
     config = load_config(os.path.join(ROOT, "configs", file), arg)
-    config.dtype, config.remat, config.batch_size = dtype, remat, batch
-    if config.get("distill"):
-        config.teacher.checkpoint, config.teacher.random_init = "", True
-    mesh = make_mesh(jax.devices()[:1])
-    run = build.build_run(config, mesh, input_size=size, abstract_teacher=True)
-    plan = plan_state(run.init_variables, run.tx, config.seed, mesh)  # planned, never initialised
-    state, shardings = plan.abstract, plan.shardings
+    config.dtype, config.remat = dtype, remat
     if config.task.name == "detection":
         example = empty_train_example(size, MAX_BOXES)
     else:
         example = {"image": np.zeros((*size, 3), np.float32), "label": np.zeros(size, np.int32)}
-    batch_spec = jax.tree.map(lambda a: jax.ShapeDtypeStruct((batch, *a.shape), a.dtype,
-                                                             sharding=batch_sharding(mesh)), example)
-    step = jax.jit(make_train_step(student=run.student, teacher=run.teacher, terms=run.terms, task=run.task,
-                                   tx=run.tx, schedule=run.schedule),
-                   in_shardings=(shardings, run.teacher_shardings, batch_sharding(mesh)),
-                   out_shardings=(shardings, replicated(mesh)), donate_argnums=(0,))
+    # planned on one device, never initialised
+    step = abstract_step(config, make_mesh(jax.devices()[:1]), example, global_batch=batch)
+    run, state, batch_spec = step.run, step.state, step.batch
     t0 = time.perf_counter()
-    # On CPU without LLVM optimisation: the buffer assignment (XLA's, before LLVM) is the same, the compile faster.
-    options = {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else None
-    with jax.set_mesh(mesh):
-        lowered = step.lower(state, run.teacher_vars, batch_spec)
-        compiled = lowered.compile(compiler_options=options)
+    compiled = compile_for_analysis(step.lower())
     compile_s = time.perf_counter() - t0
     m = compiled.memory_analysis()
     nbytes = lambda tree: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))  # noqa: E731

@@ -21,9 +21,9 @@ import numpy as np
 
 from cankd_jax.data.detection import empty_train_label
 from cankd_jax.train import build
-from cankd_jax.train.sharding import batch_sharding, check_global_batch, global_batch, make_mesh, replicated
+from cankd_jax.train.sharding import check_global_batch, global_batch, make_mesh, replicated
 from cankd_jax.train.state import plan_state
-from cankd_jax.train.step import make_train_step
+from cankd_jax.train.step import jit_step, make_train_step
 
 MAX_BOXES = 16  # padded boxes per image in a random detection batch (six of them objects)
 PROFILE_STEPS = 3  # steps `time_step(profile=...)` traces, after the timed ones
@@ -88,11 +88,9 @@ def build_step(config, size, batch, compile: bool = True):
     run = build.build_run(config, mesh, input_size=size)
     plan = plan_state(run.init_variables, run.tx, config.seed, mesh)
     state, shardings = plan.init(), plan.shardings
-    step = jax.jit(
-        make_train_step(student=run.student, teacher=run.teacher, terms=run.terms, task=run.task, tx=run.tx,
-                        schedule=run.schedule),
-        in_shardings=(shardings, run.teacher_shardings, batch_sharding(mesh)),
-        out_shardings=(shardings, replicated(mesh)), donate_argnums=(0,))
+    step = jit_step(make_train_step(student=run.student, teacher=run.teacher, terms=run.terms, task=run.task,
+                                    tx=run.tx, schedule=run.schedule),
+                    mesh=mesh, state_shardings=shardings, teacher_shardings=run.teacher_shardings)
     local = check_global_batch(batch, mesh)
     rng = np.random.default_rng(0)
     data = global_batch(random_batch(config, local, size, rng), mesh)

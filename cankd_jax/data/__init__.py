@@ -20,7 +20,7 @@ Grain or TFDS: benchmarks and memory estimates run where those are not installed
 import importlib
 
 _EXPORTS = {
-    "DATASET_DEFAULTS": "dataset", "Data": "dataset", "make_data": "dataset",
+    "DATASET_DEFAULTS": "dataset", "Data": "dataset", "make_data": "dataset", "train_example_layouts": "dataset",
     "TrainIterator": "pipeline", "eval_batch_count": "pipeline", "make_eval_iterator": "pipeline",
     "make_train_iterator": "pipeline", "per_process_batch_size": "pipeline",
     "DATASETS": "sources", "open_source": "sources",

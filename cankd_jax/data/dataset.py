@@ -31,6 +31,7 @@ from collections.abc import Iterator, Mapping
 from typing import Any, Optional
 
 import grain.python as grain
+import numpy as np
 
 import tensorflow_datasets as tfds
 
@@ -215,6 +216,27 @@ class DetectionData(Data):
     def coco_ground_truth(self) -> dict:
         """The eval split as a COCO-format ground truth (what `COCOeval` compares detections with)."""
         return self.splits.eval_index.coco_ground_truth(self.category_ids)
+
+
+def train_example_layouts(cfg: Mapping[str, Any], *, max_boxes: int = 0) -> list[dict[str, Any]]:
+    """One zero-filled training example per batch shape a `data` config yields, known without opening the data.
+
+    Segmentation: `{'image': (h, w, 3) float32, 'label': (h, w) int32}` at `crop_size`; classification: a scalar
+    label; detection: one example per bucket (landscape, then portrait), padded to `data.max_boxes` objects, or
+    to `max_boxes` where the config leaves it to the split (0): the split's maximum is known only once the data
+    is indexed. What ahead-of-time compilation (memory estimates, the pod rehearsal) needs.
+    """
+    cfg = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
+    _, spec, o = _resolve(cfg)
+    if spec.task == "detection":
+        boxes = int(o["max_boxes"]) or int(max_boxes)
+        if boxes <= 0:
+            raise ValueError("data.max_boxes=0 pads to the split's most objects, known only from the data; "
+                             "give the count to assume (COCO train2017: 93)")
+        return [detection.empty_train_example(shape, boxes) for shape in detection.bucket_shapes(o["scale"])]
+    h, w = (int(x) for x in o["crop_size"])
+    label = np.zeros((h, w) if spec.task == "segmentation" else (), np.int32)
+    return [{"image": np.zeros((h, w, 3), np.float32), "label": label}]
 
 
 def make_data(cfg: Mapping[str, Any], task: Optional[str] = None) -> Data:

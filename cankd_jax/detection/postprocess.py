@@ -32,6 +32,7 @@ import numpy as np
 
 from cankd_jax.detection.boxes import DeltaXYWHCoder, DistancePointCoder, rescale_boxes
 from cankd_jax.detection.nms import NMSResult, batched_nms
+from cankd_jax.detection.topk import top_k
 
 Array = jax.Array
 
@@ -68,7 +69,7 @@ def _level_topk(logits: Array, score_thr: float, nms_pre: int):
     cand = scores > score_thr
     # Sigmoid scores are >= 0, so -1 ranks every non-candidate below every candidate;
     # top_k puts the lower index first on ties, which is a stable descending sort.
-    top, flat = jax.lax.top_k(jnp.where(cand, scores, -1.0), min(nms_pre, n * c))
+    top, flat = top_k(jnp.where(cand, scores, -1.0), min(nms_pre, n * c))
     return top, flat // c, flat % c, top > score_thr
 
 

@@ -25,6 +25,12 @@ backward work follows the RoIs' grids, not the bound; what the backward pass kee
 a `lax.switch` keeps the union of its branches' residuals (the sample indices and weights of every tier), about
 2.5x the static form's (0.24 against 0.09 GB for 1024 RoIs at 800x1344 with 256 channels), small beside the
 step's activations.
+
+RoIs come as `(R, 5)` rows of any image, or per image as `(B, M, 5)`, which the detection task passes: then each
+image's RoIs read only that image's maps (a gather batched over the images), so a data-parallel step keeps every
+image on its own device; the rows form reads one pyramid flattened over the batch, which a partitioned program
+can only serve by gathering all devices' maps (`python -m cankd_jax.rehearse` measured 12 GB per device per step
+for Faster R-CNN on 64 devices before the task switched).
 """
 
 from __future__ import annotations
@@ -134,24 +140,31 @@ def roi_align(
 
     Args:
       features: per level `(B, H_l, W_l, C)`, all with the same `C` and dtype.
-      rois: `(R, 5)` float `(batch index, x1, y1, x2, y2)` in input pixels.
-      levels: `(R,)` int, each RoI's level (`map_roi_levels`).
+      rois: `(R, 5)` float `(batch index, x1, y1, x2, y2)` in input pixels; or `(B, M, 5)`, image b's RoIs in row
+        b (its column 0 is not read: the row is the image). The per-image form gathers each image's RoIs from its
+        own maps only, so with the batch split over devices (data parallelism) every device reads its own images
+        and nothing is communicated; the `(R, 5)` form reads any image's maps, which a partitioned program can
+        only do by gathering every device's maps to every device.
+      levels: `(R,)` (or `(B, M)`) int, each RoI's level (`map_roi_levels`).
       strides: per level, its stride in input pixels (spatial scale `1 / stride`).
       max_samples: grid points evaluated per bin (None: `max_grid_samples` of these shapes); a RoI needing more
         gets NaN.
-      chunk: RoIs gathered at once (memory: `chunk * P^2 * max_samples * 4 * C` values).
+      chunk: RoIs (of each image, in the per-image form) gathered at once (memory: `chunk * P^2 * max_samples *
+        4 * C` values per image).
       tiered: sort the RoIs by grid size and give each chunk the smallest static grid that covers it (see the
         module docstring); False evaluates `max_samples` points for every RoI. The same numbers either way.
 
-    Returns `(R, P, P, C)` in the features' dtype (mmcv: `(R, C, P, P)`), computed in float32 (float64 for
-    float64 features, as mmcv's kernel for doubles).
+    Returns `(R, P, P, C)` (or `(B, M, P, P, C)`) in the features' dtype (mmcv: `(R, C, P, P)`), computed in
+    float32 (float64 for float64 features, as mmcv's kernel for doubles).
     """
     if len(features) != len(strides):
         raise ValueError(f"roi_align: {len(features)} feature levels but {len(strides)} strides")
     chex.assert_rank(list(features), 4)
     chex.assert_equal_shape_prefix(list(features), 1)
-    chex.assert_shape(rois, (None, 5))
-    chex.assert_shape(levels, (rois.shape[0],))
+    batch = features[0].shape[0]
+    per_image = rois.ndim == 3
+    chex.assert_shape(rois, (batch, None, 5) if per_image else (None, 5))
+    chex.assert_shape(levels, rois.shape[:-1])
     channels = {f.shape[-1] for f in features}
     if len(channels) != 1:
         raise ValueError(f"roi_align: the levels have different channel counts {sorted(channels)}")
@@ -160,9 +173,10 @@ def roi_align(
     shapes = [f.shape[1:3] for f in features]
     if max_samples is None:
         max_samples = max_grid_samples(shapes, strides, output_size, sampling_ratio)
-    batch = features[0].shape[0]
-    sizes = [batch * h * w for h, w in shapes]
-    flat = jnp.concatenate([f.reshape(-1, c) for f in features]).astype(dtype)
+    # Each image's pyramid flattened, level after level: (B, S, C); a sample of image i, level l, pixel (y, x)
+    # is row base_l + y W_l + x of image i.
+    sizes = [h * w for h, w in shapes]
+    flat = jnp.concatenate([f.reshape(batch, h * w, c) for f, (h, w) in zip(features, shapes)], axis=1).astype(dtype)
     base = jnp.asarray(np.concatenate([[0], np.cumsum(sizes)[:-1]]), jnp.int32)
     heights = jnp.asarray([h for h, _ in shapes], jnp.int32)
     widths = jnp.asarray([w for _, w in shapes], jnp.int32)
@@ -170,35 +184,53 @@ def roi_align(
 
     acc = jnp.promote_types(dtype, jnp.float32)  # the kernel's T: float32, or float64 for float64 features
     levels = levels.astype(jnp.int32)
+    if per_image:  # groups = images
+        image = jnp.zeros(rois.shape[:2], jnp.int32)
+    else:  # one group: every image's pyramid, one after the other
+        flat, rois, levels = flat.reshape(1, batch * sum(sizes), c), rois[None], levels[None]
+        image = rois[..., 0].astype(jnp.int32)
+    image = image * sum(sizes)  # the row of the image's first sample in its group
     geometry = (base, heights, widths, scales, output_size, sampling_ratio, aligned)
     tiers = _tiers(max_samples) if tiered else (max_samples,)
-    r = rois.shape[0]
+    g, r = rois.shape[:2]
     if r == 0:
-        return jnp.zeros((0, output_size, output_size, c), dtype)
+        out = jnp.zeros((g, 0, output_size, output_size, c), dtype)
+        return out if per_image else out[0]
     pad = -r % chunk if r > chunk else 0
     n = (r + pad) // chunk if r > chunk else 1
     size = chunk if r > chunk else r
     order = None
-    # Each chunk's branch: the smallest tier covering its largest grid (tier 0 throughout with one tier).
+    # Each chunk's branch: the smallest tier covering its largest grid over every group (tier 0 with one tier).
     branch = jnp.zeros((n,), jnp.int32)
     if len(tiers) > 1:
-        need = _grid(rois.astype(acc), levels, scales, output_size, sampling_ratio, aligned)[2]
-        order = jnp.argsort(need, stable=True)
-        rois, levels = rois[order], levels[order]
-        chunk_need = jnp.max(jnp.pad(need[order], (0, pad)).reshape(n, size), axis=1)
+        need = _grid(rois.astype(acc).reshape(-1, 5), levels.reshape(-1), scales, output_size, sampling_ratio,
+                     aligned)[2].reshape(g, r)
+        order = jnp.argsort(need, axis=1, stable=True)
+        rois = jnp.take_along_axis(rois, order[..., None], axis=1)
+        levels, image, need = (jnp.take_along_axis(a, order, axis=1) for a in (levels, image, need))
+        chunk_need = jnp.max(jnp.pad(need, ((0, 0), (0, pad))).reshape(g, n, size), axis=(0, 2))
         branch = jnp.searchsorted(jnp.asarray(tiers[:-1]), chunk_need).astype(jnp.int32)
-    branches = [lambda ro, lv, k=k: _align(flat, ro.astype(acc), lv, *geometry, k) for k in tiers]
+
+    def tier(k):
+        one = lambda fl, ro, lv, im: _align(fl, ro.astype(acc), lv, im, *geometry, k)  # noqa: E731
+        return lambda ro, lv, im: jax.vmap(one)(flat, ro, lv, im)  # a gather with the group as its batch axis
+
+    branches = [tier(k) for k in tiers]
 
     def one_chunk(args):
-        roi, level, b = args
-        return branches[0](roi, level) if len(branches) == 1 else jax.lax.switch(b, branches, roi, level)
+        roi, level, im, b = args
+        return branches[0](roi, level, im) if len(branches) == 1 else jax.lax.switch(b, branches, roi, level, im)
 
-    roi_c = jnp.pad(rois, ((0, pad), (0, 0))).reshape(n, size, 5)
-    lvl_c = jnp.pad(levels, (0, pad)).reshape(n, size)
-    out = jax.lax.map(one_chunk, (roi_c, lvl_c, branch)).reshape(n * size, output_size, output_size, c)[:r]
+    def chunks(a):  # (g, r, ...) -> (n, g, size, ...)
+        a = jnp.pad(a, ((0, 0), (0, pad)) + ((0, 0),) * (a.ndim - 2))
+        return jnp.swapaxes(a.reshape(g, n, size, *a.shape[2:]), 0, 1)
+
+    out = jax.lax.map(one_chunk, (chunks(rois), chunks(levels), chunks(image), branch))  # (n, g, size, P, P, C)
+    out = jnp.swapaxes(out, 0, 1).reshape(g, n * size, output_size, output_size, c)[:, :r]
     if order is not None:
-        out = out[jnp.argsort(order)]
-    return out.astype(dtype)
+        out = jnp.take_along_axis(out, jnp.argsort(order, axis=1)[:, :, None, None, None], axis=1)
+    out = out.astype(dtype)
+    return out if per_image else out[0]
 
 
 def _tiers(max_samples: int) -> tuple[int, ...]:
@@ -222,12 +254,13 @@ def _grid(rois, level, scales, output_size, sampling_ratio, aligned):
     return bin_h, bin_w, gh * gw, gh, gw
 
 
-def _align(flat, rois, level, base, heights, widths, scales, output_size, sampling_ratio, aligned, max_samples):
-    """`roi_align` of `(R, 5)` RoIs: `(R, P, P, C)` in the RoIs' dtype (float32, or float64)."""
+def _align(flat, rois, level, image, base, heights, widths, scales, output_size, sampling_ratio, aligned,
+           max_samples):
+    """`roi_align` of `(R, 5)` RoIs from `flat (N, C)`, whose image starts at row `image (R,)`: `(R, P, P, C)` in
+    the RoIs' dtype (float32, or float64)."""
     p, k = output_size, max_samples
     acc = rois.dtype
     h, w, scale = heights[level], widths[level], scales[level].astype(acc)
-    b = rois[:, 0].astype(jnp.int32)
     offset = 0.5 if aligned else 0.0
     x1, y1 = rois[:, 1] * scale - offset, rois[:, 2] * scale - offset
     bin_h, bin_w, n, gh, gw = _grid(rois, level, scales, output_size, sampling_ratio, aligned)
@@ -239,7 +272,7 @@ def _align(flat, rois, level, base, heights, widths, scales, output_size, sampli
     y_lo, y_hi, wy_lo, wy_hi = _axis_samples(y1, bin_h, jnp.maximum(gh, 1), h, p, iy)
     x_lo, x_hi, wx_lo, wx_hi = _axis_samples(x1, bin_w, jnp.maximum(gw, 1), w, p, ix)
     used = used[:, None, None, :]  # (R, 1, 1, K) over (R, ph, pw, K)
-    start = (base[level] + b * h * w)[:, None, None, None]
+    start = (image + base[level])[:, None, None, None]
     row = w[:, None, None, None]
 
     def tap(ys, xs, wy, wx):
@@ -269,7 +302,8 @@ def extract_roi_features(features: Sequence[Array], rois: Array, strides: Sequen
                          max_samples: Optional[int] = None, chunk: int = 64, tiered: bool = True) -> Array:
     """mmdet's `SingleRoIExtractor` with `RoIAlign(output_size, sampling_ratio=0, aligned=True)`: each RoI's
     features from the level `map_roi_levels` gives it. `features`: per level `(B, H_l, W_l, C)` (the first
-    `len(strides)` levels of the neck); `rois (R, 5)`. -> `(R, P, P, C)`."""
+    `len(strides)` levels of the neck); `rois (R, 5)` -> `(R, P, P, C)`, or per image `(B, M, 5)` ->
+    `(B, M, P, P, C)` (see `roi_align`: what a data-parallel step should pass)."""
     levels = map_roi_levels(rois, len(strides), finest_scale)
     if max_samples is None and sampling_ratio == 0:
         max_samples = max_grid_samples([f.shape[1:3] for f in features[:len(strides)]], strides, output_size,

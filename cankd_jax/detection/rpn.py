@@ -36,6 +36,7 @@ from cankd_jax.detection.losses import bce_loss, l1_loss
 from cankd_jax.detection.nms import batched_nms
 from cankd_jax.detection.roi_align import batch_rois
 from cankd_jax.detection.samplers import Sample, random_sample
+from cankd_jax.detection.topk import top_k
 
 Array = jax.Array
 
@@ -82,7 +83,7 @@ def proposals_single(cls_logits: Sequence[Array], bbox_pred: Sequence[Array], an
         chex.assert_rank(cl, 1)
         chex.assert_shape([bp, an], (cl.shape[0], 4))
         s = jax.nn.sigmoid(cl.astype(jnp.float32))
-        top, index = jax.lax.top_k(s, min(cfg.nms_pre, s.shape[0]))  # ties: the lower index first
+        top, index = top_k(s, min(cfg.nms_pre, s.shape[0]))  # ties: the lower index first
         scores.append(top)
         deltas.append(bp.astype(jnp.float32)[index])
         priors.append(jnp.asarray(an, jnp.float32)[index])

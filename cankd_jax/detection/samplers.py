@@ -16,6 +16,8 @@ import chex
 import jax
 import jax.numpy as jnp
 
+from cankd_jax.detection.topk import top_k
+
 Array = jax.Array
 
 
@@ -29,7 +31,7 @@ class Sample(NamedTuple):
 def _take_best(keys: Array, candidates: Array, limit: Array, k: int) -> Array:
     """`(N,)` bool: of `candidates`, the (at most) `limit` with the largest `keys`; `k` >= any `limit`, static."""
     score = jnp.where(candidates, keys, -1.0)  # keys are in [0, 1): every candidate outranks every non-candidate
-    top, index = jax.lax.top_k(score, k)
+    top, index = top_k(score, k)
     chosen = (top >= 0.0) & (jnp.arange(k) < limit)
     return jnp.zeros(candidates.shape, bool).at[index].set(chosen)  # top_k's indices are distinct
 

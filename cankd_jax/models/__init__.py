@@ -11,6 +11,7 @@ BatchNorm statistics live in the `batch_stats` collection.
 
 from cankd_jax.models.conv import ConvModule, conv2d  # noqa: F401
 from cankd_jax.models.dense_heads import FCOSHead, RetinaHead, Scale  # noqa: F401
+from cankd_jax.models.foreign import ForeignBackbone, save_foreign_variables  # noqa: F401
 from cankd_jax.models.fpn import FPN  # noqa: F401
 from cankd_jax.models.freeze import (  # noqa: F401
     ALL,
@@ -20,6 +21,7 @@ from cankd_jax.models.freeze import (  # noqa: F401
 )
 from cankd_jax.models.heads import ASPPHead, FCNHead, PSPHead  # noqa: F401
 from cankd_jax.models.mobilenet_v2 import InvertedResidual, MobileNetV2  # noqa: F401
+from cankd_jax.models.recorder import Recorded, is_module_path, module_paths, unwrap, with_recorded  # noqa: F401
 from cankd_jax.models.ops import adaptive_avg_pool, resize_bilinear, resize_nearest  # noqa: F401
 from cankd_jax.models.registry import (  # noqa: F401
     BACKBONE_TYPES,

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 
 from cankd_jax.compute import remat_policy
 from cankd_jax.models.dense_heads import FCOSHead, RetinaHead
+from cankd_jax.models.foreign import make_foreign
 from cankd_jax.models.fpn import FPN
 from cankd_jax.models.freeze import frozen_prefixes, param_labels
 from cankd_jax.models.heads import ASPPHead, FCNHead, PSPHead
@@ -94,9 +95,12 @@ DETECTORS: dict[str, DetectorSpec] = {
 }
 
 
+FOREIGN = "foreign"  # a Linen model from another codebase (`cankd_jax.models.foreign`)
+
+
 def model_names() -> list[str]:
     """Every name `make_model` accepts."""
-    return sorted([*BACKBONES, *SEGMENTATION_HEADS, *TRUNKS, *DETECTORS])
+    return sorted([*BACKBONES, *SEGMENTATION_HEADS, *TRUNKS, *DETECTORS, FOREIGN])
 
 
 def _fields(cls: type) -> set[str]:
@@ -164,8 +168,18 @@ def make_segmenter(
             raise ValueError(f"remat={remat!r} rematerialises ResNet blocks; backbone {backbone!r} is not a ResNet "
                              "(use remat='none')")
         bb_fields["remat"] = remat
-    bb = _backbone(backbone, bb_fields)
-    (decode_in, default_channels), (aux_in, default_aux) = _segmentation_inputs(bb)
+    if backbone == FOREIGN:
+        # Another codebase's model: its own options only; the heads read its features named layer4 / layer3.
+        bb = make_foreign(**dict(backbone_kwargs or {}))
+        if not channels or aux_channels is None:
+            raise ValueError("a segmenter on a foreign backbone needs head_channels and aux_channels (0: no "
+                             "auxiliary head): its feature widths are not known before a forward pass")
+        if remat != "none":
+            raise ValueError(f"remat={remat!r} rematerialises our ResNet blocks; a foreign backbone takes 'none'")
+        (decode_in, default_channels), (aux_in, default_aux) = ("layer4", channels), ("layer3", aux_channels)
+    else:
+        bb = _backbone(backbone, bb_fields)
+        (decode_in, default_channels), (aux_in, default_aux) = _segmentation_inputs(bb)
 
     def head_class(cls: type[nn.Module]) -> type[nn.Module]:
         # The head's argument 2 (counting the module) is `train`, a Python bool: static.
@@ -300,6 +314,8 @@ def make_model(name: str, **kwargs: Any) -> nn.Module:
         return make_trunk(key, **kwargs)
     if key in DETECTORS:
         return make_detector(key, **kwargs)
+    if key == FOREIGN:
+        return make_foreign(**kwargs)
     raise ValueError(f"unknown model {name!r}; choose one of {', '.join(model_names())}")
 
 
@@ -334,6 +350,16 @@ def make_network(cfg: Any, *, num_classes: int) -> nn.Module:
         raise ValueError("network config needs a `name` (a backbone, segmenter, detector or trunk name)")
     for key in _LOADER_FIELDS | {"frozen_prefixes"}:
         fields.pop(key, None)
+    if name == FOREIGN:
+        # The run's compute dtype is the foreign model's own business (its factory's arguments).
+        fields.pop("dtype", None)
+        fields.pop("param_dtype", None)
+        for key in ("frozen_stages", "norm_eval", "remat"):
+            if fields.get(key) not in (None, -1, False, "none"):
+                raise ValueError(f"network config 'foreign' does not take {key}={fields[key]!r}; freeze its "
+                                 "parameters with frozen_prefixes")
+            fields.pop(key, None)
+        return make_foreign(**fields)
     common = {k: fields.pop(k) for k in ("frozen_stages", "norm_eval") if k in fields}
     remat = fields.pop("remat", None) or "none"
     remat_policy(remat)  # unknown names fail here

@@ -101,7 +101,9 @@ class StandardRoIHead(nn.Module):
     """mmdet's `StandardRoIHead` (box branch): `SingleRoIExtractor` (RoIAlign `output_size` x `output_size`,
     `sampling_ratio=0`, `aligned=True`, on the first `len(strides)` levels, by `finest_scale`), then `bbox_head`.
 
-    `__call__(levels, rois (R, 5), *, train) -> bbox_head's outputs` (`roi_cls_scores`, `roi_bbox_preds`).
+    `__call__(levels, rois, *, train) -> bbox_head's outputs` (`roi_cls_scores`, `roi_bbox_preds`) for `rois (R,
+    5)` rows `(image index, x1, y1, x2, y2)`, or `(B, M, 5)` image b's in row b (R = B M outputs, image-major):
+    each image's RoIs then read its own maps only, so a batch split over devices needs no communication here.
     """
 
     bbox_head: nn.Module
@@ -112,12 +114,16 @@ class StandardRoIHead(nn.Module):
 
     @nn.compact
     def __call__(self, feats: Sequence[Array], rois: Array, *, train: bool) -> dict[str, Array]:
-        chex.assert_shape(rois, (None, 5))
+        if rois.ndim == 3:
+            chex.assert_shape(rois, (feats[0].shape[0], None, 5))
+        else:
+            chex.assert_shape(rois, (None, 5))
         if len(feats) < len(self.strides):
             raise ValueError(f"StandardRoIHead: {len(feats)} levels for RoIAlign strides {self.strides}")
         roi_feats = extract_roi_features(feats[:len(self.strides)], rois, self.strides,
                                          output_size=self.output_size, finest_scale=self.finest_scale,
                                          chunk=self.chunk)
+        roi_feats = roi_feats.reshape(-1, *roi_feats.shape[-3:])  # per-image RoIs: image-major, as (R, 5) rows
         return self.bbox_head(roi_feats, train=train)
 
 
@@ -128,7 +134,8 @@ class FasterRCNN(_Pyramid, nn.Module):
     `__call__(images (B, H, W, 3), *, train, rois=None, roi_sampler=None) -> dict`: the trunk's features
     (`fpn.p2`..`fpn.p6`), the RPN's per-level `rpn_cls_scores` / `rpn_bbox_preds`, and the box head's
     `roi_cls_scores (R, K + 1)` and `roi_bbox_preds (R, 4 K)` for the RoIs `(R, 5)` (image index, x1, y1, x2, y2
-    in input pixels) given as `rois`, or chosen by `roi_sampler` from the RPN's outputs (taken without their
+    in input pixels; or `(B, M, 5)`, image b's in row b, which a data-parallel step should use: see
+    `StandardRoIHead`) given as `rois`, or chosen by `roi_sampler` from the RPN's outputs (taken without their
     gradient, as mmdet detaches its proposals): `roi_sampler(rpn_outputs) -> (rois, extra)`, whose `extra`
     arrays join the outputs (the task's proposals or sampled targets: `DetectionTask.apply_kwargs`). With
     neither, the box head runs on no RoI (R = 0): its parameters exist, the call costs nothing.

@@ -23,6 +23,7 @@ from cankd_jax import models
 from cankd_jax.compute import compute_dtype, remat_policy
 from cankd_jax.losses import Connector, make_loss
 from cankd_jax.losses.registry import loss_fields
+from cankd_jax.models.recorder import check_recorded, with_recorded
 from cankd_jax.train.optim import make_optimizer
 from cankd_jax.train.sharding import ParamLayout, tree_shardings
 from cankd_jax.train.step import DistillTerm
@@ -91,6 +92,11 @@ def build_run(config: ml_collections.ConfigDict, mesh: Mesh, *, input_size: Opti
                                                        layout=ParamLayout.from_config(config.get("mesh")))
 
     pretrained = load_pretrained(config.student, student, sample, teacher_cfg=config.get("teacher"))
+    # Features named by module path (`backbone/layer4.1`, `neck/fpn_convs.2:input`) are recorded from inside the
+    # networks (weights load into the networks themselves, above); output-dict names are read as they are.
+    student = with_recorded(student, [t.student_feature for t in terms])
+    teacher = with_recorded(teacher, [t.teacher_feature for t in terms])
+    check_recorded(student, sample), check_recorded(teacher, sample)  # a wrong path: an error now, naming the nearest
 
     def init_variables(key):
         ks, kd = jax.random.split(key)

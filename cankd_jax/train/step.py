@@ -207,6 +207,13 @@ def jit_train_step(
     the batch split along `data`, the metrics replicated; compiled ahead of its first run for each batch shape,
     at most `max_shapes` of them (the shapes the data yields), beyond which a batch is a `RecompileError`.
     """
-    jitted = jax.jit(step, in_shardings=(state_shardings, teacher_shardings, batch_sharding(mesh)),
-                     out_shardings=(state_shardings, replicated(mesh)), donate_argnums=(0,))
+    jitted = jit_step(step, mesh=mesh, state_shardings=state_shardings, teacher_shardings=teacher_shardings)
     return CompiledPerShape(jitted, what="train step", key_argnums=(2,), max_shapes=max_shapes)
+
+
+def jit_step(step: Callable, *, mesh: Any, state_shardings: PyTree, teacher_shardings: PyTree) -> Any:
+    """The one `jax.jit` of the train step: the state in its shardings (donated), the teacher in its own, the batch
+    split along `data`, the metrics replicated. Benchmarks and the rehearsal lower this same object for abstract
+    inputs."""
+    return jax.jit(step, in_shardings=(state_shardings, teacher_shardings, batch_sharding(mesh)),
+                   out_shardings=(state_shardings, replicated(mesh)), donate_argnums=(0,))

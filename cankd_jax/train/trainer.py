@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from cankd_jax.models import DetectionTrunk
+from cankd_jax.models import DetectionTrunk, ForeignBackbone, unwrap
 from cankd_jax.train import build
 from cankd_jax.train.checkpoint import Checkpointer
 from cankd_jax.train.distributed import barrier
@@ -49,6 +49,17 @@ log = logging.getLogger(__name__)
 # send itself that signal after step N (its metrics written, every checkpoint before it on disk), or with N = 0
 # just before the train loop (a notice that arrives during start-up).
 FAULT_ENV = "CANKD_JAX_TEST_FAULT"
+
+
+def has_task_head(model) -> bool:
+    """Whether a network ends in a task head (not a detection trunk or a foreign feature extractor)."""
+    return not isinstance(unwrap(model), (DetectionTrunk, ForeignBackbone))
+
+
+def has_foreign_part(model) -> bool:
+    """Whether a network is, or holds as its backbone, a foreign model."""
+    model = unwrap(model)
+    return isinstance(model, ForeignBackbone) or isinstance(getattr(model, "backbone", None), ForeignBackbone)
 
 
 def _fault() -> tuple[int, int]:
@@ -116,9 +127,10 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, preempt
 
     summary: dict[str, Any] = {"workdir": workdir, "total_steps": config.total_steps, "metric": run.task.metric}
     barrier("teacher evaluation")  # its first collective, after the metrics files only process 0 opens
-    # A teacher that is only a trunk (a detector's backbone and neck) has no head to evaluate.
+    # A teacher that is only a trunk (a detector's backbone and neck) or a foreign feature extractor has no head to
+    # evaluate.
     if (run.teacher is not None and start == 0 and config.get("evaluate_teacher", True)
-            and not isinstance(run.teacher, DetectionTrunk)):
+            and has_task_head(run.teacher)):
         log.info("evaluating the teacher")
         summary["teacher"] = evaluate(run.teacher, run.teacher_vars)
         writer.write(0, {f"teacher/{k}": v for k, v in summary["teacher"].items()})
@@ -165,7 +177,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, preempt
                     finish(*pending)  # never save or report a state before its step has been checked
                     pending = None
                 if step % config.eval_every == 0 or step == config.total_steps:
-                    ev = evaluate(run.student, run.student_variables(state))
+                    ev = evaluate(unwrap(run.student), run.student_variables(state))
                     writer.write(step, {f"eval/{k}": v for k, v in ev.items()})
                     summary["eval"] = ev
                 if save:
@@ -192,9 +204,12 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, preempt
     summary.update(step=step, finished=step >= config.total_steps, last_metrics=last_metrics)
     if summary["finished"]:
         if "eval" not in summary:  # a finished run re-opened: report its final evaluation again
-            summary["eval"] = evaluate(run.student, run.student_variables(state))
-        export_student(run.student, run.student_variables(state), os.path.join(workdir, "export"),
-                       pytorch=config.export.pytorch)
+            summary["eval"] = evaluate(unwrap(run.student), run.student_variables(state))
+        pytorch = config.export.pytorch and not has_foreign_part(run.student)
+        if config.export.pytorch and not pytorch:
+            log.info("export: no student.pth (a foreign backbone has no PyTorch key mapping); Orbax only")
+        export_student(unwrap(run.student), run.student_variables(state), os.path.join(workdir, "export"),
+                       pytorch=pytorch)
     ckpt.close()
     writer.close()
     if jax.process_index() == 0:

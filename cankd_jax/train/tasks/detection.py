@@ -149,7 +149,8 @@ class DetectionTask:
                 props = rpn.proposals(rpn_out["rpn_cls_scores"], rpn_out["rpn_bbox_preds"], img_shapes,
                                       cfg=self._proposal_config(self.test_proposals, rpn.RPN_TEST_PROPOSALS))
                 rois, _ = rpn.proposal_rois(props)
-                return rois, {"proposals": props}
+                # per image (B, M, 5): each image's RoIs read its own maps, on whichever device holds it
+                return rois.reshape(*props.valid.shape, 5), {"proposals": props}
 
             return {"roi_sampler": test_rois}
         if key is None:
@@ -174,7 +175,8 @@ class DetectionTask:
                 return rpn_t, roi_s
 
             rpn_t, roi_s = jax.vmap(one)(jnp.arange(b), data["pad_shape"], *gt, props.boxes, props.valid)
-            return rcnn.sample_rois(roi_s), {"rpn_targets": rpn_t, "roi_samples": roi_s}
+            rois = rcnn.sample_rois(roi_s).reshape(b, -1, 5)  # per image, as the test RoIs
+            return rois, {"rpn_targets": rpn_t, "roi_samples": roi_s}
 
         return {"roi_sampler": train_rois}
 
