@@ -56,17 +56,20 @@ def test_recorded_outputs_and_inputs_are_flaxs_own_intermediates(net):
     assert set(out) >= {"logits", "layer4"}  # the model's own outputs stay
 
 
+def _grad_of(recorded, v, name):
+    """Gradient w.r.t. the parameters of mean(feature ** 2), the feature `name` of a training-mode forward pass."""
+    def loss(p):
+        o, _ = recorded.apply({"params": p, "batch_stats": v["batch_stats"]}, X, train=True, mutable=["batch_stats"],
+                              rngs=RNGS)
+        return jnp.mean(o[name] ** 2)
+
+    return jax.jit(jax.grad(loss))(v["params"])
+
+
 def test_gradients_flow_through_a_recorded_feature_as_through_the_output(net):
     m, v = net
     r = Recorded(m, ["backbone/layer4.1"])
-
-    def loss(p, name):
-        o, _ = r.apply({"params": p, "batch_stats": v["batch_stats"]}, X, train=True, mutable=["batch_stats"],
-                       rngs=RNGS)
-        return jnp.mean(o[name] ** 2)
-
-    g_path = jax.jit(jax.grad(loss), static_argnums=1)(v["params"], "backbone/layer4.1")
-    g_dict = jax.jit(jax.grad(loss), static_argnums=1)(v["params"], "layer4")
+    g_path, g_dict = _grad_of(r, v, "backbone/layer4.1"), _grad_of(r, v, "layer4")
     chex.assert_trees_all_equal(g_path, g_dict)
     assert float(jnp.abs(g_path["backbone"]["layer1.0"]["conv1"]["kernel"]).sum()) > 0
 
@@ -74,14 +77,7 @@ def test_gradients_flow_through_a_recorded_feature_as_through_the_output(net):
 def test_recording_inside_rematerialised_blocks():
     m = fcn(remat="nothing_saveable")
     v = m.init(jax.random.key(0), X, train=False)
-    r = Recorded(m, ["backbone/layer4.1/conv2"])
-
-    def loss(p, name):
-        o, _ = r.apply({"params": p, "batch_stats": v["batch_stats"]}, X, train=True, mutable=["batch_stats"],
-                       rngs=RNGS)
-        return jnp.mean(o[name] ** 2)
-
-    g = jax.jit(jax.grad(loss), static_argnums=1)(v["params"], "backbone/layer4.1/conv2")
+    g = _grad_of(Recorded(m, ["backbone/layer4.1/conv2"]), v, "backbone/layer4.1/conv2")
     assert float(jnp.abs(g["backbone"]["layer4.1"]["conv2"]["kernel"]).sum()) > 0
     assert float(jnp.abs(g["backbone"]["layer4.1"]["conv1"]["kernel"]).sum()) > 0
 

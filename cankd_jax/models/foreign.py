@@ -93,9 +93,6 @@ class ForeignBackbone(nn.Module):
     input_layout: str = "NHWC"
     call_kwargs: Optional[Mapping[str, Any]] = None
 
-    def feature_channels(self) -> None:  # unknown without a trace: segmenters ask their configs for head widths
-        return None
-
     @nn.compact
     def __call__(self, images: Array, *, train: bool) -> dict[str, Array]:
         chex.assert_rank(images, 4)
