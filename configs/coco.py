@@ -11,6 +11,7 @@ from an mmdet teacher.
     python train.py --config configs/coco.py:detector=faster_rcnn ...   # Faster R-CNN R101 -> R50
     python train.py --config configs/coco.py:detector=faster_rcnn,teacher=cmrcnn_x101 ...  # Cascade Mask R-CNN X101
     python train.py --config configs/coco.py:teacher=faster_rcnn_x101 ...         # Faster R-CNN X101 -> RetinaNet, 1x
+    python train.py --config configs/coco.py:teacher=mask_rcnn_swin_s,dagger=true ...  # Mask R-CNN Swin-S -> RetinaNet
     python train.py --config configs/coco.py:dagger=true ...     # the "dagger" runs: neck + head from the teacher
     python train.py --config configs/coco.py:loss=pkd ...        # a baseline; loss=none: the student alone
 
@@ -33,7 +34,8 @@ The argument after `:`:
   (P6 by max-pool), RPN (3 anchors) and a RoI head (RoIAlign 7x7 over P2-P5, two fc 1024);
   its RoI sampler draws from keys of (seed, step, image), see `cankd_jax/detection/rcnn.py`.
 - `teacher` (retinanet_r101 | retinanet_x101 | fcos_r101 | fcos_x101 | gfl_r101 | faster_rcnn_r101 |
-  faster_rcnn_x101 (X101-32x4d) | cmrcnn_x101 (Cascade Mask R-CNN X101-64x4d, 20e)): the
+  faster_rcnn_x101 (X101-32x4d) | cmrcnn_x101 (Cascade Mask R-CNN X101-64x4d, 20e) | mask_rcnn_swin_s
+  (mmdet's `mask-rcnn_swin-s-p4-w7_fpn_amp-ms-crop-3x_coco`: Swin-S, FPN P2-P6)): the
   teacher's backbone + FPN (a trunk: no head, frozen, BatchNorm in inference mode, no
   gradient). Only the `backbone.*` and `neck.*` keys of its mmdet `.pth` are read (the
   rest are listed as ignored); `--config.teacher.checkpoint` is required (the run refuses
@@ -46,12 +48,23 @@ The argument after `:`:
   `nlkdIN_fpn_faster-rcnn_x101_retina_r50_1x_coco.py` pairs the two necks' outputs 0-3 by
   index, P2-P5 with P3-P6, which their plain loss cannot take: the maps' sizes differ.) A
   Faster R-CNN student needs a teacher with P2 (a Faster R-CNN or Cascade teacher).
+- `pairing` (auto | stride | index): which teacher level each student level is distilled from.
+  `stride`: the level of the same stride (P3 from P3). `index`: the teacher's first four levels with the
+  student's, as the authors' configs pair the two necks' outputs 0-3; where their strides differ (a P2-P6
+  teacher and a P3-P7 student: P2-P5 against P3-P6) each student map is upsampled to its teacher level's
+  size first, with `cankd` as the authors' `NLKD_IN_align_Loss` (`cankd_align`, also its ablations) and with
+  PKD's own resize; the other losses need `stride`. `auto`: `index` for `mask_rcnn_swin_s` (the authors'
+  `nlkdIN_dagger_fpn_mask-rcnn_swin_retina_r50_2x_coco.py`), `stride` otherwise.
 - `dagger` (false | true): the student's `neck.*` and `bbox_head.*` start from the
   teacher's checkpoint (same detector family only); the backbone stays ImageNet R50. For a
   Faster R-CNN student, as the authors' dagger configs: `neck.*` and
   `roi_head.bbox_head.*` (the RPN head from scratch), from a Cascade teacher its first
   stage's `roi_head.bbox_head.0.*`, whose class-agnostic `fc_reg` (4 outputs, not 320)
-  is skipped and logged, as mmengine's loader skips it.
+  is skipped and logged, as mmengine's loader skips it. From `mask_rcnn_swin_s` (RetinaNet student), as the
+  authors' Swin config: `neck.*` only, each tensor whose shape agrees, as mmengine's non-strict loader
+  takes it (the 3x3 output convs of the first three levels, and the biases of the laterals and of the C5
+  extra conv); the weights of the laterals (96-768 input channels against 512-2048) and of the C5 extra conv
+  are skipped and logged, P7's conv starts afresh.
 - `loss` (a preset of `cankd_jax/losses/presets.py`, or none): one loss module per level
   P3-P6 (P7 not distilled; P2-P5 for Faster R-CNN, P6 not distilled), each with its own
   parameters; CanKD `in_channels=256`, `loss_weight=10` (the reference's /2 makes that an
@@ -106,7 +119,11 @@ TEACHERS = {
     "faster_rcnn_r101": ("faster_rcnn", dict(name="faster_rcnn_fpn", backbone="resnet101"), P2_P6),
     "faster_rcnn_x101": ("faster_rcnn", dict(name="faster_rcnn_fpn", backbone="resnext101_32x4d"), P2_P6),
     "cmrcnn_x101": ("cascade_mask_rcnn", dict(name="cascade_rcnn_fpn", backbone="resnext101_64x4d"), P2_P6),
+    # mmdet's Swin detectors: drop_path_rate 0.2 in training; the teacher runs in inference mode, where it is off
+    "mask_rcnn_swin_s": ("mask_rcnn", dict(name="mask_rcnn_fpn", backbone="swin_small"), P2_P6),
 }
+INDEX_PAIRED = {"mask_rcnn_swin_s"}  # teachers whose authors' config pairs levels by index (pairing=auto)
+ALIGNED = {"cankd": "cankd_align", "cankd_align": "cankd_align", "pkd": "pkd"}  # loss -> the registered loss that takes maps of different sizes
 # (teacher family, student) -> the dagger run's (model-key prefix, checkpoint-key prefix) pairs and whether tensors of
 # another shape are skipped (the authors' configs; a pair not listed has no dagger run)
 HEAD = [("neck.", "neck."), ("bbox_head.", "bbox_head.")]
@@ -117,6 +134,8 @@ DAGGER = {
     # Cascade's first stage; its fc_reg is class-agnostic (4 outputs), the student's class-specific (320)
     ("cascade_mask_rcnn", "faster_rcnn"): ([("neck.", "neck."), ("roi_head.bbox_head.", "roi_head.bbox_head.0.")],
                                            True),
+    # the neck alone, by shape: mmengine's non-strict loader (init_cfg=dict(type='Pretrained', prefix='neck.'))
+    ("mask_rcnn", "retinanet"): ([("neck.", "neck.")], True),
 }
 SCHEDULES = {"1x": (12, (8, 11)), "2x": (24, (16, 22))}
 ONE_X = {("fcos_x101", "retinanet"), ("gfl_r101", "retinanet"), ("faster_rcnn_x101", "retinanet")}  # the rest: 2x
@@ -124,14 +143,20 @@ ONE_X = {("fcos_x101", "retinanet"), ("gfl_r101", "retinanet"), ("faster_rcnn_x1
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
     a = config_arg.parse(arg, {"detector": tuple(STUDENTS), "teacher": tuple(TEACHERS), "dagger": ("false", "true"),
-                               "loss": (*PRESET_LOSSES, "none"), "schedule": ("auto", "1x", "2x")},
+                               "loss": (*PRESET_LOSSES, "none"), "schedule": ("auto", "1x", "2x"),
+                               "pairing": ("auto", "stride", "index")},
                          {"detector": "retinanet", "teacher": "", "dagger": "false", "loss": "cankd",
-                          "schedule": "auto"}, config="configs/coco.py")
+                          "schedule": "auto", "pairing": "auto"}, config="configs/coco.py")
     detector = a["detector"]
     teacher = a["teacher"] or f"{detector}_r101"
     family, trunk, teacher_levels = TEACHERS[teacher]
     student, norm, levels = STUDENTS[detector]
-    if not set(levels) <= set(teacher_levels):
+    pairing = a["pairing"]
+    if pairing == "auto":
+        pairing = "index" if teacher in INDEX_PAIRED else "stride"
+    if pairing == "index":
+        teacher_levels = teacher_levels[:len(levels)]
+    elif not set(levels) <= set(teacher_levels):
         raise ValueError(f"configs/coco.py: a {detector} student distils {', '.join(levels)}, and teacher={teacher} "
                          f"gives only {', '.join(teacher_levels)}; choose a teacher with those levels "
                          f"({', '.join(t for t, v in TEACHERS.items() if set(levels) <= set(v[2]))})")
@@ -167,10 +192,26 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
                      inherit="teacher" if dagger else "",  # dagger: neck.* and the head from teacher.checkpoint
                      inherit_prefixes=inherit_prefixes, inherit_skip_mismatched=skip_mismatched)
     c.teacher = dict(trunk, checkpoint="", random_init=False)  # mmdet's trained detector .pth: backbone.*, neck.*
-    c.distill = [] if a["loss"] == "none" else detection_terms(a["loss"], levels=levels)
+    c.distill = [] if a["loss"] == "none" else _terms(a["loss"], levels, teacher_levels if pairing == "index" else levels)
     c.optimizer = dict(name="sgd", lr=0.005, momentum=0.9, weight_decay=1e-4, grad_clip_norm=35.0,
                        schedule="step", boundaries=[e * STEPS_PER_EPOCH for e in decay_epochs], decay_factor=0.1,
                        warmup_steps=500, warmup_factor=0.001)
     c.mesh = dict(fsdp=False, fsdp_min_size=2**16)  # FSDP spreads arrays of at least this many elements
     c.export = dict(pytorch=True)
     return c
+
+
+def _terms(loss: str, levels: tuple[str, ...], teacher_levels: tuple[str, ...]) -> list:
+    """The distill entries of `loss` on `levels`, each against its teacher level; where a pair's strides differ
+    the loss must take maps of different sizes (`ALIGNED`)."""
+    terms = detection_terms(loss, levels=levels, teacher_levels=teacher_levels)
+    if levels == teacher_levels:
+        return terms
+    for term in terms:
+        if term["loss"] not in ALIGNED:
+            raise ValueError(f"configs/coco.py: pairing=index distils {term['student_feature']} from the teacher's "
+                             f"{term['teacher_feature']}, a map of another size, which loss={loss} cannot take; use "
+                             f"pairing=stride, or a loss that resizes ({', '.join(sorted(ALIGNED))} and cankd's "
+                             f"ablations)")
+        term["loss"] = ALIGNED[term["loss"]]
+    return terms

@@ -5,6 +5,7 @@
     python train.py --config configs/detection_demo.py:loss=cankd+fitnet --workdir /tmp/det_demo  # several, one table
     python train.py --config configs/detection_demo.py:detector=retinanet --workdir /tmp/det_demo_retina
     python train.py --config configs/detection_demo.py:detector=faster_rcnn --workdir /tmp/det_demo_frcnn
+    python train.py --config configs/detection_demo.py:teacher=swin --workdir /tmp/det_demo_swin
 
 Phases on the built-in synthetic scenes seen as detection (64x64 images resized to 128x128
 as mmdet's keep-ratio resize would, 6 shape classes, no download), each in `workdir/<phase>`
@@ -22,6 +23,13 @@ and each resumable on its own:
             scaled to the small images (`RCNN_COUNTS`: 300 proposals and 128 sampled RoIs
             per image instead of 1000 and 512; fc widths 128 instead of 1024)
 
+`teacher=swin` is the paper's transformer-to-CNN row scaled down (Mask R-CNN Swin-S -> RetinaNet R50,
+configs/coco.py:teacher=mask_rcnn_swin_s): the teacher is a Faster R-CNN (the box part of Mask R-CNN: FPN
+P2-P6, RPN, RoI head) on a narrow Swin (embed_dims 16, two blocks per stage, window 4, which tiles the
+32/16/8/4-pixel stage maps of a 128x128 image exactly), trained from scratch; the student is the RetinaNet
+(P3-P7) above, and each student level P3-P6 is distilled from the teacher level of the same index, P2-P5,
+through CanKD's align form (`cankd_align`, the student map upsampled 2x), as the authors pair them.
+
 `workdir/summary.json` gets `{"metric": "mAP", "teacher": x, "student": y, "cankd": z, ...}`:
 COCO AP (IoU 0.50:0.95, pycocotools' COCOeval) on the 500 held-out scenes, with the teacher's
 and every phase's AP50/AP75/AP_S/AP_M in its `phases` entry. Objects are small in the original 64x64
@@ -33,6 +41,8 @@ mode (no frozen stages, no norm_eval), where the paper fine-tunes ImageNet backb
 for 24 epochs (configs/coco.py). FCOS by default: from scratch it reached a higher mAP than
 RetinaNet in the same steps here (8.7 vs 6.7 after 600 teacher steps).
 """
+
+from typing import Optional
 
 import ml_collections
 
@@ -47,13 +57,17 @@ NECK = 32                # FPN and head channels of both networks (the paper's 2
 
 
 FC = 128                 # Faster R-CNN's box head (the paper's 1024)
+P3_P6 = ("fpn.p3", "fpn.p4", "fpn.p5", "fpn.p6")
 LEVELS = {"faster_rcnn": ("fpn.p2", "fpn.p3", "fpn.p4", "fpn.p5")}  # the others: P3-P6
+# teacher=swin: a narrow Swin-T layout (the ResNet teacher's 128 channels at stage 4), window 4 for 128x128 images
+SWIN = dict(backbone="swin_tiny", backbone_kwargs=dict(embed_dims=16, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8),
+                                                       window_size=4))
 # Faster R-CNN's proposal and RoI counts scaled to 128x128 images (4,092 anchors; mmdet's 2000 / 1000
 # proposals and 512 RoIs are for 800x1344, 268,569 anchors): (nms_pre, max_per_img) and RoIs per image
 RCNN_COUNTS = dict(train_proposals=(500, 300), test_proposals=(300, 300), roi_samples=128)
 
 
-def _network(detector: str, width: int) -> dict:
+def _network(detector: str, width: int, backbone: Optional[dict] = None) -> dict:
     head = dict(feat_channels=NECK, stacked_convs=2)
     extra = {}
     if detector == "fcos":
@@ -61,15 +75,35 @@ def _network(detector: str, width: int) -> dict:
     if detector == "faster_rcnn":
         head = dict(feat_channels=NECK)
         extra = dict(roi_head_kwargs=dict(fc_out_channels=FC))
-    return dict(name=detector, backbone="resnet18", backbone_kwargs=dict(base_width=width, stem_width=width),
-                neck_kwargs=dict(out_channels=NECK), head_kwargs=head, frozen_stages=-1, norm_eval=False, **extra)
+    backbone = backbone or dict(backbone="resnet18", backbone_kwargs=dict(base_width=width, stem_width=width))
+    return dict(name=detector, **backbone, neck_kwargs=dict(out_channels=NECK), head_kwargs=head, frozen_stages=-1,
+                norm_eval=False, **extra)
+
+
+def _terms(loss: str, levels: tuple[str, ...], teacher_levels: Optional[tuple[str, ...]]) -> list:
+    terms = detection_terms(loss, student_channels=NECK, teacher_channels=NECK, levels=levels,
+                            teacher_levels=teacher_levels)
+    if teacher_levels is not None and teacher_levels != levels:  # maps of twice the size: the align forms
+        aligned = {"cankd": "cankd_align", "cankd_align": "cankd_align", "pkd": "pkd"}
+        for term in terms:
+            if term["loss"] not in aligned:
+                raise ValueError(f"configs/detection_demo.py: teacher=swin pairs maps of different sizes, which "
+                                 f"loss={loss} cannot take; choose one of {', '.join(sorted(aligned))} (or cankd's "
+                                 f"ablations)")
+            term["loss"] = aligned[term["loss"]]
+    return terms
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-    a = config_arg.parse(arg, {"loss": PRESET_LOSSES, "detector": ("retinanet", "fcos", "faster_rcnn")},
-                         {"loss": ["cankd"], "detector": "fcos"}, config="configs/detection_demo.py",
-                         lists=("loss",))
-    detector, losses = a["detector"], a["loss"]
+    a = config_arg.parse(arg, {"loss": PRESET_LOSSES, "detector": ("auto", "retinanet", "fcos", "faster_rcnn"),
+                               "teacher": ("resnet", "swin")},
+                         {"loss": ["cankd"], "detector": "auto", "teacher": "resnet"},
+                         config="configs/detection_demo.py", lists=("loss",))
+    losses, swin = a["loss"], a["teacher"] == "swin"
+    detector = a["detector"] if a["detector"] != "auto" else ("retinanet" if swin else "fcos")
+    if swin and detector != "retinanet":
+        raise ValueError(f"configs/detection_demo.py: teacher=swin distils a RetinaNet student (the paper's Swin "
+                         f"row); detector={detector} is not one")
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.dtype = "float32"  # compute dtype: 'bfloat16' for mixed precision (parameters, optimizer, checkpoints stay float32)
@@ -91,6 +125,15 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     # The teacher run's export holds the whole detector; the distilling runs read its backbone and neck.
     trunk = {k: v for k, v in _network(detector, TEACHER_WIDTH).items() if k not in ("head_kwargs", "roi_head_kwargs")}
     c.teacher = dict(trunk, name=f"{detector}_fpn", checkpoint="{workdir}/teacher/export")
+    teacher_phase = dict(student=_network(detector, TEACHER_WIDTH), total_steps=TEACHER_STEPS)
+    levels, teacher_levels = LEVELS.get(detector, P3_P6), None
+    if swin:
+        teacher_net = _network("faster_rcnn", TEACHER_WIDTH, backbone=SWIN)
+        c.teacher = dict({k: v for k, v in teacher_net.items() if k not in ("head_kwargs", "roi_head_kwargs")},
+                         name="mask_rcnn_fpn", checkpoint="{workdir}/teacher/export")
+        teacher_phase = dict(student=teacher_net, total_steps=TEACHER_STEPS,
+                             task=dict(detector="faster_rcnn", **RCNN_COUNTS))
+        teacher_levels = LEVELS["faster_rcnn"]
     c.distill = []
     c.optimizer = dict(name="adamw", lr=2e-3, weight_decay=1e-4, grad_clip_norm=35.0, schedule="cosine",
                        min_lr=2e-5, warmup_steps=100, warmup_factor=0.001)
@@ -99,10 +142,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
 
     c.phases = ["teacher", "student", *losses]
     c.phase_overrides = {
-        "teacher": dict(student=_network(detector, TEACHER_WIDTH), total_steps=TEACHER_STEPS),
+        "teacher": teacher_phase,
         "student": {},
-        **{name: dict(distill=detection_terms(name, student_channels=NECK, teacher_channels=NECK,
-                                              **({"levels": LEVELS[detector]} if detector in LEVELS else {})))
-           for name in losses},
+        **{name: dict(distill=_terms(name, levels, teacher_levels)) for name in losses},
     }
     return c

@@ -46,10 +46,13 @@ CASES = [
     ("coco.py", "detector=faster_rcnn"),
     ("coco.py", "detector=faster_rcnn,teacher=cmrcnn_x101,dagger=true"),
     ("coco.py", "teacher=faster_rcnn_x101"),
+    ("coco.py", "teacher=mask_rcnn_swin_s,dagger=true"),
+    ("coco.py", "teacher=mask_rcnn_swin_s,pairing=stride,loss=pkd"),
     ("detection_smoke.py", ""),
     ("detection_smoke.py", "detector=fcos"),
     ("detection_demo.py", ""),
     ("detection_demo.py", "detector=fcos,loss=cankd+fitnet+cwd"),
+    ("detection_demo.py", "teacher=swin"),
 ]
 
 
@@ -177,10 +180,32 @@ def test_coco_two_stage_rows_follow_the_authors_configs():
     assert [(t.student_feature, t.teacher_feature) for t in make_terms(r.distill)] == [
         (f"fpn.p{k}", f"fpn.p{k}") for k in (3, 4, 5, 6)]
     with pytest.raises(ValueError, match="teacher=retinanet_r101 gives only fpn.p3.*choose a teacher with those "
-                                         "levels \\(faster_rcnn_r101, faster_rcnn_x101, cmrcnn_x101\\)"):
+                                         "levels \\(faster_rcnn_r101, faster_rcnn_x101, cmrcnn_x101, "
+                                         "mask_rcnn_swin_s\\)"):
         load("coco.py", "detector=faster_rcnn,teacher=retinanet_r101")
-    with pytest.raises(ValueError, match="teacher must be a retinanet \\(teacher=faster_rcnn_x101 is a faster_rcnn"):
+    with pytest.raises(ValueError, match="teacher must be a retinanet or mask_rcnn \\(teacher=faster_rcnn_x101 is a faster_rcnn"):
         load("coco.py", "teacher=faster_rcnn_x101,dagger=true")
+
+
+def test_coco_swin_row_follows_the_authors_config():
+    """nlkdIN_dagger_fpn_mask-rcnn_swin_retina_r50_2x_coco.py: Mask R-CNN Swin-S's P2-P5 against RetinaNet R50's
+    P3-P6 by index through NLKD_IN_align_Loss (weight 10), the student's neck from the teacher's by shape."""
+    epoch = 117_266 // 4
+    c = load("coco.py", "teacher=mask_rcnn_swin_s,dagger=true")
+    assert (c.teacher.name, c.teacher.backbone, c.student.name, c.data.norm, c.total_steps) == (
+        "mask_rcnn_fpn", "swin_small", "retinanet", "pytorch", 24 * epoch)
+    terms = make_terms(c.distill)
+    assert [(t.student_feature, t.teacher_feature, type(t.loss).__name__, t.loss.in_channels, t.loss.loss_weight)
+            for t in terms] == [(f"fpn.p{k + 1}", f"fpn.p{k}", "CanKDAlignLoss", 256, 10.0) for k in (2, 3, 4, 5)]
+    assert c.student.inherit == "teacher" and c.student.inherit_skip_mismatched
+    assert [tuple(p) for p in c.student.inherit_prefixes] == [("neck.", "neck.")]
+    o = c.optimizer
+    assert (o.lr, o.momentum, o.weight_decay, o.grad_clip_norm) == (0.005, 0.9, 1e-4, 35.0)
+    by_stride = make_terms(load("coco.py", "teacher=mask_rcnn_swin_s,pairing=stride").distill)
+    assert [(t.student_feature, t.teacher_feature, type(t.loss).__name__) for t in by_stride] == [
+        (f"fpn.p{k}", f"fpn.p{k}", "CanKDLoss") for k in (3, 4, 5, 6)]
+    with pytest.raises(ValueError, match="pairing=index distils fpn.p3 from the teacher's fpn.p2.*loss=fitnet"):
+        load("coco.py", "teacher=mask_rcnn_swin_s,loss=fitnet")
 
 
 @pytest.mark.parametrize("arg,teacher_head,student_keys,weight", [
@@ -222,3 +247,16 @@ def test_ablation_presets_are_cankds_preset_with_one_option_changed():
         assert len(change) == 1 and term["options"] == {**base["options"], **change}, name
     in_mse = distill_term("in_mse", student_channels=64, teacher_channels=128)
     assert in_mse["connector"] == 128 and in_mse["options"] == {"loss_weight": base["options"]["loss_weight"]}
+
+
+def test_swin_demo_phases_build_their_own_networks():
+    """A phase that names another network replaces the base block instead of merging into it (the Faster R-CNN
+    Swin teacher phase of a RetinaNet R18 comparison keeps none of the ResNet's options)."""
+    c = load("detection_demo.py", "teacher=swin")
+    teacher, cankd = (phase_config(c, p, "/w") for p in ("teacher", "cankd"))
+    assert (teacher.task.detector, teacher.student.name, teacher.student.backbone) == ("faster_rcnn", "faster_rcnn",
+                                                                                         "swin_tiny")
+    assert "base_width" not in teacher.student.backbone_kwargs and teacher.task.roi_samples == 128
+    assert (cankd.student.name, cankd.student.backbone_kwargs.base_width) == ("retinanet", 8)
+    assert [(t["student_feature"], t["teacher_feature"], t["loss"]) for t in cankd.distill] == [
+        (f"fpn.p{k + 1}", f"fpn.p{k}", "cankd_align") for k in (2, 3, 4, 5)]

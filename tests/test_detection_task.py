@@ -23,13 +23,27 @@ from test_detection_models import K, torch_retinanet
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
 
+def _swin_teacher(config) -> None:
+    """A narrow Swin + FPN P2-P6 teacher (two blocks per stage: a plain and a shifted window) paired by index
+    through CanKD's align form, as configs/coco.py:teacher=mask_rcnn_swin_s pairs it: P3, P4 from P2, P3."""
+    config.teacher = ml_collections.ConfigDict(dict(
+        name="mask_rcnn_fpn", backbone="swin_tiny", random_init=True, checkpoint="",
+        backbone_kwargs=dict(embed_dims=12, depths=(2, 2, 2, 2), num_heads=(1, 2, 3, 6)),
+        neck_kwargs=dict(out_channels=config.teacher.neck_kwargs.out_channels)))
+    for term, level in zip(config.distill, ("fpn.p2", "fpn.p3")):
+        term.loss, term.teacher_feature = "cankd_align", level
+
+
 def _step_setup(mesh, detector: str = "retinanet"):
     """The smoke config's step (narrow RetinaNet, or Faster R-CNN, CanKD on its first two distilled levels against
-    a random trunk) at 64 x 64."""
-    config = load_config(os.path.join(CONFIGS, "detection_smoke.py"), f"detector={detector}")
+    a random trunk; 'swin': RetinaNet against `_swin_teacher`) at 64 x 64."""
+    swin = detector == "swin"
+    config = load_config(os.path.join(CONFIGS, "detection_smoke.py"), f"detector={'retinanet' if swin else detector}")
     config.distill = config.distill[:2]
     for net in (config.student, config.teacher):  # one block per stage: what 4 CPU devices compile in seconds
         net.backbone_kwargs.stage_blocks = (1, 1, 1, 1)
+    if swin:
+        _swin_teacher(config)
     run = build.build_run(config, mesh, input_size=(64, 64))
     plan = plan_state(run.init_variables, run.tx, 0, mesh)
     state, shardings = plan.init(), plan.shardings
@@ -57,10 +71,13 @@ def _batches(n, seed=0):
                                                             "distill/cankd_p4")),
                                               ("faster_rcnn", ("task/loss_rpn_cls", "task/loss_rpn_bbox",
                                                                "task/loss_cls", "task/loss_bbox", "distill/cankd_p2",
-                                                               "distill/cankd_p3"))])
+                                                               "distill/cankd_p3")),
+                                              ("swin", ("task/loss_cls", "task/loss_bbox", "distill/cankd_p3",
+                                                        "distill/cankd_p4"))])
 def test_detection_step_gives_the_same_numbers_on_one_and_four_devices(detector, terms):
     """Faster R-CNN too: its anchors and RoIs are sampled with keys of the step and of each image's index in the
-    global batch, so the 4-device step samples what the 1-device step does."""
+    global batch, so the 4-device step samples what the 1-device step does. And a Swin teacher distilled through
+    the align loss (its windows, shifts and upsampled student maps split over devices by image)."""
     history = {}
     for n in (1, 4):
         mesh = make_mesh(jax.devices()[:n])
@@ -91,6 +108,7 @@ def test_task_config_errors_are_named():
         make_task(dict(name="detection", num_classes=3, detector="faster_rcnn", roi_samples=0))
 
 
+@pytest.mark.slow  # heavy: the slow tier keeps the quick one near 5 minutes
 def test_faster_rcnn_proposal_and_roi_counts_come_from_the_task():
     """mmdet's counts by default (2000 / 1000 proposals in training, 1000 / 1000 at test, 512 RoIs per image);
     `train_proposals`, `test_proposals` and `roi_samples` set them (configs/detection_demo.py scales them down)."""

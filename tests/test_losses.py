@@ -140,7 +140,8 @@ def test_jit_grad_and_vmap_over_pairs():
 @pytest.mark.parametrize("name", sorted(LOSSES))
 def test_every_registered_loss_runs_and_gives_the_teacher_no_gradient(name):
     s, t = _pair(shape=(2, 6, 6, 4))
-    kwargs = {"cankd": dict(in_channels=4), "nonlocal_self": dict(in_channels=4), "mgd": dict(teacher_channels=4)}
+    kwargs = {"cankd": dict(in_channels=4), "cankd_align": dict(in_channels=4), "nonlocal_self": dict(in_channels=4),
+              "mgd": dict(teacher_channels=4)}
     loss = make_loss(name, **kwargs.get(name, {}))
     rngs = {"params": jax.random.key(0), "mask": jax.random.key(1)}
     v = loss.init(rngs, s, t, train=False)

@@ -16,7 +16,7 @@ import torch
 import torch_reference as ref
 from cankd_jax.interop.torch import export_cankd_loss, load_cankd_loss
 from cankd_jax.losses import (
-    ATLoss, CanKDLoss, CWDLoss, INMSELoss, L2Loss, MGDLoss, PKDLoss, SelfNonLocalLoss, mgd_keep_mask,
+    ATLoss, CanKDAlignLoss, CanKDLoss, CWDLoss, INMSELoss, L2Loss, MGDLoss, PKDLoss, SelfNonLocalLoss, mgd_keep_mask,
 )
 from conftest import assert_close, nchw, nhwc
 
@@ -115,6 +115,40 @@ def test_cankd_matches_pytorch(case):
         for k in ("running_mean", "running_var", "num_batches_tracked"):
             full = f"non_local_att.W.1.{k}"
             assert_close(new[full], tm.state_dict()[full].numpy(), what=full)
+
+
+@pytest.mark.parametrize("s_shape, t_shape", [((2, 5, 7, 8), (2, 10, 14, 8)), ((2, 6, 5, 8), (2, 9, 13, 8)),
+                                               ((2, 6, 8, 8), (2, 6, 8, 8))], ids=["2x", "uneven", "same_size"])
+def test_cankd_align_matches_pytorch(s_shape, t_shape):
+    r = np.random.default_rng(2)
+    s = r.standard_normal(s_shape).astype(np.float32)
+    t = (r.standard_normal(t_shape) * 2 + 0.5).astype(np.float32)
+    tm = ref.CanKDAlignLoss(8, loss_weight=10.0)
+    randomize_(tm, seed=5)
+    sd = {k: v.clone() for k, v in tm.state_dict().items()}
+    t_loss, t_gs, t_gp = _torch_loss_and_grads(tm, s, t)
+    variables = load_cankd_loss(sd, in_channels=8)
+    loss_mod = CanKDAlignLoss(8, loss_weight=10.0)
+
+    def f(params, student):
+        return loss_mod.apply({**variables, "params": params}, student, jnp.asarray(t), train=True,
+                              mutable=["batch_stats"])[0]
+
+    loss, (g_params, g_s) = jax.jit(jax.value_and_grad(f, argnums=(0, 1)))(variables["params"], jnp.asarray(s))
+    assert_close(loss, t_loss, what="loss")
+    assert_close(g_s, t_gs, what="d loss / d student (through the resize)")
+    ours = export_cankd_loss({"params": g_params})
+    grad_scale = max(float(np.abs(g).max()) for g in t_gp.values())
+    for k in t_gp:  # BN-cancelled biases judged on their neighbours' scale, as in test_cankd_matches_pytorch
+        own = float(np.abs(t_gp[k]).max())
+        assert_close(ours[k], t_gp[k], scale=grad_scale if own < 1e-9 * grad_scale else max(own, 0.1 * grad_scale),
+                     what=f"d loss / d {k}")
+
+
+def test_cankd_align_names_a_width_mismatch():
+    loss = CanKDAlignLoss(8)
+    with pytest.raises(ValueError, match="CanKDAlignLoss: student shape .* only the channels differ"):
+        loss.init(jax.random.key(0), jnp.zeros((1, 4, 4, 6)), jnp.zeros((1, 8, 8, 8)), train=True)
 
 
 @pytest.mark.parametrize("attention", ["dot", "concatenation"])

@@ -74,6 +74,7 @@ def test_gradients_flow_through_a_recorded_feature_as_through_the_output(net):
     assert float(jnp.abs(g_path["backbone"]["layer1.0"]["conv1"]["kernel"]).sum()) > 0
 
 
+@pytest.mark.slow  # heavy: the slow tier keeps the quick one near 5 minutes
 def test_recording_inside_rematerialised_blocks():
     m = fcn(remat="nothing_saveable")
     v = m.init(jax.random.key(0), X, train=False)
@@ -151,6 +152,7 @@ def _steps(config, devices: int, steps: int = 2):
 PATHS = dict(student_feature="backbone/layer4.1", teacher_feature="backbone/layer4.1")
 
 
+@pytest.mark.slow  # heavy: the slow tier keeps the quick one near 5 minutes
 @pytest.mark.parametrize("devices, dtype", [(4, "float32"), (1, "bfloat16")])
 def test_module_path_terms_give_the_dict_named_step_exactly(devices, dtype):
     """On 4 devices (the batch split along `data`) and in bfloat16 the recorded features give the dict-named step
@@ -172,6 +174,7 @@ def _compiled_memory(config):
     return m.temp_size_in_bytes, m.argument_size_in_bytes
 
 
+@pytest.mark.slow  # heavy: the slow tier keeps the quick one near 5 minutes
 def test_recording_keeps_no_more_memory_than_the_output_dict():
     """Same shapes, the same features: the compiled step's temporaries with recorders are those without (a
     recorder that kept every intermediate alive would show here)."""

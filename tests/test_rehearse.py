@@ -73,6 +73,7 @@ def test_cankd_projections_are_the_only_gradients_reduced_as_a_product():
         == 4 * sum(params.values())
 
 
+@pytest.mark.slow  # heavy: the slow tier keeps the quick one near 5 minutes
 def test_fsdp_spreads_what_divides_and_names_what_does_not():
     config = smoke()
     config.mesh.fsdp, config.mesh.fsdp_min_size = True, 256

@@ -158,6 +158,7 @@ def test_bad_input_is_named():
                   [4, 8])
 
 
+@pytest.mark.slow  # heavy: the slow tier keeps the quick one near 5 minutes
 def test_per_image_rois_give_the_same_numbers_and_need_no_communication():
     """RoIs given per image `(B, M, 5)` (what the detection task passes) equal the `(B M, 5)` rows, values and
     gradients; and with the batch split over 4 devices the per-image form compiles to a program without any

@@ -96,6 +96,16 @@ class CanKDLoss(nn.Module):
         return _match(self.non_local_att(s, t), t, self.loss_weight, self.instance_norm)
 
 
+class CanKDAlignLoss(CanKDLoss):
+    """The authors' `NLKD_IN_align_Loss`: the student map resized to the teacher's size where they differ
+    (`F.interpolate(mode='bilinear')`, align_corners=False), then CanKD."""
+
+    def forward(self, s, t):
+        if s.shape[-2:] != t.shape[-2:]:
+            s = F.interpolate(s, size=t.shape[-2:], mode="bilinear")
+        return super().forward(s, t)
+
+
 class SelfNonLocalLoss(nn.Module):
     """The self-attention baseline: each map through its own non-local block, then matched."""
 

@@ -51,6 +51,7 @@ from cankd_jax.interop.state_dict import (  # _abbrev: the same key-list format 
 from cankd_jax.layers import BatchNorm, Conv1x1
 from cankd_jax.models.dense_heads import Scale
 from cankd_jax.models.resnet import ResNet
+from cankd_jax.models.swin import WindowMSA
 
 PyTree = Any
 log = logging.getLogger(__name__)
@@ -85,6 +86,8 @@ _LAYER_RULES: tuple[tuple[type, dict[tuple[str, str], tuple[str, str]]], ...] = 
                  ("batch_stats", "mean"): ("running_mean", "same"), ("batch_stats", "var"): ("running_var", "same"),
                  ("batch_stats", "num_batches_tracked"): ("num_batches_tracked", "same")}),
     (nn.GroupNorm, {("params", "scale"): ("weight", "same"), ("params", "bias"): ("bias", "same")}),
+    (nn.LayerNorm, {("params", "scale"): ("weight", "same"), ("params", "bias"): ("bias", "same")}),
+    (WindowMSA, {("params", "relative_position_bias_table"): ("relative_position_bias_table", "same")}),
     (Scale, {("params", "scale"): ("scale", "same")}),
 )
 
@@ -139,6 +142,27 @@ def _rules_for(layer_type: type) -> Optional[dict]:
     return None
 
 
+def _trace(model: nn.Module, sample: Any) -> tuple[dict[tuple[str, ...], type], dict, dict[str, np.ndarray]]:
+    """(each layer's path -> its type, in the order layers run; the abstract variables; PyTorch's constant
+    buffers by key): one `jax.eval_shape` of `model.init` with the layers' `__call__`s intercepted."""
+    owners: dict[tuple[str, ...], type] = {}
+    buffers: dict[str, np.ndarray] = {}
+
+    def record(next_fun, args, kwargs, context):
+        if context.method_name == "__call__":
+            path = tuple(context.module.path)
+            if path not in owners:
+                owners[path] = type(context.module)
+                method = getattr(context.module, "torch_buffers", None)
+                for leaf, value in (method() if callable(method) else {}).items():
+                    buffers[".".join(path + (leaf,))] = value
+        return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(record):
+        abstract = jax.eval_shape(lambda s: model.init(jax.random.key(0), s, train=False), sample)
+    return owners, abstract, buffers
+
+
 def state_dict_layout(model: nn.Module, *, sample: Any = None) -> dict[str, Slot]:
     """PyTorch key -> `Slot` for every variable of `model`, layers in the order they run.
 
@@ -148,16 +172,7 @@ def state_dict_layout(model: nn.Module, *, sample: Any = None) -> dict[str, Slot
     computed.
     """
     sample = default_sample(model) if sample is None else sample
-    owners: dict[tuple[str, ...], type] = {}
-
-    def record(next_fun, args, kwargs, context):
-        if context.method_name == "__call__":
-            owners.setdefault(tuple(context.module.path), type(context.module))
-        return next_fun(*args, **kwargs)
-
-    with nn.intercept_methods(record):
-        abstract = jax.eval_shape(lambda s: model.init(jax.random.key(0), s, train=False), sample)
-
+    owners, abstract, _ = _trace(model, sample)
     order = {path: i for i, path in enumerate(owners)}
     entries = []
     for collection, tree in abstract.items():
@@ -174,6 +189,13 @@ def state_dict_layout(model: nn.Module, *, sample: Any = None) -> dict[str, Slot
             key = ".".join(module + (torch_leaf,))
             entries.append(((order[module], rank), key, Slot(collection, names, kind, tuple(leaf.shape), leaf.dtype)))
     return {key: slot for _, key, slot in sorted(entries, key=lambda e: e[0])}
+
+
+def torch_buffers(model: nn.Module, *, sample: Any = None) -> dict[str, np.ndarray]:
+    """PyTorch key -> value of the constant buffers the PyTorch model keeps in its state dict but which are
+    no variables here, since they follow from the configuration (Swin's `relative_position_index`):
+    `import_state_dict` checks a checkpoint's against them, `export_state_dict` writes them."""
+    return _trace(model, default_sample(model) if sample is None else sample)[2]
 
 
 def default_key_prefixes(model: nn.Module) -> dict[str, str]:
@@ -278,10 +300,20 @@ def import_state_dict(
         value = _KINDS[slot.kind].to_flax(reader.get(source, slot.torch_shape)).astype(slot.dtype)
         _put(variables, where, jnp.asarray(value))
         loaded.append(key)
+    changed = []
+    for key, value in torch_buffers(model, sample=sample).items():
+        source = _checkpoint_key(key, key_prefixes)
+        if source is not None and reader.has(source):
+            reader.mark_used([source])
+            found = to_numpy(state_dict[source])
+            if found.shape != value.shape or not np.array_equal(found, value):
+                changed.append(source)
     unexpected = sorted({k for p in set(key_prefixes.values()) for k in reader.unused(p)})
     read_prefixes = tuple(set(key_prefixes.values()))
     ignored = sorted(k for k in state_dict if not k.startswith(read_prefixes))
     problems = []
+    if changed:
+        problems.append(f"constant buffers other than this configuration's (another window size?): {_abbrev(changed)}")
     if misshaped:
         problems.append(f"keys with other shapes: {_abbrev(misshaped)}")
     if missing and (strict or init_variables is None):
@@ -315,6 +347,7 @@ def export_state_dict(
         value = np.asarray(jax.device_get(_get(variables, (slot.collection,) + slot.path, "variables")))
         value = _KINDS[slot.kind].from_flax(value).astype(np.int64 if slot.is_counter else np.float32)
         out[key_prefix + key] = value
+    out.update({key_prefix + key: value for key, value in torch_buffers(model, sample=sample).items()})
     return _as_tensors(out) if tensors else out
 
 
@@ -413,6 +446,41 @@ def load_resnet(
     model = ResNet(depth=depth, **fields)
     variables, _ = import_state_dict(model, state_dict, key_prefixes={"": key_prefix}, strict=strict)
     return model, variables
+
+
+def swin_release_to_mmdet(state_dict: Mapping[str, Any], *, key_prefix: str = "backbone.") -> dict[str, np.ndarray]:
+    """The original Swin release's ImageNet keys (`layers.0.blocks.1.attn.qkv.weight`, `patch_embed.proj`,
+    `mlp.fc1`, ...) as mmdet's `SwinTransformer` names them, the map mmdet's `swin_converter` applies.
+
+    Patch merging's `downsample.reduction` / `downsample.norm` are reordered from the release's
+    concatenation of the four 2x2 neighbours (x[0::2, 0::2], x[1::2, 0::2], x[0::2, 1::2], x[1::2, 1::2],
+    each C channels) to `nn.Unfold`'s channel-major order (see `cankd_jax.models.swin`). The
+    classifier (`head.*`) and the final `norm.*` have no place in the backbone and are left out, as are the
+    release's `attn_mask` and `relative_position_index` buffers (recomputed). Keys come out under
+    `key_prefix`.
+    """
+    def unfold_order(v: np.ndarray) -> np.ndarray:
+        # (..., 4 C) in neighbour-major order (row-major: (0,0), (1,0), (0,1), (1,1)) -> (..., C, 2 rows, 2 cols).
+        lead, c = v.shape[:-1], v.shape[-1] // 4
+        v = v.reshape(*lead, 2, 2, c)  # (column, row, channel)
+        return np.ascontiguousarray(np.moveaxis(v, (-3, -2, -1), (-1, -2, -3))).reshape(*lead, 4 * c)
+
+    renames = (("attn.", "attn.w_msa."), ("mlp.fc1.", "ffn.layers.0.0."), ("mlp.fc2.", "ffn.layers.1."))
+    out: dict[str, np.ndarray] = {}
+    for key, value in state_dict.items():
+        v = to_numpy(value)
+        if key.startswith(("head.", "norm.")) or key.endswith(("attn_mask", "relative_position_index")):
+            continue
+        if key.startswith("layers."):
+            key = "stages." + key[len("layers."):]
+            for old, new in renames:
+                key = key.replace(old, new)
+            if ".downsample.reduction." in key or ".downsample.norm." in key:
+                v = unfold_order(v)
+        elif key.startswith("patch_embed.proj."):
+            key = "patch_embed.projection." + key[len("patch_embed.proj."):]
+        out[key_prefix + key] = v
+    return out
 
 
 def load_pytorch_network(path: str, model: nn.Module, cfg: Optional[Mapping[str, Any]] = None) -> dict:

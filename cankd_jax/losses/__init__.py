@@ -6,7 +6,9 @@ on NHWC feature maps, returning a float32 scalar; pick one by name with
 """
 
 from cankd_jax.losses.at import ATLoss, attention_map
-from cankd_jax.losses.cankd import ATTENTIONS, CanKDLoss, NonLocalBlock, SelfNonLocalLoss, default_inter_channels
+from cankd_jax.losses.cankd import (
+    ATTENTIONS, CanKDAlignLoss, CanKDLoss, NonLocalBlock, SelfNonLocalLoss, default_inter_channels,
+)
 from cankd_jax.losses.connector import Connector
 from cankd_jax.losses.cwd import CWDLoss
 from cankd_jax.losses.fitnet import L2Loss
@@ -19,6 +21,7 @@ __all__ = [
     "ATLoss",
     "ATTENTIONS",
     "CWDLoss",
+    "CanKDAlignLoss",
     "CanKDLoss",
     "INMSELoss",
     "Connector",

@@ -25,7 +25,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from cankd_jax.layers import BatchNorm, Conv1x1, dense_nhwc, instance_norm, max_pool_2x2, torch_bias_init, torch_kernel_init
+from cankd_jax.layers import (
+    BatchNorm, Conv1x1, dense_nhwc, instance_norm, max_pool_2x2, resize_bilinear, torch_bias_init, torch_kernel_init,
+)
 from cankd_jax.losses import attention as attn
 from cankd_jax.losses.checks import check_choice, check_feature_pair
 
@@ -229,10 +231,31 @@ class CanKDLoss(_NonLocalLossBase):
 
     @nn.compact
     def __call__(self, student: Array, teacher: Array, *, train: bool) -> Array:
+        student = self._align(student, teacher)
         self._check(student, teacher)
         teacher = jax.lax.stop_gradient(teacher)
         z_s = self._block("non_local_att")(student, teacher, train=train)
         return self._match(z_s, teacher)
+
+    def _align(self, student: Array, teacher: Array) -> Array:
+        return student
+
+
+class CanKDAlignLoss(CanKDLoss):
+    """The authors' `NLKD_IN_align_Loss`: CanKD for a teacher map of another spatial size than the student's.
+
+    The student map `(B, h, w, C)` is first resized to the teacher's `(B, H, W, C)` by bilinear interpolation
+    with half-pixel centres (`F.interpolate(mode='bilinear', align_corners=False)`, the reference's call),
+    then everything is `CanKDLoss`'s: the same fields, block, parameters (`non_local_att`) and initialisation.
+    Their Swin -> RetinaNet config pairs the teacher's P2-P5 with the student's P3-P6, so the student map is
+    upsampled 2x; maps of the same size pass through unchanged, as in the reference. The gradient reaches
+    the student through the resize.
+    """
+
+    def _align(self, student: Array, teacher: Array) -> Array:
+        check_feature_pair(student, teacher, loss=type(self).__name__, in_channels=self.in_channels,
+                           same_spatial=False)
+        return resize_bilinear(student, teacher.shape[1:3])
 
 
 class SelfNonLocalLoss(_NonLocalLossBase):

@@ -11,6 +11,7 @@ from typing import Any, Optional
 # name -> (the feature it reads: 'feature' or 'logits', needs equal widths, options), and where each setting comes
 # from (mmrazor paths are in open-mmlab/mmrazor's configs/distill/):
 #   cankd          loss_weight 10: the paper's configs (tori-hotaru/CanKD); the reference's /2 makes it an effective 5
+#   cankd_align    as CanKD (NLKD_IN_align_Loss, loss_weight 10: nlkdIN_dagger_fpn_mask-rcnn_swin_retina_r50_2x_coco.py)
 #   nonlocal_self  as CanKD: the block it replaces, at the same weight
 #   fitnet         L2Loss(loss_weight=10): mmcls/fitnet/fitnet_backbone_logits_resnet50_resnet18_8xb32_in1k.py
 #   pkd            loss_weight 6: mmdet/pkd/pkd_fpn_frcnn_r101_frcnn_r50_2x_coco.py (the RetinaNet variants use 10)
@@ -22,6 +23,7 @@ from typing import Any, Optional
 #   in_mse         "IN only": CanKD's matching term without the non-local block, so CanKD's weight 10
 _PRESETS: dict[str, tuple[str, bool, dict[str, Any]]] = {
     "cankd": ("feature", True, dict(loss_weight=10.0)),
+    "cankd_align": ("feature", True, dict(loss_weight=10.0)),
     "nonlocal_self": ("feature", True, dict(loss_weight=10.0)),
     "fitnet": ("feature", True, dict(loss_weight=10.0)),
     "pkd": ("feature", True, dict(loss_weight=6.0)),
@@ -74,7 +76,7 @@ def distill_term(loss: str, *, student_channels: int, teacher_channels: int, fea
     connector = 0
     if reads == "feature" and same_width and student_channels != teacher_channels:
         connector = teacher_channels
-    if registered in ("cankd", "nonlocal_self"):
+    if registered in ("cankd", "cankd_align", "nonlocal_self"):
         options["in_channels"] = teacher_channels
     if registered == "mgd":
         options["teacher_channels"] = teacher_channels
@@ -95,13 +97,20 @@ _DETECTION_OPTIONS: dict[str, dict[str, Any]] = {
 
 
 def detection_terms(loss: str, *, student_channels: int = 256, teacher_channels: int = 256,
-                    levels: tuple[str, ...] = FPN_LEVELS, weight: float = 1.0) -> list[dict[str, Any]]:
+                    levels: tuple[str, ...] = FPN_LEVELS, teacher_levels: Optional[tuple[str, ...]] = None,
+                    weight: float = 1.0) -> list[dict[str, Any]]:
     """One `distill` entry per pyramid level (`fpn.p3`..`fpn.p6` by default), each its own loss module
-    (named `<loss>_p3`, ...): CanKD with `in_channels=256`, `loss_weight=10` for the paper's pairs."""
+    (named `<loss>_p3`, ... after the student's level): CanKD with `in_channels=256`, `loss_weight=10` for the
+    paper's pairs. `teacher_levels`: the teacher's level paired with each of `levels` (default the same names,
+    i.e. pairing by stride)."""
+    teacher_levels = tuple(levels) if teacher_levels is None else tuple(teacher_levels)
+    if len(teacher_levels) != len(levels):
+        raise ValueError(f"detection_terms: {len(levels)} student levels {levels} but {len(teacher_levels)} teacher "
+                         f"levels {teacher_levels}")
     terms = []
-    for level in levels:
+    for level, t_level in zip(levels, teacher_levels):
         term = distill_term(loss, student_channels=student_channels, teacher_channels=teacher_channels,
-                            feature=level, logits=level, weight=weight)
+                            feature=t_level, student_feature=level, logits=level, weight=weight)
         term["options"].update(_DETECTION_OPTIONS.get(loss, {}))
         term["name"] = f"{loss}_{level.rsplit('.', 1)[-1]}"
         terms.append(term)

@@ -8,7 +8,7 @@ from typing import Any
 import flax.linen as nn
 
 from cankd_jax.losses.at import ATLoss
-from cankd_jax.losses.cankd import CanKDLoss, SelfNonLocalLoss
+from cankd_jax.losses.cankd import CanKDAlignLoss, CanKDLoss, SelfNonLocalLoss
 from cankd_jax.losses.cwd import CWDLoss
 from cankd_jax.losses.fitnet import L2Loss
 from cankd_jax.losses.in_mse import INMSELoss
@@ -17,6 +17,7 @@ from cankd_jax.losses.pkd import PKDLoss
 
 LOSSES: dict[str, type[nn.Module]] = {
     "cankd": CanKDLoss,
+    "cankd_align": CanKDAlignLoss,
     "nonlocal_self": SelfNonLocalLoss,
     "fitnet": L2Loss,
     "l2": L2Loss,

@@ -92,3 +92,10 @@ def max_pool_3x3_s2(x: Array) -> Array:
     Flax pads with the reduction's identity (-inf), as PyTorch's max pool does.
     """
     return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+
+
+def frozen_boundary(x: Array, frozen: bool) -> Array:
+    """`x` with no gradient past it when the layers that made it are frozen: nothing before a frozen stage's
+    output trains, so backpropagating into it is wasted work (PyTorch skips it too: requires_grad=False). The
+    optimizer's labels still keep weight decay and momentum off the frozen parameters."""
+    return jax.lax.stop_gradient(x) if frozen else x

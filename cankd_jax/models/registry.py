@@ -4,7 +4,9 @@
     make_model("resnet18", num_classes=1000)                         # a classifier
     make_model("pspnet", backbone="resnet18_v1c_d8", num_classes=19) # a segmenter
     make_model("deeplabv3", backbone="mobilenet_v2_d8", num_classes=19)
+    make_model("swin_small")                                         # a Swin backbone
     make_model("fpn", backbone="resnet50")                           # a detection trunk
+    make_model("fpn", backbone="swin_small")                         # Mask R-CNN Swin-S's backbone + neck
     make_model("retinanet", backbone="resnet50", num_classes=80)     # a detector
     make_model("fcos", backbone="resnet50_caffe", num_classes=80)
     make_model("faster_rcnn", backbone="resnet50", num_classes=80)  # a two-stage detector
@@ -29,6 +31,7 @@ from cankd_jax.models.heads import ASPPHead, FCNHead, PSPHead
 from cankd_jax.models.mobilenet_v2 import MobileNetV2
 from cankd_jax.models.resnet import ARCHITECTURES, ResNet
 from cankd_jax.models.segmenter import Segmenter
+from cankd_jax.models.swin import SWIN_PRESETS, SwinTransformer
 from cankd_jax.models.trunk import FCOS, DetectionTrunk, RetinaNet, pyramid_level_names
 from cankd_jax.models.two_stage import FasterRCNN, RPNHead, Shared2FCBBoxHead, StandardRoIHead
 
@@ -50,20 +53,23 @@ def _backbone_presets() -> dict[str, dict[str, Any]]:
     # mmseg's MobileNetV2: its defaults, and the output-stride-8 setting of `deeplabv3_m-v2-d8` & co.
     presets["mobilenet_v2"] = {}
     presets["mobilenet_v2_d8"] = dict(strides=(1, 2, 2, 1, 1, 1, 1), dilations=(1, 1, 1, 2, 2, 4, 4))
+    presets.update(SWIN_PRESETS)
     return presets
 
 
 BACKBONES: dict[str, dict[str, Any]] = _backbone_presets()
 # The class each backbone name builds (ResNet unless listed).
-BACKBONE_TYPES: dict[str, type[nn.Module]] = {"mobilenet_v2": MobileNetV2, "mobilenet_v2_d8": MobileNetV2}
+BACKBONE_TYPES: dict[str, type[nn.Module]] = {"mobilenet_v2": MobileNetV2, "mobilenet_v2_d8": MobileNetV2,
+                                              **{name: SwinTransformer for name in SWIN_PRESETS}}
 SEGMENTATION_HEADS: dict[str, type[nn.Module]] = {"fcn": FCNHead, "deeplabv3": ASPPHead, "pspnet": PSPHead}
-# Necks by detector: Faster R-CNN's and Cascade (Mask) R-CNN's (P2-P6, P6 by max-pool; `fpn` and its two names
+# Necks by detector: Faster R-CNN's, Mask R-CNN's and Cascade (Mask) R-CNN's (P2-P6, P6 by max-pool; `fpn` and its three names
 # by detector), RetinaNet's (P3-P7 by convs on C5), FCOS's (P3-P7 by
 # convs on P5, ReLU before P7's), GFL's / ATSS's (P3-P7 by convs on P5, no ReLU).
 TRUNKS: dict[str, dict[str, Any]] = {
     "fpn": {},
     "faster_rcnn_fpn": {},
     "cascade_rcnn_fpn": {},
+    "mask_rcnn_fpn": {},
     "retinanet_fpn": dict(start_level=1, add_extra_convs="on_input"),
     "fcos_fpn": dict(start_level=1, add_extra_convs="on_output", relu_before_extra_convs=True),
     "gfl_fpn": dict(start_level=1, add_extra_convs="on_output"),
@@ -201,13 +207,14 @@ def make_trunk(
     *,
     backbone: str = "resnet50",
     backbone_kwargs: Optional[Mapping[str, Any]] = None,
-    frozen_stages: int = 1,
-    norm_eval: bool = True,
+    frozen_stages: Optional[int] = None,
+    norm_eval: Optional[bool] = None,
     dtype: Any = None,
     param_dtype: Any = jnp.float32,
     **fpn_kwargs: Any,
 ) -> DetectionTrunk:
-    """Backbone + FPN as mmdet's detectors build them (`frozen_stages=1`, `norm_eval=True` by default).
+    """Backbone + FPN as mmdet's detectors build them (by default `frozen_stages=1`, `norm_eval=True` for a
+    ResNet, `frozen_stages=-1` for a Swin).
 
     `fpn_kwargs` override the preset's `FPN` fields (`out_channels`,
     `num_outs`, `start_level`, `add_extra_convs`, `relu_before_extra_convs`).
@@ -225,13 +232,22 @@ def make_trunk(
 
 
 def _backbone_and_neck(trunk: str, what: str, backbone: str, backbone_kwargs: Optional[Mapping[str, Any]],
-                       frozen_stages: int, norm_eval: bool, dtype: Any, param_dtype: Any,
+                       frozen_stages: Optional[int], norm_eval: Optional[bool], dtype: Any, param_dtype: Any,
                        fpn_kwargs: Mapping[str, Any]) -> tuple[nn.Module, FPN]:
     dtypes = dict(dtype=dtype, param_dtype=param_dtype)
-    bb = _backbone(backbone, {"frozen_stages": frozen_stages, "norm_eval": norm_eval, **dtypes, **(backbone_kwargs or {})})
-    if not isinstance(bb, ResNet):
-        raise ValueError(f"{what}: the FPN reads a ResNet's layer1..layer4; backbone {backbone!r} is a "
-                         f"{type(bb).__name__}")
+    if BACKBONE_TYPES.get(backbone, ResNet) is SwinTransformer:
+        # mmdet's Swin detectors freeze nothing (frozen_stages=-1); LayerNorm has no running statistics to keep.
+        if norm_eval:
+            raise ValueError(f"{what}: norm_eval=True keeps BatchNorm statistics; {backbone!r} has none (LayerNorm)")
+        fields = {"frozen_stages": -1 if frozen_stages is None else frozen_stages}
+    else:
+        # mmdet's ResNet detectors: frozen_stages=1, norm_eval=True.
+        fields = {"frozen_stages": 1 if frozen_stages is None else frozen_stages,
+                  "norm_eval": True if norm_eval is None else norm_eval}
+    bb = _backbone(backbone, {**fields, **dtypes, **(backbone_kwargs or {})})
+    if not isinstance(bb, (ResNet, SwinTransformer)):
+        raise ValueError(f"{what}: the FPN reads the layer1..layer4 of a ResNet or a Swin; backbone {backbone!r} is "
+                         f"a {type(bb).__name__}")
     return bb, _build(FPN, what, {**TRUNKS[trunk], **dtypes, **fpn_kwargs})
 
 
@@ -244,8 +260,8 @@ def make_detector(
     neck_kwargs: Optional[Mapping[str, Any]] = None,
     head_kwargs: Optional[Mapping[str, Any]] = None,
     roi_head_kwargs: Optional[Mapping[str, Any]] = None,
-    frozen_stages: int = 1,
-    norm_eval: bool = True,
+    frozen_stages: Optional[int] = None,
+    norm_eval: Optional[bool] = None,
     dtype: Any = None,
     param_dtype: Any = jnp.float32,
 ) -> nn.Module:
@@ -270,7 +286,7 @@ def make_detector(
     `stage_blocks`), `neck_kwargs` the FPN's (`out_channels`, ...),
     `head_kwargs` the head's (`feat_channels`, `stacked_convs`, `num_groups`,
     `num_anchors`, `norm_on_bbox`, ...). FCOS's head `strides` default to the
-    neck levels' strides. `frozen_stages=1`, `norm_eval=True`: mmdet's.
+    neck levels' strides. `frozen_stages=1`, `norm_eval=True` (a Swin: `frozen_stages=-1`): mmdet's.
     """
     if name not in DETECTORS:
         raise ValueError(f"unknown detector {name!r}; choose one of {', '.join(sorted(DETECTORS))}")
@@ -299,7 +315,8 @@ def make_model(name: str, **kwargs: Any) -> nn.Module:
     Backbone names (`resnet50`, `resnet101_v1c_d8`, `resnet50_caffe`,
     `resnext101_32x4d`, ...) give a `ResNet`, `mobilenet_v2` / `mobilenet_v2_d8`
     a `MobileNetV2`; `kwargs` override its fields (`num_classes` makes a ResNet
-    a classifier). Segmenter names (`fcn`, `deeplabv3`, `pspnet`) go to
+    a classifier), `swin_tiny` / `swin_small` / `swin_base` / `swin_large` (and `swin_base_384` /
+    `swin_large_384`, window 12) a `SwinTransformer`. Segmenter names (`fcn`, `deeplabv3`, `pspnet`) go to
     `make_segmenter`, trunk names (`fpn`, `retinanet_fpn`, `fcos_fpn`,
     `gfl_fpn`, `faster_rcnn_fpn`, `cascade_rcnn_fpn`) to `make_trunk`, detector
     names (`retinanet`, `fcos`, `faster_rcnn`) to `make_detector`. Unknown names and options raise a `ValueError` listing

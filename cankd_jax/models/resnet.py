@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from cankd_jax.compute import remat_policy
 from cankd_jax.layers import Dtype, torch_bias_init, torch_kernel_init
 from cankd_jax.models.conv import batch_norm, conv2d
-from cankd_jax.models.ops import check_nhwc, max_pool_3x3_s2
+from cankd_jax.models.ops import check_nhwc, frozen_boundary, max_pool_3x3_s2
 
 Array = jax.Array
 
@@ -299,13 +299,6 @@ class ResNet(nn.Module):
                                    train=train, frozen=frozen)
         return x
 
-    @staticmethod
-    def _frozen_boundary(x: Array, frozen: bool) -> Array:
-        # Nothing before a frozen stage's output trains, so backpropagating into it is wasted work
-        # (PyTorch skips it too: requires_grad=False). The optimizer labels still keep weight decay
-        # and momentum off the frozen parameters.
-        return jax.lax.stop_gradient(x) if frozen else x
-
     @nn.compact
     def __call__(self, x: Array, *, train: bool) -> dict[str, Array]:
         check_nhwc(x, who=f"ResNet-{self.depth}", channels=self.in_channels)
@@ -316,7 +309,7 @@ class ResNet(nn.Module):
         stem = lambda mdl, x: mdl._stem(x, train)  # noqa: E731
         if self.remat != "none":
             stem = nn.remat(stem, policy=remat_policy(self.remat))  # parameters keep their names (stem.0, ...)
-        feats = {"stem": self._frozen_boundary(stem(self, x), self.frozen_stages >= 0)}
+        feats = {"stem": frozen_boundary(stem(self, x), self.frozen_stages >= 0)}
         x = max_pool_3x3_s2(feats["stem"])
         specs = list(self.blocks())
         for k, b in enumerate(specs):
@@ -334,7 +327,7 @@ class ResNet(nn.Module):
                 name=b.name,
             )(x, train)
             if k + 1 == len(specs) or specs[k + 1].stage != b.stage:
-                x = feats[STAGES[b.stage]] = self._frozen_boundary(x, self.frozen_stages > b.stage)
+                x = feats[STAGES[b.stage]] = frozen_boundary(x, self.frozen_stages > b.stage)
         if self.num_classes is not None:
             feats["pool"] = jnp.mean(x, axis=(1, 2))
             c = feats["pool"].shape[-1]

@@ -35,7 +35,10 @@ def phase_config(config: ml_collections.ConfigDict, phase: str, workdir: str) ->
 
 def _merge(base: dict, overrides: dict) -> None:
     for k, v in overrides.items():
-        if isinstance(v, dict) and isinstance(base.get(k), dict):
+        # A block that names another network (a Faster R-CNN Swin teacher phase over a RetinaNet R18 student)
+        # replaces the base's: merging would leave the other network's options in it.
+        both = isinstance(v, dict) and isinstance(base.get(k), dict)
+        if both and not ("name" in v and v["name"] != base[k].get("name")):
             _merge(base[k], v)
         else:
             base[k] = v
