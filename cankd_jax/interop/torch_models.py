@@ -171,8 +171,13 @@ def state_dict_layout(model: nn.Module, *, sample: Any = None) -> dict[str, Slot
     images, e.g. an `FPN` takes a list of maps). Only shapes matter; nothing is
     computed.
     """
+    return _layout_and_buffers(model, sample)[0]
+
+
+def _layout_and_buffers(model: nn.Module, sample: Any) -> tuple[dict[str, Slot], dict[str, np.ndarray]]:
+    """`state_dict_layout` and `torch_buffers` from one trace."""
     sample = default_sample(model) if sample is None else sample
-    owners, abstract, _ = _trace(model, sample)
+    owners, abstract, buffers = _trace(model, sample)
     order = {path: i for i, path in enumerate(owners)}
     entries = []
     for collection, tree in abstract.items():
@@ -188,7 +193,7 @@ def state_dict_layout(model: nn.Module, *, sample: Any = None) -> dict[str, Slot
             rank = list(rules).index((collection, leaf_name))
             key = ".".join(module + (torch_leaf,))
             entries.append(((order[module], rank), key, Slot(collection, names, kind, tuple(leaf.shape), leaf.dtype)))
-    return {key: slot for _, key, slot in sorted(entries, key=lambda e: e[0])}
+    return {key: slot for _, key, slot in sorted(entries, key=lambda e: e[0])}, buffers
 
 
 def torch_buffers(model: nn.Module, *, sample: Any = None) -> dict[str, np.ndarray]:
@@ -272,7 +277,7 @@ def import_state_dict(
     """
     if skip_mismatched and strict:
         raise ValueError("import_state_dict: skip_mismatched=True is a partial load; pass strict=False with it")
-    layout = state_dict_layout(model, sample=sample)
+    layout, buffers = _layout_and_buffers(model, sample)
     key_prefixes = default_key_prefixes(model) if key_prefixes is None else dict(key_prefixes)
     reader = StateDictReader(state_dict)
     variables: dict = {}
@@ -301,7 +306,7 @@ def import_state_dict(
         _put(variables, where, jnp.asarray(value))
         loaded.append(key)
     changed = []
-    for key, value in torch_buffers(model, sample=sample).items():
+    for key, value in buffers.items():
         source = _checkpoint_key(key, key_prefixes)
         if source is not None and reader.has(source):
             reader.mark_used([source])
@@ -343,11 +348,12 @@ def export_state_dict(
     `key_prefix` is prepended to every key (e.g. 'backbone.').
     """
     out: dict[str, Any] = {}
-    for key, slot in state_dict_layout(model, sample=sample).items():
+    layout, buffers = _layout_and_buffers(model, sample)
+    for key, slot in layout.items():
         value = np.asarray(jax.device_get(_get(variables, (slot.collection,) + slot.path, "variables")))
         value = _KINDS[slot.kind].from_flax(value).astype(np.int64 if slot.is_counter else np.float32)
         out[key_prefix + key] = value
-    out.update({key_prefix + key: value for key, value in torch_buffers(model, sample=sample).items()})
+    out.update({key_prefix + key: value for key, value in buffers.items()})
     return _as_tensors(out) if tensors else out
 
 
