@@ -92,7 +92,7 @@ Faster R-CNN R101 -> R50 39.8 / 38.4 / 40.1 / 40.7; Cascade Mask R-CNN X101 -> F
 import ml_collections
 
 from cankd_jax import config_arg
-from cankd_jax.losses.presets import PRESET_LOSSES, detection_terms
+from cankd_jax.losses.presets import PRESET_LOSSES, SIZE_ALIGNED, align_sizes, detection_terms
 
 TRAIN_IMAGES = 117_266  # COCO train2017 images with annotations (mmdet's filter_empty_gt)
 BATCH = 4  # global: the paper's 2 GPUs x 2 images
@@ -123,7 +123,6 @@ TEACHERS = {
     "mask_rcnn_swin_s": ("mask_rcnn", dict(name="mask_rcnn_fpn", backbone="swin_small"), P2_P6),
 }
 INDEX_PAIRED = {"mask_rcnn_swin_s"}  # teachers whose authors' config pairs levels by index (pairing=auto)
-ALIGNED = {"cankd": "cankd_align", "cankd_align": "cankd_align", "pkd": "pkd"}  # loss -> the registered loss that takes maps of different sizes
 # (teacher family, student) -> the dagger run's (model-key prefix, checkpoint-key prefix) pairs and whether tensors of
 # another shape are skipped (the authors' configs; a pair not listed has no dagger run)
 HEAD = [("neck.", "neck."), ("bbox_head.", "bbox_head.")]
@@ -203,15 +202,13 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
 
 def _terms(loss: str, levels: tuple[str, ...], teacher_levels: tuple[str, ...]) -> list:
     """The distill entries of `loss` on `levels`, each against its teacher level; where a pair's strides differ
-    the loss must take maps of different sizes (`ALIGNED`)."""
+    the loss must take maps of different sizes (`align_sizes`)."""
     terms = detection_terms(loss, levels=levels, teacher_levels=teacher_levels)
-    if levels == teacher_levels:
-        return terms
-    for term in terms:
-        if term["loss"] not in ALIGNED:
-            raise ValueError(f"configs/coco.py: pairing=index distils {term['student_feature']} from the teacher's "
-                             f"{term['teacher_feature']}, a map of another size, which loss={loss} cannot take; use "
-                             f"pairing=stride, or a loss that resizes ({', '.join(sorted(ALIGNED))} and cankd's "
-                             f"ablations)")
-        term["loss"] = ALIGNED[term["loss"]]
+    refused = align_sizes(terms)
+    if refused:
+        term = refused[0]
+        raise ValueError(f"configs/coco.py: pairing=index distils {term['student_feature']} from the teacher's "
+                         f"{term['teacher_feature']}, a map of another size, which loss={loss} cannot take; use "
+                         f"pairing=stride, or a loss that resizes ({', '.join(sorted(SIZE_ALIGNED))} and cankd's "
+                         f"ablations)")
     return terms

@@ -47,7 +47,7 @@ from typing import Optional
 import ml_collections
 
 from cankd_jax import config_arg
-from cankd_jax.losses.presets import PRESET_LOSSES, detection_terms
+from cankd_jax.losses.presets import PRESET_LOSSES, SIZE_ALIGNED, align_sizes, detection_terms
 
 STEPS = 700              # each student phase
 TEACHER_STEPS = 1000
@@ -83,14 +83,10 @@ def _network(detector: str, width: int, backbone: Optional[dict] = None) -> dict
 def _terms(loss: str, levels: tuple[str, ...], teacher_levels: Optional[tuple[str, ...]]) -> list:
     terms = detection_terms(loss, student_channels=NECK, teacher_channels=NECK, levels=levels,
                             teacher_levels=teacher_levels)
-    if teacher_levels is not None and teacher_levels != levels:  # maps of twice the size: the align forms
-        aligned = {"cankd": "cankd_align", "cankd_align": "cankd_align", "pkd": "pkd"}
-        for term in terms:
-            if term["loss"] not in aligned:
-                raise ValueError(f"configs/detection_demo.py: teacher=swin pairs maps of different sizes, which "
-                                 f"loss={loss} cannot take; choose one of {', '.join(sorted(aligned))} (or cankd's "
-                                 f"ablations)")
-            term["loss"] = aligned[term["loss"]]
+    if align_sizes(terms):  # teacher=swin: maps of twice the size, through the align forms
+        raise ValueError(f"configs/detection_demo.py: teacher=swin pairs maps of different sizes, which "
+                         f"loss={loss} cannot take; choose one of {', '.join(sorted(SIZE_ALIGNED))} (or cankd's "
+                         f"ablations)")
     return terms
 
 

@@ -115,3 +115,22 @@ def detection_terms(loss: str, *, student_channels: int = 256, teacher_channels:
         term["name"] = f"{loss}_{level.rsplit('.', 1)[-1]}"
         terms.append(term)
     return terms
+
+
+# registered loss -> the one that takes a student map of another size than the teacher's (resizing it first)
+SIZE_ALIGNED: dict[str, str] = {"cankd": "cankd_align", "cankd_align": "cankd_align", "pkd": "pkd"}
+
+
+def align_sizes(terms: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """For terms whose student and teacher levels differ (pairing by index across strides): each term's loss
+    switched to its `SIZE_ALIGNED` form, in place (cankd and its ablations -> cankd_align, pkd resizes itself).
+    Returns the terms whose loss has no such form (left unchanged), for the caller to refuse with its own fix."""
+    refused = []
+    for term in terms:
+        if term["student_feature"] == term["teacher_feature"]:
+            continue
+        if term["loss"] in SIZE_ALIGNED:
+            term["loss"] = SIZE_ALIGNED[term["loss"]]
+        else:
+            refused.append(term)
+    return refused
