@@ -20,7 +20,8 @@ import sys
 
 import torch
 
-PORTED = ("nms", "roi_align_forward", "roi_align_backward")
+PORTED = ("nms", "roi_align_forward", "roi_align_backward", "deform_conv_forward", "deform_conv_backward_input",
+          "deform_conv_backward_parameters", "modulated_deform_conv_forward", "modulated_deform_conv_backward")
 
 
 def nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float, offset: int) -> torch.Tensor:
@@ -297,6 +298,265 @@ def roi_align_backward(grad_output: torch.Tensor, rois: torch.Tensor, argmax_y: 
     if target is not grad_input:
         grad_input.copy_(target)
     return None
+
+
+# Deformable convolution (mmcv/ops/csrc/pytorch/cpu/deform_conv.cpp, modulated_deform_conv.cpp, and the drivers in
+# mmcv/ops/csrc/pytorch/deform_conv.cpp, modulated_deform_conv.cpp) ---------------------------------------------
+#
+# The kernels loop over one element at a time; the ports below compute every element of a loop at once, in the
+# same arithmetic (float32 `T`). The columns buffer is mmcv's: (C * kh * kw, n * Ho * Wo), row `c * kh * kw + tap`,
+# column `(b * Ho + h) * Wo + w`. The modulated kernels are the plain ones with the mask folded in where they
+# fold it; `mask=None` is the plain kernel.
+
+
+def _deform_points(offset: torch.Tensor, kh: int, kw: int, pad_h: int, pad_w: int, stride_h: int, stride_w: int,
+                   dilation_h: int, dilation_w: int, deformable_group: int):
+    """`h_in + i * dilation_h + offset_h` and the `w` twin for every (image, deformable group, tap, h_col, w_col):
+    two (n, dg, kh * kw, Ho, Wo) tensors from `offset` (n, dg * 2 * kh * kw, Ho, Wo)."""
+    n, _, ho, wo = offset.shape
+    off = offset.reshape(n, deformable_group, kh * kw, 2, ho, wo)
+    i = torch.arange(kh).repeat_interleave(kw).view(1, 1, -1, 1, 1)
+    j = torch.arange(kw).repeat(kh).view(1, 1, -1, 1, 1)
+    h_in = (torch.arange(ho) * stride_h - pad_h).view(1, 1, 1, -1, 1)
+    w_in = (torch.arange(wo) * stride_w - pad_w).view(1, 1, 1, 1, -1)
+    # `h_in + i * dilation_h` is an int, converted to T when the offset is added
+    return (h_in + i * dilation_h).to(offset.dtype) + off[:, :, :, 0], (w_in + j * dilation_w).to(offset.dtype) + off[:, :, :, 1]
+
+
+def _per_channel(points: torch.Tensor, channels: int) -> torch.Tensor:
+    """(n, dg, K, Ho, Wo) -> (n, C, K, Ho, Wo): channel c reads its deformable group `c / (C / dg)`."""
+    return points.repeat_interleave(channels // points.size(1), dim=1)
+
+
+def _corner_values(image: torch.Tensor, h_low, w_low, height: int, width: int):
+    """v1..v4 of `deformable_im2col_bilinear_cpu` / `get_coordinate_weight_cpu`: `image` (n, C, H, W) read at the
+    four corners (n, C, ...) of each point, 0 where the kernels' bounds tests fail."""
+    flat = image.reshape(image.size(0), image.size(1), -1)
+
+    def read(hh, ww, ok):
+        index = (hh.clamp(0, height - 1) * width + ww.clamp(0, width - 1)).reshape(flat.size(0), flat.size(1), -1)
+        return torch.where(ok, torch.gather(flat, 2, index).reshape(hh.shape), torch.zeros((), dtype=image.dtype))
+
+    h_high, w_high = h_low + 1, w_low + 1
+    return (read(h_low, w_low, (h_low >= 0) & (w_low >= 0)), read(h_low, w_high, (h_low >= 0) & (w_high <= width - 1)),
+            read(h_high, w_low, (h_high <= height - 1) & (w_low >= 0)),
+            read(h_high, w_high, (h_high <= height - 1) & (w_high <= width - 1)))
+
+
+def _im2col_bilinear(image: torch.Tensor, h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """`deformable_im2col_bilinear_cpu` (= `dmcn_im2col_bilinear_cpu`) at every point (n, C, ...)."""
+    height, width = image.shape[-2:]
+    h_low, w_low = torch.floor(h).to(torch.int64), torch.floor(w).to(torch.int64)
+    lh, lw = h - h_low.to(h.dtype), w - w_low.to(w.dtype)
+    hh, hw = 1 - lh, 1 - lw
+    v1, v2, v3, v4 = _corner_values(image, h_low, w_low, height, width)
+    val = hh * hw * v1 + hh * lw * v2 + lh * hw * v3 + lh * lw * v4
+    return torch.where((h <= -1) | (height <= h) | (w <= -1) | (width <= w), torch.zeros((), dtype=val.dtype), val)
+
+
+def _im2col(image, offset, mask, kh, kw, pad_h, pad_w, stride_h, stride_w, dilation_h, dilation_w, deformable_group):
+    """`deformable_im2col_cpu_kernel` / `modulated_deformable_im2col_cpu_kernel`: the columns (C * K, n * Ho * Wo)."""
+    n, c, height, width = image.shape
+    h_im, w_im = _deform_points(offset, kh, kw, pad_h, pad_w, stride_h, stride_w, dilation_h, dilation_w,
+                                deformable_group)
+    h_im, w_im = _per_channel(h_im, c), _per_channel(w_im, c)
+    inside = (h_im > -1) & (w_im > -1) & (h_im < height) & (w_im < width)
+    val = torch.where(inside, _im2col_bilinear(image, h_im, w_im), torch.zeros((), dtype=image.dtype))
+    if mask is not None:  # `*data_col_ptr = val * mask`
+        val = val * _per_channel(mask.reshape(n, deformable_group, kh * kw, *mask.shape[-2:]), c)
+    return val.permute(1, 2, 0, 3, 4).reshape(c * kh * kw, -1)
+
+
+def _gradient_weight(argmax_h, argmax_w, h, w, height: int, width: int):
+    """`get_gradient_weight_cpu` (= the dmcn one) for every (point, pixel) pair given."""
+    zero = torch.zeros((), dtype=argmax_h.dtype)
+    h_low, w_low = torch.floor(argmax_h).to(torch.int64), torch.floor(argmax_w).to(torch.int64)
+    h_high, w_high = h_low + 1, w_low + 1
+    hf, wf = h.to(argmax_h.dtype), w.to(argmax_w.dtype)
+    weight = zero.expand_as(argmax_h)
+    weight = torch.where((h == h_low) & (w == w_low), (hf + 1 - argmax_h) * (wf + 1 - argmax_w), weight)
+    weight = torch.where((h == h_low) & (w == w_high), (hf + 1 - argmax_h) * (argmax_w + 1 - wf), weight)
+    weight = torch.where((h == h_high) & (w == w_low), (argmax_h + 1 - hf) * (wf + 1 - argmax_w), weight)
+    weight = torch.where((h == h_high) & (w == w_high), (argmax_h + 1 - hf) * (argmax_w + 1 - wf), weight)
+    empty = (argmax_h <= -1) | (argmax_h >= height) | (argmax_w <= -1) | (argmax_w >= width)
+    return torch.where(empty, zero, weight)
+
+
+def _col2im(columns, offset, mask, grad_im, kh, kw, pad_h, pad_w, stride_h, stride_w, dilation_h, dilation_w,
+            deformable_group):
+    """`deformable_col2im_cpu_kernel` / `modulated_deformable_col2im_cpu_kernel`: adds into `grad_im` (n, C, H, W)."""
+    n, c, height, width = grad_im.shape
+    ho, wo = offset.shape[-2:]
+    h_inv, w_inv = _deform_points(offset, kh, kw, pad_h, pad_w, stride_h, stride_w, dilation_h, dilation_w,
+                                  deformable_group)
+    h_inv, w_inv = _per_channel(h_inv, c), _per_channel(w_inv, c)  # (n, C, K, Ho, Wo)
+    top = columns.reshape(c, kh * kw, n, ho, wo).permute(2, 0, 1, 3, 4)
+    if mask is not None:  # `cur_top_grad = data_col[index] * mask`
+        top = top * _per_channel(mask.reshape(n, deformable_group, kh * kw, ho, wo), c)
+    cur_h, cur_w = h_inv.to(torch.int64), w_inv.to(torch.int64)  # `(int)` truncates toward zero
+    plane = (torch.arange(n).view(-1, 1, 1, 1, 1) * c + torch.arange(c).view(1, -1, 1, 1, 1)) * (height * width)
+    flat = grad_im.view(-1)
+    for dy in range(-2, 3):
+        for dx in range(-2, 3):
+            yy, xx = cur_h + dy, cur_w + dx
+            ok = ((yy >= 0) & (yy < height) & (xx >= 0) & (xx < width) & ((h_inv - yy.to(h_inv.dtype)).abs() < 1)
+                  & ((w_inv - xx.to(w_inv.dtype)).abs() < 1))
+            weight = _gradient_weight(h_inv, w_inv, yy, xx, height, width)
+            flat.index_add_(0, (plane + yy * width + xx)[ok], (weight * top)[ok])
+
+
+def _coordinate_weights(argmax_h, argmax_w, image, height: int, width: int):
+    """`get_coordinate_weight_cpu` for `bp_dir` 0 and 1 at every point (n, C, K, Ho, Wo) of `image`'s channels."""
+    zero = torch.zeros((), dtype=argmax_h.dtype)
+    empty = (argmax_h <= -1) | (argmax_h >= height) | (argmax_w <= -1) | (argmax_w >= width)
+    h_low, w_low = torch.floor(argmax_h).to(torch.int64), torch.floor(argmax_w).to(torch.int64)
+    v1, v2, v3, v4 = _corner_values(image, torch.where(empty, 0, h_low), torch.where(empty, 0, w_low), height, width)
+    hl, wl = h_low.to(argmax_h.dtype), w_low.to(argmax_w.dtype)
+    # the kernel adds the four terms in this order onto `weight = 0`
+    dir0 = zero + -1 * (wl + 1 - argmax_w) * v1
+    dir0 = dir0 + -1 * (argmax_w - wl) * v2
+    dir0 = dir0 + (wl + 1 - argmax_w) * v3
+    dir0 = dir0 + (argmax_w - wl) * v4
+    dir1 = zero + -1 * (hl + 1 - argmax_h) * v1
+    dir1 = dir1 + (hl + 1 - argmax_h) * v2
+    dir1 = dir1 + -1 * (argmax_h - hl) * v3
+    dir1 = dir1 + (argmax_h - hl) * v4
+    return torch.where(empty, zero, dir0), torch.where(empty, zero, dir1)
+
+
+def _col2im_coord(columns, image, offset, mask, kh, kw, pad_h, pad_w, stride_h, stride_w, dilation_h, dilation_w,
+                  deformable_group):
+    """`deformable_col2im_coord_cpu_kernel` / the modulated one: (grad_offset (n, dg * 2 * K, Ho, Wo), grad_mask
+    (n, dg * K, Ho, Wo) or None); each a sum over the channels of the deformable group, in channel order."""
+    n, c, height, width = image.shape
+    ho, wo = offset.shape[-2:]
+    k = kh * kw
+    inv_h, inv_w = _deform_points(offset, kh, kw, pad_h, pad_w, stride_h, stride_w, dilation_h, dilation_w,
+                                  deformable_group)
+    outside = (inv_h <= -1) | (inv_w <= -1) | (inv_h >= height) | (inv_w >= width)
+    inv_h = torch.where(outside, -2.0, inv_h).to(offset.dtype)
+    inv_w = torch.where(outside, -2.0, inv_w).to(offset.dtype)
+    inv_h, inv_w = _per_channel(inv_h, c), _per_channel(inv_w, c)
+    col = columns.reshape(c, k, n, ho, wo).permute(2, 0, 1, 3, 4)  # (n, C, K, Ho, Wo)
+    dir0, dir1 = _coordinate_weights(inv_h, inv_w, image, height, width)
+    m = 1 if mask is None else _per_channel(mask.reshape(n, deformable_group, k, ho, wo), c)
+    cpg = c // deformable_group
+
+    def channel_sum(t):  # `val += ...` over cnt = 0, 1, ...: a running sum in channel order
+        t = t.reshape(n, deformable_group, cpg, k, ho, wo)
+        acc = torch.zeros_like(t[:, :, 0])
+        for cnt in range(cpg):
+            acc = acc + t[:, :, cnt]
+        return acc
+
+    grad_offset = torch.stack([channel_sum(dir0 * col * m), channel_sum(dir1 * col * m)], dim=3)
+    grad_offset = grad_offset.reshape(n, deformable_group * 2 * k, ho, wo)
+    if mask is None:
+        return grad_offset, None
+    inside = _per_channel(~outside, c)
+    value = torch.where(inside, _im2col_bilinear(image, inv_h, inv_w), torch.zeros((), dtype=image.dtype))
+    return grad_offset, channel_sum(col * value).reshape(n, deformable_group * k, ho, wo)
+
+
+def _out_hw(height, width, kh, kw, pad_h, pad_w, stride_h, stride_w, dilation_h, dilation_w):
+    return ((height + 2 * pad_h - (dilation_h * (kh - 1) + 1)) // stride_h + 1,
+            (width + 2 * pad_w - (dilation_w * (kw - 1) + 1)) // stride_w + 1)
+
+
+def deform_conv_forward(input, weight, offset, output, columns, ones, kW, kH, dW, dH, padW, padH, dilationW,
+                        dilationH, group, deformable_group, im2col_step) -> None:
+    """`deform_conv_forward` (mmcv/ops/csrc/pytorch/deform_conv.cpp) into `output`: per chunk of `im2col_step`
+    images, the columns, then per group `output_buffer[g] += weight[g].flatten(1) @ columns[g]`."""
+    n, c, height, width = input.shape
+    o = weight.size(0)
+    ho, wo = _out_hw(height, width, kH, kW, padH, padW, dH, dW, dilationH, dilationW)
+    geometry = (kH, kW, padH, padW, dH, dW, dilationH, dilationW, deformable_group)
+    for start in range(0, n, im2col_step):
+        cols = _im2col(input[start:start + im2col_step], offset[start:start + im2col_step], None, *geometry)
+        cols = cols.view(group, -1, cols.size(1))
+        w = weight.reshape(group, o // group, -1)
+        buffer = torch.zeros(group, o // group, cols.size(2), dtype=input.dtype)
+        for g in range(group):
+            buffer[g].addmm_(w[g], cols[g])
+        output[start:start + im2col_step] = buffer.reshape(o, -1, ho, wo).transpose(0, 1)
+
+
+def deform_conv_backward_input(input, offset, gradOutput, gradInput, gradOffset, weight, columns, kW, kH, dW, dH,
+                               padW, padH, dilationW, dilationH, group, deformable_group, im2col_step) -> None:
+    """`deform_conv_backward_input`: per chunk, `columns[g] = weight[g].flatten(1).T @ gradOutput[g]`, then
+    `col2im_coord` into `gradOffset` and `col2im` into `gradInput` (both in place)."""
+    n = input.size(0)
+    o = weight.size(0)
+    geometry = (kH, kW, padH, padW, dH, dW, dilationH, dilationW, deformable_group)
+    for start in range(0, n, im2col_step):
+        stop = start + im2col_step
+        grad = gradOutput[start:stop].transpose(0, 1).reshape(group, o // group, -1)
+        w = weight.reshape(group, o // group, -1)
+        cols = torch.cat([w[g].transpose(0, 1) @ grad[g] for g in range(group)], 0)
+        gradOffset[start:stop] = _col2im_coord(cols, input[start:stop], offset[start:stop], None, *geometry)[0]
+        _col2im(cols, offset[start:stop], None, gradInput[start:stop], *geometry)
+
+
+def deform_conv_backward_parameters(input, offset, gradOutput, gradWeight, columns, ones, kW, kH, dW, dH, padW,
+                                    padH, dilationW, dilationH, group, deformable_group, scale, im2col_step) -> None:
+    """`deform_conv_backward_parameters`: per chunk, `gradWeight[g] += scale * gradOutput[g] @ columns[g].T`."""
+    n = input.size(0)
+    o = gradWeight.size(0)
+    geometry = (kH, kW, padH, padW, dH, dW, dilationH, dilationW, deformable_group)
+    flat = gradWeight.view(group, o // group, -1)
+    for start in range(0, n, im2col_step):
+        stop = start + im2col_step
+        cols = _im2col(input[start:stop], offset[start:stop], None, *geometry)
+        cols = cols.view(group, -1, cols.size(1))
+        grad = gradOutput[start:stop].transpose(0, 1).reshape(group, o // group, -1)
+        for g in range(group):
+            flat[g].addmm_(grad[g], cols[g].transpose(1, 0), beta=1.0, alpha=scale)
+
+
+def modulated_deform_conv_forward(input, weight, bias, ones, offset, mask, output, columns, kernel_h, kernel_w,
+                                  stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w, group, deformable_group,
+                                  with_bias) -> None:
+    """`modulated_deform_conv_forward` into `output`: image by image, the masked columns, then per group
+    `output[b][g] += weight[g].flatten(1) @ columns[g]`; the bias added at the end."""
+    n = input.size(0)
+    o = weight.size(0)
+    geometry = (kernel_h, kernel_w, pad_h, pad_w, stride_h, stride_w, dilation_h, dilation_w, deformable_group)
+    out = torch.zeros(n, group, o // group, offset.size(2) * offset.size(3), dtype=input.dtype)
+    w = weight.reshape(group, o // group, -1)
+    for b in range(n):
+        cols = _im2col(input[b:b + 1], offset[b:b + 1], mask[b:b + 1], *geometry).view(group, -1, out.size(3))
+        for g in range(group):
+            out[b, g].addmm_(w[g], cols[g])
+    out = out.reshape(n, o, offset.size(2), offset.size(3))
+    if with_bias:
+        out += bias.view(1, -1, 1, 1)
+    output.copy_(out)
+
+
+def modulated_deform_conv_backward(input, weight, bias, ones, offset, mask, columns, grad_input, grad_weight,
+                                   grad_bias, grad_offset, grad_mask, grad_output, kernel_h, kernel_w, stride_h,
+                                   stride_w, pad_h, pad_w, dilation_h, dilation_w, group, deformable_group,
+                                   with_bias) -> None:
+    """`modulated_deform_conv_backward`, image by image: columns = W^T grad, `col2im_coord` (offset and mask
+    gradients), `col2im` (input gradient), the columns again, `grad_weight[g] += grad[g] @ columns[g].T` and the
+    bias gradient as `grad[g] @ ones`; everything written into the given tensors."""
+    n = input.size(0)
+    o = weight.size(0)
+    geometry = (kernel_h, kernel_w, pad_h, pad_w, stride_h, stride_w, dilation_h, dilation_w, deformable_group)
+    w = weight.reshape(group, o // group, -1)
+    gw = grad_weight.view(group, o // group, -1)
+    for b in range(n):
+        grad = grad_output[b].reshape(group, o // group, -1)
+        cols = torch.cat([w[g].transpose(0, 1) @ grad[g] for g in range(group)], 0)
+        d_offset, d_mask = _col2im_coord(cols, input[b:b + 1], offset[b:b + 1], mask[b:b + 1], *geometry)
+        grad_offset[b:b + 1] = d_offset
+        grad_mask[b:b + 1] = d_mask
+        _col2im(cols, offset[b:b + 1], mask[b:b + 1], grad_input[b:b + 1], *geometry)
+        cols = _im2col(input[b:b + 1], offset[b:b + 1], mask[b:b + 1], *geometry).view(group, -1, grad.size(2))
+        for g in range(group):
+            gw[g].addmm_(grad[g], cols[g].transpose(0, 1))
+            if with_bias:
+                grad_bias.view(group, -1)[g] += (grad[g] @ torch.ones(grad.size(2), 1, dtype=grad.dtype)).view(-1)
 
 
 def __getattr__(name: str):

@@ -414,3 +414,216 @@ def test_roi_align_through_mmcv_ops(pool_mode):
     expected_grad = roi_align_backward_transcribed(grad_output, rois, *argmax, torch.zeros(_MAP), *args)
     assert np.abs(expected_grad).sum() > 0
     torch.testing.assert_close(features.grad, torch.from_numpy(expected_grad), rtol=0, atol=0)
+
+
+# Deformable convolution (deform_conv.cpp, modulated_deform_conv.cpp) --------------------------------------------
+# One transcription serves both files: the modulated kernels are the plain ones with `* mask` where noted.
+
+F32 = np.float32
+
+
+def _bilinear_transcribed(im, height, width, h, w):
+    """`deformable_im2col_bilinear_cpu` / `dmcn_im2col_bilinear_cpu`; `im` a 2-D float32 array."""
+    if h <= -1 or height <= h or w <= -1 or width <= w:
+        return F32(0)
+    h_low, w_low = int(np.floor(h)), int(np.floor(w))
+    h_high, w_high = h_low + 1, w_low + 1
+    lh, lw = F32(h - F32(h_low)), F32(w - F32(w_low))
+    hh, hw = F32(F32(1) - lh), F32(F32(1) - lw)
+    v1 = im[h_low, w_low] if h_low >= 0 and w_low >= 0 else F32(0)
+    v2 = im[h_low, w_high] if h_low >= 0 and w_high <= width - 1 else F32(0)
+    v3 = im[h_high, w_low] if h_high <= height - 1 and w_low >= 0 else F32(0)
+    v4 = im[h_high, w_high] if h_high <= height - 1 and w_high <= width - 1 else F32(0)
+    w1, w2, w3, w4 = hh * hw, hh * lw, lh * hw, lh * lw
+    return F32(w1 * v1 + w2 * v2 + w3 * v3 + w4 * v4)
+
+
+def _gradient_weight_transcribed(argmax_h, argmax_w, h, w, height, width):
+    if argmax_h <= -1 or argmax_h >= height or argmax_w <= -1 or argmax_w >= width:
+        return F32(0)
+    h_low, w_low = int(np.floor(argmax_h)), int(np.floor(argmax_w))
+    h_high, w_high = h_low + 1, w_low + 1
+    weight = F32(0)
+    if h == h_low and w == w_low:
+        weight = (F32(h + 1) - argmax_h) * (F32(w + 1) - argmax_w)
+    if h == h_low and w == w_high:
+        weight = (F32(h + 1) - argmax_h) * (argmax_w + F32(1) - F32(w))
+    if h == h_high and w == w_low:
+        weight = (argmax_h + F32(1) - F32(h)) * (F32(w + 1) - argmax_w)
+    if h == h_high and w == w_high:
+        weight = (argmax_h + F32(1) - F32(h)) * (argmax_w + F32(1) - F32(w))
+    return F32(weight)
+
+
+def _coordinate_weight_transcribed(argmax_h, argmax_w, height, width, im, bp_dir):
+    if argmax_h <= -1 or argmax_h >= height or argmax_w <= -1 or argmax_w >= width:
+        return F32(0)
+    h_low, w_low = int(np.floor(argmax_h)), int(np.floor(argmax_w))
+    h_high, w_high = h_low + 1, w_low + 1
+    weight = F32(0)
+    if bp_dir == 0:
+        if h_low >= 0 and w_low >= 0:
+            weight += F32(-1) * (F32(w_low + 1) - argmax_w) * im[h_low, w_low]
+        if h_low >= 0 and w_high <= width - 1:
+            weight += F32(-1) * (argmax_w - F32(w_low)) * im[h_low, w_high]
+        if h_high <= height - 1 and w_low >= 0:
+            weight += (F32(w_low + 1) - argmax_w) * im[h_high, w_low]
+        if h_high <= height - 1 and w_high <= width - 1:
+            weight += (argmax_w - F32(w_low)) * im[h_high, w_high]
+    else:
+        if h_low >= 0 and w_low >= 0:
+            weight += F32(-1) * (F32(h_low + 1) - argmax_h) * im[h_low, w_low]
+        if h_low >= 0 and w_high <= width - 1:
+            weight += (F32(h_low + 1) - argmax_h) * im[h_low, w_high]
+        if h_high <= height - 1 and w_low >= 0:
+            weight += F32(-1) * (argmax_h - F32(h_low)) * im[h_high, w_low]
+        if h_high <= height - 1 and w_high <= width - 1:
+            weight += (argmax_h - F32(h_low)) * im[h_high, w_high]
+    return F32(weight)
+
+
+def deformable_im2col_transcribed(im, offset, mask, kh, kw, pad, stride, dil, dg):
+    """`deformable_im2col_cpu_kernel` (mask None) / `modulated_deformable_im2col_cpu_kernel`: (C*K, n*Ho*Wo)."""
+    n, c, height, width = im.shape
+    _, _, hc, wc = offset.shape
+    col = np.zeros((c * kh * kw, n * hc * wc), F32)
+    cpg = c // dg
+    for index in range(c * hc * wc * n):
+        w_col = index % wc
+        h_col = (index // wc) % hc
+        b_col = (index // wc // hc) % n
+        c_im = (index // wc // hc) // n
+        c_col = c_im * kh * kw
+        g = c_im // cpg
+        h_in, w_in = h_col * stride - pad, w_col * stride - pad
+        for i in range(kh):
+            for j in range(kw):
+                off_h = offset[b_col, g * 2 * kh * kw + 2 * (i * kw + j), h_col, w_col]
+                off_w = offset[b_col, g * 2 * kh * kw + 2 * (i * kw + j) + 1, h_col, w_col]
+                val = F32(0)
+                h_im, w_im = F32(h_in + i * dil) + off_h, F32(w_in + j * dil) + off_w
+                if h_im > -1 and w_im > -1 and h_im < height and w_im < width:
+                    val = _bilinear_transcribed(im[b_col, c_im], height, width, h_im, w_im)
+                if mask is not None:
+                    val = F32(val * mask[b_col, g * kh * kw + i * kw + j, h_col, w_col])
+                col[c_col + i * kw + j, (b_col * hc + h_col) * wc + w_col] = val
+    return col
+
+
+def deformable_col2im_transcribed(col, offset, mask, shape, kh, kw, pad, stride, dil, dg):
+    """`deformable_col2im_cpu_kernel` / the modulated one: the input gradient of `shape` (n, C, H, W)."""
+    n, c, height, width = shape
+    _, _, hc, wc = offset.shape
+    grad = np.zeros(shape, F32)
+    cpg = c // dg
+    for index in range(c * kh * kw * hc * wc * n):
+        j = (index // wc // hc // n) % kw
+        i = (index // wc // hc // n // kw) % kh
+        ch = index // wc // hc // n // kw // kh
+        g = ch // cpg
+        w_out, h_out, b = index % wc, (index // wc) % hc, (index // wc // hc) % n
+        w_in, h_in = w_out * stride - pad, h_out * stride - pad
+        off_h = offset[b, g * 2 * kh * kw + 2 * (i * kw + j), h_out, w_out]
+        off_w = offset[b, g * 2 * kh * kw + 2 * (i * kw + j) + 1, h_out, w_out]
+        inv_h, inv_w = F32(h_in + i * dil) + off_h, F32(w_in + j * dil) + off_w
+        top = col[index // (n * hc * wc), index % (n * hc * wc)]
+        if mask is not None:
+            top = F32(top * mask[b, g * kh * kw + i * kw + j, h_out, w_out])
+        cur_h, cur_w = int(inv_h), int(inv_w)
+        for dy in range(-2, 3):
+            for dx in range(-2, 3):
+                if (0 <= cur_h + dy < height and 0 <= cur_w + dx < width and abs(inv_h - F32(cur_h + dy)) < 1
+                        and abs(inv_w - F32(cur_w + dx)) < 1):
+                    weight = _gradient_weight_transcribed(inv_h, inv_w, cur_h + dy, cur_w + dx, height, width)
+                    grad[b, ch, cur_h + dy, cur_w + dx] += F32(weight * top)
+    return grad
+
+
+def deformable_col2im_coord_transcribed(col, im, offset, mask, kh, kw, pad, stride, dil, dg):
+    """`deformable_col2im_coord_cpu_kernel` / the modulated one: (grad_offset, grad_mask or None)."""
+    n, c, height, width = im.shape
+    _, _, hc, wc = offset.shape
+    offset_channels = 2 * kh * kw * dg
+    grad_offset = np.zeros(offset.shape, F32)
+    grad_mask = None if mask is None else np.zeros((n, dg * kh * kw, hc, wc), F32)
+    cpg_col = c * kh * kw // dg
+    flat_col = col.reshape(-1)
+    for index in range(hc * wc * offset_channels * n):
+        val, mval = F32(0), F32(0)
+        w, h = index % wc, (index // wc) % hc
+        ch = (index // wc // hc) % offset_channels
+        b = (index // wc // hc) // offset_channels
+        g = ch // (2 * kh * kw)
+        col_base = g * cpg_col * n * wc * hc
+        offset_c = ch - g * 2 * kh * kw
+        cnt = 0
+        for col_c in range(offset_c // 2, cpg_col, kh * kw):
+            col_pos = ((col_c * n + b) * hc + h) * wc + w
+            bp_dir = offset_c % 2
+            j = (col_pos // wc // hc // n) % kw
+            i = (col_pos // wc // hc // n // kw) % kh
+            w_out, h_out = col_pos % wc, (col_pos // wc) % hc
+            w_in, h_in = w_out * stride - pad, h_out * stride - pad
+            off_h = offset[b, g * 2 * kh * kw + 2 * (i * kw + j), h_out, w_out]
+            off_w = offset[b, g * 2 * kh * kw + 2 * (i * kw + j) + 1, h_out, w_out]
+            inv_h, inv_w = F32(h_in + i * dil) + off_h, F32(w_in + j * dil) + off_w
+            image = im[b, g * (c // dg) + cnt]
+            value = flat_col[col_base + col_pos]
+            if inv_h <= -1 or inv_w <= -1 or inv_h >= height or inv_w >= width:
+                inv_h = inv_w = F32(-2)
+            elif mask is not None:
+                mval += F32(value * _bilinear_transcribed(image, height, width, inv_h, inv_w))
+            weight = _coordinate_weight_transcribed(inv_h, inv_w, height, width, image, bp_dir)
+            m = F32(1) if mask is None else mask[b, g * kh * kw + i * kw + j, h_out, w_out]
+            val += F32(F32(weight * value) * m)
+            cnt += 1
+        grad_offset[b, ch, h, w] = val
+        if mask is not None and offset_c % 2 == 0:
+            grad_mask[b, g * kh * kw + offset_c // 2, h, w] = mval
+    return grad_offset, grad_mask
+
+
+def _deform_case(seed, n, c, size, k, pad, stride, dil, dg, modulated, integer_offsets=False):
+    rng = np.random.default_rng(seed)
+    ho = (size + 2 * pad - (dil * (k - 1) + 1)) // stride + 1
+    im = rng.normal(0, 1, (n, c, size, size)).astype(F32)
+    # offsets up to +-3 pixels: points inside, across the border and outside; integers put points exactly on
+    # pixels and on -1 / H (the kernels' boundary cases)
+    offset = rng.uniform(-3, 3, (n, dg * 2 * k * k, ho, ho)).astype(F32)
+    if integer_offsets:
+        offset = np.round(offset).astype(F32)
+    mask = rng.uniform(0, 1, (n, dg * k * k, ho, ho)).astype(F32) if modulated else None
+    col = rng.normal(0, 1, (c * k * k, n * ho * ho)).astype(F32)
+    return im, offset, mask, col
+
+
+@pytest.mark.parametrize("modulated", [False, True])
+@pytest.mark.parametrize("seed, n, c, size, k, pad, stride, dil, dg, integer", [
+    (0, 2, 2, 5, 3, 1, 1, 1, 1, False),
+    (1, 1, 4, 6, 3, 2, 2, 2, 2, False),
+    (2, 2, 2, 4, 3, 1, 1, 1, 2, True),
+    (3, 1, 3, 5, 1, 0, 1, 1, 1, False),
+])
+def test_deform_conv_kernels_match_the_transcribed_kernels(seed, n, c, size, k, pad, stride, dil, dg, integer,
+                                                           modulated):
+    im, offset, mask, col = _deform_case(seed, n, c, size, k, pad, stride, dil, dg, modulated, integer)
+    geometry = (k, k, pad, pad, stride, stride, dil, dil, dg)
+    t = torch.from_numpy
+    tm = None if mask is None else t(mask)
+    expected = deformable_im2col_transcribed(im, offset, mask, k, k, pad, stride, dil, dg)
+    assert np.abs(expected).sum() > 0
+    np.testing.assert_array_equal(mmcv_ext._im2col(t(im), t(offset), tm, *geometry).numpy(), expected)
+
+    grad = torch.zeros(im.shape)
+    mmcv_ext._col2im(t(col), t(offset), tm, grad, *geometry)
+    expected = deformable_col2im_transcribed(col, offset, mask, im.shape, k, k, pad, stride, dil, dg)
+    assert np.abs(expected).sum() > 0
+    # the kernel adds into a pixel in loop order; the port in (neighbour, element) order: float32 rounding apart
+    np.testing.assert_allclose(grad.numpy(), expected, rtol=1e-5, atol=1e-6)
+
+    d_offset, d_mask = mmcv_ext._col2im_coord(t(col), t(im), t(offset), tm, *geometry)
+    e_offset, e_mask = deformable_col2im_coord_transcribed(col, im, offset, mask, k, k, pad, stride, dil, dg)
+    assert np.abs(e_offset).sum() > 0
+    np.testing.assert_array_equal(d_offset.numpy(), e_offset)
+    if modulated:
+        np.testing.assert_array_equal(d_mask.numpy(), e_mask)

@@ -245,7 +245,10 @@ def _assert_same_detections(dets, theirs):
         assert k == len(r.scores), (i, k, len(r.scores))
         np.testing.assert_array_equal(np.asarray(dets.labels[i])[:k], r.labels.numpy())
         np.testing.assert_allclose(np.asarray(dets.scores[i])[:k], r.scores.numpy(), rtol=1e-5, atol=1e-6)
-        np.testing.assert_allclose(np.asarray(dets.boxes[i])[:k], r.bboxes.numpy(), rtol=1e-5, atol=1e-3)
+        # Pixels: the decode multiplies the regression outputs (equal to float32 rounding, ~1e-6) by anchor sizes
+        # up to 1024 px and the rescale factor, so a box corner may differ by a few thousandths of a pixel (2.2e-3
+        # seen on this project's 2-core machine, where the reduction order inside XLA:CPU's convs differs).
+        np.testing.assert_allclose(np.asarray(dets.boxes[i])[:k], r.bboxes.numpy(), rtol=1e-5, atol=5e-3)
 
 
 @pytest.mark.parametrize("kind", ["retinanet", "fcos"])

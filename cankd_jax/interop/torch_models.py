@@ -10,6 +10,7 @@ maps each to its PyTorch key and layout:
 |-----------------------|----------------------------------|---------------------|----------------------------------|
 | `nn.Conv`             | `kernel (kh, kw, I/g, O)`, `bias`| `weight`, `bias`    | `(O, I/g, kh, kw)`               |
 | `Conv1x1`             | `kernel (I, O)`, `bias`          | `weight`, `bias`    | `(O, I, 1, 1)`                   |
+| `DeformConv2d` & co.  | `kernel (kh, kw, I/g, O)`, `bias`| `weight`, `bias`    | `(O, I/g, kh, kw)`               |
 | `nn.Dense`            | `kernel (I, O)`, `bias`          | `weight`, `bias`    | `(O, I)`                         |
 | `BatchNorm`           | `scale`, `bias`; `mean`, `var`,  | `weight`, `bias`, `running_mean`, `running_var`, `num_batches_tracked` | none |
 |                       | `num_batches_tracked`            |                     |                                  |
@@ -49,6 +50,7 @@ from cankd_jax.interop.state_dict import (  # _abbrev: the same key-list format 
     to_numpy,
 )
 from cankd_jax.layers import BatchNorm, Conv1x1
+from cankd_jax.models.deform_conv import DeformConv2d
 from cankd_jax.models.dense_heads import Scale
 from cankd_jax.models.resnet import ResNet
 from cankd_jax.models.swin import WindowMSA
@@ -81,6 +83,8 @@ _KINDS: dict[str, _Kind] = {
 _LAYER_RULES: tuple[tuple[type, dict[tuple[str, str], tuple[str, str]]], ...] = (
     (nn.Conv, {("params", "kernel"): ("weight", "conv"), ("params", "bias"): ("bias", "same")}),
     (Conv1x1, {("params", "kernel"): ("weight", "conv1x1"), ("params", "bias"): ("bias", "same")}),
+    # mmcv's deformable convs (and their packs, whose `conv_offset` is an `nn.Conv` / `Conv1x1` of its own)
+    (DeformConv2d, {("params", "kernel"): ("weight", "conv"), ("params", "bias"): ("bias", "same")}),
     (nn.Dense, {("params", "kernel"): ("weight", "linear"), ("params", "bias"): ("bias", "same")}),
     (BatchNorm, {("params", "scale"): ("weight", "same"), ("params", "bias"): ("bias", "same"),
                  ("batch_stats", "mean"): ("running_mean", "same"), ("batch_stats", "var"): ("running_var", "same"),
