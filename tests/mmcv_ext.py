@@ -458,6 +458,13 @@ def _col2im_coord(columns, image, offset, mask, kh, kw, pad_h, pad_w, stride_h, 
     return grad_offset, channel_sum(col * value).reshape(n, deformable_group * k, ho, wo)
 
 
+def _check_cpu_input(**tensors) -> None:
+    """The drivers' `CHECK_CPU_INPUT`: every tensor the kernel reads or writes through `data_ptr` is contiguous."""
+    for name, t in tensors.items():
+        if t is not None and t.numel() and not t.is_contiguous():
+            raise RuntimeError(f"{name} must be contiguous")
+
+
 def _out_hw(height, width, kh, kw, pad_h, pad_w, stride_h, stride_w, dilation_h, dilation_w):
     return ((height + 2 * pad_h - (dilation_h * (kh - 1) + 1)) // stride_h + 1,
             (width + 2 * pad_w - (dilation_w * (kw - 1) + 1)) // stride_w + 1)
@@ -467,6 +474,7 @@ def deform_conv_forward(input, weight, offset, output, columns, ones, kW, kH, dW
                         dilationH, group, deformable_group, im2col_step) -> None:
     """`deform_conv_forward` (mmcv/ops/csrc/pytorch/deform_conv.cpp) into `output`: per chunk of `im2col_step`
     images, the columns, then per group `output_buffer[g] += weight[g].flatten(1) @ columns[g]`."""
+    _check_cpu_input(input=input, weight=weight, offset=offset, output=output)
     n, c, height, width = input.shape
     o = weight.size(0)
     ho, wo = _out_hw(height, width, kH, kW, padH, padW, dH, dW, dilationH, dilationW)
@@ -485,6 +493,7 @@ def deform_conv_backward_input(input, offset, gradOutput, gradInput, gradOffset,
                                padW, padH, dilationW, dilationH, group, deformable_group, im2col_step) -> None:
     """`deform_conv_backward_input`: per chunk, `columns[g] = weight[g].flatten(1).T @ gradOutput[g]`, then
     `col2im_coord` into `gradOffset` and `col2im` into `gradInput` (both in place)."""
+    _check_cpu_input(input=input, offset=offset, gradOutput=gradOutput, gradInput=gradInput, gradOffset=gradOffset, weight=weight)
     n = input.size(0)
     o = weight.size(0)
     geometry = (kH, kW, padH, padW, dH, dW, dilationH, dilationW, deformable_group)
@@ -500,6 +509,7 @@ def deform_conv_backward_input(input, offset, gradOutput, gradInput, gradOffset,
 def deform_conv_backward_parameters(input, offset, gradOutput, gradWeight, columns, ones, kW, kH, dW, dH, padW,
                                     padH, dilationW, dilationH, group, deformable_group, scale, im2col_step) -> None:
     """`deform_conv_backward_parameters`: per chunk, `gradWeight[g] += scale * gradOutput[g] @ columns[g].T`."""
+    _check_cpu_input(input=input, offset=offset, gradOutput=gradOutput, gradWeight=gradWeight)
     n = input.size(0)
     o = gradWeight.size(0)
     geometry = (kH, kW, padH, padW, dH, dW, dilationH, dilationW, deformable_group)
@@ -518,6 +528,7 @@ def modulated_deform_conv_forward(input, weight, bias, ones, offset, mask, outpu
                                   with_bias) -> None:
     """`modulated_deform_conv_forward` into `output`: image by image, the masked columns, then per group
     `output[b][g] += weight[g].flatten(1) @ columns[g]`; the bias added at the end."""
+    _check_cpu_input(input=input, weight=weight, bias=bias, offset=offset, mask=mask, output=output)
     n = input.size(0)
     o = weight.size(0)
     geometry = (kernel_h, kernel_w, pad_h, pad_w, stride_h, stride_w, dilation_h, dilation_w, deformable_group)
@@ -540,6 +551,7 @@ def modulated_deform_conv_backward(input, weight, bias, ones, offset, mask, colu
     """`modulated_deform_conv_backward`, image by image: columns = W^T grad, `col2im_coord` (offset and mask
     gradients), `col2im` (input gradient), the columns again, `grad_weight[g] += grad[g] @ columns[g].T` and the
     bias gradient as `grad[g] @ ones`; everything written into the given tensors."""
+    _check_cpu_input(input=input, weight=weight, bias=bias, offset=offset, mask=mask, grad_input=grad_input, grad_weight=grad_weight, grad_bias=grad_bias, grad_offset=grad_offset, grad_mask=grad_mask, grad_output=grad_output)
     n = input.size(0)
     o = weight.size(0)
     geometry = (kernel_h, kernel_w, pad_h, pad_w, stride_h, stride_w, dilation_h, dilation_w, deformable_group)

@@ -192,3 +192,62 @@ def test_module_classes_take_offsets_and_masks():
     p2 = v2.init(jax.random.key(0), x, off, jnp.ones((1, 5, 5, 9)))
     assert set(p1["params"]) == {"kernel"} and set(p2["params"]) == {"kernel", "bias"}
     assert v2.apply(p2, x, off, jnp.ones((1, 5, 5, 9))).shape == (1, 5, 5, 3)
+
+
+def test_resnext_with_deformable_stages_matches_mmdet():
+    """mmdet's own `ResNeXt` with the X101-DCN teacher's settings (`dcn=dict(type='DCN', deform_groups=1,
+    fallback_on_stride=False), stage_with_dcn=(False, True, True, True)`, frozen_stages=1, norm_eval), narrowed
+    to depth 50, 4 groups and 16 base channels: strict import of its keys (`layer2.0.conv2.weight`,
+    `layer2.0.conv2.conv_offset.*`, ...), every stage's output, and the gradient of every trainable parameter."""
+    import openmmlab_reference as mr
+
+    if mr.available():
+        pytest.skip(mr.available())
+    from mmdet.registry import MODELS
+    from mmengine.registry import DefaultScope
+
+    from cankd_jax import models
+
+    cfg = dict(type="ResNeXt", depth=50, groups=4, base_width=4, base_channels=16, stem_channels=16,
+               out_indices=(0, 1, 2, 3), frozen_stages=1, norm_eval=True, style="pytorch",
+               dcn=dict(type="DCN", deform_groups=1, fallback_on_stride=False), stage_with_dcn=(False, True, True, True))
+    torch.manual_seed(0)
+    with DefaultScope.overwrite_default_scope("mmdet"):
+        tm = MODELS.build(cfg)
+    mr.perturb_(tm, 1)
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():  # offsets that depend on the input: about +-0.5 px, some points across the border
+        for name, m in tm.named_modules():
+            if name.endswith("conv_offset"):
+                m.weight.copy_(0.02 * torch.randn(m.weight.shape, generator=g))
+    tm.train()  # norm_eval keeps the BatchNorms on their running statistics, as our train=True with norm_eval
+    model = models.make_model("resnext101_32x4d_dcn", depth=50, groups=4, base_width=16, stem_width=16,
+                              frozen_stages=1, norm_eval=True)
+    variables, report = import_state_dict(model, tm.state_dict(), sample=jnp.zeros((2, 64, 64, 3)))
+    assert not report.missing and not report.unexpected
+    assert "layer4.2.conv2.conv_offset.weight" in report.loaded and "layer1.0.conv2.conv_offset.weight" not in tm.state_dict()
+
+    x = np.random.default_rng(3).normal(0, 1, (2, 64, 64, 3)).astype(np.float32)
+    theirs = tm(torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))))
+    weights = [np.random.default_rng(4 + i).normal(size=t.shape).astype(np.float32) for i, t in enumerate(theirs)]
+    sum((t * torch.from_numpy(w)).sum() for t, w in zip(theirs, weights)).backward()
+
+    def loss(params):
+        out = model.apply({**variables, "params": params}, jnp.asarray(x), train=True)
+        feats = [out[f"layer{i}"] for i in range(1, 5)]
+        return sum(jnp.sum(f * w.transpose(0, 2, 3, 1)) for f, w in zip(feats, weights)), feats
+
+    grads, feats = jax.jit(jax.grad(loss, has_aux=True))(variables["params"])
+    for i, (f, t) in enumerate(zip(feats, theirs)):
+        np.testing.assert_allclose(f, _nhwc(t), rtol=1e-4, atol=1e-4, err_msg=f"layer{i + 1}")
+    exported = export_state_dict(model, {**variables, "params": grads}, sample=jnp.zeros((2, 64, 64, 3)))
+    checked = 0
+    for key, param in tm.named_parameters():
+        if param.grad is None:  # frozen: the stem and layer1 (ours get a zero gradient there)
+            assert not np.any(np.asarray(exported[key])), key
+            continue
+        scale = float(param.grad.abs().max())
+        np.testing.assert_allclose(np.asarray(exported[key]), param.grad.numpy(), rtol=2e-4, atol=2e-4 * scale,
+                                   err_msg=key)
+        checked += key.endswith("conv_offset.weight")
+    assert checked == 13  # every deformable block's offset conv (4 + 6 + 3 blocks)

@@ -37,6 +37,7 @@ from cankd_jax.models.two_stage import FasterRCNN, RPNHead, Shared2FCBBoxHead, S
 
 PyTree = Any
 _D8 = dict(strides=(1, 2, 1, 1), dilations=(1, 1, 2, 4))
+_DCN_C3_C5 = dict(dcn="DCN", stage_with_dcn=(False, True, True, True))
 
 
 def _backbone_presets() -> dict[str, dict[str, Any]]:
@@ -48,8 +49,11 @@ def _backbone_presets() -> dict[str, dict[str, Any]]:
         if kind == "bottleneck":
             # mmdet's FCOS backbones: style='caffe', norm_cfg=dict(type='BN', requires_grad=False), norm_eval=True.
             presets[f"resnet{depth}_caffe"] = dict(depth=depth, style="caffe", norm_requires_grad=False, norm_eval=True)
+            # mmdet's `-dconv-c3-c5`: dcn=dict(type='DCN', deform_groups=1, fallback_on_stride=False) in c3-c5.
+            presets[f"resnet{depth}_dcn"] = dict(depth=depth, **_DCN_C3_C5)
     for groups in (32, 64):
         presets[f"resnext101_{groups}x4d"] = dict(depth=101, groups=groups, width_per_group=4)
+        presets[f"resnext101_{groups}x4d_dcn"] = dict(depth=101, groups=groups, width_per_group=4, **_DCN_C3_C5)
     # mmseg's MobileNetV2: its defaults, and the output-stride-8 setting of `deeplabv3_m-v2-d8` & co.
     presets["mobilenet_v2"] = {}
     presets["mobilenet_v2_d8"] = dict(strides=(1, 2, 2, 1, 1, 1, 1), dilations=(1, 1, 1, 2, 2, 4, 4))

@@ -1,5 +1,5 @@
 """ResNet and ResNeXt in torchvision's layout, with mmsegmentation's deep stem and dilation and mmdetection's
-caffe style and frozen BatchNorm.
+caffe style, frozen BatchNorm and deformable stages (`dcn`, `stage_with_dcn`).
 
 Submodules carry PyTorch's names (`conv1`, `bn1`, `layer3.5`, `downsample.0`,
 `stem.3`), so a parameter's path joined with dots is its state-dict key.
@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from cankd_jax.compute import remat_policy
 from cankd_jax.layers import Dtype, torch_bias_init, torch_kernel_init
 from cankd_jax.models.conv import batch_norm, conv2d
+from cankd_jax.models.deform_conv import DCN_LAYERS, make_dcn
 from cankd_jax.models.ops import check_nhwc, frozen_boundary, max_pool_3x3_s2
 
 Array = jax.Array
@@ -43,6 +44,8 @@ class _ResBlock(nn.Module):
     groups: int = 1
     style: str = "pytorch"
     frozen_stats: bool = False
+    dcn: Optional[str] = None  # the bottleneck's 3x3 conv as this mmcv deformable conv ('DCN', 'DCNv2')
+    deform_groups: int = 1
     dtype: Optional[Dtype] = None
     param_dtype: Dtype = jnp.float32
 
@@ -94,7 +97,14 @@ class Bottleneck(_ResBlock):
         width = self.width or self.planes
         s1, s3 = (self.stride, 1) if self.style == "caffe" else (1, self.stride)
         out = nn.relu(self._bn(self._conv(x, width, 1, "conv1", stride=s1), "bn1", train))
-        out = self._conv(out, width, 3, "conv2", stride=s3, dilation=self.dilation, groups=self.groups)
+        if self.dcn:
+            # mmdet's `build_conv_layer(dcn, ..., padding=dilation, bias=False)`: the pack predicts its offsets
+            # (`conv2.conv_offset`) from the block's own activations.
+            out = make_dcn(self.dcn, features=width, kernel_size=3, stride=s3, padding=self.dilation,
+                           dilation=self.dilation, groups=self.groups, deform_groups=self.deform_groups,
+                           dtype=self.dtype, name="conv2", **({"use_bias": False} if self.dcn == "DCNv2" else {}))(out)
+        else:
+            out = self._conv(out, width, 3, "conv2", stride=s3, dilation=self.dilation, groups=self.groups)
         out = nn.relu(self._bn(out, "bn2", train))
         out = self._bn(self._conv(out, self.planes * 4, 1, "conv3"), "bn3", train)
         return nn.relu(out + self._shortcut(x, self.planes * 4, train))
@@ -163,6 +173,15 @@ class ResNet(nn.Module):
       norm_requires_grad: False is mmdet's `norm_cfg=dict(type='BN',
         requires_grad=False)` (FCOS's caffe backbones): every BatchNorm's scale
         and bias are frozen too (`frozen_prefixes()` names them all).
+      dcn, stage_with_dcn, dcn_deform_groups: mmdet's
+        deformable stages (`dcn=dict(type='DCN', deform_groups=1,
+        fallback_on_stride=False), stage_with_dcn=(False, True, True, True)` is
+        `dcn='DCN', stage_with_dcn=(False, True, True, True)`): the 3x3 conv of
+        every bottleneck in a chosen stage is `DeformConv2dPack` ('DCN') or
+        `ModulatedDeformConv2dPack` ('DCNv2', without bias), keys
+        `layerN.M.conv2.weight` and `layerN.M.conv2.conv_offset.*`. (mmdet's
+        `fallback_on_stride=True` is not offered: mmdet pops it from the dict
+        its blocks share, so only a stage's first block would see it.)
       dtype, param_dtype: computation and parameter dtypes (BatchNorm statistics
         are float32 regardless).
       remat: a `cankd_jax.compute.REMAT_POLICIES` name: the stem and each
@@ -187,6 +206,9 @@ class ResNet(nn.Module):
     frozen_stages: int = -1
     norm_eval: bool = False
     norm_requires_grad: bool = True
+    dcn: Optional[str] = None
+    stage_with_dcn: tuple[bool, ...] = (False, False, False, False)
+    dcn_deform_groups: int = 1
     dtype: Optional[Dtype] = None
     param_dtype: Dtype = jnp.float32
     remat: str = "none"
@@ -212,6 +234,14 @@ class ResNet(nn.Module):
             raise ValueError(f"ResNet: frozen_stages must be in -1..4 (-1: none), got {self.frozen_stages}")
         if self.style not in STYLES:
             raise ValueError(f"ResNet: style must be one of {', '.join(STYLES)}, got {self.style!r}")
+        if self.dcn is not None:
+            if self.dcn not in DCN_LAYERS:
+                raise ValueError(f"ResNet: unknown dcn {self.dcn!r}; choose one of {', '.join(DCN_LAYERS)} (or None)")
+            if self.block_kind != "bottleneck":
+                raise ValueError(f"ResNet: deformable stages need a bottleneck depth (50, 101, 152), as mmdet's, "
+                                 f"got depth {self.depth}")
+            if len(tuple(self.stage_with_dcn)) != 4:
+                raise ValueError(f"ResNet: stage_with_dcn needs 4 booleans (one per stage), got {self.stage_with_dcn}")
         if self.deep_stem and self.stem_width < 2:
             raise ValueError(f"ResNet: the deep stem needs stem_width >= 2, got {self.stem_width}")
         remat_policy(self.remat)  # a ValueError naming the valid policies
@@ -282,6 +312,10 @@ class ResNet(nn.Module):
             prefixes += tuple(f"{n}." for n in self.norm_names() if not f"{n}.".startswith(prefixes))
         return prefixes
 
+    def _block_dcn(self, b: _BlockSpec) -> Optional[str]:
+        """The deformable conv type of block `b`'s 3x3 conv, or None (mmdet's `stage_with_dcn`)."""
+        return self.dcn if self.dcn is not None and self.stage_with_dcn[b.stage] else None
+
     def _conv_bn_relu(self, x: Array, features: int, k: int, conv: str, bn: str, *, stride: int, train: bool,
                       frozen: bool) -> Array:
         x = conv2d(x, features, k, name=conv, stride=stride, dtype=self.dtype, param_dtype=self.param_dtype)
@@ -322,6 +356,8 @@ class ResNet(nn.Module):
                 groups=self.groups,
                 style=self.style,
                 frozen_stats=self.norm_eval or self.frozen_stages > b.stage,
+                dcn=self._block_dcn(b),
+                deform_groups=self.dcn_deform_groups,
                 dtype=self.dtype,
                 param_dtype=self.param_dtype,
                 name=b.name,
