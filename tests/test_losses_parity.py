@@ -55,6 +55,10 @@ CANKD_CASES = {
     "no_instance_norm": dict(shape=(2, 6, 8, 8), instance_norm=False),
     "no_skip": dict(shape=(2, 6, 8, 8), skip=False),
     "weight10": dict(shape=(2, 6, 8, 8), loss_weight=10.0),
+    # the authors' DCN_NLKD_Loss: mmcv's DeformConv2dPack (on the ports of its CPU kernels) for theta, phi, g, W,
+    # with randomised offset convs (offsets of a few pixels: points inside, across and beyond the border)
+    "deform": dict(shape=(2, 6, 8, 8), projection="deform"),
+    "deform_odd": dict(shape=(2, 7, 9, 6), projection="deform", inter_channels=4),
 }
 
 
@@ -65,8 +69,9 @@ def _opts(case):
 def _torch_loss_and_grads(module, s, t):
     """Loss and gradients of the reference, in float64 so that only our rounding is measured."""
     module.double().train()
-    s_t = nchw(s).double().requires_grad_(True)
-    loss = module(s_t, nchw(t).double())
+    # contiguous, as real feature maps are (mmcv's deformable kernels refuse others, as the compiled ones do)
+    s_t = nchw(s).double().contiguous().requires_grad_(True)
+    loss = module(s_t, nchw(t).double().contiguous())
     loss.backward()
     grads = {n: p.grad.numpy().copy() for n, p in module.named_parameters()}
     return loss.item(), nhwc(s_t.grad), grads
@@ -86,7 +91,7 @@ def test_cankd_matches_pytorch(case):
     t_loss, t_gs, t_gp = _torch_loss_and_grads(tm, s, t)
 
     keys = dict(sub_sample=opts.get("sub_sample", True), bn_layer=opts.get("bn_layer", True),
-                attention=opts.get("attention", "dot"))
+                attention=opts.get("attention", "dot"), projection=opts.get("projection", "conv"))
     variables = load_cankd_loss(sd, in_channels=c, inter_channels=opts.get("inter_channels"), **keys)
     # Small query blocks so the blocked softmax path (with padding) is what gets compared.
     loss_mod = CanKDLoss(c, query_block=16, **opts)

@@ -17,17 +17,29 @@ def _maybe_pool(module: nn.Module, sub_sample: bool) -> nn.Module:
     return nn.Sequential(module, nn.MaxPool2d(2)) if sub_sample else module
 
 
+def _projection(c_in: int, c_out: int, projection: str, k: int = 3) -> nn.Module:
+    """A 1x1 conv with bias, or (the authors' DCN_NLKD_Loss) mmcv's own `DeformConv2dPack` k x k without bias,
+    running on the ports of mmcv's CPU kernels (`mmcv_ext.py`)."""
+    if projection == "conv":
+        return nn.Conv2d(c_in, c_out, 1)
+    import mmcv_ext
+    mmcv_ext.install()
+    from mmcv.ops import DeformConv2dPack
+    return DeformConv2dPack(c_in, c_out, k, stride=1, padding=k // 2)
+
+
 class AttentionMatrix(nn.Module):
     """f(q_i, k_j) for the four forms: (B, P, N)."""
 
-    def __init__(self, in_channels, inter_channels, sub_sample, attention):
+    def __init__(self, in_channels, inter_channels, sub_sample, attention, projection="conv"):
         super().__init__()
         self.attention = attention
+        self.inter_channels = inter_channels
         if attention == "gaussian":
             self.phi = nn.MaxPool2d(2) if sub_sample else nn.Identity()
         else:
-            self.theta = nn.Conv2d(in_channels, inter_channels, 1)
-            self.phi = _maybe_pool(nn.Conv2d(in_channels, inter_channels, 1), sub_sample)
+            self.theta = _projection(in_channels, inter_channels, projection)
+            self.phi = _maybe_pool(_projection(in_channels, inter_channels, projection), sub_sample)
         if attention == "concatenation":
             self.concatination = nn.Sequential(nn.Conv2d(2 * inter_channels, 1, 1, bias=False), nn.ReLU())
 
@@ -36,7 +48,7 @@ class AttentionMatrix(nn.Module):
         if self.attention == "gaussian":
             q = s.reshape(b, s.shape[1], -1).permute(0, 2, 1)
         else:
-            q = self.theta(s).reshape(b, self.theta.out_channels, -1).permute(0, 2, 1)  # (B, P, C)
+            q = self.theta(s).reshape(b, self.inter_channels, -1).permute(0, 2, 1)  # (B, P, C)
         k = self.phi(t)
         k = k.reshape(b, k.shape[1], -1)  # (B, C, N)
         n = k.shape[-1]
@@ -52,13 +64,15 @@ class AttentionMatrix(nn.Module):
 
 
 class NonLocalAttention(nn.Module):
-    def __init__(self, in_channels, inter_channels, sub_sample=True, bn_layer=True, attention="dot", skip=True):
+    def __init__(self, in_channels, inter_channels, sub_sample=True, bn_layer=True, attention="dot", skip=True,
+                 projection="conv"):
         super().__init__()
         self.inter_channels, self.skip = inter_channels, skip
-        self.att = AttentionMatrix(in_channels, inter_channels, sub_sample, attention)
-        self.g = _maybe_pool(nn.Conv2d(in_channels, inter_channels, 1), sub_sample)
+        self.att = AttentionMatrix(in_channels, inter_channels, sub_sample, attention, projection)
+        self.g = _maybe_pool(_projection(in_channels, inter_channels, projection), sub_sample)
         if bn_layer:
-            self.W = nn.Sequential(nn.Conv2d(inter_channels, in_channels, 1), nn.BatchNorm2d(in_channels))
+            self.W = nn.Sequential(_projection(inter_channels, in_channels, projection, k=1),
+                                   nn.BatchNorm2d(in_channels))
             nn.init.zeros_(self.W[1].weight)
             nn.init.zeros_(self.W[1].bias)
         else:
@@ -70,7 +84,7 @@ class NonLocalAttention(nn.Module):
         b, _, h, w = x.shape
         f = self.att(x, context)  # (B, P, N)
         v = self.g(context).reshape(b, self.inter_channels, -1).permute(0, 2, 1)  # (B, N, Ci)
-        y = torch.matmul(f, v).permute(0, 2, 1).reshape(b, self.inter_channels, h, w)
+        y = torch.matmul(f, v).permute(0, 2, 1).contiguous().reshape(b, self.inter_channels, h, w)
         wy = self.W(y)
         return wy + x if self.skip else wy
 
@@ -85,11 +99,11 @@ class CanKDLoss(nn.Module):
     """The CanKD loss as the spec describes it (= the official `NLKD_IN_Loss` and its ablations)."""
 
     def __init__(self, in_channels, inter_channels=None, sub_sample=True, bn_layer=True, loss_weight=1.0,
-                 attention="dot", instance_norm=True, skip=True):
+                 attention="dot", instance_norm=True, skip=True, projection="conv"):
         super().__init__()
         ci = inter_channels or max(in_channels // 2, 1)
         self.loss_weight, self.instance_norm = loss_weight, instance_norm
-        self.non_local_att = NonLocalAttention(in_channels, ci, sub_sample, bn_layer, attention, skip)
+        self.non_local_att = NonLocalAttention(in_channels, ci, sub_sample, bn_layer, attention, skip, projection)
 
     def forward(self, s, t):
         t = t.detach()

@@ -9,6 +9,10 @@ Official keys (under `prefix`, e.g. a distiller's `distill_losses.loss_s0.`):
     non_local_att.W.0.{weight,bias}                  conv Ci -> C           bn_layer=True
     non_local_att.W.1.{weight,bias,running_mean,running_var,num_batches_tracked}
     non_local_att.W.{weight,bias}                    bare conv              bn_layer=False
+
+With `projection='deform'` (the authors' `DCN_NLKD_Loss`) the same module paths hold mmcv `DeformConv2dPack`s
+without bias: `att.theta.weight` (Ci, C, 3, 3) and `att.theta.conv_offset.{weight,bias}` (18, C, 3, 3), (18,);
+likewise `att.phi.0`, `g.0`; `W.0.weight` (C, Ci, 1, 1) and `W.0.conv_offset.{weight,bias}` (2, Ci, 1, 1), (2,).
 """
 
 from __future__ import annotations
@@ -17,8 +21,10 @@ from typing import Any, Mapping, Optional
 
 import numpy as np
 
-from cankd_jax.interop.state_dict import StateDictReader, conv1x1_from_flax, conv1x1_to_flax
-from cankd_jax.losses.cankd import ATTENTIONS, default_inter_channels
+from cankd_jax.interop.state_dict import (
+    StateDictReader, conv1x1_from_flax, conv1x1_to_flax, conv_from_flax, conv_to_flax,
+)
+from cankd_jax.losses.cankd import ATTENTIONS, PROJECTIONS, default_inter_channels
 from cankd_jax.losses.checks import check_choice
 
 _BLOCK = "non_local_att."
@@ -42,6 +48,7 @@ def load_cankd_loss(
     sub_sample: bool = True,
     bn_layer: bool = True,
     attention: str = "dot",
+    projection: str = "conv",
     prefix: str = "",
     strict: bool = True,
 ) -> dict[str, Any]:
@@ -53,11 +60,17 @@ def load_cankd_loss(
     under `prefix + 'non_local_att.'` that belong to no parameter.
     """
     check_choice(attention, ATTENTIONS, field="attention", loss="load_cankd_loss")
+    check_choice(projection, PROJECTIONS, field="projection", loss="load_cankd_loss")
     c, ci = in_channels, inter_channels or default_inter_channels(in_channels)
     rd = StateDictReader(state_dict, prefix + _BLOCK)
     params: dict[str, Any] = {}
     for ours, theirs in _torch_names(sub_sample=sub_sample, bn_layer=bn_layer, attention=attention).items():
         c_in, c_out = (ci, c) if ours == "W" else (c, ci)
+        if projection == "deform":
+            layer = _load_deform(rd, theirs, c_in, c_out, 1 if ours == "W" else 3)
+            if layer is not None:
+                params[ours] = layer
+            continue
         w = rd.get(f"{theirs}.weight", (c_out, c_in, 1, 1))
         b = rd.get(f"{theirs}.bias", (c_out,))
         if w is not None and b is not None:
@@ -84,12 +97,31 @@ def load_cankd_loss(
     return out
 
 
+def _load_deform(rd: StateDictReader, theirs: str, c_in: int, c_out: int, k: int) -> Optional[dict[str, Any]]:
+    """A `DeformConv2dPack`'s variables: its kernel and `conv_offset` (a k x k conv, or a 1x1 matmul for k = 1)."""
+    w = rd.get(f"{theirs}.weight", (c_out, c_in, k, k))
+    ow = rd.get(f"{theirs}.conv_offset.weight", (2 * k * k, c_in, k, k))
+    ob = rd.get(f"{theirs}.conv_offset.bias", (2 * k * k,))
+    if w is None or ow is None or ob is None:
+        return None
+    offset = conv1x1_to_flax(ow) if k == 1 else conv_to_flax(ow)
+    return {"kernel": conv_to_flax(w), "conv_offset": {"kernel": offset, "bias": ob.copy()}}
+
+
+def _export_deform(layer: Mapping[str, Any], theirs: str) -> dict[str, np.ndarray]:
+    offset = np.asarray(layer["conv_offset"]["kernel"])
+    return {f"{theirs}.weight": conv_from_flax(np.asarray(layer["kernel"])),
+            f"{theirs}.conv_offset.weight": conv1x1_from_flax(offset) if offset.ndim == 2 else conv_from_flax(offset),
+            f"{theirs}.conv_offset.bias": np.asarray(layer["conv_offset"]["bias"])}
+
+
 def export_cankd_loss(
     variables: Mapping[str, Any],
     *,
     sub_sample: bool = True,
     bn_layer: bool = True,
     attention: str = "dot",
+    projection: str = "conv",
     prefix: str = "",
 ) -> dict[str, np.ndarray]:
     """The inverse of `load_cankd_loss`: official keys -> numpy arrays.
@@ -98,10 +130,14 @@ def export_cankd_loss(
     official names. `num_batches_tracked` is int64, as PyTorch stores it.
     """
     check_choice(attention, ATTENTIONS, field="attention", loss="export_cankd_loss")
+    check_choice(projection, PROJECTIONS, field="projection", loss="export_cankd_loss")
     params = variables["params"]["non_local_att"]
     out: dict[str, np.ndarray] = {}
     key = lambda k: prefix + _BLOCK + k  # noqa: E731
     for ours, theirs in _torch_names(sub_sample=sub_sample, bn_layer=bn_layer, attention=attention).items():
+        if projection == "deform":
+            out.update({key(k): v for k, v in _export_deform(params[ours], theirs).items()})
+            continue
         out[key(f"{theirs}.weight")] = conv1x1_from_flax(np.asarray(params[ours]["kernel"]))
         out[key(f"{theirs}.bias")] = np.asarray(params[ours]["bias"])
     if attention == "concatenation":

@@ -30,9 +30,13 @@ from cankd_jax.layers import (
 )
 from cankd_jax.losses import attention as attn
 from cankd_jax.losses.checks import check_choice, check_feature_pair
+from cankd_jax.models.deform_conv import DeformConv2dPack
 
 Array = jax.Array
 ATTENTIONS = ("dot", "embedded_gaussian", "gaussian", "concatenation")
+# theta, phi, g and W as 1x1 convs (the paper's CanKD), or as mmcv's DeformConv2dPack: 3x3 for theta, phi and g,
+# 1x1 for W, none with a bias (the authors' DCN_NLKD_Loss, the paper's deformable ablation).
+PROJECTIONS = ("conv", "deform")
 
 
 def default_inter_channels(in_channels: int) -> int:
@@ -80,6 +84,7 @@ class NonLocalBlock(nn.Module):
     skip: bool = True
     impl: str = "efficient"
     query_block: int = 1024
+    projection: str = "conv"
     dtype: Optional[Any] = None
 
     @nn.compact
@@ -88,8 +93,13 @@ class NonLocalBlock(nn.Module):
         ci = self.inter_channels
         pool = max_pool_2x2 if self.sub_sample else (lambda y: y)
         conv = lambda name: Conv1x1(ci, dtype=self.dtype, name=name)  # noqa: E731
+        deform = self.projection == "deform"
 
-        if self.attention == "gaussian":  # raw maps, no theta/phi
+        if deform:
+            # Each deformable conv predicts its own offsets from its input, so phi and g cannot share one matmul.
+            dcn = lambda name: DeformConv2dPack(ci, 3, padding=1, dtype=self.dtype, name=name)  # noqa: E731
+            q, k, v = dcn("theta")(x), pool(dcn("phi")(context)), pool(dcn("g")(context))
+        elif self.attention == "gaussian":  # raw maps, no theta/phi
             v = pool(conv("g")(context))
             q, k = x.astype(v.dtype), pool(context).astype(v.dtype)
         else:
@@ -113,7 +123,7 @@ class NonLocalBlock(nn.Module):
         y = y.reshape(b, h, w, ci)
 
         if self.bn_layer:
-            wy = Conv1x1(c, dtype=self.dtype, name="W")(y)
+            wy = (DeformConv2dPack(c, 1, dtype=self.dtype, name="W") if deform else Conv1x1(c, dtype=self.dtype, name="W"))(y)
             zeros = nn.initializers.zeros
             # Float32 out: Z = BN(W(Y)) + S is what the instance norm takes its statistics of, so the sum is
             # formed in float32 even when the convs and the attention compute in bfloat16.
@@ -148,12 +158,18 @@ class _NonLocalLossBase(nn.Module):
     skip: bool = True
     impl: str = "efficient"
     query_block: int = 1024
+    projection: str = "conv"
     dtype: Optional[Any] = None
 
     def __post_init__(self):
         name = type(self).__name__
         check_choice(self.attention, ATTENTIONS, field="attention", loss=name)
         check_choice(self.impl, attn.IMPLS, field="impl", loss=name)
+        check_choice(self.projection, PROJECTIONS, field="projection", loss=name)
+        if self.projection == "deform" and (self.attention != "dot" or not self.bn_layer):
+            raise ValueError(f"{name}: projection='deform' is the authors' DCN_NLKD_Loss, which has the dot form "
+                             f"and W followed by BatchNorm only; got attention={self.attention!r}, "
+                             f"bn_layer={self.bn_layer}")
         if self.in_channels < 1:
             raise ValueError(f"{name}: in_channels must be positive, got {self.in_channels}")
         if self.inter_channels is not None and self.inter_channels < 1:
@@ -181,6 +197,7 @@ class _NonLocalLossBase(nn.Module):
             skip=self.skip,
             impl=self.impl,
             query_block=self.query_block,
+            projection=self.projection,
             dtype=self.dtype,
             name=name,
         )
@@ -222,6 +239,10 @@ class CanKDLoss(_NonLocalLossBase):
       impl: 'efficient' never forms the P x N attention matrix; 'quadratic' is
         the literal order (for parity tests).
       query_block: queries per block for the softmax forms.
+      projection: 'conv' (1x1 convs with bias, the paper's CanKD) or 'deform'
+        (the authors' `DCN_NLKD_Loss`: theta, phi and g are 3x3
+        `DeformConv2dPack`s, W a 1x1 one, all without bias; dot form with
+        bn_layer only).
       dtype: computation dtype of the convs and attention (None: the inputs').
         With bfloat16 the 1x1 convs and the attention's matmuls run in
         bfloat16 (the small k^T v product accumulates and is kept in float32);

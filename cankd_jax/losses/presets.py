@@ -40,6 +40,7 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "cankd_gaussian": dict(attention="gaussian"),
     "cankd_embedded_gaussian": dict(attention="embedded_gaussian"),
     "cankd_concatenation": dict(attention="concatenation"),
+    "cankd_dcn": dict(projection="deform"),  # the authors' DCN_NLKD_Loss (dcn_nlkd_loss.py)
 }
 
 PRESET_LOSSES = (*_PRESETS, *ABLATIONS)
