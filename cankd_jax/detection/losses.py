@@ -94,6 +94,19 @@ def l1_loss(pred: Array, target: Array, weight: Optional[Array] = None, *, avg_f
     return weight_reduce(loss, _expand_weight(weight, loss), avg_factor)
 
 
+def smooth_l1_loss(pred: Array, target: Array, weight: Optional[Array] = None, *, beta: float = 1.0,
+                   avg_factor=None) -> Array:
+    """mmdet `SmoothL1Loss`: `0.5 d^2 / beta` where `d = |pred - target| < beta`, else `d - 0.5 beta`; equal
+    shapes, weight of the loss's shape or per row."""
+    if beta <= 0:
+        raise ValueError(f"smooth_l1_loss: beta must be positive, got {beta}")
+    pred, target = jnp.asarray(pred, jnp.float32), jnp.asarray(target, jnp.float32)
+    chex.assert_equal_shape([pred, target])
+    d = jnp.abs(pred - target)
+    loss = jnp.where(d < beta, 0.5 * d * d / beta, d - 0.5 * beta)
+    return weight_reduce(loss, _expand_weight(weight, loss), avg_factor)
+
+
 def giou_loss(pred: Array, target: Array, weight: Optional[Array] = None, *, eps: float = IOU_EPS,
               avg_factor=None) -> Array:
     """mmdet `GIoULoss(eps=1e-6)`: `1 - GIoU(pred, target)` per box; `(N, 4)` boxes, weight `(N,)`.

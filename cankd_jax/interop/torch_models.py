@@ -52,6 +52,7 @@ from cankd_jax.interop.state_dict import (  # _abbrev: the same key-list format 
 from cankd_jax.layers import BatchNorm, Conv1x1
 from cankd_jax.models.deform_conv import DeformConv2d
 from cankd_jax.models.dense_heads import Scale
+from cankd_jax.models.reppoints import RepPointsHead
 from cankd_jax.models.resnet import ResNet
 from cankd_jax.models.swin import WindowMSA
 
@@ -93,6 +94,7 @@ _LAYER_RULES: tuple[tuple[type, dict[tuple[str, str], tuple[str, str]]], ...] = 
     (nn.LayerNorm, {("params", "scale"): ("weight", "same"), ("params", "bias"): ("bias", "same")}),
     (WindowMSA, {("params", "relative_position_bias_table"): ("relative_position_bias_table", "same")}),
     (Scale, {("params", "scale"): ("scale", "same")}),
+    (RepPointsHead, {("params", "moment_transfer"): ("moment_transfer", "same")}),  # the head's own parameter
 )
 
 

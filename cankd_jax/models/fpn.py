@@ -35,9 +35,11 @@ class FPN(nn.Module):
       `relu_before_extra_convs` (RetinaNet's P6/P7).
 
     Upsampling is `F.interpolate(mode='nearest', size=finer size)`, so odd sizes
-    (e.g. 800x1333 inputs) follow PyTorch's index rule. No norm, no activation
-    on the laterals and outputs (mmdet's defaults); convs have biases,
-    xavier-uniform weights and zero biases. Keys: `lateral_convs.{i}.conv.*`,
+    (e.g. 800x1333 inputs) follow PyTorch's index rule. No activation on the
+    laterals and outputs; no norm by default (mmdet's defaults; convs with
+    biases, xavier-uniform weights and zero biases); `norm='gn'` is mmdet's
+    `norm_cfg=dict(type='GN', num_groups=32)` (RepPoints' neck): every conv is
+    followed by GroupNorm (`.gn`, weight 1, bias 0) and has no bias. Keys: `lateral_convs.{i}.conv.*`,
     `fpn_convs.{i}.conv.*`, the extra convs continuing the `fpn_convs` index.
     """
 
@@ -47,6 +49,8 @@ class FPN(nn.Module):
     end_level: int = -1
     add_extra_convs: Union[bool, str] = False
     relu_before_extra_convs: bool = False
+    norm: Union[bool, str] = False
+    num_groups: int = 32
     dtype: Optional[Dtype] = None
     param_dtype: Dtype = jnp.float32
 
@@ -74,7 +78,8 @@ class FPN(nn.Module):
         return range(self.start_level, end)
 
     def _conv(self, name: str, stride: int = 1, kernel_size: int = 3) -> ConvModule:
-        return ConvModule(self.out_channels, kernel_size, stride=stride, norm=False, act=False,
+        return ConvModule(self.out_channels, kernel_size, stride=stride, norm=self.norm, num_groups=self.num_groups,
+                          act=False,
                           kernel_init=xavier_uniform, bias_init=nn.initializers.zeros,
                           dtype=self.dtype, param_dtype=self.param_dtype, name=name)
 

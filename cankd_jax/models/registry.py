@@ -33,6 +33,7 @@ from cankd_jax.models.resnet import ARCHITECTURES, ResNet
 from cankd_jax.models.segmenter import Segmenter
 from cankd_jax.models.swin import SWIN_PRESETS, SwinTransformer
 from cankd_jax.models.trunk import FCOS, DetectionTrunk, RetinaNet, pyramid_level_names
+from cankd_jax.models.reppoints import RepPoints, RepPointsHead
 from cankd_jax.models.two_stage import FasterRCNN, RPNHead, Shared2FCBBoxHead, StandardRoIHead
 
 PyTree = Any
@@ -77,6 +78,7 @@ TRUNKS: dict[str, dict[str, Any]] = {
     "retinanet_fpn": dict(start_level=1, add_extra_convs="on_input"),
     "fcos_fpn": dict(start_level=1, add_extra_convs="on_output", relu_before_extra_convs=True),
     "gfl_fpn": dict(start_level=1, add_extra_convs="on_output"),
+    "reppoints_fpn": dict(start_level=1, add_extra_convs="on_input", norm="gn"),  # norm_cfg=dict(type='GN', 32)
 }
 
 
@@ -102,6 +104,8 @@ DETECTORS: dict[str, DetectorSpec] = {
     "fcos": DetectorSpec(FCOS, "fcos_fpn", FCOSHead, "resnet50_caffe",
                          dict(norm_on_bbox=True, centerness_on_reg=False, conv_bias=True)),
     "faster_rcnn": DetectorSpec(FasterRCNN, "fpn", RPNHead, "resnet50", roi_head=Shared2FCBBoxHead),
+    # reppoints-moment_r50_fpn-gn_head-gn_2x_coco (the student) and its x101-dconv-c3-c5 teacher
+    "reppoints": DetectorSpec(RepPoints, "reppoints_fpn", RepPointsHead, "resnet50"),
 }
 
 

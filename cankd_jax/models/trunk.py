@@ -95,7 +95,11 @@ class SingleStageDetector(_Pyramid, nn.Module):
     in_features: tuple[str, ...] = STAGES
 
     def _check_head(self) -> None:
-        pass
+        """A head that is told its levels' strides (FCOS's, RepPoints') must be told the neck's."""
+        strides: Optional[tuple[int, ...]] = getattr(self.bbox_head, "strides", None)
+        if strides is not None and tuple(strides) != self.level_strides():
+            raise ValueError(f"{type(self).__name__}: the head's strides {tuple(strides)} are not the neck levels' "
+                             f"strides {self.level_strides()} ({', '.join(self.level_names())})")
 
     @nn.compact
     def __call__(self, images: Array, *, train: bool) -> dict[str, Array]:
@@ -128,9 +132,3 @@ class FCOS(SingleStageDetector):
     `centernesses` `(B, H_l, W_l, 1)` per level. The head's `strides` must be
     the neck levels' strides (checked).
     """
-
-    def _check_head(self) -> None:
-        strides: Optional[tuple[int, ...]] = getattr(self.bbox_head, "strides", None)
-        if strides is not None and tuple(strides) != self.level_strides():
-            raise ValueError(f"FCOS: the head's strides {tuple(strides)} are not the neck levels' strides "
-                             f"{self.level_strides()} ({', '.join(self.level_names())})")

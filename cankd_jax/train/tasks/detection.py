@@ -1,4 +1,4 @@
-"""Detection (RetinaNet, FCOS, Faster R-CNN): mmdet's training targets and losses, its test-time post-processing
+"""Detection (RetinaNet, FCOS, RepPoints, Faster R-CNN): mmdet's training targets and losses, its test-time post-processing
 inside the jitted evaluation, and pycocotools' COCOeval on the host. The building blocks (boxes, anchors,
 assigners, samplers, losses, NMS, RoIAlign, proposals) are `cankd_jax.detection`'s."""
 
@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cankd_jax import detection as det
-from cankd_jax.detection import rcnn, rpn
+from cankd_jax.detection import rcnn, reppoints, rpn
 from cankd_jax.detection.samplers import sample_key
 
 log = logging.getLogger(__name__)
@@ -27,7 +27,7 @@ DETECTOR_NMS = None  # DetectionTask.iou_threshold: the detector's own NMS thres
 
 @dataclasses.dataclass(frozen=True)
 class DetectionTask:
-    """Detection (`detector` 'retinanet', 'fcos' or 'faster_rcnn'): mmdet's training losses, COCO mAP.
+    """Detection (`detector` 'retinanet', 'fcos', 'reppoints' or 'faster_rcnn'): mmdet's training losses, COCO mAP.
 
     `loss(outputs, labels)`: the student's per-level head outputs (`cls_scores`,
     `bbox_preds`, FCOS `centernesses`) against the batch's padded ground truth
@@ -37,7 +37,9 @@ class DetectionTask:
     max-IoU assignment on anchors valid within each image's `pad_shape`, FCOS's
     centre-sampled points with regress ranges. Terms: `loss_cls` (focal), `loss_bbox`
     (L1 on deltas / GIoU weighted by centerness targets) and FCOS's `loss_centerness`
-    (BCE), each normalised over the global batch (mmdet's numbers on one device).
+    (BCE), each normalised over the global batch (mmdet's numbers on one device). RepPoints: the point
+    assigner's init stage and the max-IoU refine stage on the detached initial boxes, `loss_cls`,
+    `loss_pts_init`, `loss_pts_refine` (`cankd_jax.detection.reppoints`).
 
     `eval_outputs`: mmdet's test-time post-processing inside the jitted evaluation
     (per level the top `nms_pre` (anchor, class) pairs above `score_thr`; decode; clip
@@ -85,7 +87,7 @@ class DetectionTask:
     ground_truth: Optional[dict] = dataclasses.field(default=None, compare=False, repr=False,
                                                      metadata={"internal": True})
 
-    DETECTORS = ("retinanet", "fcos", "faster_rcnn")
+    DETECTORS = ("retinanet", "fcos", "reppoints", "faster_rcnn")
 
     def __post_init__(self):
         if self.detector not in self.DETECTORS:
@@ -103,7 +105,8 @@ class DetectionTask:
         """This task matched to the student: its kind (from its head), its levels' strides, and FCOS's
         `norm_on_bbox` (from its head). `cfg` (the `config.task` block) may name these only with those values."""
         head = getattr(detector, "bbox_head", None) or getattr(detector, "rpn_head", None)
-        kind = {"RetinaHead": "retinanet", "FCOSHead": "fcos", "RPNHead": "faster_rcnn"}.get(type(head).__name__)
+        kind = {"RetinaHead": "retinanet", "FCOSHead": "fcos", "RepPointsHead": "reppoints",
+                "RPNHead": "faster_rcnn"}.get(type(head).__name__)
         if kind != self.detector:
             raise ValueError(f"task.detector={self.detector!r} but the student's head is a {type(head).__name__}"
                              + (f"; set task.detector to {kind!r}" if kind else ", which this task has no targets for"))
@@ -126,7 +129,8 @@ class DetectionTask:
 
     @property
     def postprocess_config(self) -> det.PostprocessConfig:
-        default = det.RETINANET_TEST_CFG if self.detector == "retinanet" else det.FCOS_TEST_CFG
+        default = {"retinanet": det.RETINANET_TEST_CFG, "reppoints": reppoints.REPPOINTS_TEST_CFG}.get(
+            self.detector, det.FCOS_TEST_CFG)
         return det.PostprocessConfig(score_thr=self.score_thr, nms_pre=self.nms_pre,
                                      iou_threshold=default.iou_threshold if self.iou_threshold is DETECTOR_NMS
                                      else self.iou_threshold,
@@ -199,6 +203,17 @@ class DetectionTask:
                 return det.retinanet_targets(anchors, flags, boxes, gt_labels, valid, num_classes=k)
 
             return jax.vmap(one)(labels["pad_shape"], *gt)
+        if self.detector == "reppoints":
+            points, point_strides = reppoints.level_points(sizes, strides)
+            pts_init = det.flatten_level_maps(outputs["pts_preds_init"], outputs["pts_preds_init"][0].shape[-1])
+            proposals = reppoints.proposal_boxes(pts_init, outputs["moment_transfer"], points, point_strides)
+
+            def one_image(pad_shape, props, boxes, gt_labels, valid):
+                flags = reppoints.point_valid_flags(sizes, strides, pad_shape)
+                return reppoints.reppoints_targets(props, points, point_strides, flags, boxes, gt_labels, valid,
+                                                   num_classes=k)
+
+            return jax.vmap(one_image)(labels["pad_shape"], proposals, *gt)
         priors = det.fcos_priors(sizes, strides)
         return jax.vmap(lambda b, l, v: det.fcos_targets(priors, b, l, v, num_classes=k,
                                                          norm_on_bbox=self.norm_on_bbox))(*gt)
@@ -215,8 +230,16 @@ class DetectionTask:
             return sum(terms.values()), terms
         k = self.num_classes
         cls = det.flatten_level_maps(outputs["cls_scores"], k)
-        reg = det.flatten_level_maps(outputs["bbox_preds"], 4)
         targets = self.targets(outputs, labels)
+        if self.detector == "reppoints":
+            sizes, strides = self._levels(outputs)
+            n2 = outputs["pts_preds_init"][0].shape[-1]
+            terms = reppoints.reppoints_loss(cls, det.flatten_level_maps(outputs["pts_preds_init"], n2),
+                                             det.flatten_level_maps(outputs["pts_preds_refine"], n2),
+                                             outputs["moment_transfer"], *reppoints.level_points(sizes, strides),
+                                             targets)
+            return sum(terms.values()), terms
+        reg = det.flatten_level_maps(outputs["bbox_preds"], 4)
         if self.detector == "retinanet":
             terms = det.retinanet_loss(cls, reg, targets)
         else:
@@ -243,6 +266,9 @@ class DetectionTask:
         if self.detector == "retinanet":
             anchors = det.AnchorGenerator(strides=strides).grid_anchors(sizes)
             return det.retinanet_postprocess(cls, reg, anchors, img_shapes, scale_factors, cfg=cfg)
+        if self.detector == "reppoints":
+            points = det.grid_points(sizes, strides, offset=0.0)  # mmdet's MlvlPointGenerator(offset=0.)
+            return reppoints.reppoints_postprocess(cls, reg, points, strides, img_shapes, scale_factors, cfg=cfg)
         ctr = [m.reshape(b, -1) for m in outputs["centernesses"]]
         # The head's inference distances are already pixels (x stride with norm_on_bbox, exp otherwise).
         return det.fcos_postprocess(cls, reg, ctr, det.grid_points(sizes, strides), (1,) * len(sizes), img_shapes,
