@@ -61,12 +61,13 @@ DEMO_CONFIG = os.path.join(ROOT, "configs", "demo.py")
 
 # The paper's ablations of CanKD, then the baselines; 'none' is the student alone.
 ALL_LOSSES = ("none", "cankd", "cankd_no_in", "cankd_no_skip", "cankd_gaussian", "cankd_embedded_gaussian",
-              "cankd_concatenation", "in_mse", "nonlocal_self", "fitnet", "pkd", "mgd", "cwd", "at")
+              "cankd_concatenation", "cankd_dcn", "in_mse", "nonlocal_self", "fitnet", "pkd", "mgd", "cwd", "at")
 LARGE_LOSSES = ("none", "cankd", "in_mse", "nonlocal_self", "fitnet", "pkd", "cwd")
 LABELS = {
     "none": "student alone", "cankd": "CanKD", "cankd_no_in": "CanKD w/o IN", "cankd_no_skip": "CanKD w/o skip",
     "cankd_gaussian": "CanKD gaussian", "cankd_embedded_gaussian": "CanKD emb. gaussian",
-    "cankd_concatenation": "CanKD concatenation", "in_mse": "IN only (no block)",
+    "cankd_concatenation": "CanKD concatenation", "cankd_dcn": "CanKD deformable (DCN_NLKD)",
+    "in_mse": "IN only (no block)",
     "nonlocal_self": "self-attn non-local", "fitnet": "FitNet", "pkd": "PKD", "mgd": "MGD", "cwd": "CWD", "at": "AT",
 }
 TEACHER_SEED = 0

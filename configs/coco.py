@@ -12,11 +12,12 @@ from an mmdet teacher.
     python train.py --config configs/coco.py:detector=faster_rcnn,teacher=cmrcnn_x101 ...  # Cascade Mask R-CNN X101
     python train.py --config configs/coco.py:teacher=faster_rcnn_x101 ...         # Faster R-CNN X101 -> RetinaNet, 1x
     python train.py --config configs/coco.py:teacher=mask_rcnn_swin_s,dagger=true ...  # Mask R-CNN Swin-S -> RetinaNet
+    python train.py --config configs/coco.py:detector=reppoints ...    # RepPoints X101-DCN -> R50 (moment, GN)
     python train.py --config configs/coco.py:dagger=true ...     # the "dagger" runs: neck + head from the teacher
     python train.py --config configs/coco.py:loss=pkd ...        # a baseline; loss=none: the student alone
 
 The argument after `:`:
-- `detector` (retinanet | fcos | faster_rcnn): the student. RetinaNet R50: pytorch-style ResNet-50
+- `detector` (retinanet | fcos | faster_rcnn | reppoints): the student. RetinaNet R50: pytorch-style ResNet-50
   (`frozen_stages=1`, `norm_eval`), FPN P3-P7 (`start_level=1`, extra convs on the
   input), 4-conv head with 9 anchors; RGB input with ImageNet's mean/std. FCOS R50:
   caffe-style ResNet-50 with frozen BatchNorm, FPN with extra convs on P5's output
@@ -32,10 +33,16 @@ The argument after `:`:
   detectron `resnet50_caffe` for FCOS), its neck and head from scratch. Faster R-CNN R50
   (`faster-rcnn_r50_fpn_2x_coco`): the RetinaNet student's backbone and input, FPN P2-P6
   (P6 by max-pool), RPN (3 anchors) and a RoI head (RoIAlign 7x7 over P2-P5, two fc 1024);
-  its RoI sampler draws from keys of (seed, step, image), see `cankd_jax/detection/rcnn.py`.
+  its RoI sampler draws from keys of (seed, step, image), see `cankd_jax/detection/rcnn.py`. RepPoints R50
+  (`reppoints-moment_r50_fpn-gn_head-gn_2x_coco`): the RetinaNet student's backbone and input, FPN P3-P7 with
+  GroupNorm (extra convs on C5), `RepPointsHead` (3 GroupNorm convs per branch, 9 points, deformable convs over
+  them, moment boxes), the point-assigner / max-IoU targets of `cankd_jax/detection/reppoints.py`.
 - `teacher` (retinanet_r101 | retinanet_x101 | fcos_r101 | fcos_x101 | gfl_r101 | faster_rcnn_r101 |
   faster_rcnn_x101 (X101-32x4d) | cmrcnn_x101 (Cascade Mask R-CNN X101-64x4d, 20e) | mask_rcnn_swin_s
-  (mmdet's `mask-rcnn_swin-s-p4-w7_fpn_amp-ms-crop-3x_coco`: Swin-S, FPN P2-P6)): the
+  (mmdet's `mask-rcnn_swin-s-p4-w7_fpn_amp-ms-crop-3x_coco`: Swin-S, FPN P2-P6) | reppoints_x101_dcn
+  (`reppoints-moment_x101-dconv-c3-c5_fpn-gn_head-gn_2x_coco`: ResNeXt-101 32x4d with deformable convs in
+  c3-c5, GroupNorm FPN P3-P7; the default teacher of detector=reppoints, as the authors'
+  `nlkdIN_reppoints_x101_reppoints_r50_2x_coco.py`)): the
   teacher's backbone + FPN (a trunk: no head, frozen, BatchNorm in inference mode, no
   gradient). Only the `backbone.*` and `neck.*` keys of its mmdet `.pth` are read (the
   rest are listed as ignored); `--config.teacher.checkpoint` is required (the run refuses
@@ -86,7 +93,7 @@ Paper results (COCO val mAP, teacher / student / student+CanKD / dagger):
 RetinaNet R101 -> R50 38.9 / 37.4 / 39.7 / 39.8; RetinaNet X101 -> R50 41.0 / 37.4 / 41.0 / 41.1;
 FCOS R101 -> R50 40.8 / 38.5 / 42.4 / 42.4; FCOS X101 -> RetinaNet R50 (1x) 42.7 / 37.4 / 40.5;
 Faster R-CNN R101 -> R50 39.8 / 38.4 / 40.1 / 40.7; Cascade Mask R-CNN X101 -> Faster R-CNN R50
-45.6 / 38.4 / 42.0 / 42.5.
+45.6 / 38.4 / 42.0 / 42.5; RepPoints X101-DCN -> R50 44.2 / 38.6 / 42.4 / 42.6.
 """
 
 import ml_collections
@@ -106,6 +113,7 @@ STUDENTS = {
     "fcos": (dict(name="fcos", backbone="resnet50_caffe",
                   head_kwargs=dict(norm_on_bbox=True, centerness_on_reg=False, conv_bias=True)), "caffe", P3_P6),
     "faster_rcnn": (dict(name="faster_rcnn", backbone="resnet50"), "pytorch", P2_P5),
+    "reppoints": (dict(name="reppoints", backbone="resnet50"), "pytorch", P3_P6),
 }
 # teacher -> (its detector family, the trunk that reads its backbone and neck, the pyramid levels it gives)
 P3_P7 = tuple(f"fpn.p{k}" for k in range(3, 8))
@@ -121,7 +129,9 @@ TEACHERS = {
     "cmrcnn_x101": ("cascade_mask_rcnn", dict(name="cascade_rcnn_fpn", backbone="resnext101_64x4d"), P2_P6),
     # mmdet's Swin detectors: drop_path_rate 0.2 in training; the teacher runs in inference mode, where it is off
     "mask_rcnn_swin_s": ("mask_rcnn", dict(name="mask_rcnn_fpn", backbone="swin_small"), P2_P6),
+    "reppoints_x101_dcn": ("reppoints", dict(name="reppoints_fpn", backbone="resnext101_32x4d_dcn"), P3_P7),
 }
+DEFAULT_TEACHER = {"reppoints": "reppoints_x101_dcn"}  # the rest: <detector>_r101
 INDEX_PAIRED = {"mask_rcnn_swin_s"}  # teachers whose authors' config pairs levels by index (pairing=auto)
 # (teacher family, student) -> the dagger run's (model-key prefix, checkpoint-key prefix) pairs and whether tensors of
 # another shape are skipped (the authors' configs; a pair not listed has no dagger run)
@@ -135,6 +145,7 @@ DAGGER = {
                                            True),
     # the neck alone, by shape: mmengine's non-strict loader (init_cfg=dict(type='Pretrained', prefix='neck.'))
     ("mask_rcnn", "retinanet"): ([("neck.", "neck.")], True),
+    ("reppoints", "reppoints"): (HEAD, False),
 }
 SCHEDULES = {"1x": (12, (8, 11)), "2x": (24, (16, 22))}
 ONE_X = {("fcos_x101", "retinanet"), ("gfl_r101", "retinanet"), ("faster_rcnn_x101", "retinanet")}  # the rest: 2x
@@ -147,7 +158,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
                          {"detector": "retinanet", "teacher": "", "dagger": "false", "loss": "cankd",
                           "schedule": "auto", "pairing": "auto"}, config="configs/coco.py")
     detector = a["detector"]
-    teacher = a["teacher"] or f"{detector}_r101"
+    teacher = a["teacher"] or DEFAULT_TEACHER.get(detector, f"{detector}_r101")
     family, trunk, teacher_levels = TEACHERS[teacher]
     student, norm, levels = STUDENTS[detector]
     pairing = a["pairing"]

@@ -6,12 +6,13 @@
     python train.py --config configs/detection_demo.py:detector=retinanet --workdir /tmp/det_demo_retina
     python train.py --config configs/detection_demo.py:detector=faster_rcnn --workdir /tmp/det_demo_frcnn
     python train.py --config configs/detection_demo.py:teacher=swin --workdir /tmp/det_demo_swin
+    python train.py --config configs/detection_demo.py:detector=reppoints --workdir /tmp/det_demo_reppoints
 
 Phases on the built-in synthetic scenes seen as detection (64x64 images resized to 128x128
 as mmdet's keep-ratio resize would, 6 shape classes, no download), each in `workdir/<phase>`
 and each resumable on its own:
 
-  teacher   FCOS (or RetinaNet, or Faster R-CNN) on a ResNet-18 layout at a quarter of the standard width,
+  teacher   FCOS (or RetinaNet, Faster R-CNN, RepPoints) on a ResNet-18 layout at a quarter of the standard width,
             from scratch; re-used when `workdir/teacher` already holds a finished run
   student   the same detector with an eighth-width backbone (the teacher's FPN and head
             widths), detection losses only
@@ -70,13 +71,17 @@ RCNN_COUNTS = dict(train_proposals=(500, 300), test_proposals=(300, 300), roi_sa
 def _network(detector: str, width: int, backbone: Optional[dict] = None) -> dict:
     head = dict(feat_channels=NECK, stacked_convs=2)
     extra = {}
+    neck = dict(out_channels=NECK)
     if detector == "fcos":
         head["num_groups"] = 8
+    if detector == "reppoints":  # GroupNorm neck and head, 8 groups of 4 channels; the points' features as wide
+        head.update(point_feat_channels=NECK, num_groups=8)
+        neck["num_groups"] = 8
     if detector == "faster_rcnn":
         head = dict(feat_channels=NECK)
         extra = dict(roi_head_kwargs=dict(fc_out_channels=FC))
     backbone = backbone or dict(backbone="resnet18", backbone_kwargs=dict(base_width=width, stem_width=width))
-    return dict(name=detector, **backbone, neck_kwargs=dict(out_channels=NECK), head_kwargs=head, frozen_stages=-1,
+    return dict(name=detector, **backbone, neck_kwargs=neck, head_kwargs=head, frozen_stages=-1,
                 norm_eval=False, **extra)
 
 
@@ -91,7 +96,7 @@ def _terms(loss: str, levels: tuple[str, ...], teacher_levels: Optional[tuple[st
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-    a = config_arg.parse(arg, {"loss": PRESET_LOSSES, "detector": ("auto", "retinanet", "fcos", "faster_rcnn"),
+    a = config_arg.parse(arg, {"loss": PRESET_LOSSES, "detector": ("auto", "retinanet", "fcos", "faster_rcnn", "reppoints"),
                                "teacher": ("resnet", "swin")},
                          {"loss": ["cankd"], "detector": "auto", "teacher": "resnet"},
                          config="configs/detection_demo.py", lists=("loss",))

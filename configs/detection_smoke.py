@@ -8,6 +8,7 @@ machinery, not the numbers), evaluated by COCOeval on 16 held-out images.
     python train.py --config configs/detection_smoke.py --workdir /tmp/det_smoke
     python train.py --config configs/detection_smoke.py:detector=fcos --workdir /tmp/det_smoke_fcos
     python train.py --config configs/detection_smoke.py:detector=faster_rcnn --workdir /tmp/det_smoke_frcnn
+    python train.py --config configs/detection_smoke.py:detector=reppoints --workdir /tmp/det_smoke_reppoints
 
 Faster R-CNN is distilled on P2-P5 (the paper's levels for it) from an `fpn` trunk (P2-P6), its box head 64 wide.
 """
@@ -26,7 +27,7 @@ def _backbone(width: int) -> dict:
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-    a = config_arg.parse(arg, {"detector": ("retinanet", "fcos", "faster_rcnn")}, {"detector": "retinanet"},
+    a = config_arg.parse(arg, {"detector": ("retinanet", "fcos", "faster_rcnn", "reppoints")}, {"detector": "retinanet"},
                          config="configs/detection_smoke.py")
     detector = a["detector"]
     c = ml_collections.ConfigDict()
@@ -48,17 +49,21 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     head = dict(feat_channels=NECK, stacked_convs=1)
     extra = {}
     levels = ("fpn.p3", "fpn.p4", "fpn.p5", "fpn.p6")
+    neck = dict(out_channels=NECK)
     if detector == "fcos":
         head["num_groups"] = 4
+    if detector == "reppoints":  # GroupNorm neck and head (4 groups of 4 channels)
+        head.update(num_groups=4, point_feat_channels=NECK)
+        neck["num_groups"] = 4
     if detector == "faster_rcnn":
         head = dict(feat_channels=NECK)
         extra = dict(roi_head_kwargs=dict(fc_out_channels=64))
         levels = ("fpn.p2", "fpn.p3", "fpn.p4", "fpn.p5")
-    c.student = ml_collections.ConfigDict(dict(name=detector, **_backbone(8), neck_kwargs=dict(out_channels=NECK),
+    c.student = ml_collections.ConfigDict(dict(name=detector, **_backbone(8), neck_kwargs=neck,
                                                head_kwargs=head, **extra))
     c.teacher = ml_collections.ConfigDict(dict(
         name="fpn" if detector == "faster_rcnn" else f"{detector}_fpn", **_backbone(16),
-        neck_kwargs=dict(out_channels=NECK),
+        neck_kwargs=neck,
         checkpoint="",  # a trained teacher: an mmdet detector .pth, or the export/ dir of a detector run
         random_init=True,  # this config exercises the machinery: a random teacher, on purpose
     ))

@@ -48,11 +48,15 @@ CASES = [
     ("coco.py", "teacher=faster_rcnn_x101"),
     ("coco.py", "teacher=mask_rcnn_swin_s,dagger=true"),
     ("coco.py", "teacher=mask_rcnn_swin_s,pairing=stride,loss=pkd"),
+    ("coco.py", "detector=reppoints,dagger=true"),
+    ("coco.py", "detector=reppoints,loss=cankd_dcn"),
     ("detection_smoke.py", ""),
     ("detection_smoke.py", "detector=fcos"),
+    ("detection_smoke.py", "detector=reppoints"),
     ("detection_demo.py", ""),
     ("detection_demo.py", "detector=fcos,loss=cankd+fitnet+cwd"),
     ("detection_demo.py", "teacher=swin"),
+    ("detection_demo.py", "detector=reppoints"),
 ]
 
 
@@ -149,6 +153,25 @@ def test_coco_config_follows_the_paper():
     assert load("coco.py", "dagger=true").student.inherit == "teacher" and not cfg.student.inherit
     with pytest.raises(ValueError, match="teacher must be a retinanet"):
         load("coco.py", "teacher=fcos_r101,dagger=true")
+
+
+def test_coco_reppoints_row_follows_the_authors_config():
+    """nlkdIN_reppoints_x101_reppoints_r50_2x_coco.py and its dagger twin: RepPoints X101-32x4d-DCN (c3-c5) ->
+    RepPoints R50, CanKD (in_channels 256, loss_weight 10) on the necks' outputs 0-3 (P3-P6), SGD 0.005, clip 35, 2x;
+    the DCN ablation's loss (DCN_NLKD_Loss) on the same levels."""
+    epoch = 117_266 // 4
+    c = load("coco.py", "detector=reppoints")
+    assert (c.task.detector, c.student.name, c.student.backbone, c.data.norm) == (
+        "reppoints", "reppoints", "resnet50", "pytorch")
+    assert (c.teacher.name, c.teacher.backbone) == ("reppoints_fpn", "resnext101_32x4d_dcn")
+    assert [(t.student_feature, t.teacher_feature, t.loss.in_channels, t.loss.loss_weight, t.loss.projection)
+            for t in make_terms(c.distill)] == [(f"fpn.p{k}", f"fpn.p{k}", 256, 10.0, "conv") for k in (3, 4, 5, 6)]
+    o = c.optimizer
+    assert (o.lr, o.grad_clip_norm, c.total_steps) == (0.005, 35.0, 24 * epoch)
+    d = load("coco.py", "detector=reppoints,dagger=true")
+    assert [tuple(p) for p in d.student.inherit_prefixes] == [("neck.", "neck."), ("bbox_head.", "bbox_head.")]
+    assert {t.loss.projection for t in make_terms(load("coco.py", "detector=reppoints,loss=cankd_dcn").distill)} == {
+        "deform"}
 
 
 def test_coco_two_stage_rows_follow_the_authors_configs():

@@ -73,7 +73,9 @@ def _batches(n, seed=0):
                                                                "task/loss_cls", "task/loss_bbox", "distill/cankd_p2",
                                                                "distill/cankd_p3")),
                                               ("swin", ("task/loss_cls", "task/loss_bbox", "distill/cankd_p3",
-                                                        "distill/cankd_p4"))])
+                                                        "distill/cankd_p4")),
+                                              ("reppoints", ("task/loss_cls", "task/loss_pts_init",
+                                                             "task/loss_pts_refine", "distill/cankd_p3"))])
 def test_detection_step_gives_the_same_numbers_on_one_and_four_devices(detector, terms):
     """Faster R-CNN too: its anchors and RoIs are sampled with keys of the step and of each image's index in the
     global batch, so the 4-device step samples what the 1-device step does. And a Swin teacher distilled through
@@ -91,7 +93,7 @@ def test_detection_step_gives_the_same_numbers_on_one_and_four_devices(detector,
         assert set(m1) >= set(terms)
         for k in m1:
             np.testing.assert_allclose(m4[k], m1[k], rtol=2e-5, atol=1e-7, err_msg=k)
-    assert history[1][0]["task/loss_bbox"] > 0 and history[1][-1]["loss"] != history[1][0]["loss"]
+    assert history[1][0][terms[1]] > 0 and history[1][-1]["loss"] != history[1][0]["loss"]
 
 
 def test_task_config_errors_are_named():

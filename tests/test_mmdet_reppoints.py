@@ -179,3 +179,32 @@ def test_points_to_boxes_is_the_moment_box():
     std = np.sqrt(6 * d * d / 8)
     np.testing.assert_allclose(box, [cx - std * np.exp(0.5), cy - std * np.exp(-0.5), cx + std * np.exp(0.5),
                                      cy + std * np.exp(-0.5)], rtol=1e-6)
+
+
+def test_x101_dcn_teacher_trunk_reads_mmdets_checkpoint_strictly():
+    """The teacher's trunk (`reppoints_fpn` on `resnext101_32x4d_dcn`) against mmdet's own
+    `reppoints-moment_x101-dconv-c3-c5_fpn-gn_head-gn_2x_coco.py` (narrowed: 16 base channels, 4 groups, FPN 32
+    wide with 8 GroupNorm groups): only `backbone.*` and `neck.*` of the detector's state dict are read, strictly
+    (the head's keys listed as ignored), and P3-P7 equal mmdet's `extract_feat` in inference mode."""
+    tm, _ = mr.build("reppoints/reppoints-moment_x101-dconv-c3-c5_fpn-gn_head-gn_2x_coco.py",
+                     {**OVERRIDES, "model.backbone.groups": 4}, seed=3)
+    mr.perturb_(tm, seed=4)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, m in tm.named_modules():
+            if name.endswith("conv_offset"):
+                m.weight.copy_(0.02 * torch.randn(m.weight.shape, generator=g))
+    trunk = models.make_model("reppoints_fpn", backbone="resnext101_32x4d_dcn",
+                              backbone_kwargs=dict(groups=4, base_width=16, stem_width=16),
+                              out_channels=FPN_CH, num_groups=8)
+    variables, report = interop.import_state_dict(trunk, tm.state_dict())
+    assert not report.missing and not report.unexpected
+    assert report.ignored and all(k.startswith("bbox_head.") for k in report.ignored)
+    assert "backbone.layer3.22.conv2.conv_offset.weight" in report.loaded
+    x = np.random.default_rng(6).normal(size=(1, 96, 128, 3)).astype(np.float32)
+    tm.eval()
+    with torch.no_grad():
+        theirs = tm.extract_feat(mr.nchw(x))
+    ours = jax.jit(lambda v, x: trunk.apply(v, x, train=False))(variables, x)
+    for k, t in zip(range(3, 8), theirs, strict=True):
+        assert_close(ours[f"fpn.p{k}"], mr.nhwc(t), rtol=2e-5, what=f"fpn.p{k}")
