@@ -92,7 +92,10 @@ def test_detection_step_gives_the_same_numbers_on_one_and_four_devices(detector,
     for m1, m4 in zip(history[1], history[4], strict=True):
         assert set(m1) >= set(terms)
         for k in m1:
-            np.testing.assert_allclose(m4[k], m1[k], rtol=2e-5, atol=1e-7, err_msg=k)
+            # The global gradient norm sums the squares of every parameter's gradient, each the end of a
+            # reduction (BatchNorm statistics, RoIAlign's scatter-add) that 4 devices split in another order:
+            # float32 rounding of ~1e-7 per element reaches 5e-5 of the norm (Faster R-CNN, this 2-core machine).
+            np.testing.assert_allclose(m4[k], m1[k], rtol=1e-4 if k.startswith("grad_norm") else 2e-5, atol=1e-7, err_msg=k)
     assert history[1][0][terms[1]] > 0 and history[1][-1]["loss"] != history[1][0]["loss"]
 
 
