@@ -194,6 +194,7 @@ def test_module_classes_take_offsets_and_masks():
     assert v2.apply(p2, x, off, jnp.ones((1, 5, 5, 9))).shape == (1, 5, 5, 3)
 
 
+@pytest.mark.slow  # heavy: a whole (narrowed) deformable ResNeXt against mmdet
 def test_resnext_with_deformable_stages_matches_mmdet():
     """mmdet's own `ResNeXt` with the X101-DCN teacher's settings (`dcn=dict(type='DCN', deform_groups=1,
     fallback_on_stride=False), stage_with_dcn=(False, True, True, True)`, frozen_stages=1, norm_eval), narrowed

@@ -181,6 +181,7 @@ def test_points_to_boxes_is_the_moment_box():
                                      cy + std * np.exp(-0.5)], rtol=1e-6)
 
 
+@pytest.mark.slow  # heavy: a whole (narrowed) deformable ResNeXt against mmdet
 def test_x101_dcn_teacher_trunk_reads_mmdets_checkpoint_strictly():
     """The teacher's trunk (`reppoints_fpn` on `resnext101_32x4d_dcn`) against mmdet's own
     `reppoints-moment_x101-dconv-c3-c5_fpn-gn_head-gn_2x_coco.py` (narrowed: 16 base channels, 4 groups, FPN 32
