@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import time
 
@@ -26,16 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cankd_jax.models.deform_conv import deform_conv2d
-
-
-def time_calls(fn, repeats: int) -> tuple[float, object]:
-    out = fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), out
+from roi_align_speed import time_calls  # this folder's scripts: the same median-of-calls timer
 
 
 def make_case(height: int, width: int, channels: int, seed: int = 0):

@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cankd_jax.detection.anchors import grid_points
 from cankd_jax.detection.assigners import BACKGROUND, IGNORE, _check_gt, max_iou_assign
 from cankd_jax.detection.boxes import clip_boxes
 from cankd_jax.detection.losses import sigmoid_focal_loss, smooth_l1_loss
@@ -84,17 +85,13 @@ def points_to_boxes(pts: Array, moment_transfer: Array, *, y_first: bool = True)
 
 
 def level_points(featmap_sizes: Sequence[tuple[int, int]], strides: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
-    """mmdet's `MlvlPointGenerator(strides, offset=0)` over every level: `(N, 2)` points `(x * s, y * s)`,
-    row-major per level, finest level first, and `(N,)` each point's stride (float32)."""
+    """mmdet's `MlvlPointGenerator(strides, offset=0)` over every level (`anchors.grid_points` with `offset=0`):
+    `(N, 2)` points `(x * s, y * s)`, row-major per level, finest level first, and `(N,)` each point's stride
+    (float32)."""
     if len(featmap_sizes) != len(strides):
         raise ValueError(f"RepPoints: {len(featmap_sizes)} feature-map sizes for {len(strides)} strides")
-    pts, st = [], []
-    for (h, w), s in zip(featmap_sizes, strides):
-        xs = np.arange(w, dtype=np.float32) * np.float32(s)
-        ys = np.arange(h, dtype=np.float32) * np.float32(s)
-        pts.append(np.stack([np.tile(xs, h), np.repeat(ys, w)], -1))
-        st.append(np.full(h * w, s, np.float32))
-    return np.concatenate(pts), np.concatenate(st)
+    pts = grid_points(featmap_sizes, strides, offset=0.0)
+    return np.concatenate(pts), np.concatenate([np.full(len(p), s, np.float32) for p, s in zip(pts, strides)])
 
 
 def point_valid_flags(featmap_sizes: Sequence[tuple[int, int]], strides: Sequence[int], pad_shape: Array) -> Array:
