@@ -237,9 +237,10 @@ def time_torch(config, size, batch, steps: int, threads: int, channels_last: boo
 
 
 def worker(args) -> dict:
-    from cankd_jax.compute import dilated_conv
+    from cankd_jax.compute import conv_form, dilated_conv
 
-    with dilated_conv(args.dilated_conv):  # the form every network is traced in, in this process
+    # The forms every network is traced in, in this process.
+    with dilated_conv(args.dilated_conv), conv_form(args.conv_form):
         return _work(args)
 
 
@@ -273,7 +274,7 @@ def _work(args) -> dict:
 def spawn(kind: str, case: str, variant: str, args, timeout: float | None = None) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", kind, "--cases", case, "--variant", variant,
            "--loss", args.loss, "--remat", args.remat, "--threads", str(args.threads),
-           "--dilated-conv", args.dilated_conv]
+           "--dilated-conv", args.dilated_conv, "--conv-form", args.conv_form]
     for flag in ("steps", "height", "width", "batch", "dtype", "profile", "hlo"):
         if getattr(args, flag, None):
             cmd += [f"--{flag}", str(getattr(args, flag))]
@@ -318,7 +319,8 @@ def compare(args) -> None:
     cpu = jax.default_backend() == "cpu"
     print(f"device: {jax.device_count()} x {jax.devices()[0].device_kind} ({jax.default_backend()}, "
           f"{os.cpu_count()} cores); jax {jax.__version__}; loss: {args.loss}; dtype: {args.dtype or 'float32'}; "
-          f"remat: {args.remat}; load average before: {os.getloadavg()[0]:.1f}\n", flush=True)
+          f"remat: {args.remat}; convolutions: {args.conv_form}, dilated: {args.dilated_conv}; "
+          f"load average before: {os.getloadavg()[0]:.1f}\n", flush=True)
     rate = _merge([spawn("matmul", args.cases[0], "alone", args) for _ in range(args.rounds)]) if args.matmul else None
     if rate and "sec" in rate:
         rate["gflops"] = 2 * rate["n"] ** 3 / rate["sec"] / 1e9
@@ -528,6 +530,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--remat", default="none", help="config.remat policy")
     ap.add_argument("--dilated-conv", default="auto", choices=["auto", "batched", "wgrad", "native"],
                     help="how dilated convolutions are computed (cankd_jax.compute.dilated_conv)")
+    ap.add_argument("--conv-form", default="auto", choices=["auto", "native", "taps", "wide_taps"],
+                    help="how the other k x k convolutions are computed (cankd_jax.compute.conv_form)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="PyTorch intra-op threads")
     ap.add_argument("--channels-last", action="store_true", help="PyTorch in channels_last memory format")
     ap.add_argument("--no-torch", action="store_true", help="JAX columns only")

@@ -32,6 +32,22 @@ convolution's weight gradient are slow (`results/gpu/README.md`); on this projec
 XLA:CPU being slow on many tiny images (`results/train_speed/cpu.md`). TPUs are
 unmeasured, so they keep the native form. `with dilated_conv('native'):` around
 tracing (init, jit lowering) selects a form.
+
+How the other k x k convolutions are computed (`conv_form`, trace-time as well, the same
+numbers up to float rounding): 'native' is XLA's convolution; 'taps' writes a convolution
+as the sum over its k x k taps of a matmul of the input, shifted by the tap and cut to
+the pixels it reaches, with the tap's (C, O) kernel slice (`models.conv.conv_as_tap_matmuls`),
+so the forward pass and both gradients are matmuls, and a dilated tap that reaches no
+pixel (the ASPP's dilations 24/36 on a small map) costs nothing; 'wide_taps' does so for
+convolutions with >= 64 input channels and leaves thinner ones native; grouped
+convolutions, and dilated ones in the 'batched'/'wgrad' forms, stay as they are. Why:
+XLA:CPU's convolutions and their gradients run well below its matmul rate. On this
+project's 2-core CPU, the Cityscapes student's (R18-d8, 2 x 128x256) convolutions took
+3.0 s native, 1.6 s wide_taps and 2.6 s in PyTorch per step (forward + backward), the
+R101-d8 teacher's forward 4.5 s, 1.8 s and 3.2 s; at 32 channels taps are slower
+(`results/train_speed/conv_cpu.md`). 'auto' (the default) is 'native' for now on every
+backend: 'wide_taps' on CPUs changes the demos' last digits, so it becomes the CPU default
+with their re-run.
 """
 
 from __future__ import annotations
@@ -80,6 +96,35 @@ def checkpointed(fn: Callable, name: Optional[str]) -> Callable:
     """`fn` under `jax.checkpoint` with the named policy, or `fn` itself for 'none'."""
     policy = remat_policy(name)
     return fn if (name or "none") == "none" else jax.checkpoint(fn, policy=policy)
+
+
+CONV_FORMS = ("auto", "native", "taps", "wide_taps")
+# Below this many input channels a tap's matmul is too thin to beat XLA:CPU's convolution.
+TAPS_MIN_CHANNELS = 64
+_conv_form: contextvars.ContextVar[str] = contextvars.ContextVar("conv_form", default="auto")
+
+
+@contextlib.contextmanager
+def conv_form(name: str) -> Iterator[None]:
+    """Trace k x k convolutions in the named form ('auto', 'native', 'taps' or 'wide_taps') inside the block."""
+    if name not in CONV_FORMS:
+        raise ValueError(f"unknown convolution form {name!r}; choose one of {', '.join(CONV_FORMS)}")
+    token = _conv_form.set(name)
+    try:
+        yield
+    finally:
+        _conv_form.reset(token)
+
+
+def conv_form_for(in_channels: int, groups: int) -> str:
+    """The form a k x k convolution with `in_channels` inputs and `groups` groups is traced in here, 'taps' or
+    'native' ('wide_taps' resolved by the channel count, 'auto' to 'native'; grouped convolutions stay native)."""
+    form = _conv_form.get()
+    if groups != 1 or form == "auto":
+        return "native"
+    if form == "wide_taps":
+        return "taps" if in_channels >= TAPS_MIN_CHANNELS else "native"
+    return form
 
 
 DILATED_CONV = ("auto", "batched", "wgrad", "native")

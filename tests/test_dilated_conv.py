@@ -12,8 +12,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cankd_jax.compute import dilated_conv, dilated_conv_form
-from cankd_jax.models.conv import conv2d
+from cankd_jax.compute import conv_form, conv_form_for, dilated_conv, dilated_conv_form
+from cankd_jax.models.conv import conv2d, conv_as_tap_matmuls
 
 
 class _Conv(nn.Module):
@@ -48,11 +48,8 @@ CASES = [(8, 16, 2, 3, 1), (9, 13, 2, 3, 1), (7, 5, 4, 3, 1), (8, 8, 12, 3, 1), 
          (11, 6, 3, 5, 1), (9, 7, 2, 3, 2), (6, 9, 4, 3, 6)]
 
 
-@pytest.mark.parametrize("form", ["batched", "wgrad"])
-@pytest.mark.parametrize("h, w, d, k, groups", CASES)
-def test_batched_dilated_conv_matches_torch(h, w, d, k, groups, form):
-    with jax.enable_x64(), dilated_conv(form):
-        m = _Conv(features=6, kernel_size=k, dilation=d, groups=groups)
+def _check_against_torch(m: _Conv, h: int, w: int):
+    with jax.enable_x64():
         x = np.random.default_rng(0).standard_normal((2, h, w, 6))
         variables = m.init(jax.random.key(0), jnp.asarray(x))
         kernel, bias = (np.asarray(variables["params"]["conv"][n]) for n in ("kernel", "bias"))
@@ -67,6 +64,59 @@ def test_batched_dilated_conv_matches_torch(h, w, d, k, groups, form):
     np.testing.assert_allclose(gx, gx_ref, rtol=1e-12, atol=1e-11)
     np.testing.assert_allclose(gv["params"]["conv"]["kernel"], gk_ref, rtol=1e-12, atol=1e-11)
     np.testing.assert_allclose(gv["params"]["conv"]["bias"], gb_ref, rtol=1e-12, atol=1e-11)
+
+
+@pytest.mark.parametrize("form", ["batched", "wgrad"])
+@pytest.mark.parametrize("h, w, d, k, groups", CASES)
+def test_batched_dilated_conv_matches_torch(h, w, d, k, groups, form):
+    with dilated_conv(form):
+        _check_against_torch(_Conv(features=6, kernel_size=k, dilation=d, groups=groups), h, w)
+
+
+# (H, W, dilation, kernel, stride): the dilated cases above, strides 2 and 3 on even and odd sizes (a stem's and a
+# downsampling block's 3x3, a 7x7 stem), a dilation the map is narrower than in one direction only.
+TAP_CASES = [(8, 16, 2, 3, 1), (9, 13, 2, 3, 1), (8, 8, 12, 3, 1), (10, 6, 36, 3, 1), (11, 6, 3, 5, 1),
+             (8, 9, 1, 3, 2), (9, 9, 1, 3, 2), (13, 11, 1, 7, 2), (10, 7, 2, 3, 3), (4, 20, 6, 3, 1)]
+
+
+@pytest.mark.parametrize("h, w, d, k, stride", TAP_CASES)
+def test_tap_matmul_conv_matches_torch(h, w, d, k, stride):
+    with dilated_conv("native"), conv_form("taps"):
+        _check_against_torch(_Conv(features=6, kernel_size=k, dilation=d, stride=stride), h, w)
+
+
+def test_wide_taps_write_wide_convs_as_matmuls_only():
+    """'wide_taps': a 64-channel 3x3 (dilated or not) becomes tap matmuls, with no convolution left in its
+    forward or gradient program, while a 32-channel one and a grouped one stay XLA convolutions; 'auto' is
+    native."""
+    with conv_form("wide_taps"):
+        assert (conv_form_for(64, 1), conv_form_for(63, 1), conv_form_for(64, 2)) == ("taps", "native", "native")
+    assert conv_form_for(64, 1) == "native"
+
+    def programs(m, c):
+        x = jnp.ones((1, 9, 9, c))
+        v = m.init(jax.random.key(0), x)
+        grad = jax.jit(jax.grad(lambda v, x: jnp.sum(m.apply(v, x) ** 2), argnums=(0, 1)))
+        return jax.jit(m.apply).lower(v, x).as_text() + grad.lower(v, x).as_text()
+
+    with conv_form("wide_taps"):
+        assert "convolution" not in programs(_Conv(features=8, kernel_size=3, dilation=2), 64)
+        assert "convolution" not in programs(_Conv(features=8, kernel_size=3, dilation=1, stride=2), 64)
+        assert "convolution" in programs(_Conv(features=8, kernel_size=3, dilation=2), 32)
+        assert "convolution" in programs(_Conv(features=64, kernel_size=3, dilation=1, groups=64), 64)
+    assert "convolution" in programs(_Conv(features=8, kernel_size=3, dilation=2), 64)
+
+
+def test_tap_matmul_conv_names_what_it_does_not_take():
+    x, k = jnp.ones((1, 6, 6, 4)), jnp.ones((3, 3, 2, 4))
+    with pytest.raises(ValueError, match="feature_group_count=2"):
+        conv_as_tap_matmuls(x, k, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                            feature_group_count=2)
+    with pytest.raises(ValueError, match="padding='SAME'"):
+        conv_as_tap_matmuls(x, jnp.ones((3, 3, 4, 4)), (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    with pytest.raises(ValueError, match="unknown convolution form 'fast'"):
+        with conv_form("fast"):
+            pass
 
 
 def test_forms_share_parameters_and_agree():

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from cankd_jax.compute import dilated_conv_form
+from cankd_jax.compute import conv_form_for, dilated_conv_form
 from cankd_jax.layers import BatchNorm, Conv1x1, Dtype, Initializer, torch_bias_init
 
 Array = jax.Array
@@ -64,6 +64,8 @@ def conv2d(
     pad = dilation * (kernel_size // 2)
     fan_in = (x.shape[-1] // groups) * kernel_size * kernel_size
     form = dilated_conv_form() if dilation > 1 and stride == 1 else "native"
+    if form == "native":
+        form = conv_form_for(x.shape[-1], groups)
     batched = form == "batched"
     conv = nn.Conv(
         features,
@@ -77,7 +79,7 @@ def conv2d(
         bias_init=bias_init or torch_bias_init(fan_in),
         dtype=dtype,
         param_dtype=param_dtype,
-        conv_general_dilated=dilated_conv_batched_wgrad if form == "wgrad" else None,
+        conv_general_dilated={"wgrad": dilated_conv_batched_wgrad, "taps": conv_as_tap_matmuls}.get(form),
         name=name,
     )
     return dilated_as_batched(conv, x, kernel_size, dilation, pad) if batched else conv(x)
@@ -107,6 +109,54 @@ def dilated_as_batched(conv, x: Array, kernel_size: int, dilation: int, pad: int
     _, yh, yw, f = y.shape
     y = y.reshape(b, d, d, yh, yw, f).transpose(0, 3, 1, 4, 2, 5).reshape(b, yh * d, yw * d, f)
     return y[:, :out_h, :out_w]
+
+
+def conv_as_tap_matmuls(lhs: Array, rhs: Array, window_strides: Sequence[int], padding: Any, *,
+                        lhs_dilation: Optional[Sequence[int]] = None, rhs_dilation: Optional[Sequence[int]] = None,
+                        dimension_numbers: Any = None, feature_group_count: int = 1, precision: Any = None) -> Array:
+    """`lax.conv_general_dilated` for an NHWC/HWIO convolution (any stride, dilation and explicit padding, no
+    groups) written as the sum over the kernel's taps of one matmul each: tap (i, j) multiplies the input
+    pixels it reads, a strided slice of the input, by its `(C, O)` kernel slice, and its products land on
+    the output pixels that read a real (not padded) input pixel there. Padding is never materialised: a tap's
+    slice is cut to the rows and columns it reaches, its product padded back with zeros, and a tap that
+    reaches nothing (a dilation wider than the map) is left out. The products and sums of the convolution,
+    in another order, so the same result up to float rounding; gradients are matmuls too.
+
+    Why: on XLA:CPU these matmuls run at the GEMM rate, its convolutions (and their gradients) well below it
+    (`compute.conv_form`). Signature of `lax.conv_general_dilated` (flax's `nn.Conv(conv_general_dilated=...)`).
+    """
+    dn = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+    if (dn != lax.conv_dimension_numbers(lhs.shape, rhs.shape, ("NHWC", "HWIO", "NHWC")) or feature_group_count != 1
+            or tuple(lhs_dilation or (1, 1)) != (1, 1) or isinstance(padding, str)):
+        raise ValueError(f"conv_as_tap_matmuls: an NHWC/HWIO convolution with explicit padding, no groups and "
+                         f"no input dilation only; got dimension numbers {dimension_numbers}, "
+                         f"feature_group_count={feature_group_count}, lhs_dilation={lhs_dilation}, padding={padding!r}")
+    b, h, w, c = lhs.shape
+    kh, kw, _, o = rhs.shape
+    (sh, sw), (dh, dw) = tuple(window_strides), tuple(rhs_dilation or (1, 1))
+    (pt, pb), (pl, pr) = padding
+    ho, wo = (h + pt + pb - dh * (kh - 1) - 1) // sh + 1, (w + pl + pr - dw * (kw - 1) - 1) // sw + 1
+
+    def reach(offset: int, size: int, stride: int, out: int) -> tuple[int, int]:
+        # Output indices r in [first, last] read input index r * stride + offset inside [0, size).
+        return max(0, -(offset // stride)), min(out - 1, (size - 1 - offset) // stride)
+
+    y = None
+    for i in range(kh):
+        r0, r1 = reach(i * dh - pt, h, sh, ho)
+        for j in range(kw):
+            c0, c1 = reach(j * dw - pl, w, sw, wo)
+            if r0 > r1 or c0 > c1:
+                continue
+            top, left = r0 * sh + i * dh - pt, c0 * sw + j * dw - pl
+            tap = lax.slice(lhs, (0, top, left, 0), (b, top + (r1 - r0) * sh + 1, left + (c1 - c0) * sw + 1, c),
+                            (1, sh, sw, 1))
+            part = jnp.einsum("bhwc,co->bhwo", tap, rhs[i, j], precision=precision)
+            part = jnp.pad(part, ((0, 0), (r0, ho - 1 - r1), (c0, wo - 1 - c1), (0, 0)))
+            y = part if y is None else y + part
+    if y is None:  # every tap falls in the padding
+        return jnp.zeros((b, ho, wo, o), jnp.result_type(lhs, rhs))
+    return y
 
 
 def _space_to_batch(x: Array, d: int) -> Array:

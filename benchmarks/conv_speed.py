@@ -1,0 +1,170 @@
+"""The paper's Cityscapes pairing convolution by convolution: each k x k convolution of the student's train step
+(forward + backward) and of the teacher's inference forward, in XLA's form ('native'), as tap matmuls ('taps',
+`cankd_jax.models.conv.conv_as_tap_matmuls`) and in PyTorch (`F.conv2d`, eager, as many threads as cores), in the
+same run.
+
+The convolutions are read off the networks themselves: the config's student and teacher forward passes are traced
+(`jax.make_jaxpr`, both forms forced to 'native') and every `conv_general_dilated` in them is collected with its
+shapes, stride, padding and dilation; identical ones are timed once and counted. 1x1 convolutions are matmuls in
+our networks and do not appear. Each row times `y = conv(x, w)` (forward) and the gradients of `sum(y * g)` with
+respect to x and w (forward + backward; the teacher's rows forward only, as the step runs it), compilation
+excluded, median of `--repeats` calls, each waited for. The `wide_taps` column is what `conv_form('wide_taps')`
+runs (taps from 64 input channels, native below). Totals weight each row by its count.
+
+    python benchmarks/conv_speed.py                                   # dlv3 at the CPU shape: 128x256, 2 images
+    python benchmarks/conv_speed.py --height 512 --width 1024 --batch 8 --no-teacher
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(__file__))
+from roi_align_speed import time_calls  # this folder's scripts: the same median-of-calls timer  # noqa: E402
+from train_speed import case_config  # noqa: E402
+
+from cankd_jax.compute import TAPS_MIN_CHANNELS, conv_form, dilated_conv  # noqa: E402
+from cankd_jax.models.conv import conv_as_tap_matmuls  # noqa: E402
+
+# (input shape, kernel shape, strides, padding, dilation, groups)
+Conv = tuple[tuple[int, ...], tuple[int, ...], tuple[int, int], tuple[tuple[int, int], ...], tuple[int, int], int]
+
+
+def _convs(jaxpr, found: collections.Counter) -> None:
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "conv_general_dilated":
+            p = eqn.params
+            found[(tuple(eqn.invars[0].aval.shape), tuple(eqn.invars[1].aval.shape), tuple(p["window_strides"]),
+                   tuple(tuple(x) for x in p["padding"]), tuple(p["rhs_dilation"]), p["feature_group_count"])] += 1
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (tuple, list)) else (param,):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    _convs(inner, found)
+
+
+def network_convs(module, size: tuple[int, int], batch: int) -> collections.Counter:
+    """Counter of the k x k convolutions in `module`'s forward pass on `(batch, *size, 3)` images."""
+    x = jax.ShapeDtypeStruct((batch, *size, 3), jnp.float32)
+    found: collections.Counter = collections.Counter()
+    with conv_form("native"), dilated_conv("native"):
+        _convs(jax.make_jaxpr(lambda x: module.init_with_output(jax.random.key(0), x, train=False))(x).jaxpr, found)
+    return found
+
+
+def jax_conv(form: str):
+    def conv(x, w, strides, padding, dilation, groups):
+        args = (x, w, strides, padding)
+        kw = dict(rhs_dilation=dilation, dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=groups)
+        return conv_as_tap_matmuls(*args, **kw) if form == "taps" else jax.lax.conv_general_dilated(*args, **kw)
+    return conv
+
+
+def time_jax(form: str, spec: Conv, x, w, g, backward: bool, repeats: int) -> float:
+    _, _, strides, padding, dilation, groups = spec
+    conv = jax_conv(form)
+    if backward:
+        fn = jax.jit(jax.grad(lambda x, w: jnp.sum(conv(x, w, strides, padding, dilation, groups) * g), (0, 1)))
+    else:
+        fn = jax.jit(lambda x, w: conv(x, w, strides, padding, dilation, groups))
+    return time_calls(lambda: jax.block_until_ready(fn(x, w)), repeats)[0]
+
+
+def time_torch(spec: Conv, x, w, g, backward: bool, repeats: int) -> float:
+    import torch
+    import torch.nn.functional as F
+
+    _, _, strides, padding, dilation, groups = spec
+    (pt, pb), (pl, pr) = padding
+    assert pt == pb and pl == pr, "PyTorch's conv2d pads symmetrically"
+    xt = torch.from_numpy(np.ascontiguousarray(np.transpose(np.asarray(x), (0, 3, 1, 2)))).requires_grad_(backward)
+    wt = torch.from_numpy(np.ascontiguousarray(np.transpose(np.asarray(w), (3, 2, 0, 1)))).requires_grad_(backward)
+    gt = torch.from_numpy(np.ascontiguousarray(np.transpose(np.asarray(g), (0, 3, 1, 2))))
+
+    def call():
+        if not backward:
+            with torch.no_grad():
+                return F.conv2d(xt, wt, stride=strides, padding=(pt, pl), dilation=dilation, groups=groups)
+        xt.grad = wt.grad = None
+        (F.conv2d(xt, wt, stride=strides, padding=(pt, pl), dilation=dilation, groups=groups) * gt).sum().backward()
+
+    return time_calls(call, repeats)[0]
+
+
+def measure(spec: Conv, backward: bool, repeats: int) -> dict:
+    xs, ws, strides, padding, dilation, groups = spec
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal(xs), jnp.float32)
+    w = jnp.asarray(rng.standard_normal(ws) * 0.05, jnp.float32)
+    y = jax.eval_shape(lambda x, w: jax_conv("native")(x, w, strides, padding, dilation, groups), x, w)
+    g = jnp.asarray(rng.standard_normal(y.shape), jnp.float32)
+    row = {"native": time_jax("native", spec, x, w, g, backward, repeats),
+           "torch": time_torch(spec, x, w, g, backward, repeats)}
+    if groups == 1:
+        row["taps"] = time_jax("taps", spec, x, w, g, backward, repeats)
+    row["wide_taps"] = row["taps"] if groups == 1 and xs[-1] >= TAPS_MIN_CHANNELS else row["native"]
+    return row
+
+
+def table(title: str, found: collections.Counter, backward: bool, repeats: int) -> str:
+    what = "forward + backward" if backward else "forward"
+    lines = [f"### {title}: {sum(found.values())} convolutions, {len(found)} distinct ({what}, ms per call)", "",
+             "| input (B, H, W, C) | kernel (kh, kw, C/g, O) | stride | dilation | groups | count | native | taps "
+             "| PyTorch | wide_taps / PyTorch |", "|---|---|---|---|---|---|---|---|---|---|"]
+    totals = collections.Counter()
+    for spec, count in sorted(found.items(), key=lambda kv: (-kv[0][0][1], kv[0][0][3], kv[0][4])):
+        row = measure(spec, backward, repeats)
+        for k, v in row.items():
+            totals[k] += count * v * 1e3
+        totals["taps"] += 0 if "taps" in row else count * row["native"] * 1e3  # grouped: native in both totals
+        taps = f"{row['taps'] * 1e3:.1f}" if "taps" in row else "-"
+        lines.append(f"| {spec[0]} | {spec[1]} | {spec[2][0]} | {spec[4][0]} | {spec[5]} | {count} | "
+                     f"{row['native'] * 1e3:.1f} | {taps} | {row['torch'] * 1e3:.1f} | "
+                     f"{row['wide_taps'] / row['torch']:.2f} |")
+        print(lines[-1], file=sys.stderr, flush=True)
+    lines.append(f"| **total (x count)** | | | | | | **{totals['native']:.0f}** | **{totals['taps']:.0f}** | "
+                 f"**{totals['torch']:.0f}** | **{totals['wide_taps'] / totals['torch']:.2f}** (wide_taps "
+                 f"{totals['wide_taps']:.0f}) |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--case", default="dlv3", help="a benchmarks/train_speed.py case with a teacher")
+    ap.add_argument("--height", type=int, default=128)
+    ap.add_argument("--width", type=int, default=256)
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--no-teacher", action="store_true", help="the student's convolutions only")
+    args = ap.parse_args(argv)
+
+    import torch
+
+    from cankd_jax.train import build
+    from cankd_jax.train.sharding import make_mesh
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    config = case_config(args.case, "loss", "cankd").copy_and_resolve_references()
+    config.teacher.checkpoint, config.teacher.random_init = "", True
+    run = build.build_run(config, make_mesh(), input_size=(args.height, args.width))
+    size = (args.height, args.width)
+    print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}, {os.cpu_count()} cores); jax "
+          f"{jax.__version__}; torch {torch.__version__} ({torch.get_num_threads()} threads); case {args.case}, "
+          f"{args.batch} x {size[0]}x{size[1]}; float32; load average before: {os.getloadavg()[0]:.1f}\n")
+    t0 = time.perf_counter()
+    print(table("student", network_convs(run.student, size, args.batch), True, args.repeats), "\n", flush=True)
+    if not args.no_teacher:
+        print(table("teacher", network_convs(run.teacher, size, args.batch), False, args.repeats), "\n", flush=True)
+    print(f"{time.perf_counter() - t0:.0f} s; load average after: {os.getloadavg()[0]:.1f}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
