@@ -105,15 +105,20 @@ _conv_form: contextvars.ContextVar[str] = contextvars.ContextVar("conv_form", de
 
 
 @contextlib.contextmanager
-def conv_form(name: str) -> Iterator[None]:
-    """Trace k x k convolutions in the named form ('auto', 'native', 'taps' or 'wide_taps') inside the block."""
-    if name not in CONV_FORMS:
-        raise ValueError(f"unknown convolution form {name!r}; choose one of {', '.join(CONV_FORMS)}")
-    token = _conv_form.set(name)
+def _traced_in(var: contextvars.ContextVar[str], name: str, known: tuple[str, ...], what: str) -> Iterator[None]:
+    """`var` set to `name` (one of `known`, else a ValueError naming `what` and the choices) inside the block."""
+    if name not in known:
+        raise ValueError(f"unknown {what} form {name!r}; choose one of {', '.join(known)}")
+    token = var.set(name)
     try:
         yield
     finally:
-        _conv_form.reset(token)
+        var.reset(token)
+
+
+def conv_form(name: str) -> contextlib.AbstractContextManager[None]:
+    """Trace k x k convolutions in the named form ('auto', 'native', 'taps' or 'wide_taps') inside the block."""
+    return _traced_in(_conv_form, name, CONV_FORMS, "convolution")
 
 
 def conv_form_for(in_channels: int, groups: int) -> str:
@@ -131,16 +136,9 @@ DILATED_CONV = ("auto", "batched", "wgrad", "native")
 _dilated_conv: contextvars.ContextVar[str] = contextvars.ContextVar("dilated_conv", default="auto")
 
 
-@contextlib.contextmanager
-def dilated_conv(name: str) -> Iterator[None]:
+def dilated_conv(name: str) -> contextlib.AbstractContextManager[None]:
     """Trace dilated convolutions in the named form ('auto', 'batched', 'wgrad' or 'native') inside the block."""
-    if name not in DILATED_CONV:
-        raise ValueError(f"unknown dilated convolution form {name!r}; choose one of {', '.join(DILATED_CONV)}")
-    token = _dilated_conv.set(name)
-    try:
-        yield
-    finally:
-        _dilated_conv.reset(token)
+    return _traced_in(_dilated_conv, name, DILATED_CONV, "dilated convolution")
 
 
 def dilated_conv_form() -> str:
