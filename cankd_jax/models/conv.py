@@ -4,7 +4,8 @@ A 1x1 convolution is a matmul over channels (`layers.Conv1x1`), never a general
 convolution; every other kernel size is a `flax.linen.Conv` with PyTorch's
 symmetric padding `dilation * (k // 2)`, so output sizes match PyTorch's for
 odd inputs and strides too. On GPUs a stride-1 dilated convolution runs undilated
-over its input's interleaved sub-images (`dilated_as_batched`; `compute.dilated_conv`).
+over its input's interleaved sub-images (`dilated_as_batched`; `compute.dilated_conv`); under
+`compute.conv_form('taps' | 'wide_taps')` a convolution is a sum of per-tap matmuls (`conv_as_tap_matmuls`).
 Default initialisation is the one the PyTorch networks start from: Kaiming-normal
 over fan-out for convolutions (torchvision's ResNet, mmcv's ConvModule), BatchNorm
 weight 1 and bias 0.
