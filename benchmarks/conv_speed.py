@@ -31,7 +31,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from roi_align_speed import time_calls  # this folder's scripts: the same median-of-calls timer  # noqa: E402
 from train_speed import case_config  # noqa: E402
 
-from cankd_jax.compute import TAPS_MIN_CHANNELS, conv_form, dilated_conv  # noqa: E402
+from cankd_jax.compute import conv_form, conv_form_for, dilated_conv  # noqa: E402
 from cankd_jax.models.conv import conv_as_tap_matmuls  # noqa: E402
 
 # (input shape, kernel shape, strides, padding, dilation, groups)
@@ -110,7 +110,8 @@ def measure(spec: Conv, backward: bool, repeats: int) -> dict:
            "torch": time_torch(spec, x, w, g, backward, repeats)}
     if groups == 1:
         row["taps"] = time_jax("taps", spec, x, w, g, backward, repeats)
-    row["wide_taps"] = row["taps"] if groups == 1 and xs[-1] >= TAPS_MIN_CHANNELS else row["native"]
+    with conv_form("wide_taps"):  # the library's own rule picks the column
+        row["wide_taps"] = row[conv_form_for(xs[-1], groups)]
     return row
 
 
