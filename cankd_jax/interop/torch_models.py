@@ -16,6 +16,8 @@ maps each to its PyTorch key and layout:
 |                       | `num_batches_tracked`            |                     |                                  |
 | `nn.GroupNorm`        | `scale`, `bias`                  | `weight`, `bias`    | none                             |
 | `Scale` (mmcv's)      | `scale ()`                       | `scale` (0-d)       | none                             |
+| `nn.Embed`            | `embedding (N, C)`               | `weight`            | none                             |
+| `TorchMultiheadAttention` | `in_proj_weight (3C, C)`, `in_proj_bias` | the same | none                         |
 
 So `ResNet` reads torchvision's keys, `MobileNetV2` and `Segmenter` mmseg's
 (`backbone.*`, `decode_head.*`, `auxiliary_head.*`), `RetinaNet` / `FCOS` a
@@ -52,6 +54,8 @@ from cankd_jax.interop.state_dict import (  # _abbrev: the same key-list format 
 from cankd_jax.layers import BatchNorm, Conv1x1
 from cankd_jax.models.deform_conv import DeformConv2d
 from cankd_jax.models.dense_heads import Scale
+from cankd_jax.models.detr_layers import TorchMultiheadAttention
+from cankd_jax.models.dino import DINO
 from cankd_jax.models.reppoints import RepPointsHead
 from cankd_jax.models.resnet import ResNet
 from cankd_jax.models.swin import WindowMSA
@@ -95,6 +99,11 @@ _LAYER_RULES: tuple[tuple[type, dict[tuple[str, str], tuple[str, str]]], ...] = 
     (WindowMSA, {("params", "relative_position_bias_table"): ("relative_position_bias_table", "same")}),
     (Scale, {("params", "scale"): ("scale", "same")}),
     (RepPointsHead, {("params", "moment_transfer"): ("moment_transfer", "same")}),  # the head's own parameter
+    (nn.Embed, {("params", "embedding"): ("weight", "same")}),
+    # torch.nn.MultiheadAttention's packed projection, kept in PyTorch's (3C, C) layout
+    (TorchMultiheadAttention, {("params", "in_proj_weight"): ("in_proj_weight", "same"),
+                               ("params", "in_proj_bias"): ("in_proj_bias", "same")}),
+    (DINO, {("params", "level_embed"): ("level_embed", "same")}),
 )
 
 

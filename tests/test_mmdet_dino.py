@@ -1,0 +1,161 @@
+"""DINO's forward pass against mmdetection 3.3 itself: mmdet's own `dino/dino-4scale_r50_8xb2-12e_coco.py`,
+shrunk for the CPU (ResNet-50 at base width 16, 2 encoder and 2 decoder layers with 64 feed-forward channels,
+30 queries, 5 classes, 16 denoising queries; the transformer keeps mmdet's 256 channels, which its decoder's
+query-position encoding assumes), every weight given seeded non-trivial values, imported strictly into ours.
+
+Two images of unequal size in one padded batch, so the padding masks, valid ratios and masked proposals are
+exercised. Compared: the eval-mode outputs of every decoder layer (`bbox_head.forward` of
+`forward_transformer`), and the train-mode ones with mmdet's own contrastive denoising draw fed to ours,
+including the encoder's selected proposals; the second image has fewer objects than the first, so some
+denoising slots are unused. Tolerance 1e-5 relative to each output's largest value (float32 rounding through
+a ResNet, four transformer layers with softmaxes and LayerNorms, sigmoid / inverse-sigmoid round trips; the
+largest difference seen is 8e-7).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+import openmmlab_reference as mr
+from cankd_jax.interop import torch as interop
+from cankd_jax.models.channel_mapper import ChannelMapper
+from cankd_jax.models.dino import DINO, Denoising
+from cankd_jax.models import make_model
+from conftest import assert_close
+
+pytestmark = pytest.mark.skipif(mr.available() is not None, reason=str(mr.available()))
+
+K, Q, BASE = 5, 30, 16
+CONFIG = "dino/dino-4scale_r50_8xb2-12e_coco.py"
+OVERRIDES = {"model.backbone.base_channels": BASE, "model.neck.in_channels": [8 * BASE, 16 * BASE, 32 * BASE],
+             "model.encoder.num_layers": 2, "model.decoder.num_layers": 2,
+             "model.encoder.layer_cfg.ffn_cfg.feedforward_channels": 64,
+             "model.decoder.layer_cfg.ffn_cfg.feedforward_channels": 64,
+             "model.num_queries": Q, "model.bbox_head.num_classes": K,
+             "model.dn_cfg.group_cfg.num_dn_queries": 8}
+BATCH_HW = (96, 128)
+IMG_SHAPES = ((96, 128), (80, 100))
+GT = (np.array([[10, 12, 60, 70], [40, 30, 120, 90], [5, 50, 30, 95]], np.float32),
+      np.array([[20, 10, 70, 60], [0, 0, 99, 79]], np.float32))
+GT_LABELS = (np.array([1, 4, 0]), np.array([2, 2]))
+
+
+def _perturb(tm: torch.nn.Module) -> None:
+    """Seeded values for everything mmdet's init leaves trivial or unset: noise on every linear and embedding,
+    offsets' and attention weights' kernels away from 0, the level embedding (an uninitialised tensor until
+    init_weights), GroupNorm / BatchNorm statistics (`perturb_`). `memory_trans_norm`'s bias is 0, so a
+    masked position's class logits are the classifier's bias alone, below the valid positions' maxima: the
+    encoder's top-k then has no ties to break."""
+    mr.perturb_(tm, seed=1)
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for name, p in tm.named_parameters():
+            if name.startswith("backbone") or name.startswith("neck"):
+                continue
+            if p.dim() >= 2:
+                p.add_(0.02 * torch.randn(p.shape, generator=g))
+            else:
+                p.add_(0.05 * torch.randn(p.shape, generator=g))
+        tm.level_embed.copy_(torch.randn(tm.level_embed.shape, generator=g))
+        tm.memory_trans_norm.bias.zero_()
+
+
+@functools.lru_cache(maxsize=None)
+def case() -> dict:
+    from mmdet.structures import DetDataSample
+
+    tm, _ = mr.build(CONFIG, OVERRIDES, seed=0)
+    _perturb(tm)
+    backbone = make_model("resnet50", base_width=BASE, stem_width=BASE, frozen_stages=1, norm_eval=True)
+    model = DINO(backbone=backbone, neck=ChannelMapper(out_channels=256, num_outs=4), num_classes=K, num_queries=Q,
+                 encoder_layers=2, decoder_layers=2, feedforward_channels=64)
+    variables, report = interop.import_state_dict(model, tm.state_dict())
+    x = np.random.default_rng(3).normal(size=(2, *BATCH_HW, 3)).astype(np.float32)
+    for i, (h, w) in enumerate(IMG_SHAPES):  # the padding is zeros, as mmdet's collate pads
+        x[i, h:], x[i, :, w:] = 0, 0
+    samples = []
+    for (h, w), boxes, labels in zip(IMG_SHAPES, GT, GT_LABELS):
+        s = DetDataSample(metainfo=mr.img_meta((h, w), (h, w), BATCH_HW, (1.0, 1.0)))
+        s.gt_instances = mr.gt_instances(boxes, labels)
+        samples.append(s)
+    return dict(tm=tm, model=model, variables=variables, report=report, x=x, samples=samples,
+                img_shapes=np.array(IMG_SHAPES, np.float32))
+
+
+def _theirs(train: bool):
+    c = case()
+    tm = c["tm"]
+    tm.train(train)
+    dn = {}
+    if train:
+        gen = tm.dn_query_generator
+        torch.manual_seed(4)
+        dn_label, dn_bbox, dn_mask, dn_meta = gen(c["samples"])
+        dn.update(label=dn_label, bbox=dn_bbox, mask=dn_mask, meta=dn_meta)
+
+        class Fixed(torch.nn.Module):  # mmdet's draw, replayed when forward_transformer asks for one
+            def __init__(self):
+                super().__init__()
+                self.label_embedding = gen.label_embedding
+
+            def __call__(self, samples):
+                return dn_label, dn_bbox, dn_mask, dn_meta
+
+        tm.dn_query_generator = Fixed()
+    try:
+        with torch.no_grad():
+            feats = tm.extract_feat(mr.nchw(c["x"]))
+            head_in = tm.forward_transformer(feats, c["samples"])
+            cls, coords = tm.bbox_head(head_in["hidden_states"], head_in["references"])
+    finally:
+        if train:
+            tm.dn_query_generator = gen
+        tm.eval()
+    out = {"cls_scores": cls.numpy(), "bbox_preds": coords.numpy()}
+    if train:
+        out.update(enc_cls_scores=head_in["enc_outputs_class"].numpy(),
+                   enc_bbox_preds=head_in["enc_outputs_coord"].numpy())
+    return out, dn
+
+
+def _denoising_from(dn) -> Denoising:
+    """mmdet's denoising queries as ours: each slot's label is the embedding row its query equals (-1: zeros)."""
+    table = case()["tm"].dn_query_generator.label_embedding.weight.detach()
+    q = dn["label"].detach()
+    eq = (q[:, :, None, :] == table[None, None]).all(-1)  # (B, D, K)
+    assert torch.equal(eq.any(-1), q.abs().sum(-1) > 0), "a denoising query that is no label's embedding"
+    labels = torch.where(eq.any(-1), eq.float().argmax(-1), torch.full(eq.shape[:2], -1)).numpy()
+    b = q.shape[0]
+    mask = np.broadcast_to(dn["mask"].numpy(), (b, *dn["mask"].shape))
+    return Denoising(jnp.asarray(labels, jnp.int32), jnp.asarray(dn["bbox"].numpy()), jnp.asarray(mask))
+
+
+def test_strict_import():
+    c = case()
+    report = c["report"]
+    assert not report.missing and not report.unexpected and not report.ignored
+    assert set(report.loaded) == set(c["tm"].state_dict())
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train_with_denoising"])
+def test_forward_matches_mmdet(train):
+    c = case()
+    want, dn = _theirs(train)
+    denoising = _denoising_from(dn) if train else None
+    model = c["model"]
+
+    @jax.jit
+    def run(v, x, shapes, denoising):
+        return model.apply(v, x, train=False, img_shapes=shapes, denoising=denoising)
+
+    got = run(c["variables"], c["x"], c["img_shapes"], denoising)
+    if train:
+        assert got["cls_scores"].shape[2] == dn["meta"]["num_denoising_queries"] + Q
+    for key, value in want.items():
+        assert_close(got[key], value, rtol=1e-5, what=key)
