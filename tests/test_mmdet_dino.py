@@ -24,9 +24,8 @@ import torch
 
 import openmmlab_reference as mr
 from cankd_jax.interop import torch as interop
-from cankd_jax.models.channel_mapper import ChannelMapper
-from cankd_jax.models.dino import DINO, Denoising
 from cankd_jax.models import make_model
+from cankd_jax.models.dino import Denoising
 from conftest import assert_close
 
 pytestmark = pytest.mark.skipif(mr.available() is not None, reason=str(mr.available()))
@@ -72,9 +71,8 @@ def case() -> dict:
 
     tm, _ = mr.build(CONFIG, OVERRIDES, seed=0)
     _perturb(tm)
-    backbone = make_model("resnet50", base_width=BASE, stem_width=BASE, frozen_stages=1, norm_eval=True)
-    model = DINO(backbone=backbone, neck=ChannelMapper(out_channels=256, num_outs=4), num_classes=K, num_queries=Q,
-                 encoder_layers=2, decoder_layers=2, feedforward_channels=64)
+    model = make_model("dino", num_classes=K, backbone_kwargs=dict(base_width=BASE, stem_width=BASE),
+                       head_kwargs=dict(num_queries=Q, encoder_layers=2, decoder_layers=2, feedforward_channels=64))
     variables, report = interop.import_state_dict(model, tm.state_dict())
     x = np.random.default_rng(3).normal(size=(2, *BATCH_HW, 3)).astype(np.float32)
     for i, (h, w) in enumerate(IMG_SHAPES):  # the padding is zeros, as mmdet's collate pads
@@ -150,6 +148,22 @@ def test_strict_import():
     report = c["report"]
     assert not report.missing and not report.unexpected and not report.ignored
     assert set(report.loaded) == set(c["tm"].state_dict())
+
+
+def test_teacher_trunk_reads_the_backbone_and_neck():
+    """`make_model('channel_mapper')`, a DINO teacher's trunk, reads a DINO checkpoint's `backbone.*` and
+    `neck.*` strictly (the transformer's keys ignored) and gives the same neck levels as the whole model."""
+    c = case()
+    trunk = make_model("channel_mapper", backbone_kwargs=dict(base_width=BASE, stem_width=BASE))
+    variables, report = interop.import_state_dict(trunk, c["tm"].state_dict())
+    assert not report.missing and not report.unexpected
+    assert report.ignored and all(not k.startswith(("backbone.", "neck.")) for k in report.ignored)
+    ours = jax.jit(lambda v, x: trunk.apply(v, x, train=False))(variables, c["x"])
+    with torch.no_grad():
+        theirs = c["tm"].eval().extract_feat(mr.nchw(c["x"]))
+    assert [k for k in ours if k.startswith("fpn.")] == ["fpn.p3", "fpn.p4", "fpn.p5", "fpn.p6"]
+    for i, t in enumerate(theirs):
+        assert_close(ours[f"fpn.p{3 + i}"], mr.nhwc(t), rtol=1e-5, what=f"neck level {i}")
 
 
 @pytest.mark.parametrize("train", [False, True], ids=["eval", "train_with_denoising"])

@@ -182,3 +182,30 @@ def test_losses_and_gradients_match_mmdet():
         assert_close(g_used, v.grad.numpy(), rtol=1e-5, what=f"d/d{k}")
         if k in ("cls_scores", "bbox_preds"):  # the slots this batch does not use get no gradient
             assert not np.any(np.delete(g, keep, axis=2))
+
+
+def test_postprocess_matches_mmdet_predict_by_feat():
+    """`predict_by_feat` of mmdet's DINO head on the last decoder layer (300 best (query, class) pairs, boxes to
+    the image, clipped, rescaled by the scale factor) against `dino_postprocess`, boxes partly outside the
+    images so the clipping shows."""
+    from mmdet.structures import DetDataSample
+
+    rng = np.random.default_rng(11)
+    q, layers = 80, 2
+    cls = rng.normal(-2, 1.5, (layers, 3, q, K)).astype(np.float32)
+    box = np.concatenate([rng.uniform(0.05, 0.95, (layers, 3, q, 2)), rng.uniform(0.05, 0.9, (layers, 3, q, 2))],
+                         -1).astype(np.float32)
+    scale = np.array([[0.5, 0.5], [1.25, 1.2], [0.8, 0.75]], np.float32)
+    metas = [DetDataSample(metainfo=mr.img_meta(s, s, (120, 140), f)).metainfo for s, f in zip(IMG_SHAPES, scale)]
+    head = _their_head()
+    head.test_cfg = dict(max_per_img=300)
+    with torch.no_grad():
+        want = head.predict_by_feat(torch.from_numpy(cls), torch.from_numpy(box), metas, rescale=True)
+    got = jax.jit(lambda c, b: dd.dino_postprocess(c, b, jnp.asarray(IMG_SHAPES), jnp.asarray(scale)))(cls[-1], box[-1])
+    for i, w in enumerate(want):
+        np.testing.assert_array_equal(np.asarray(got.labels[i]), w.labels.numpy())
+        assert_close(got.scores[i], w.scores.numpy(), rtol=1e-6, what="scores")
+        assert_close(got.boxes[i], w.bboxes.numpy(), rtol=1e-6, what="boxes")
+    assert np.any(np.asarray(got.boxes)[..., 2] == IMG_SHAPES[:, 1, None] / scale[:, 0, None])  # some were clipped
+    with pytest.raises(ValueError, match="max_per_img=500 exceeds the 80 queries x 6 classes"):
+        dd.dino_postprocess(cls[-1], box[-1], IMG_SHAPES, scale, max_per_img=500)

@@ -28,6 +28,8 @@ import jax.numpy as jnp
 
 from cankd_jax.detection.hungarian import cxcywh_to_xyxy, hungarian_assign, match_cost, xyxy_to_cxcywh
 from cankd_jax.detection.losses import giou_loss, l1_loss, sigmoid_focal_loss
+from cankd_jax.detection.postprocess import Detections
+from cankd_jax.detection.topk import top_k
 from cankd_jax.models.detr_layers import inverse_sigmoid
 from cankd_jax.models.dino import Denoising
 
@@ -224,3 +226,24 @@ def dino_losses(outputs: dict, gt_boxes: Array, gt_labels: Array, gt_valid: Arra
         for i in range(layers):
             put("dn_", i, set_loss(cls_all[i, :, :num_dn], box_all[i, :, :num_dn], t, img_shapes))
     return terms
+
+
+def dino_postprocess(cls_scores: Array, bbox_preds: Array, img_shapes: Array, scale_factors: Array, *,
+                     max_per_img: int = 300) -> Detections:
+    """mmdet's DETR `_predict_by_feat_single` (sigmoid classifier), batched: the last decoder layer's
+    `cls_scores (B, Q, K)` / `bbox_preds (B, Q, 4)` -> the `max_per_img` best (query, class) pairs (no NMS; a
+    query may appear with several classes), boxes scaled to each image's `(h, w)`, clipped to it, and divided by
+    its `(w, h)` scale factor into original-image pixels. DINO's test config keeps 300."""
+    b, q, k = cls_scores.shape
+    if max_per_img > q * k:
+        raise ValueError(f"max_per_img={max_per_img} exceeds the {q} queries x {k} classes")
+    scores, index = top_k(jax.nn.sigmoid(cls_scores.astype(jnp.float32)).reshape(b, q * k), max_per_img)
+    labels = (index % k).astype(jnp.int32)
+    boxes = cxcywh_to_xyxy(jnp.take_along_axis(bbox_preds.astype(jnp.float32), (index // k)[..., None], axis=1))
+    h, w = img_shapes[:, 0, None], img_shapes[:, 1, None]
+    x = jnp.clip(boxes[..., 0::2] * w[..., None], 0, w[..., None])
+    y = jnp.clip(boxes[..., 1::2] * h[..., None], 0, h[..., None])
+    boxes = jnp.stack([x[..., 0], y[..., 0], x[..., 1], y[..., 1]], axis=-1)
+    sw, sh = scale_factors[:, 0, None], scale_factors[:, 1, None]
+    boxes = boxes / jnp.stack([sw, sh, sw, sh], axis=-1)
+    return Detections(boxes, scores, labels, jnp.full((b,), max_per_img, jnp.int32))

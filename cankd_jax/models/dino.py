@@ -29,6 +29,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from cankd_jax.detection.topk import top_k
 from cankd_jax.layers import Dtype, torch_bias_init, torch_kernel_init
 from cankd_jax.models.conv import xavier_uniform
 from cankd_jax.models.dense_heads import prior_bias
@@ -220,7 +221,8 @@ class DINO(_Pyramid, nn.Module):
         enc_coord_unact = head(out_memory, layer=n, branch="reg") + proposals
         if q > enc_cls.shape[1]:
             raise ValueError(f"DINO: {q} queries but the encoder has only {enc_cls.shape[1]} positions")
-        top = jax.lax.top_k(jnp.max(enc_cls, axis=-1), q)[1]
+        # indices only (the scores are gathered below, with their gradient); rows stay on their devices
+        top = top_k(jax.lax.stop_gradient(jnp.max(enc_cls, axis=-1)), q)[1]
         topk_score = jnp.take_along_axis(enc_cls, top[..., None], axis=1)
         topk_coords_unact = jnp.take_along_axis(enc_coord_unact, top[..., None], axis=1)
         topk_coords = jax.nn.sigmoid(topk_coords_unact)

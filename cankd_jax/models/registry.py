@@ -10,6 +10,8 @@
     make_model("retinanet", backbone="resnet50", num_classes=80)     # a detector
     make_model("fcos", backbone="resnet50_caffe", num_classes=80)
     make_model("faster_rcnn", backbone="resnet50", num_classes=80)  # a two-stage detector
+    make_model("dino", backbone="resnet50", num_classes=80)          # DINO-4scale
+    make_model("channel_mapper", backbone="resnet101")               # DINO R101's backbone + neck
 
 `make_network(cfg, num_classes=...)` does the same from a config block.
 """
@@ -23,13 +25,15 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from cankd_jax.compute import remat_policy
+from cankd_jax.models.channel_mapper import ChannelMapper
 from cankd_jax.models.dense_heads import FCOSHead, RetinaHead
+from cankd_jax.models.dino import DINO
 from cankd_jax.models.foreign import make_foreign
 from cankd_jax.models.fpn import FPN
 from cankd_jax.models.freeze import frozen_prefixes, param_labels
 from cankd_jax.models.heads import ASPPHead, FCNHead, PSPHead
 from cankd_jax.models.mobilenet_v2 import MobileNetV2
-from cankd_jax.models.resnet import ARCHITECTURES, ResNet
+from cankd_jax.models.resnet import ARCHITECTURES, STAGES, ResNet
 from cankd_jax.models.segmenter import Segmenter
 from cankd_jax.models.swin import SWIN_PRESETS, SwinTransformer
 from cankd_jax.models.trunk import FCOS, DetectionTrunk, RetinaNet, pyramid_level_names
@@ -79,7 +83,11 @@ TRUNKS: dict[str, dict[str, Any]] = {
     "fcos_fpn": dict(start_level=1, add_extra_convs="on_output", relu_before_extra_convs=True),
     "gfl_fpn": dict(start_level=1, add_extra_convs="on_output"),
     "reppoints_fpn": dict(start_level=1, add_extra_convs="on_input", norm="gn"),  # norm_cfg=dict(type='GN', 32)
+    # DINO's (and Deformable DETR's): C3-C5 by 1x1 conv + GroupNorm, a fourth level by a 3x3 stride-2 conv on C5
+    "channel_mapper": {},
 }
+# The neck class and the backbone stages it reads, for the trunks that are not an FPN on layer1..layer4.
+TRUNK_NECKS: dict[str, tuple[type[nn.Module], tuple[str, ...]]] = {"channel_mapper": (ChannelMapper, STAGES[1:])}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,10 +97,11 @@ class DetectorSpec:
 
     cls: type[nn.Module]
     trunk: str
-    head: type[nn.Module]
+    head: Optional[type[nn.Module]]  # None: the detector builds its own head from `head_kwargs` (DINO)
     backbone: str
     head_defaults: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     roi_head: Optional[type[nn.Module]] = None
+    backbone_defaults: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
 
 DETECTORS: dict[str, DetectorSpec] = {
@@ -106,6 +115,9 @@ DETECTORS: dict[str, DetectorSpec] = {
     "faster_rcnn": DetectorSpec(FasterRCNN, "fpn", RPNHead, "resnet50", roi_head=Shared2FCBBoxHead),
     # reppoints-moment_r50_fpn-gn_head-gn_2x_coco (the student) and its x101-dconv-c3-c5 teacher
     "reppoints": DetectorSpec(RepPoints, "reppoints_fpn", RepPointsHead, "resnet50"),
+    # dino-4scale_r50_8xb2-12e_coco: BatchNorm frozen (norm_cfg requires_grad=False, norm_eval); its head_kwargs
+    # are the DINO module's fields (num_queries, encoder_layers, decoder_layers, feedforward_channels, ...)
+    "dino": DetectorSpec(DINO, "channel_mapper", None, "resnet50", backbone_defaults=dict(norm_requires_grad=False)),
 }
 
 
@@ -236,12 +248,12 @@ def make_trunk(
         raise ValueError(f"unknown detection trunk {name!r}; choose one of {', '.join(sorted(TRUNKS))}")
     bb, neck = _backbone_and_neck(name, f"trunk {name!r}", backbone, backbone_kwargs, frozen_stages, norm_eval,
                                   dtype, param_dtype, fpn_kwargs)
-    return DetectionTrunk(backbone=bb, neck=neck)
+    return DetectionTrunk(backbone=bb, neck=neck, in_features=TRUNK_NECKS.get(name, (FPN, STAGES))[1])
 
 
 def _backbone_and_neck(trunk: str, what: str, backbone: str, backbone_kwargs: Optional[Mapping[str, Any]],
                        frozen_stages: Optional[int], norm_eval: Optional[bool], dtype: Any, param_dtype: Any,
-                       fpn_kwargs: Mapping[str, Any]) -> tuple[nn.Module, FPN]:
+                       fpn_kwargs: Mapping[str, Any]) -> tuple[nn.Module, nn.Module]:
     dtypes = dict(dtype=dtype, param_dtype=param_dtype)
     if BACKBONE_TYPES.get(backbone, ResNet) is SwinTransformer:
         # mmdet's Swin detectors freeze nothing (frozen_stages=-1); LayerNorm has no running statistics to keep.
@@ -254,9 +266,9 @@ def _backbone_and_neck(trunk: str, what: str, backbone: str, backbone_kwargs: Op
                   "norm_eval": True if norm_eval is None else norm_eval}
     bb = _backbone(backbone, {**fields, **dtypes, **(backbone_kwargs or {})})
     if not isinstance(bb, (ResNet, SwinTransformer)):
-        raise ValueError(f"{what}: the FPN reads the layer1..layer4 of a ResNet or a Swin; backbone {backbone!r} is "
+        raise ValueError(f"{what}: the neck reads the stages of a ResNet or a Swin; backbone {backbone!r} is "
                          f"a {type(bb).__name__}")
-    return bb, _build(FPN, what, {**TRUNKS[trunk], **dtypes, **fpn_kwargs})
+    return bb, _build(TRUNK_NECKS.get(trunk, (FPN, STAGES))[0], what, {**TRUNKS[trunk], **dtypes, **fpn_kwargs})
 
 
 def make_detector(
@@ -289,6 +301,9 @@ def make_detector(
       ImageNet's mean/std. Normalising is the data layer's job.
     - `faster_rcnn`: default backbone `resnet50` (pytorch style); neck `fpn` (P2-P6); `RPNHead` (3 anchors);
       `StandardRoIHead` with `Shared2FCBBoxHead` (`roi_head_kwargs`: `fc_out_channels`, `reg_class_agnostic`).
+    - `dino`: DINO-4scale (`cankd_jax.models.dino.DINO`): default backbone `resnet50` with frozen BatchNorm; neck
+      `channel_mapper` (layer2-layer4 and one extra level, 256 channels, GroupNorm); `head_kwargs` are the DINO
+      module's own fields (`num_queries`, `encoder_layers`, `decoder_layers`, `feedforward_channels`, ...).
 
     `backbone_kwargs` override backbone fields (e.g. `base_width`,
     `stage_blocks`), `neck_kwargs` the FPN's (`out_channels`, ...),
@@ -299,13 +314,19 @@ def make_detector(
     if name not in DETECTORS:
         raise ValueError(f"unknown detector {name!r}; choose one of {', '.join(sorted(DETECTORS))}")
     spec = DETECTORS[name]
-    bb, neck = _backbone_and_neck(spec.trunk, f"detector {name!r}", backbone or spec.backbone, backbone_kwargs,
+    bb, neck = _backbone_and_neck(spec.trunk, f"detector {name!r}", backbone or spec.backbone,
+                                  {**spec.backbone_defaults, **(backbone_kwargs or {})},
                                   frozen_stages, norm_eval, dtype, param_dtype, neck_kwargs or {})
     head_fields = {**spec.head_defaults, **(head_kwargs or {})}
+    dtypes = dict(dtype=dtype, param_dtype=param_dtype)
+    if spec.head is None:
+        if roi_head_kwargs:
+            raise ValueError(f"detector {name!r} has no RoI head for roi_head_kwargs")
+        return _build(spec.cls, f"detector {name!r}", dict(backbone=bb, neck=neck, num_classes=num_classes,
+                                                            **dtypes, **head_fields))
     if "strides" in _fields(spec.head) and "strides" not in head_fields:
         levels = pyramid_level_names(bb, neck, spec.cls.in_features)
         head_fields["strides"] = tuple(2 ** int(n[len("fpn.p"):]) for n in levels)
-    dtypes = dict(dtype=dtype, param_dtype=param_dtype)
     if spec.roi_head is not None:
         rpn = _build(spec.head, f"detector {name!r} RPN head", {**dtypes, **head_fields})
         box = _build(spec.roi_head, f"detector {name!r} box head",
