@@ -9,8 +9,11 @@ machinery, not the numbers), evaluated by COCOeval on 16 held-out images.
     python train.py --config configs/detection_smoke.py:detector=fcos --workdir /tmp/det_smoke_fcos
     python train.py --config configs/detection_smoke.py:detector=faster_rcnn --workdir /tmp/det_smoke_frcnn
     python train.py --config configs/detection_smoke.py:detector=reppoints --workdir /tmp/det_smoke_reppoints
+    python train.py --config configs/detection_smoke.py:detector=dino --workdir /tmp/det_smoke_dino
 
 Faster R-CNN is distilled on P2-P5 (the paper's levels for it) from an `fpn` trunk (P2-P6), its box head 64 wide.
+DINO (one encoder and one decoder layer of 16 channels, 30 queries, denoising groups sized from 10 queries) is
+distilled on its ChannelMapper's four levels from a `channel_mapper` trunk, as the authors' DINO configs.
 """
 
 import ml_collections
@@ -27,7 +30,8 @@ def _backbone(width: int) -> dict:
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-    a = config_arg.parse(arg, {"detector": ("retinanet", "fcos", "faster_rcnn", "reppoints")}, {"detector": "retinanet"},
+    a = config_arg.parse(arg, {"detector": ("retinanet", "fcos", "faster_rcnn", "reppoints", "dino")},
+                         {"detector": "retinanet"},
                          config="configs/detection_smoke.py")
     detector = a["detector"]
     c = ml_collections.ConfigDict()
@@ -59,10 +63,19 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         head = dict(feat_channels=NECK)
         extra = dict(roi_head_kwargs=dict(fc_out_channels=64))
         levels = ("fpn.p2", "fpn.p3", "fpn.p4", "fpn.p5")
-    c.student = ml_collections.ConfigDict(dict(name=detector, **_backbone(8), neck_kwargs=neck,
+    if detector == "dino":  # the transformer as wide as the neck; BatchNorm trains (from scratch)
+        neck = dict(out_channels=NECK, num_groups=4)
+        head = dict(embed_dims=NECK, num_heads=4, num_queries=30, encoder_layers=1, decoder_layers=1,
+                    feedforward_channels=32)
+        c.task.update(dn_queries=10)
+    trunk = {"faster_rcnn": "fpn", "dino": "channel_mapper"}.get(detector, f"{detector}_fpn")
+    backbone = _backbone(8)
+    if detector == "dino":
+        backbone["backbone_kwargs"]["norm_requires_grad"] = True
+    c.student = ml_collections.ConfigDict(dict(name=detector, **backbone, neck_kwargs=neck,
                                                head_kwargs=head, **extra))
     c.teacher = ml_collections.ConfigDict(dict(
-        name="fpn" if detector == "faster_rcnn" else f"{detector}_fpn", **_backbone(16),
+        name=trunk, **_backbone(16),
         neck_kwargs=neck,
         checkpoint="",  # a trained teacher: an mmdet detector .pth, or the export/ dir of a detector run
         random_init=True,  # this config exercises the machinery: a random teacher, on purpose

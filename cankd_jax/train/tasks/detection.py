@@ -1,4 +1,4 @@
-"""Detection (RetinaNet, FCOS, RepPoints, Faster R-CNN): mmdet's training targets and losses, its test-time post-processing
+"""Detection (RetinaNet, FCOS, RepPoints, Faster R-CNN, DINO): mmdet's training targets and losses, its test-time post-processing
 inside the jitted evaluation, and pycocotools' COCOeval on the host. The building blocks (boxes, anchors,
 assigners, samplers, losses, NMS, RoIAlign, proposals) are `cankd_jax.detection`'s."""
 
@@ -16,8 +16,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from cankd_jax import detection as det
-from cankd_jax.detection import rcnn, reppoints, rpn
+from cankd_jax.detection import dino, rcnn, reppoints, rpn
 from cankd_jax.detection.samplers import sample_key
+from cankd_jax.models.dino import DINO
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,14 @@ class DetectionTask:
     each image) and `detect` is the box head's post-processing (`rcnn.rcnn_postprocess`: score 0.05, NMS 0.5,
     100 per image, unless `score_thr` / `iou_threshold` / `max_per_img` say otherwise).
 
+    DINO (`dino`): `apply_kwargs` gives the student's call each image's `img_shapes` (its padding is masked out
+    of the transformer) and, in training, the contrastive denoising queries (`cankd_jax.detection.dino`:
+    `dn_queries` (100) sizing the groups, label noise 0.5, box noise 1.0), drawn from keys of (seed, step,
+    image index in the global batch). `loss` is every term of mmdet's `DINOHead.loss_by_feat` (Hungarian
+    matching on each decoder layer and the encoder's proposals, the denoising targets); `detect` keeps the
+    `max_per_img` best (query, class) pairs of the last layer (DINO's config: 300), no NMS. `num_queries` comes
+    from the student (`for_detector`).
+
     `strides`: the neck levels' (P3-P7; P2-P6 for Faster R-CNN); `norm_on_bbox`: FCOS's head setting (its
     training distances in strides). A run takes both from the student's head
     (`for_detector`), so the network is their one source; a config that sets either
@@ -82,12 +91,16 @@ class DetectionTask:
     train_proposals: tuple[int, int] = (rpn.RPN_TRAIN_PROPOSALS.nms_pre, rpn.RPN_TRAIN_PROPOSALS.max_per_img)
     test_proposals: tuple[int, int] = (rpn.RPN_TEST_PROPOSALS.nms_pre, rpn.RPN_TEST_PROPOSALS.max_per_img)
     roi_samples: int = rcnn.RCNN_TRAIN_CFG.num
+    # DINO: the denoising queries the groups are sized from (mmdet's dn_cfg.group_cfg.num_dn_queries), and the
+    # student's matching queries (set by for_detector)
+    dn_queries: int = 100
+    num_queries: int = 900
     metric: str = "mAP"
     category_ids: tuple[int, ...] = dataclasses.field(default=(), metadata={"internal": True})
     ground_truth: Optional[dict] = dataclasses.field(default=None, compare=False, repr=False,
                                                      metadata={"internal": True})
 
-    DETECTORS = ("retinanet", "fcos", "reppoints", "faster_rcnn")
+    DETECTORS = ("retinanet", "fcos", "reppoints", "faster_rcnn", "dino")
 
     def __post_init__(self):
         if self.detector not in self.DETECTORS:
@@ -107,15 +120,20 @@ class DetectionTask:
         head = getattr(detector, "bbox_head", None) or getattr(detector, "rpn_head", None)
         kind = {"RetinaHead": "retinanet", "FCOSHead": "fcos", "RepPointsHead": "reppoints",
                 "RPNHead": "faster_rcnn"}.get(type(head).__name__)
+        what = f"head is a {type(head).__name__}"
+        if isinstance(detector, DINO):
+            kind, what = "dino", "is a DINO"
         if kind != self.detector:
-            raise ValueError(f"task.detector={self.detector!r} but the student's head is a {type(head).__name__}"
+            raise ValueError(f"task.detector={self.detector!r} but the student's {what}"
                              + (f"; set task.detector to {kind!r}" if kind else ", which this task has no targets for"))
         fields = {"strides": tuple(int(s) for s in detector.level_strides())}
+        if kind == "dino":
+            fields["num_queries"] = int(detector.num_queries)
         if kind == "fcos":
             fields["norm_on_bbox"] = bool(head.norm_on_bbox)
         for key, value in fields.items():
             given = cfg.get(key)
-            if given is not None and (tuple(given) if key == "strides" else bool(given)) != value:
+            if given is not None and (tuple(given) if key == "strides" else type(value)(given)) != value:
                 raise ValueError(f"task.{key}={given} but the student has {key}={value}; the training targets follow "
                                  f"the student: drop task.{key} (or change the student's network config)")
         return dataclasses.replace(self, **fields)
@@ -143,8 +161,11 @@ class DetectionTask:
         return sizes, self.strides
 
     def apply_kwargs(self, data: Mapping[str, Any], *, train: bool, key: Optional[jax.Array] = None) -> dict:
-        """Faster R-CNN: the `roi_sampler` of the student's call (see the class docstring); nothing otherwise.
+        """Faster R-CNN: the `roi_sampler` of the student's call; DINO: `img_shapes` and in training `denoising`
+        (see the class docstring); nothing otherwise.
         `data`: the batch's labels (training, with the step's sampling `key`) or the eval batch."""
+        if self.detector == "dino":
+            return self._dino_kwargs(data, train=train, key=key)
         if self.detector != "faster_rcnn":
             return {}
         img_shapes = data["img_shape"]
@@ -183,6 +204,23 @@ class DetectionTask:
             return rois, {"rpn_targets": rpn_t, "roi_samples": roi_s}
 
         return {"roi_sampler": train_rois}
+
+    def _dino_kwargs(self, data: Mapping[str, Any], *, train: bool, key: Optional[jax.Array]) -> dict:
+        img_shapes = data["img_shape"]
+        if not train:
+            return {"img_shapes": img_shapes}
+        if key is None:
+            raise ValueError("DetectionTask.apply_kwargs: DINO's denoising queries need a sampling key")
+        layout = dino.dn_layout(data["valid"], self.dn_queries)
+        b, d = layout.gt.shape
+
+        def draw(index):  # each image's own draws, whichever device holds it
+            return jax.tree.map(lambda a: a[0], dino.dn_noise(sample_key(key, 0, index), 1, d, self.num_classes))
+
+        noise = jax.vmap(draw)(jnp.arange(b))
+        denoising = dino.cdn_queries(noise, layout, data["boxes"], data["labels"], img_shapes,
+                                     num_matching_queries=self.num_queries)
+        return {"img_shapes": img_shapes, "denoising": denoising}
 
     @staticmethod
     def _proposal_config(counts: tuple[int, int], default: rpn.ProposalConfig) -> rpn.ProposalConfig:
@@ -228,6 +266,11 @@ class DetectionTask:
             terms = {**rpn.rpn_loss(cls, reg, outputs["rpn_targets"]),
                      **rcnn.rcnn_loss(outputs["roi_cls_scores"], outputs["roi_bbox_preds"], outputs["roi_samples"])}
             return sum(terms.values()), terms
+        if self.detector == "dino":
+            layout = dino.dn_layout(labels["valid"], self.dn_queries)
+            terms = dino.dino_losses(outputs, labels["boxes"], labels["labels"], labels["valid"], labels["img_shape"],
+                                     num_classes=self.num_classes, num_dn=layout.gt.shape[1], layout=layout)
+            return sum(terms.values()), terms
         k = self.num_classes
         cls = det.flatten_level_maps(outputs["cls_scores"], k)
         targets = self.targets(outputs, labels)
@@ -259,6 +302,9 @@ class DetectionTask:
             return rcnn.rcnn_postprocess(props.boxes, props.valid, outputs["roi_cls_scores"].reshape(b, m, -1),
                                          outputs["roi_bbox_preds"].reshape(b, m, -1), img_shapes, scale_factors,
                                          cfg=cfg)
+        if self.detector == "dino":
+            return dino.dino_postprocess(outputs["cls_scores"][-1], outputs["bbox_preds"][-1], img_shapes,
+                                         scale_factors, max_per_img=self.max_per_img)
         sizes, strides = self._levels(outputs)
         b, k, cfg = outputs["cls_scores"][0].shape[0], self.num_classes, self.postprocess_config
         cls = [m.reshape(b, -1, k) for m in outputs["cls_scores"]]
