@@ -177,6 +177,14 @@ def test_task_follows_the_student_head():
     with pytest.raises(ValueError, match="task.detector='fcos' but the student's head is a RetinaHead; set "
                                          "task.detector to 'retinanet'"):
         run("detector=retinanet", detector="fcos")
+    # DINO: the matching queries are the student's; the denoising queries are the task's own setting
+    dino_task = run("detector=dino").task
+    assert (dino_task.num_queries, dino_task.dn_queries, dino_task.strides) == (30, 10, (8, 16, 32, 64))
+    with pytest.raises(ValueError, match=r"task.num_queries=900 but the student has num_queries=30"):
+        run("detector=dino", num_queries=900)
+    with pytest.raises(ValueError, match="task.detector='retinanet' but the student's network is a DINO; set "
+                                         "task.detector to 'dino'"):
+        run("detector=dino", detector="retinanet")
 
 
 def test_dagger_student_takes_neck_and_head_from_the_teacher_and_the_backbone_from_imagenet(tmp_path):

@@ -184,6 +184,7 @@ def test_forward_matches_mmdet(train):
         assert_close(got[key], value, rtol=1e-5, what=key)
 
 
+@pytest.mark.slow  # 30 s: mmdet's backward through the ResNet and the transformer on the CPU
 def test_gradients_match_mmdet():
     """The gradient of a weighted sum of every train-mode output (denoising included) with respect to every
     trainable parameter: the encoder, the decoder with its detached references and look-forward-twice boxes,

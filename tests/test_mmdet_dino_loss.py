@@ -152,7 +152,8 @@ def _predictions(c, seed=1):
     enc_box = (1 / (1 + np.exp(-rng.normal(0, 1.2, (3, Q, 4))))).astype(np.float32)
     ours = dict(cls_scores=cls, bbox_preds=box, enc_cls_scores=enc_cls, enc_bbox_preds=enc_box)
     keep = np.r_[0:used, d:d + Q]
-    theirs = dict(cls_scores=cls[:, :, keep], bbox_preds=box[:, :, keep], enc_cls_scores=enc_cls, enc_bbox_preds=enc_box)
+    theirs = dict(cls_scores=cls[:, :, keep], bbox_preds=box[:, :, keep], enc_cls_scores=enc_cls,
+                  enc_bbox_preds=enc_box)
     return ours, theirs, keep
 
 

@@ -60,7 +60,8 @@ def coordinate_to_encoding(coords: Array, num_feats: int = 128, temperature: flo
     """mmdet's `coordinate_to_encoding`: `(..., 2 | 4)` in [0, 1] -> `(..., 2 | 4 * num_feats)`, the sine
     embeddings of y, x (then w, h), in that order."""
     if coords.shape[-1] not in (2, 4):
-        raise ValueError(f"coordinate_to_encoding: the last axis must be 2 (x, y) or 4 (x, y, w, h), got {coords.shape}")
+        raise ValueError(f"coordinate_to_encoding: the last axis must be 2 (x, y) or 4 (x, y, w, h), "
+                         f"got {coords.shape}")
     dim_t = _dim_t(num_feats, temperature)
     embed = [_sin_cos((coords[..., i] * scale)[..., None] / dim_t) for i in range(coords.shape[-1])]
     order = (1, 0) if coords.shape[-1] == 2 else (1, 0, 2, 3)

@@ -1,5 +1,5 @@
-"""Detection (RetinaNet, FCOS, RepPoints, Faster R-CNN, DINO): mmdet's training targets and losses, its test-time post-processing
-inside the jitted evaluation, and pycocotools' COCOeval on the host. The building blocks (boxes, anchors,
+"""Detection (RetinaNet, FCOS, RepPoints, Faster R-CNN, DINO): mmdet's training targets and losses, its test-time
+post-processing inside the jitted evaluation, and pycocotools' COCOeval on the host. The building blocks (boxes, anchors,
 assigners, samplers, losses, NMS, RoIAlign, proposals) are `cankd_jax.detection`'s."""
 
 from __future__ import annotations
@@ -122,7 +122,7 @@ class DetectionTask:
                 "RPNHead": "faster_rcnn"}.get(type(head).__name__)
         what = f"head is a {type(head).__name__}"
         if isinstance(detector, DINO):
-            kind, what = "dino", "is a DINO"
+            kind, what = "dino", "network is a DINO"
         if kind != self.detector:
             raise ValueError(f"task.detector={self.detector!r} but the student's {what}"
                              + (f"; set task.detector to {kind!r}" if kind else ", which this task has no targets for"))
