@@ -31,13 +31,28 @@ from conftest import assert_close
 pytestmark = pytest.mark.skipif(mr.available() is not None, reason=str(mr.available()))
 
 K, Q, BASE = 5, 30, 16
-CONFIG = "dino/dino-4scale_r50_8xb2-12e_coco.py"
-OVERRIDES = {"model.backbone.base_channels": BASE, "model.neck.in_channels": [8 * BASE, 16 * BASE, 32 * BASE],
-             "model.encoder.num_layers": 2, "model.decoder.num_layers": 2,
-             "model.encoder.layer_cfg.ffn_cfg.feedforward_channels": 64,
-             "model.decoder.layer_cfg.ffn_cfg.feedforward_channels": 64,
-             "model.num_queries": Q, "model.bbox_head.num_classes": K,
-             "model.dn_cfg.group_cfg.num_dn_queries": 8}
+TRANSFORMER = {"model.num_queries": Q, "model.bbox_head.num_classes": K, "model.dn_cfg.group_cfg.num_dn_queries": 8,
+               "model.encoder.layer_cfg.ffn_cfg.feedforward_channels": 64,
+               "model.decoder.layer_cfg.ffn_cfg.feedforward_channels": 64}
+HEAD = dict(num_queries=Q, feedforward_channels=64)
+SWIN = dict(embed_dims=24, depths=(2, 2, 2, 2), num_heads=(1, 2, 3, 6))
+# variant -> (mmdet config, its overrides, our registry name, our kwargs, our teacher trunk)
+VARIANTS = {
+    "4scale_r50": ("dino/dino-4scale_r50_8xb2-12e_coco.py",
+                   {"model.backbone.base_channels": BASE, "model.neck.in_channels": [8 * BASE, 16 * BASE, 32 * BASE],
+                    "model.encoder.num_layers": 2, "model.decoder.num_layers": 2, **TRANSFORMER},
+                   "dino", dict(backbone_kwargs=dict(base_width=BASE, stem_width=BASE),
+                                head_kwargs=dict(encoder_layers=2, decoder_layers=2, **HEAD)), "channel_mapper"),
+    # Swin-L's layout shrunk (window 12 kept, so the stage maps are padded to the window); drop path off on both
+    # sides (mmdet's 0.2 draws in train mode; the comparison is of the deterministic computation)
+    "5scale_swin": ("dino/dino-5scale_swin-l_8xb2-12e_coco.py",
+                    {**{f"model.backbone.{k}": list(v) if isinstance(v, tuple) else v for k, v in SWIN.items()},
+                     "model.backbone.drop_path_rate": 0.0, "model.neck.in_channels": [24, 48, 96, 192],
+                     "model.encoder.num_layers": 1, "model.decoder.num_layers": 1, **TRANSFORMER},
+                    "dino_5scale", dict(backbone_kwargs=dict(SWIN, drop_path_rate=0.0),
+                                        head_kwargs=dict(encoder_layers=1, decoder_layers=1, **HEAD)),
+                    "channel_mapper_5scale"),
+}
 BATCH_HW = (96, 128)
 IMG_SHAPES = ((96, 128), (80, 100))
 GT = (np.array([[10, 12, 60, 70], [40, 30, 120, 90], [5, 50, 30, 95]], np.float32),
@@ -66,13 +81,13 @@ def _perturb(tm: torch.nn.Module) -> None:
 
 
 @functools.lru_cache(maxsize=None)
-def case() -> dict:
+def case(variant: str = "4scale_r50") -> dict:
     from mmdet.structures import DetDataSample
 
-    tm, _ = mr.build(CONFIG, OVERRIDES, seed=0)
+    config, overrides, name, kwargs, _ = VARIANTS[variant]
+    tm, _ = mr.build(config, overrides, seed=0)
     _perturb(tm)
-    model = make_model("dino", num_classes=K, backbone_kwargs=dict(base_width=BASE, stem_width=BASE),
-                       head_kwargs=dict(num_queries=Q, encoder_layers=2, decoder_layers=2, feedforward_channels=64))
+    model = make_model(name, num_classes=K, **kwargs)
     variables, report = interop.import_state_dict(model, tm.state_dict())
     x = np.random.default_rng(3).normal(size=(2, *BATCH_HW, 3)).astype(np.float32)
     for i, (h, w) in enumerate(IMG_SHAPES):  # the padding is zeros, as mmdet's collate pads
@@ -86,10 +101,10 @@ def case() -> dict:
                 img_shapes=np.array(IMG_SHAPES, np.float32))
 
 
-def _theirs(train: bool, cotangents: dict | None = None):
+def _theirs(train: bool, cotangents: dict | None = None, variant: str = "4scale_r50"):
     """mmdet's outputs (and its dn draw); with `cotangents`, also the gradient of sum(output * cotangent) with
     respect to every trainable parameter, by state-dict key."""
-    c = case()
+    c = case(variant)
     tm = c["tm"]
     tm.train(train)
     tm.zero_grad()
@@ -131,9 +146,9 @@ def _theirs(train: bool, cotangents: dict | None = None):
     return out, dn
 
 
-def _denoising_from(dn) -> Denoising:
+def _denoising_from(dn, variant: str = "4scale_r50") -> Denoising:
     """mmdet's denoising queries as ours: each slot's label is the embedding row its query equals (-1: zeros)."""
-    table = case()["tm"].dn_query_generator.label_embedding.weight.detach()
+    table = case(variant)["tm"].dn_query_generator.label_embedding.weight.detach()
     q = dn["label"].detach()
     eq = (q[:, :, None, :] == table[None, None]).all(-1)  # (B, D, K)
     assert torch.equal(eq.any(-1), q.abs().sum(-1) > 0), "a denoising query that is no label's embedding"
@@ -143,34 +158,42 @@ def _denoising_from(dn) -> Denoising:
     return Denoising(jnp.asarray(labels, jnp.int32), jnp.asarray(dn["bbox"].numpy()), jnp.asarray(mask))
 
 
-def test_strict_import():
-    c = case()
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_strict_import(variant):
+    c = case(variant)
     report = c["report"]
     assert not report.missing and not report.unexpected and not report.ignored
-    assert set(report.loaded) == set(c["tm"].state_dict())
+    # Swin's relative_position_index buffers are constants the importer checks against ours, not variables
+    assert set(report.loaded) == {k for k in c["tm"].state_dict() if not k.endswith("relative_position_index")}
 
 
-def test_teacher_trunk_reads_the_backbone_and_neck():
-    """`make_model('channel_mapper')`, a DINO teacher's trunk, reads a DINO checkpoint's `backbone.*` and
-    `neck.*` strictly (the transformer's keys ignored) and gives the same neck levels as the whole model."""
-    c = case()
-    trunk = make_model("channel_mapper", backbone_kwargs=dict(base_width=BASE, stem_width=BASE))
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_teacher_trunk_reads_the_backbone_and_neck(variant):
+    """`make_model('channel_mapper')` (and its 5-scale twin), a DINO teacher's trunk, reads a DINO checkpoint's
+    `backbone.*` and `neck.*` strictly (the transformer's keys ignored) and gives the same neck levels as mmdet's
+    whole model."""
+    c = case(variant)
+    _, _, _, kwargs, trunk_name = VARIANTS[variant]
+    trunk = make_model(trunk_name, backbone="resnet50" if variant == "4scale_r50" else "swin_large_384",
+                       backbone_kwargs=kwargs["backbone_kwargs"])
     variables, report = interop.import_state_dict(trunk, c["tm"].state_dict())
     assert not report.missing and not report.unexpected
     assert report.ignored and all(not k.startswith(("backbone.", "neck.")) for k in report.ignored)
     ours = jax.jit(lambda v, x: trunk.apply(v, x, train=False))(variables, c["x"])
     with torch.no_grad():
         theirs = c["tm"].eval().extract_feat(mr.nchw(c["x"]))
-    assert [k for k in ours if k.startswith("fpn.")] == ["fpn.p3", "fpn.p4", "fpn.p5", "fpn.p6"]
+    first = 3 if variant == "4scale_r50" else 2
+    assert [k for k in ours if k.startswith("fpn.")] == [f"fpn.p{first + i}" for i in range(len(theirs))]
     for i, t in enumerate(theirs):
-        assert_close(ours[f"fpn.p{3 + i}"], mr.nhwc(t), rtol=1e-5, what=f"neck level {i}")
+        assert_close(ours[f"fpn.p{first + i}"], mr.nhwc(t), rtol=1e-5, what=f"neck level {i}")
 
 
+@pytest.mark.parametrize("variant", list(VARIANTS))
 @pytest.mark.parametrize("train", [False, True], ids=["eval", "train_with_denoising"])
-def test_forward_matches_mmdet(train):
-    c = case()
-    want, dn = _theirs(train)
-    denoising = _denoising_from(dn) if train else None
+def test_forward_matches_mmdet(train, variant):
+    c = case(variant)
+    want, dn = _theirs(train, variant=variant)
+    denoising = _denoising_from(dn, variant) if train else None
     model = c["model"]
 
     @jax.jit

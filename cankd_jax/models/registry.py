@@ -12,6 +12,7 @@
     make_model("faster_rcnn", backbone="resnet50", num_classes=80)  # a two-stage detector
     make_model("dino", backbone="resnet50", num_classes=80)          # DINO-4scale
     make_model("channel_mapper", backbone="resnet101")               # DINO R101's backbone + neck
+    make_model("dino_5scale", backbone="swin_large_384", num_classes=80)  # DINO-5scale Swin-L
 
 `make_network(cfg, num_classes=...)` does the same from a config block.
 """
@@ -85,9 +86,12 @@ TRUNKS: dict[str, dict[str, Any]] = {
     "reppoints_fpn": dict(start_level=1, add_extra_convs="on_input", norm="gn"),  # norm_cfg=dict(type='GN', 32)
     # DINO's (and Deformable DETR's): C3-C5 by 1x1 conv + GroupNorm, a fourth level by a 3x3 stride-2 conv on C5
     "channel_mapper": {},
+    # DINO-5scale's: all four Swin stages and a fifth level by a 3x3 stride-2 conv on the last
+    "channel_mapper_5scale": dict(num_outs=5),
 }
 # The neck class and the backbone stages it reads, for the trunks that are not an FPN on layer1..layer4.
-TRUNK_NECKS: dict[str, tuple[type[nn.Module], tuple[str, ...]]] = {"channel_mapper": (ChannelMapper, STAGES[1:])}
+TRUNK_NECKS: dict[str, tuple[type[nn.Module], tuple[str, ...]]] = {"channel_mapper": (ChannelMapper, STAGES[1:]),
+                                                                   "channel_mapper_5scale": (ChannelMapper, STAGES)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,6 +122,10 @@ DETECTORS: dict[str, DetectorSpec] = {
     # dino-4scale_r50_8xb2-12e_coco: BatchNorm frozen (norm_cfg requires_grad=False, norm_eval); its head_kwargs
     # are the DINO module's fields (num_queries, encoder_layers, decoder_layers, feedforward_channels, ...)
     "dino": DetectorSpec(DINO, "channel_mapper", None, "resnet50", backbone_defaults=dict(norm_requires_grad=False)),
+    # dino-5scale_swin-l_8xb2-12e_coco (the authors' Swin-L teacher; their Swin-B student is backbone='swin_base_384'):
+    # mmdet's Swin there has drop_path_rate 0.2
+    "dino_5scale": DetectorSpec(DINO, "channel_mapper_5scale", None, "swin_large_384",
+                                backbone_defaults=dict(drop_path_rate=0.2)),
 }
 
 
@@ -304,6 +312,8 @@ def make_detector(
     - `dino`: DINO-4scale (`cankd_jax.models.dino.DINO`): default backbone `resnet50` with frozen BatchNorm; neck
       `channel_mapper` (layer2-layer4 and one extra level, 256 channels, GroupNorm); `head_kwargs` are the DINO
       module's own fields (`num_queries`, `encoder_layers`, `decoder_layers`, `feedforward_channels`, ...).
+      `dino_5scale`: DINO-5scale, default backbone `swin_large_384` (drop path 0.2), neck `channel_mapper_5scale`
+      (all four stages and one extra level).
 
     `backbone_kwargs` override backbone fields (e.g. `base_width`,
     `stage_blocks`), `neck_kwargs` the FPN's (`out_channels`, ...),
@@ -323,7 +333,8 @@ def make_detector(
         if roi_head_kwargs:
             raise ValueError(f"detector {name!r} has no RoI head for roi_head_kwargs")
         return _build(spec.cls, f"detector {name!r}", dict(backbone=bb, neck=neck, num_classes=num_classes,
-                                                            **dtypes, **head_fields))
+                                                            in_features=TRUNK_NECKS[spec.trunk][1], **dtypes,
+                                                            **head_fields))
     if "strides" in _fields(spec.head) and "strides" not in head_fields:
         levels = pyramid_level_names(bb, neck, spec.cls.in_features)
         head_fields["strides"] = tuple(2 ** int(n[len("fpn.p"):]) for n in levels)
