@@ -56,6 +56,45 @@ def test_sgd_chain_matches_pytorch_sgd():
     np.testing.assert_allclose(np.asarray(p), tp.detach().numpy(), rtol=1e-5, atol=1e-6)
 
 
+def test_adamw_with_a_backbone_lr_mult_matches_pytorch_param_groups():
+    """DINO's recipe: AdamW lr 1e-4, weight decay 1e-4, global clip 0.1, the backbone at 0.1x lr (mmengine's
+    custom_keys). PyTorch: one clip over every parameter, then AdamW with the backbone in a group of lr 1e-5
+    (its decoupled decay scaled with it). The distillation terms' parameters keep the base lr even when their
+    names contain the key."""
+    import torch
+
+    rng = np.random.default_rng(0)
+    shapes = {"backbone": (4, 3), "neck": (5,), "distill": (3,)}
+    w0 = {k: rng.normal(size=s).astype(np.float32) for k, s in shapes.items()}
+    grads = [{k: rng.normal(size=s).astype(np.float32) for k, s in shapes.items()} for _ in range(5)]
+    cfg = _cfg(name="adamw", lr=1e-4, weight_decay=1e-4, grad_clip_norm=0.1, lr_mult={"backbone": 0.1, "bone": 0.5})
+    tx, _ = make_optimizer(cfg, 10)
+
+    def tree(d):
+        return {"student": {"backbone": {"conv": {"kernel": d["backbone"]}}, "neck": {"bias": d["neck"]}},
+                "distill": {"cankd_backbone_p3": {"w": d["distill"]}}}
+
+    p = jax.tree.map(jnp.asarray, tree(w0))
+    st = tx.init(p)
+    tp = {k: torch.nn.Parameter(torch.from_numpy(v.copy())) for k, v in w0.items()}
+    topt = torch.optim.AdamW([{"params": [tp["backbone"]], "lr": 1e-5}, {"params": [tp["neck"], tp["distill"]]}],
+                             lr=1e-4, weight_decay=1e-4)
+    for g in grads:
+        upd, st = tx.update(jax.tree.map(jnp.asarray, tree(g)), st, p)
+        p = optax.apply_updates(p, upd)
+        for k, t in tp.items():
+            t.grad = torch.from_numpy(g[k].copy())
+        torch.nn.utils.clip_grad_norm_(list(tp.values()), 0.1)
+        topt.step()
+    ours = {"backbone": p["student"]["backbone"]["conv"]["kernel"], "neck": p["student"]["neck"]["bias"],
+            "distill": p["distill"]["cankd_backbone_p3"]["w"]}
+    for k, t in tp.items():
+        np.testing.assert_allclose(np.asarray(ours[k]), t.detach().numpy(), rtol=1e-6, atol=1e-7, err_msg=k)
+        assert not np.allclose(np.asarray(ours[k]), w0[k])
+    with pytest.raises(ValueError, match="non-negative factors"):
+        make_optimizer(_cfg(name="adamw", lr=1e-4, lr_mult={"backbone": -1.0}), 10)
+
+
 def test_frozen_parameters_get_no_update_at_all():
     params = {"stem": jnp.ones((3,)), "head": jnp.ones((3,))}
     labels = {"stem": "frozen", "head": "trainable"}

@@ -31,7 +31,8 @@ def frozen_prefixes(model: Any) -> tuple[str, ...]:
     return tuple(method()) if callable(method) else ()
 
 
-def _key(path) -> str:
+def dotted_key(path) -> str:
+    """A pytree key path as a dotted name (`backbone.layer1.0.conv1.kernel`)."""
     parts = []
     for k in path:
         for attr in ("key", "name", "idx"):
@@ -48,7 +49,7 @@ def _is_frozen(key: str, prefixes: Sequence[str]) -> bool:
 def param_labels(params: PyTree, frozen: Sequence[str]) -> PyTree:
     """`'frozen'` / `'trainable'` per leaf of `params`, by dotted-key prefix (`ALL` freezes everything)."""
     frozen = tuple(frozen)
-    return jax.tree_util.tree_map_with_path(lambda p, _: FROZEN if _is_frozen(_key(p), frozen) else TRAINABLE, params)
+    return jax.tree_util.tree_map_with_path(lambda p, _: FROZEN if _is_frozen(dotted_key(p), frozen) else TRAINABLE, params)
 
 
 def frozen_param_labels(model: Any, params: PyTree) -> PyTree:

@@ -8,10 +8,13 @@ gradient.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Mapping, Optional
 
+import jax
 import ml_collections
 import optax
+
+from cankd_jax.models.freeze import dotted_key
 
 Schedule = Callable[[Any], Any]
 
@@ -66,7 +69,9 @@ def make_optimizer(
     `weight_decay` (on every trainable parameter, BN and loss parameters
     included, as the paper's mmcv recipes), `grad_clip_norm` (global norm; 0 or
     None: off), `schedule` + its fields (`power`, `min_lr`, `boundaries`,
-    `decay_factor`, `warmup_steps`, `warmup_factor`).
+    `decay_factor`, `warmup_steps`, `warmup_factor`), `lr_mult` (mmengine's `paramwise_cfg.custom_keys` with
+    `lr_mult`: `{'backbone': 0.1}` scales the learning rate of every student parameter whose dotted name contains
+    'backbone', the longest matching key winning, as mmengine matches them).
 
     `frozen_labels`: optional pytree like the params with 'trainable'/'frozen'
     leaves; frozen leaves get `optax.set_to_zero()`.
@@ -89,7 +94,38 @@ def make_optimizer(
         parts.append(optax.adamw(schedule, b1=float(cfg.get("b1", 0.9)), b2=float(cfg.get("b2", 0.999)), weight_decay=wd))
     else:
         raise ValueError(f"unknown optimizer.name {name!r}; choose one of adamw, sgd")
+    lr_mult = dict(cfg.get("lr_mult", None) or {})
+    if lr_mult:
+        parts.append(scale_by_name(lr_mult))
     tx = optax.chain(*parts)
     if frozen_labels is not None:
         tx = optax.multi_transform({"trainable": tx, "frozen": optax.set_to_zero()}, frozen_labels)
     return tx, schedule
+
+
+def lr_multiplier(name: str, lr_mult: Mapping[str, float]) -> float:
+    """The learning-rate factor of the student parameter `name` (dotted, e.g. 'backbone.layer1.0.conv1.kernel'):
+    that of the longest key of `lr_mult` it contains, else 1 (mmengine's `custom_keys` rule)."""
+    for key in sorted(lr_mult, key=len, reverse=True):
+        if key in name:
+            return float(lr_mult[key])
+    return 1.0
+
+
+def scale_by_name(lr_mult: Mapping[str, float]) -> optax.GradientTransformation:
+    """Multiply each student parameter's update by `lr_multiplier` of its name (the last step of the chain, so
+    it scales the learning rate and the decoupled weight decay together, as a PyTorch parameter group's lr
+    does). Parameters outside `params['student']` (the distillation terms') keep factor 1."""
+    bad = {k: v for k, v in lr_mult.items() if not isinstance(v, (int, float)) or v < 0}
+    if bad:
+        raise ValueError(f"optimizer.lr_mult maps name fragments to non-negative factors; got {bad}")
+
+    def factor(path) -> float:
+        name = dotted_key(path)
+        return lr_multiplier(name[len("student."):], lr_mult) if name.startswith("student.") else 1.0
+
+    def update(updates, state, params=None):
+        del params
+        return jax.tree_util.tree_map_with_path(lambda p, u: u * factor(p) if factor(p) != 1.0 else u, updates), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
