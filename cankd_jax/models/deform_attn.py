@@ -81,7 +81,9 @@ def _sample_level(value: Array, hw: tuple[int, int], locations: Array, weights: 
     head = jnp.arange(heads, dtype=jnp.int32)[None, None, :, None]
     rows = (batch * (h * w) + pixel) * heads + head
     samples = value.reshape(b * h * w * heads, d)[rows]  # (B, Q, heads, 4P, D)
-    return jnp.einsum("bqhk,bqhkd->bqhd", coeff.astype(samples.dtype), samples)
+    acc = jnp.promote_types(samples.dtype, jnp.float32)  # bfloat16 samples sum in float32
+    out = jnp.einsum("bqhk,bqhkd->bqhd", coeff.astype(samples.dtype), samples, preferred_element_type=acc)
+    return out.astype(samples.dtype)
 
 
 def ms_deform_attn(value: Array, spatial_shapes: SpatialShapes, sampling_locations: Array,
@@ -188,10 +190,12 @@ class MultiScaleDeformableAttention(nn.Module):
         if key_padding_mask is not None:
             v = jnp.where(key_padding_mask[..., None], 0, v)
         v = v.reshape(b, v.shape[1], heads, -1)
-        offsets = self.sampling_offsets(query).reshape(b, q, heads, levels, points, 2)
-        weights = jax.nn.softmax(self.attention_weights(query).reshape(b, q, heads, levels * points), axis=-1)
-        weights = weights.reshape(b, q, heads, levels, points)
-        ref = reference_points[:, :, None, :, None, :]
+        # Where to sample is computed in float32 whatever the compute dtype: a bfloat16 location on a 167-pixel-wide
+        # map is only good to about a pixel.
+        offsets = self.sampling_offsets(query).astype(jnp.float32).reshape(b, q, heads, levels, points, 2)
+        logits = self.attention_weights(query).astype(jnp.float32).reshape(b, q, heads, levels * points)
+        weights = jax.nn.softmax(logits, axis=-1).reshape(b, q, heads, levels, points)
+        ref = reference_points.astype(jnp.float32)[:, :, None, :, None, :]
         if reference_points.shape[-1] == 2:
             # (W, H) of each level, as mmcv's offset_normalizer
             normalizer = jnp.asarray([[w, h] for h, w in spatial_shapes], offsets.dtype)
