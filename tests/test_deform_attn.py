@@ -197,6 +197,5 @@ def test_bfloat16_samples_where_float32_does():
     want = f32.apply(params, query, value, reference_points=ref, spatial_shapes=shapes)
     bf16 = MultiScaleDeformableAttention(embed_dims=c, num_heads=2, num_levels=1, num_points=2, dtype=jnp.bfloat16)
     got = bf16.apply(params, query, value, reference_points=ref, spatial_shapes=shapes)
-    assert got.dtype == jnp.float32 or got.dtype == jnp.bfloat16
     err = float(jnp.max(jnp.abs(got.astype(jnp.float32) - want))) / float(jnp.max(jnp.abs(want)))
     assert err < 5e-2, err  # without float32 locations: 1.15 here
