@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import time
 
@@ -28,6 +27,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from cankd_jax.models.deform_attn import ms_deform_attn
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from roi_align_speed import time_calls  # this folder's scripts: the same median-of-calls timer  # noqa: E402
 
 STRIDES = (8, 16, 32, 64)
 HEADS, DIMS, POINTS = 8, 32, 4
@@ -63,16 +65,6 @@ def make_case(shapes, queries: int, batch: int, seed: int = 0):
     cot = rng.standard_normal((batch, q, HEADS * DIMS)).astype(np.float32)
     return (value, loc.astype(np.float32), weights.reshape(batch, q, HEADS, levels, POINTS).astype(np.float32),
             cot)
-
-
-def time_calls(fn, repeats: int) -> tuple[float, object]:
-    out = fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), out
 
 
 def jax_side(shapes, case, repeats: int, remat: bool):
