@@ -26,6 +26,7 @@ import chex
 import jax
 import jax.numpy as jnp
 
+from cankd_jax.detection.boxes import clip_boxes
 from cankd_jax.detection.hungarian import cxcywh_to_xyxy, hungarian_assign, match_cost, xyxy_to_cxcywh
 from cankd_jax.detection.losses import giou_loss, l1_loss, sigmoid_focal_loss
 from cankd_jax.detection.postprocess import Detections
@@ -94,10 +95,15 @@ def dn_noise(key: Array, batch: int, slots: int, num_classes: int) -> DnNoise:
                    jax.random.uniform(k4, (batch, slots, 4)))
 
 
+def _whwh(img_shapes: Array) -> Array:
+    """`(..., 2)` image (h, w) -> `(..., 4)` (w, h, w, h), the factor between normalised boxes and pixels."""
+    h, w = img_shapes[..., 0], img_shapes[..., 1]
+    return jnp.stack([w, h, w, h], axis=-1)
+
+
 def _normalised(boxes: Array, img_shapes: Array) -> Array:
     """`(B, N, 4)` pixels / each image's `(w, h, w, h)`."""
-    h, w = img_shapes[:, 0], img_shapes[:, 1]
-    return boxes / jnp.stack([w, h, w, h], axis=-1)[:, None, :]
+    return boxes / _whwh(img_shapes)[:, None, :]
 
 
 def dn_attention_mask(layout: DnLayout, num_matching_queries: int) -> Array:
@@ -162,8 +168,7 @@ def matching_targets(cls_scores: Array, bbox_preds: Array, gt_boxes: Array, gt_l
     to its objects learn them, every other query learns background. `cls_scores (B, Q, K)`, `bbox_preds
     (B, Q, 4)` normalised (cx, cy, w, h). No gradient flows through the matching."""
     def one(cls, box, gtb, gtl, valid, shape):
-        h, w = shape[0], shape[1]
-        factor = jnp.stack([w, h, w, h])
+        factor = _whwh(shape)
         pred = cxcywh_to_xyxy(box) * factor
         cost = match_cost(cls, pred, gtb, gtl, shape)
         gt = hungarian_assign(jax.lax.stop_gradient(cost), valid).gt_inds
@@ -186,8 +191,7 @@ def set_loss(cls_scores: Array, bbox_preds: Array, t: SetTargets, img_shapes: Ar
     avg = jnp.maximum(t.num_pos.astype(jnp.float32), 1.0)
     loss_cls = sigmoid_focal_loss(cls_scores.reshape(b * n, k), t.labels.reshape(-1), t.label_weights.reshape(-1),
                                   avg_factor=avg) * cls_weight
-    h, w = img_shapes[:, 0], img_shapes[:, 1]
-    factor = jnp.stack([w, h, w, h], axis=-1)[:, None, :]
+    factor = _whwh(img_shapes)[:, None, :]
     weights = jnp.broadcast_to(t.box_weights[..., None], bbox_preds.shape)
     loss_iou = giou_loss((cxcywh_to_xyxy(bbox_preds) * factor).reshape(-1, 4),
                          (cxcywh_to_xyxy(t.boxes) * factor).reshape(-1, 4), t.box_weights.reshape(-1),
@@ -240,10 +244,7 @@ def dino_postprocess(cls_scores: Array, bbox_preds: Array, img_shapes: Array, sc
     scores, index = top_k(jax.nn.sigmoid(cls_scores.astype(jnp.float32)).reshape(b, q * k), max_per_img)
     labels = (index % k).astype(jnp.int32)
     boxes = cxcywh_to_xyxy(jnp.take_along_axis(bbox_preds.astype(jnp.float32), (index // k)[..., None], axis=1))
-    h, w = img_shapes[:, 0, None], img_shapes[:, 1, None]
-    x = jnp.clip(boxes[..., 0::2] * w[..., None], 0, w[..., None])
-    y = jnp.clip(boxes[..., 1::2] * h[..., None], 0, h[..., None])
-    boxes = jnp.stack([x[..., 0], y[..., 0], x[..., 1], y[..., 1]], axis=-1)
-    sw, sh = scale_factors[:, 0, None], scale_factors[:, 1, None]
-    boxes = boxes / jnp.stack([sw, sh, sw, sh], axis=-1)
+    boxes = jax.vmap(clip_boxes)(boxes * _whwh(img_shapes)[:, None, :], img_shapes)
+    # divided, not multiplied by the reciprocal (`rescale_boxes`): mmdet's DETR head divides
+    boxes = boxes / jnp.concatenate([scale_factors, scale_factors], axis=-1)[:, None, :]
     return Detections(boxes, scores, labels, jnp.full((b,), max_per_img, jnp.int32))

@@ -185,9 +185,8 @@ class MLP(nn.Module):
         return x
 
 
-class DeformableEncoderLayer(nn.Module):
-    """mmdet's `DeformableDetrTransformerEncoderLayer`: deformable self-attention (residual inside), LayerNorm,
-    FFN (residual inside), LayerNorm (`self_attn`, `norms.0`, `ffn`, `norms.1`)."""
+class _DeformableLayer(nn.Module):
+    """The fields and pieces the encoder and decoder layers share; call their helpers from a compact method."""
 
     embed_dims: int = 256
     num_heads: int = 8
@@ -196,45 +195,47 @@ class DeformableEncoderLayer(nn.Module):
     feedforward_channels: int = 1024
     dtype: Optional[Dtype] = None
     param_dtype: Dtype = jnp.float32
+
+    def _deform_attn(self, name: str) -> MultiScaleDeformableAttention:
+        return MultiScaleDeformableAttention(self.embed_dims, self.num_heads, self.num_levels, self.num_points,
+                                             name=name, dtype=self.dtype, param_dtype=self.param_dtype)
+
+    def _norm(self, i: int, x: Array) -> Array:
+        return layer_norm(f"norms.{i}", self.dtype, self.param_dtype)(x)
+
+    def _ffn_and_norm(self, i: int, x: Array) -> Array:
+        """`ffn` (residual inside), then `norms.{i}`."""
+        x = FFN(self.embed_dims, self.feedforward_channels, name="ffn", dtype=self.dtype,
+                param_dtype=self.param_dtype)(x)
+        return self._norm(i, x)
+
+
+class DeformableEncoderLayer(_DeformableLayer):
+    """mmdet's `DeformableDetrTransformerEncoderLayer`: deformable self-attention (residual inside), LayerNorm,
+    FFN (residual inside), LayerNorm (`self_attn`, `norms.0`, `ffn`, `norms.1`)."""
 
     @nn.compact
     def __call__(self, query: Array, *, query_pos: Array, reference_points: Array,
                  spatial_shapes: Sequence[tuple[int, int]], key_padding_mask: Optional[Array]) -> Array:
-        d = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        query = MultiScaleDeformableAttention(self.embed_dims, self.num_heads, self.num_levels, self.num_points,
-                                              name="self_attn", **d)(
-            query, reference_points=reference_points, spatial_shapes=spatial_shapes, query_pos=query_pos,
-            key_padding_mask=key_padding_mask)
-        query = layer_norm("norms.0", **d)(query)
-        query = FFN(self.embed_dims, self.feedforward_channels, name="ffn", **d)(query)
-        return layer_norm("norms.1", **d)(query)
+        query = self._deform_attn("self_attn")(query, reference_points=reference_points, spatial_shapes=spatial_shapes,
+                                               query_pos=query_pos, key_padding_mask=key_padding_mask)
+        return self._ffn_and_norm(1, self._norm(0, query))
 
 
-class DeformableDecoderLayer(nn.Module):
+class DeformableDecoderLayer(_DeformableLayer):
     """mmdet's `DeformableDetrTransformerDecoderLayer`: self-attention among the queries (`self_attn`, with
     `self_attn_mask`), LayerNorm, deformable cross-attention into the memory (`cross_attn`), LayerNorm, FFN,
     LayerNorm (`norms.0..2`)."""
-
-    embed_dims: int = 256
-    num_heads: int = 8
-    num_levels: int = 4
-    num_points: int = 4
-    feedforward_channels: int = 1024
-    dtype: Optional[Dtype] = None
-    param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, query: Array, *, query_pos: Array, value: Array, reference_points: Array,
                  spatial_shapes: Sequence[tuple[int, int]], key_padding_mask: Optional[Array],
                  self_attn_mask: Optional[Array] = None) -> Array:
-        d = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        query = MultiheadAttention(self.embed_dims, self.num_heads, name="self_attn", **d)(
+        query = MultiheadAttention(self.embed_dims, self.num_heads, name="self_attn", dtype=self.dtype,
+                                   param_dtype=self.param_dtype)(
             query, query_pos=query_pos, key_pos=query_pos, attn_mask=self_attn_mask)
-        query = layer_norm("norms.0", **d)(query)
-        query = MultiScaleDeformableAttention(self.embed_dims, self.num_heads, self.num_levels, self.num_points,
-                                              name="cross_attn", **d)(
-            query, value, reference_points=reference_points, spatial_shapes=spatial_shapes, query_pos=query_pos,
-            key_padding_mask=key_padding_mask)
-        query = layer_norm("norms.1", **d)(query)
-        query = FFN(self.embed_dims, self.feedforward_channels, name="ffn", **d)(query)
-        return layer_norm("norms.2", **d)(query)
+        query = self._norm(0, query)
+        query = self._deform_attn("cross_attn")(query, value, reference_points=reference_points,
+                                                spatial_shapes=spatial_shapes, query_pos=query_pos,
+                                                key_padding_mask=key_padding_mask)
+        return self._ffn_and_norm(2, self._norm(1, query))

@@ -100,14 +100,14 @@ def padding_masks(img_shapes: Array, batch_hw: tuple[int, int], level_hws: list[
     return [resize_nearest(pad, hw)[..., 0] > 0.5 for hw in level_hws]
 
 
+def valid_size(mask: Array) -> Array:
+    """`(B, 2)` float32: a level's unpadded (w, h), counted along its first row and column as mmdet does."""
+    return jnp.stack([jnp.sum(~mask[:, 0, :], axis=1), jnp.sum(~mask[:, :, 0], axis=1)], axis=-1).astype(jnp.float32)
+
+
 def valid_ratios(masks: list[Array]) -> Array:
-    """`(B, L, 2)`: each level's unpadded share (w, h), counted along its first row and column as mmdet does."""
-    out = []
-    for m in masks:
-        vh = jnp.sum(~m[:, :, 0], axis=1).astype(jnp.float32)
-        vw = jnp.sum(~m[:, 0, :], axis=1).astype(jnp.float32)
-        out.append(jnp.stack([vw / m.shape[2], vh / m.shape[1]], axis=-1))
-    return jnp.stack(out, axis=1)
+    """`(B, L, 2)`: each level's unpadded share (w, h)."""
+    return jnp.stack([valid_size(m) / jnp.asarray([m.shape[2], m.shape[1]], jnp.float32) for m in masks], axis=1)
 
 
 def encoder_reference_points(shapes: list[tuple[int, int]], ratios: Array) -> Array:
@@ -132,12 +132,9 @@ def encoder_proposals(memory: Array, masks: list[Array]) -> tuple[Array, Array]:
     props = []
     for lvl, m in enumerate(masks):
         b, h, w = m.shape
-        vh = jnp.sum(~m[:, :, 0], axis=1).astype(jnp.float32)
-        vw = jnp.sum(~m[:, 0, :], axis=1).astype(jnp.float32)
         gy, gx = jnp.meshgrid(jnp.arange(h, dtype=jnp.float32), jnp.arange(w, dtype=jnp.float32), indexing="ij")
         grid = jnp.stack([gx, gy], axis=-1)[None]
-        scale = jnp.stack([vw, vh], axis=-1)[:, None, None, :]
-        grid = (grid + 0.5) / scale
+        grid = (grid + 0.5) / valid_size(m)[:, None, None, :]
         wh = jnp.full_like(grid, jnp.float32(0.05) * 2.0 ** lvl)
         props.append(jnp.concatenate([grid, wh], axis=-1).reshape(b, h * w, 4))
     props = jnp.concatenate(props, axis=1)

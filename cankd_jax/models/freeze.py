@@ -49,7 +49,8 @@ def _is_frozen(key: str, prefixes: Sequence[str]) -> bool:
 def param_labels(params: PyTree, frozen: Sequence[str]) -> PyTree:
     """`'frozen'` / `'trainable'` per leaf of `params`, by dotted-key prefix (`ALL` freezes everything)."""
     frozen = tuple(frozen)
-    return jax.tree_util.tree_map_with_path(lambda p, _: FROZEN if _is_frozen(dotted_key(p), frozen) else TRAINABLE, params)
+    return jax.tree_util.tree_map_with_path(
+        lambda p, _: FROZEN if _is_frozen(dotted_key(p), frozen) else TRAINABLE, params)
 
 
 def frozen_param_labels(model: Any, params: PyTree) -> PyTree:

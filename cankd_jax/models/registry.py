@@ -94,6 +94,12 @@ TRUNK_NECKS: dict[str, tuple[type[nn.Module], tuple[str, ...]]] = {"channel_mapp
                                                                    "channel_mapper_5scale": (ChannelMapper, STAGES)}
 
 
+def trunk_neck(trunk: str) -> tuple[type[nn.Module], tuple[str, ...]]:
+    """(the neck class, the backbone stages it reads) of a `TRUNKS` name: an FPN on layer1..layer4 unless listed
+    in `TRUNK_NECKS`."""
+    return TRUNK_NECKS.get(trunk, (FPN, STAGES))
+
+
 @dataclasses.dataclass(frozen=True)
 class DetectorSpec:
     """How a detector name is built: its class, neck preset, head class and the head fields its configs set;
@@ -256,7 +262,7 @@ def make_trunk(
         raise ValueError(f"unknown detection trunk {name!r}; choose one of {', '.join(sorted(TRUNKS))}")
     bb, neck = _backbone_and_neck(name, f"trunk {name!r}", backbone, backbone_kwargs, frozen_stages, norm_eval,
                                   dtype, param_dtype, fpn_kwargs)
-    return DetectionTrunk(backbone=bb, neck=neck, in_features=TRUNK_NECKS.get(name, (FPN, STAGES))[1])
+    return DetectionTrunk(backbone=bb, neck=neck, in_features=trunk_neck(name)[1])
 
 
 def _backbone_and_neck(trunk: str, what: str, backbone: str, backbone_kwargs: Optional[Mapping[str, Any]],
@@ -276,7 +282,7 @@ def _backbone_and_neck(trunk: str, what: str, backbone: str, backbone_kwargs: Op
     if not isinstance(bb, (ResNet, SwinTransformer)):
         raise ValueError(f"{what}: the neck reads the stages of a ResNet or a Swin; backbone {backbone!r} is "
                          f"a {type(bb).__name__}")
-    return bb, _build(TRUNK_NECKS.get(trunk, (FPN, STAGES))[0], what, {**TRUNKS[trunk], **dtypes, **fpn_kwargs})
+    return bb, _build(trunk_neck(trunk)[0], what, {**TRUNKS[trunk], **dtypes, **fpn_kwargs})
 
 
 def make_detector(
@@ -333,7 +339,7 @@ def make_detector(
         if roi_head_kwargs:
             raise ValueError(f"detector {name!r} has no RoI head for roi_head_kwargs")
         return _build(spec.cls, f"detector {name!r}", dict(backbone=bb, neck=neck, num_classes=num_classes,
-                                                            in_features=TRUNK_NECKS[spec.trunk][1], **dtypes,
+                                                            in_features=trunk_neck(spec.trunk)[1], **dtypes,
                                                             **head_fields))
     if "strides" in _fields(spec.head) and "strides" not in head_fields:
         levels = pyramid_level_names(bb, neck, spec.cls.in_features)

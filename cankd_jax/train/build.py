@@ -23,7 +23,6 @@ from cankd_jax import models
 from cankd_jax.compute import compute_dtype, remat_policy
 from cankd_jax.losses import Connector, make_loss
 from cankd_jax.losses.registry import loss_fields
-from cankd_jax.models.dino import DINO
 from cankd_jax.models.recorder import check_recorded, with_recorded
 from cankd_jax.train.optim import make_optimizer
 from cankd_jax.train.sharding import ParamLayout, tree_shardings
@@ -66,9 +65,8 @@ def build_run(config: ml_collections.ConfigDict, mesh: Mesh, *, input_size: Opti
     dtype, remat = config.get("dtype", "float32"), config.get("remat", "none")
     compute_dtype(dtype), remat_policy(remat)  # unknown names: a ValueError listing the valid ones
     student = models.make_network(network_config(config.student, dtype, remat), num_classes=config.task.num_classes)
-    if hasattr(task, "for_detector") and (hasattr(student, "bbox_head") or hasattr(student, "rpn_head")
-                                          or isinstance(student, DINO)):
-        # a detector's targets follow its head
+    if hasattr(task, "for_detector") and hasattr(student, "level_strides"):
+        # a detector's targets follow its head (every detector is a backbone + neck pyramid)
         task = task.for_detector(student, config.task)
     terms = make_terms(config.get("distill", ()), dtype=dtype)
     teacher = None

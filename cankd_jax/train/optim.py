@@ -124,8 +124,12 @@ def scale_by_name(lr_mult: Mapping[str, float]) -> optax.GradientTransformation:
         name = dotted_key(path)
         return lr_multiplier(name[len("student."):], lr_mult) if name.startswith("student.") else 1.0
 
+    def scaled(path, u):
+        f = factor(path)
+        return u if f == 1.0 else u * f
+
     def update(updates, state, params=None):
         del params
-        return jax.tree_util.tree_map_with_path(lambda p, u: u * factor(p) if factor(p) != 1.0 else u, updates), state
+        return jax.tree_util.tree_map_with_path(scaled, updates), state
 
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
