@@ -50,6 +50,9 @@ CASES = [
     ("coco.py", "teacher=mask_rcnn_swin_s,pairing=stride,loss=pkd"),
     ("coco.py", "detector=reppoints,dagger=true"),
     ("coco.py", "detector=reppoints,loss=cankd_dcn"),
+    ("coco_detr.py", ""),
+    ("coco_detr.py", "teacher=dino_swin_l"),
+    ("coco_detr.py", "loss=none"),
     ("detection_smoke.py", ""),
     ("detection_smoke.py", "detector=fcos"),
     ("detection_smoke.py", "detector=reppoints"),
@@ -86,7 +89,8 @@ def test_config_builds_and_its_terms_line_up(file, arg):
         terms = make_terms(cfg.get("distill", ()))
         if not terms:
             continue
-        size = (64, 64)  # every network here reads any size that is a multiple of 32
+        # every network here reads any size that is a multiple of 32; DINO's 900 queries need 900 positions
+        size = (256, 256) if cfg.task.get("detector") == "dino" else (64, 64)
         s_out = _outputs(cfg.student, cfg.task.num_classes, size)
         t_out = _outputs(cfg.teacher, cfg.task.num_classes, size)
         for term in terms:

@@ -24,6 +24,7 @@ import torch
 
 import openmmlab_reference as mr
 from cankd_jax.interop import torch as interop
+from cankd_jax import models
 from cankd_jax.models import make_model
 from cankd_jax.models.dino import Denoising
 from conftest import assert_close
@@ -239,3 +240,69 @@ def test_gradients_match_mmdet():
     assert len(theirs) == sum(p.requires_grad for p in c["tm"].parameters()) > 150
     for key, value in theirs.items():
         assert_close(ours[key], value, rtol=1e-4, what=key)
+
+
+@pytest.mark.parametrize("arg,mmdet_config", [("", "dino-4scale_r50_8xb2-12e_coco.py"),
+                                              ("teacher=dino_swin_l", "dino-5scale_swin-l_8xb2-12e_coco.py")])
+def test_coco_detr_config_follows_mmdets_dino_recipe(arg, mmdet_config):
+    """configs/coco_detr.py against mmdet's own DINO config (which the authors' distillation configs keep):
+    optimizer, clip, backbone lr factor, schedule, batch, data filter and augmentation, queries."""
+    import os
+
+    from mmengine.config import Config
+
+    from cankd_jax.config_arg import load_config
+
+    ref = Config.fromfile(os.path.join(mr.CONFIGS, "dino", mmdet_config))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    c = load_config(os.path.join(root, "configs", "coco_detr.py"), arg)
+    o, wrapper = c.optimizer, ref.optim_wrapper
+    assert (o.name, o.lr, o.weight_decay) == ("adamw", wrapper.optimizer.lr, wrapper.optimizer.weight_decay)
+    assert o.grad_clip_norm == wrapper.clip_grad.max_norm and wrapper.clip_grad.norm_type == 2
+    assert dict(o.lr_mult) == {k: v.lr_mult for k, v in wrapper.paramwise_cfg.custom_keys.items()}
+    epoch = c.total_steps // ref.train_cfg.max_epochs
+    (step,) = ref.param_scheduler
+    assert (step.type, step.by_epoch, step.gamma) == ("MultiStepLR", True, o.decay_factor)
+    assert list(o.boundaries) == [m * epoch for m in step.milestones] and not o.warmup_steps
+    assert c.batch_size == ref.auto_scale_lr.base_batch_size
+    dataset = ref.train_dataloader.dataset
+    assert dataset.filter_cfg.filter_empty_gt == c.data.filter_empty and dataset.filter_cfg.min_size == c.data.min_size
+    assert c.data.augment == "detr" and [t["type"] for t in dataset.pipeline][2:4] == ["RandomFlip", "RandomChoice"]
+    assert ref.model.dn_cfg.group_cfg.num_dn_queries == c.task.dn_queries
+    student = models.make_network(c.student, num_classes=c.task.num_classes)
+    assert student.num_queries == ref.model.num_queries and student.num_classes == ref.model.bbox_head.num_classes
+    assert len(c.distill) == (3 if not arg else 4) and {t["options"]["loss_weight"] for t in c.distill} == {10.0}
+
+
+@pytest.mark.parametrize("variant,arg", [("4scale_r50", ""), ("5scale_swin", "teacher=dino_swin_l")])
+def test_student_inherits_what_the_authors_configs_load_from_the_teacher(tmp_path, variant, arg):
+    """configs/coco_detr.py's `inherit_prefixes` on an mmdet DINO checkpoint: the student's encoder, decoder and
+    head (R50: and neck) are the checkpoint's, exactly as mmengine's `Pretrained` init_cfg with those prefixes
+    loads them; the backbone, queries, level embedding, memory projection and denoising labels keep their own."""
+    import os
+
+    import ml_collections
+    from flax import traverse_util
+
+    from cankd_jax.config_arg import load_config
+    from cankd_jax.train.weights import load_pretrained
+
+    c = case(variant)
+    torch.save({"state_dict": c["tm"].state_dict()}, tmp_path / "teacher.pth")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    config = load_config(os.path.join(root, "configs", "coco_detr.py"), arg)
+    cfg = ml_collections.ConfigDict(dict(pretrained="", inherit="teacher",
+                                         inherit_prefixes=config.student.inherit_prefixes,
+                                         inherit_skip_mismatched=config.student.inherit_skip_mismatched))
+    x = jnp.asarray(c["x"])
+    loaded = load_pretrained(cfg, c["model"], x, teacher_cfg={"checkpoint": str(tmp_path / "teacher.pth")})
+    layout = interop.state_dict_layout(c["model"], sample=x)
+    by_path = {(entry.collection, *entry.path): key for key, entry in layout.items()}
+    keys = {by_path[k] for k in loaded}
+    prefixes = tuple(p for p, _ in config.student.inherit_prefixes)
+    expected = {k for k in layout if k.startswith(prefixes)}
+    assert keys == expected and len(keys) > 20
+    assert ("neck." in prefixes) == (variant == "4scale_r50")
+    flat = traverse_util.flatten_dict(c["variables"])  # the checkpoint's values, imported strictly
+    for path, value in loaded.items():
+        np.testing.assert_array_equal(np.asarray(value), np.asarray(flat[path]), err_msg=by_path[path])

@@ -108,7 +108,7 @@ def test_gradients_of_every_parameter(case):
         assert_close(grads[key], param.grad.numpy(), rtol=2e-4, what=key)
 
 
-def test_release_keys_convert_as_mmdets_converter(case):
+def test_release_keys_convert_as_mmdets_converter(case, tmp_path):
     from mmdet.models.backbones.swin import swin_converter
 
     # The original release's names for the narrowed Swin-S, made from mmdet's by the inverse renaming, with
@@ -134,10 +134,23 @@ def test_release_keys_convert_as_mmdets_converter(case):
     backbone = models.make_model("swin_small", **NARROW)
     shapes = jax.eval_shape(lambda k: backbone.init(k, jnp.zeros((1, 32, 32, 3)), train=False), jax.random.key(0))
     init = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
-    _, report = interop.import_state_dict(backbone, ours, key_prefixes={"": "backbone."}, strict=False,
-                                          init_variables=init)
+    expected, report = interop.import_state_dict(backbone, ours, key_prefixes={"": "backbone."}, strict=False,
+                                                 init_variables=init)
     assert not report.unexpected and sorted(report.missing) == sorted(
         f"backbone.norm{i}.{leaf} (model key norm{i}.{leaf})" for i in range(4) for leaf in ("weight", "bias"))
+    # a student's `pretrained` .pth in the release's names (the DINO Swin-B student's) is converted on reading
+    import ml_collections
+    from flax import traverse_util
+
+    from cankd_jax.train.weights import load_pretrained
+
+    torch.save({"model": release}, tmp_path / "swin_release.pth")
+    cfg = ml_collections.ConfigDict(dict(pretrained=str(tmp_path / "swin_release.pth"), pretrained_prefixes=[("", "")]))
+    loaded = load_pretrained(cfg, backbone, jnp.zeros((1, 32, 32, 3)))
+    flat = traverse_util.flatten_dict(expected)
+    assert len(loaded) == len(flat) - 8  # all but the output norms
+    for key, value in loaded.items():
+        np.testing.assert_array_equal(value, flat[key], err_msg=str(key))
 
 
 def test_relative_position_index_and_shift_mask_are_mmdets(case):

@@ -16,7 +16,8 @@ Config keys (all optional except `name`; `DATASET_DEFAULTS` fills per-dataset va
   eval_scale (w, h) or None, eval_keep_ratio, eval_pad_size (h, w) or None   (segmentation eval)
   crop_scale, eval_resize                      (classification: random-resized-crop area, eval short edge)
   scale (long, short), norm ('pytorch' | 'caffe'), max_boxes (0 = the split's most), filter_empty, min_size,
-  index_cache ("" = <data_dir>/cankd_jax_index, "none" = off)   (detection, see `detection.py`)
+  augment ('resize_flip' | 'detr'), index_cache ("" = <data_dir>/cankd_jax_index, "none" = off)
+                                               (detection, see `detection.py`)
   eval_batch_size (global), workers (Grain worker processes, 0 = in-process)
 
 Detection data (`DetectionData`) yields batches of a few fixed shapes (one per
@@ -56,8 +57,12 @@ _SEGMENTATION = dict(scale=None, ratio_range=(0.5, 2.0), cat_max_ratio=0.75, pho
                      eval_scale=None, eval_keep_ratio=True, eval_pad_size=None)
 _SYNTHETIC = dict(image_size=64, num_train=2000, num_test=500, synthetic_seed=0)
 _CLASSIFICATION = dict(crop_scale=(0.08, 1.0), eval_resize=None)
-_DETECTION = dict(scale=(1333, 800), norm="pytorch", max_boxes=0, filter_empty=True, min_size=0, index_cache="")
+_DETECTION = dict(scale=(1333, 800), norm="pytorch", max_boxes=0, filter_empty=True, min_size=0, index_cache="",
+                  augment="resize_flip")
 NORMS = {"pytorch": detection.PYTORCH_NORM, "caffe": detection.CAFFE_NORM}
+# data.augment -> the detection training augmentation at data.scale: mmdet's resize + flip (the CNN detectors) or
+# its DETR multi-scale resize / resize-crop-resize (DINO)
+DETECTION_AUGMENTS = {"resize_flip": detection.DetTrainAugment, "detr": detection.DetrTrainAugment.for_scale}
 
 # mmseg's / the usual settings per dataset; a config overrides any of them.
 DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -107,6 +112,8 @@ def _resolve(cfg: Mapping[str, Any]) -> tuple[str, DatasetSpec, dict[str, Any]]:
             raise ValueError(f"dataset {key!r} needs --config.data.scale (long, short), e.g. (1333, 800)")
         if opts["norm"] not in NORMS:
             raise ValueError(f"unknown data.norm {opts['norm']!r}; choose one of {', '.join(NORMS)}")
+        if opts["augment"] not in DETECTION_AUGMENTS:
+            raise ValueError(f"unknown data.augment {opts['augment']!r}; choose one of {', '.join(DETECTION_AUGMENTS)}")
         return key, spec, opts
     if not opts["crop_size"] or (spec.task == "segmentation" and not opts["scale"]):
         raise ValueError(f"dataset {key!r} needs --config.data.crop_size (h, w)"
@@ -187,7 +194,13 @@ class DetectionData(Data):
         """Contiguous label -> the data set's category id."""
         return self.spec.category_ids
 
-    def epoch_plan(self, global_batch_size: int, seed: int) -> pipeline.GroupedEpochs:
+    def epoch_plan(self, global_batch_size: int, seed: int) -> Any:
+        """Batches of one bucket each: grouped by the images' own orientation, or, where the augmentation's draw
+        decides the bucket (`bucket(size, rng)`: DETR's crops), by that draw, epoch by epoch."""
+        draw = getattr(self.train_transform, "bucket", None)
+        if draw is not None:
+            sizes = self.splits.train_index.sizes[self.splits.train_records]
+            return pipeline.DrawnGroupEpochs(sizes, draw, len(self.splits.buckets), global_batch_size, seed)
         return pipeline.GroupedEpochs(self.splits.train_groups, global_batch_size, seed)
 
     def num_train_shapes(self, global_batch_size: int) -> int:
@@ -286,8 +299,8 @@ def _detection_data(key: str, spec: DatasetSpec, o: dict[str, Any], train: Mappe
         max_boxes=int(o["max_boxes"]), filter_empty=bool(o["filter_empty"]), min_size=int(o["min_size"]))
     norm = NORMS[o["norm"]]
     scale = tuple(int(x) for x in o["scale"])
-    train_t = detection.DetTrainAugment(scale=scale, max_boxes=splits.max_boxes, flip_prob=float(o["flip_prob"]),
-                                        **norm)
+    train_t = DETECTION_AUGMENTS[o["augment"]](scale, max_boxes=splits.max_boxes, flip_prob=float(o["flip_prob"]),
+                                               **norm)
     eval_t = detection.DetEvalPreprocess(scale=scale, **norm)
     records = detection_index.IndexedRecords(train, splits.train_records, splits.train_index.image_ids)
     return DetectionData(key, spec, o, records, evaluation, train_t, eval_t, splits=splits)

@@ -45,7 +45,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Mapping
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
@@ -146,27 +146,155 @@ class DetTrainAugment:
     def __call__(self, record: Mapping[str, Any], rng: np.random.Generator) -> dict[str, Any]:
         size = record["image"].shape[:2]
         buckets = bucket_shapes(self.scale, self.pad_divisor)
-        image, (sx, sy) = _resize(record["image"], self.scale)
+        image, _ = _resize(record["image"], self.scale)
         nh, nw = image.shape[:2]
         keep = training_objects(record["boxes"], record["is_crowd"], size)
-        boxes = record["boxes"][keep] * np.array([sx, sy, sx, sy], np.float32)
-        labels = record["labels"][keep]
-        boxes = np.clip(boxes, 0.0, np.array([nw, nh, nw, nh], np.float32))  # mmdet clips to the resized image
+        boxes, labels = _rescale_boxes(record["boxes"][keep], size, (nh, nw)), record["labels"][keep]
         if rng.random() < self.flip_prob:
             image = image[:, ::-1]
             boxes = np.stack([nw - boxes[:, 2], boxes[:, 1], nw - boxes[:, 0], boxes[:, 3]], axis=-1)
-        n = len(boxes)
-        if n > self.max_boxes:
-            raise ValueError(f"image {int(record['image_id'])} has {n} training boxes, more than "
-                             f"data.max_boxes={self.max_boxes}; raise --config.data.max_boxes (0: the split's maximum)")
-        bucket = buckets[bucket_of(size, buckets)]
-        label = empty_train_label(bucket, self.max_boxes)
-        label["boxes"][:n] = boxes
-        label["labels"][:n] = labels
-        label["valid"][:n] = True
-        label["img_shape"][:] = (nh, nw)
-        label["pad_shape"][:] = (ceil_to(nh, self.pad_divisor), ceil_to(nw, self.pad_divisor))
-        return {"image": _pad(_normalize(image, self.mean, self.std, self.to_bgr), bucket), "label": label}
+        return _train_example(self, record, image, boxes, labels, buckets[bucket_of(size, buckets)])
+
+
+def _train_example(augment: Any, record: Mapping[str, Any], image: np.ndarray, boxes: np.ndarray,
+                   labels: np.ndarray, bucket: tuple[int, int]) -> dict[str, Any]:
+    """The training example of an augmented `image` (h, w, 3) uint8 and its `boxes` (n, 4): normalised with
+    `augment`'s statistics, padded to `bucket`, targets padded to `augment.max_boxes`."""
+    nh, nw = image.shape[:2]
+    n = len(boxes)
+    if n > augment.max_boxes:
+        raise ValueError(f"image {int(record['image_id'])} has {n} training boxes, more than "
+                         f"data.max_boxes={augment.max_boxes}; raise --config.data.max_boxes (0: the split's maximum)")
+    label = empty_train_label(bucket, augment.max_boxes)
+    label["boxes"][:n] = boxes
+    label["labels"][:n] = labels
+    label["valid"][:n] = True
+    label["img_shape"][:] = (nh, nw)
+    label["pad_shape"][:] = (ceil_to(nh, augment.pad_divisor), ceil_to(nw, augment.pad_divisor))
+    return {"image": _pad(_normalize(image, augment.mean, augment.std, augment.to_bgr), bucket), "label": label}
+
+
+# mmdet's DETR-family training augmentation (`dino-4scale_r50_8xb2-12e_coco.py`, from Deformable DETR) at scale
+# (1333, 800): short edges 480..800 in steps of 32 (long edge <= 1333); or a resize to a short edge of 400, 500
+# or 600 (long edge <= 4200: no limit on COCO), a crop of 384..600 pixels a side, then one of those short edges.
+DETR_SHORT_EDGES = tuple(range(480, 801, 32))
+DETR_CROP_SHORT_EDGES = (400, 500, 600)
+DETR_CROP_RANGE = (384, 600)
+DETR_CROP_LONG_EDGE = 4200
+
+
+@dataclasses.dataclass(frozen=True)
+class DetrGeometry:
+    """One draw of `DetrTrainAugment`: sizes are (h, w) pixels.
+
+    flip: mirror the original image first; resized: its size after the first resize; crop: `(top, left, h, w)`
+    of the resized image, or None (the multi-scale branch: no crop, no second resize); size: the final size.
+    """
+
+    flip: bool
+    resized: tuple[int, int]
+    crop: Optional[tuple[int, int, int, int]]
+    size: tuple[int, int]
+
+
+@dataclasses.dataclass(frozen=True)
+class DetrTrainAugment:
+    """mmdet's DETR / DINO training pipeline (`__call__(record, rng)`), on the buckets of `scale`.
+
+    RandomFlip(0.5), then RandomChoice of [RandomChoiceResize(short edges, long <= max(scale))] and
+    [RandomChoiceResize(crop short edges, long <= crop_long_edge), RandomCrop('absolute_range', crop_range,
+    allow_negative_crop=True), RandomChoiceResize(short edges)]: keep-ratio resizes as mmcv's `imrescale`,
+    boxes rescaled and clipped after every resize, translated and clipped by the crop, which drops the boxes
+    it leaves (mmdet's `is_inside`). Then normalise and pad as `DetTrainAugment`.
+
+    A crop's orientation is random, so unlike `DetTrainAugment` the padded shape is decided by the draw:
+    `bucket(size, rng)` says which one before any pixel is read, and an epoch plan that groups by it
+    (`pipeline.DrawnGroupEpochs`) hands the augmentation the same generator, so every image lands in the
+    bucket of its batch. The draws come in mmdet's order (`geometry`).
+
+    `for_scale(scale, ...)` gives mmdet's values at (1333, 800) and the same proportions at any other scale.
+    """
+
+    scale: tuple[int, int] = (1333, 800)
+    max_boxes: int = 100
+    flip_prob: float = 0.5
+    short_edges: tuple[int, ...] = DETR_SHORT_EDGES
+    crop_short_edges: tuple[int, ...] = DETR_CROP_SHORT_EDGES
+    crop_range: tuple[int, int] = DETR_CROP_RANGE
+    crop_long_edge: int = DETR_CROP_LONG_EDGE
+    mean: tuple[float, float, float] = PYTORCH_NORM["mean"]
+    std: tuple[float, float, float] = PYTORCH_NORM["std"]
+    to_bgr: bool = False
+    pad_divisor: int = PAD_DIVISOR
+
+    def __post_init__(self):
+        if max(self.short_edges) > min(self.scale) or min(self.crop_range) < 1 or \
+                self.crop_range[0] > self.crop_range[1]:
+            raise ValueError(f"DetrTrainAugment: short edges {self.short_edges} must fit the scale {self.scale} "
+                             f"and the crop range {self.crop_range} be 1 <= lo <= hi")
+
+    @classmethod
+    def for_scale(cls, scale: Sequence[int], **kwargs: Any) -> DetrTrainAugment:
+        """mmdet's sizes scaled by min(scale) / 800 (exactly mmdet's at (1333, 800)), rounded to pixels."""
+        f = min(scale) / 800
+        px = lambda values: tuple(max(1, int(round(v * f))) for v in values)  # noqa: E731
+        return cls(scale=tuple(int(x) for x in scale), short_edges=px(DETR_SHORT_EDGES),
+                   crop_short_edges=px(DETR_CROP_SHORT_EDGES), crop_range=px(DETR_CROP_RANGE),
+                   crop_long_edge=px((DETR_CROP_LONG_EDGE,))[0], **kwargs)
+
+    def geometry(self, size: Sequence[int], rng: np.random.Generator) -> DetrGeometry:
+        """The draw for an original (h, w) = `size`, in mmdet's order: flip, branch, scale [, crop h, crop w,
+        top, left, scale]."""
+        flip = bool(rng.random() < self.flip_prob)
+        long = max(self.scale)
+        if rng.integers(2) == 0:
+            resized = rescale_size(tuple(size), (long, self.short_edges[rng.integers(len(self.short_edges))]))
+            return DetrGeometry(flip, resized, None, resized)
+        short = self.crop_short_edges[rng.integers(len(self.crop_short_edges))]
+        h, w = resized = rescale_size(tuple(size), (self.crop_long_edge, short))
+        lo, hi = self.crop_range
+        ch = int(rng.integers(min(h, lo), min(h, hi) + 1))
+        cw = int(rng.integers(min(w, lo), min(w, hi) + 1))
+        top, left = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
+        final = rescale_size((ch, cw), (long, self.short_edges[rng.integers(len(self.short_edges))]))
+        return DetrGeometry(flip, resized, (top, left, ch, cw), final)
+
+    def bucket(self, size: Sequence[int], rng: np.random.Generator) -> int:
+        """The bucket index an image of original (h, w) = `size` lands in with the draws of `rng`."""
+        return bucket_of(self.geometry(size, rng).size, bucket_shapes(self.scale, self.pad_divisor))
+
+    def __call__(self, record: Mapping[str, Any], rng: np.random.Generator) -> dict[str, Any]:
+        image = record["image"]
+        h, w = image.shape[:2]
+        g = self.geometry((h, w), rng)
+        keep = training_objects(record["boxes"], record["is_crowd"], (h, w))
+        boxes, labels = record["boxes"][keep].astype(np.float32), record["labels"][keep]
+        if g.flip:
+            image = image[:, ::-1]
+            boxes = np.stack([w - boxes[:, 2], boxes[:, 1], w - boxes[:, 0], boxes[:, 3]], axis=-1)
+        boxes = _rescale_boxes(boxes, (h, w), g.resized)
+        if g.crop is None:
+            image = resize_bilinear(image, g.resized)
+        else:
+            top, left, ch, cw = g.crop
+            # resizing only the crop's window gives the pixels of resizing everything and cropping
+            image = resize_bilinear(image, g.resized, window=g.crop)
+            boxes = np.clip(boxes - np.array([left, top, left, top], np.float32), 0.0,
+                            np.array([cw, ch, cw, ch], np.float32))
+            inside = (boxes[:, 0] < cw) & (boxes[:, 1] < ch) & (boxes[:, 2] > 0) & (boxes[:, 3] > 0)
+            boxes, labels = boxes[inside], labels[inside]
+            image = resize_bilinear(image, g.size)
+            boxes = _rescale_boxes(boxes, (ch, cw), g.size)
+        buckets = bucket_shapes(self.scale, self.pad_divisor)
+        return _train_example(self, record, image, boxes, labels, buckets[bucket_of(g.size, buckets)])
+
+
+def _rescale_boxes(boxes: np.ndarray, old: Sequence[int], new: Sequence[int]) -> np.ndarray:
+    """(n, 4) x1y1x2y2 boxes of an (h, w) = `old` image on its keep-ratio resize to `new`, clipped to it (mmdet's
+    Resize: `rescale_` by (new_w / w, new_h / h), then `clip_`)."""
+    (h, w), (nh, nw) = old, new
+    boxes = boxes * np.array([nw / w, nh / h, nw / w, nh / h], np.float32)
+    return np.clip(boxes, 0.0, np.array([nw, nh, nw, nh], np.float32))
 
 
 @dataclasses.dataclass(frozen=True)

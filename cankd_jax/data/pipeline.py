@@ -10,7 +10,9 @@ number of processes, devices or Grain workers:
 - global batch k is stream positions `[k*G, (k+1)*G)` (G = global batch size);
 - a process reads only its rows `[r0, r1)` of each global batch: the rows its
   devices hold in the global array (`sharding.process_rows`);
-- the augmentation of stream position g draws from `np.random.default_rng([seed, g])`.
+- the augmentation of stream position g draws from `np.random.default_rng([seed, g])`, or, under a plan
+  that groups records by the augmentation's own draw (`DrawnGroupEpochs`: a random crop decides the
+  padded shape), from the plan's generator of (epoch, record), the one the plan grouped it with.
 
 So the global batch of step k is the same on 1 device, 8 devices or 2 hosts, and
 the data position is one number, the count of global batches consumed, valid
@@ -154,19 +156,73 @@ class GroupedEpochs:
 
     def __call__(self, epoch: int) -> np.ndarray:
         perm = np.random.default_rng([self.seed, epoch]).permutation(len(self.groups))
-        in_order = self.groups[perm]
-        ends, members = [], []
-        for group, whole in enumerate(self.batches_per_group):
-            if not whole:
-                continue
-            slots = np.flatnonzero(in_order == group)[: whole * self.global_batch_size].reshape(whole, -1)
-            ends.append(slots[:, -1])  # the walk position at which each batch fills
-            members.append(perm[slots])
-        order = np.argsort(np.concatenate(ends), kind="stable")
-        return np.concatenate(members)[order].reshape(-1)
+        return _grouped_batches(perm, self.groups, self.global_batch_size)
 
     def __repr__(self) -> str:
         return (f"GroupedEpochs({len(self.groups)} records, {self.num_groups} groups, "
+                f"global_batch_size={self.global_batch_size}, seed={self.seed})")
+
+
+def _grouped_batches(perm: np.ndarray, groups: np.ndarray, batch: int) -> np.ndarray:
+    """mmdet's aspect-ratio grouping of one epoch: walking `perm`, each record joins its group's bucket and a
+    bucket of `batch` records is emitted; the whole batches (flat) in the order they fill, leftovers dropped."""
+    in_order = groups[perm]
+    ends, members = [], []
+    for group, whole in enumerate(np.bincount(groups) // batch):
+        if not whole:
+            continue
+        slots = np.flatnonzero(in_order == group)[: whole * batch].reshape(whole, -1)
+        ends.append(slots[:, -1])  # the walk position at which each batch fills
+        members.append(perm[slots])
+    if not ends:
+        return np.zeros((0,), np.int64)
+    order = np.argsort(np.concatenate(ends), kind="stable")
+    return np.concatenate(members)[order].reshape(-1)
+
+
+class DrawnGroupEpochs:
+    """Epoch plan for an augmentation whose random draw decides a record's group (a crop's orientation, so its
+    padded shape): `GroupedEpochs` with groups drawn anew each epoch.
+
+    Record i's group in epoch e is `group_of(sizes[i], generator(e, i))`, and the sampler hands the
+    augmentation of that record in that epoch the same generator (`generator(e, i)` =
+    `default_rng([seed, e, i])`), so it makes the same draw and the image fits its batch. The order is
+    `GroupedEpochs`'s walk over the permutation of `(seed, e)`. Group sizes vary between epochs, so each
+    epoch yields a fixed `length`: the whole batches any split of the records into `num_groups` groups
+    holds at least, `(N // B - (num_groups - 1)) * B`, the first to fill (at most `num_groups - 1` batches
+    more sit out than `GroupedEpochs` would drop).
+
+    The groups of an epoch cost one generator and one draw per record (a few seconds for COCO's 117k), paid
+    once per epoch by each process.
+    """
+
+    def __init__(self, sizes: np.ndarray, group_of: Callable[[np.ndarray, np.random.Generator], int],
+                 num_groups: int, global_batch_size: int, seed: int):
+        self.sizes, self.group_of = np.asarray(sizes), group_of
+        self.num_groups, self.global_batch_size, self.seed = int(num_groups), int(global_batch_size), int(seed)
+        batches = len(self.sizes) // self.global_batch_size - (self.num_groups - 1)
+        if batches <= 0:
+            raise ValueError(f"{len(self.sizes)} records in up to {self.num_groups} groups do not surely fill a "
+                             f"global batch of {self.global_batch_size}; lower the batch size or use more data")
+        self.length = batches * self.global_batch_size
+
+    def generator(self, epoch: int, record: int) -> np.random.Generator:
+        return np.random.default_rng([self.seed, epoch, record])
+
+    def groups(self, epoch: int) -> np.ndarray:
+        """`(N,)` each record's group in `epoch`."""
+        groups = [self.group_of(size, self.generator(epoch, i)) for i, size in enumerate(self.sizes)]
+        groups = np.asarray(groups, np.int32)
+        if groups.min() < 0 or groups.max() >= self.num_groups:
+            raise ValueError(f"group_of gave groups outside [0, {self.num_groups})")
+        return groups
+
+    def __call__(self, epoch: int) -> np.ndarray:
+        perm = np.random.default_rng([self.seed, epoch]).permutation(len(self.sizes))
+        return _grouped_batches(perm, self.groups(epoch), self.global_batch_size)[: self.length]
+
+    def __repr__(self) -> str:
+        return (f"DrawnGroupEpochs({len(self.sizes)} records, up to {self.num_groups} groups, "
                 f"global_batch_size={self.global_batch_size}, seed={self.seed})")
 
 
@@ -174,7 +230,7 @@ class GlobalOrderSampler:
     """Grain sampler: this process's rows of the global batches, from global batch `start_batch` on.
 
     Local index i -> stream position g = (start_batch + i // L) * G + r0 + i % L,
-    record `plan(g // plan.length)[g % plan.length]`, generator `default_rng([seed, g])`.
+    record `plan(g // plan.length)[g % plan.length]`, generator `default_rng([seed, g])` (or the plan's).
     Endless (epochs follow each other); `len` is effectively infinite.
     """
 
@@ -200,12 +256,19 @@ class GlobalOrderSampler:
             self._epoch, self._order = epoch, self.plan(epoch)
         return int(self._order[offset])
 
+    def generator(self, position: int, record: int) -> np.random.Generator:
+        """The augmentation's generator at `position`: the plan's of (epoch, record) where it has one."""
+        plan_generator = getattr(self.plan, "generator", None)
+        if plan_generator is not None:
+            return plan_generator(position // self.plan.length, record)
+        return np.random.default_rng([self.seed, position])
+
     def __getitem__(self, index: int) -> grain.RecordMetadata:
         if index < 0:
             raise IndexError(index)
         g = self.position(index)
-        return grain.RecordMetadata(index=index, record_key=self.record_key(g),
-                                    rng=np.random.default_rng([self.seed, g]))
+        key = self.record_key(g)
+        return grain.RecordMetadata(index=index, record_key=key, rng=self.generator(g, key))
 
     def __repr__(self) -> str:  # Grain logs it
         return (f"GlobalOrderSampler({self.plan!r}, global_batch_size={self.global_batch_size}, "

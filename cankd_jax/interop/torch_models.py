@@ -504,6 +504,20 @@ def swin_release_to_mmdet(state_dict: Mapping[str, Any], *, key_prefix: str = "b
     return out
 
 
+def is_swin_release(state_dict: Mapping[str, Any]) -> bool:
+    """Whether `state_dict` holds the original Swin release's keys (`patch_embed.proj.*`, `layers.N.blocks.*`)."""
+    return "patch_embed.proj.weight" in state_dict and any(k.startswith("layers.0.blocks.") for k in state_dict)
+
+
+def to_mmdet_keys(state_dict: Mapping[str, Any]) -> Mapping[str, Any]:
+    """`state_dict` with keys as mmdet names them: a Swin release checkpoint converted (`swin_release_to_mmdet`,
+    as mmdet's `convert_weights=True`), any other returned as it is."""
+    if is_swin_release(state_dict):
+        log.info("Swin release checkpoint: keys converted to mmdet's (swin_converter)")
+        return swin_release_to_mmdet(state_dict, key_prefix="")
+    return state_dict
+
+
 def load_pytorch_network(path: str, model: nn.Module, cfg: Optional[Mapping[str, Any]] = None) -> dict:
     """A complete network's variables from a `.pth` (strict); for a config's `teacher.checkpoint`.
 

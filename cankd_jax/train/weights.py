@@ -127,15 +127,17 @@ def _load_into(student: nn.Module, sample: jax.Array, path: str, prefixes: dict,
                skip_mismatched: bool = False) -> dict:
     abstract = jax.eval_shape(lambda: student.init(jax.random.key(0), sample, train=False))
     zeros = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), abstract)
-    variables, report = torch_interop.load_checkpoint(path, student, key_prefixes=prefixes, strict=False,
-                                                      init_variables=zeros, sample=sample,
-                                                      skip_mismatched=skip_mismatched)
+    # the Swin release's ImageNet weights (the DINO Swin-B student's) come in their own names
+    state = torch_interop.to_mmdet_keys(torch_interop.load_pth(path))
+    variables, report = torch_interop.import_state_dict(student, state, key_prefixes=prefixes, strict=False,
+                                                        init_variables=zeros, sample=sample,
+                                                        skip_mismatched=skip_mismatched)
     if report.mismatched:
         log.warning("%s: %d tensors of %s skipped for their shape, left at their initialisation: %s", what,
                     len(report.mismatched), path, "; ".join(report.mismatched))
     if not report.loaded:
         raise ValueError(f"{what} {path!r}: no key matched with prefixes {prefixes}; "
-                         f"the file's keys look like {', '.join(sorted(torch_interop.load_pth(path))[:3])}")
+                         f"the file's keys look like {', '.join(sorted(state)[:3])}")
     layout = torch_interop.state_dict_layout(student, sample=sample)
     loaded = {(layout[k].collection, *layout[k].path) for k in report.loaded}
     log.info("student: %d tensors from %s (%d left as they were; unused in the file: %s)",
