@@ -8,8 +8,8 @@ reference points) and the decoder's cross-attention (`--queries`, DINO's 900 mat
 queries, box reference points). Locations are drawn around the reference points as a trained model's are
 (offsets of a few pixels, some reaching outside the maps). Both sides compute the output and the gradient of
 `sum(output * cotangent)` with respect to the value map, the locations and the weights; the results are
-checked to agree (max |diff| printed). Ours runs with and without `remat` (the gathered corners recomputed in
-the backward pass, or kept). Timing: compilation excluded, median of `--repeats` calls, each waited for.
+checked to agree (max |diff| printed). Timing: compilation excluded, median of `--repeats` calls, each waited
+for.
 
     python benchmarks/deform_attn_speed.py                        # needs the openmmlab test extra
     python benchmarks/deform_attn_speed.py --height 400 --width 667 --repeats 2
@@ -67,13 +67,13 @@ def make_case(shapes, queries: int, batch: int, seed: int = 0):
             cot)
 
 
-def jax_side(shapes, case, repeats: int, remat: bool):
+def jax_side(shapes, case, repeats: int):
     value, loc, weights, cot = (jnp.asarray(a) for a in case)
 
     def loss(v, l, w):
-        return jnp.sum(ms_deform_attn(v, shapes, l, w, remat=remat) * cot)
+        return jnp.sum(ms_deform_attn(v, shapes, l, w) * cot)
 
-    fwd = jax.jit(lambda v, l, w: ms_deform_attn(v, shapes, l, w, remat=remat))
+    fwd = jax.jit(lambda v, l, w: ms_deform_attn(v, shapes, l, w))
     both = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
     t0 = time.perf_counter()
     jax.block_until_ready(both(value, loc, weights))
@@ -130,14 +130,12 @@ def main(argv: list[str]) -> None:
         case = make_case(shapes, 0 if name == "encoder" else args.queries, args.batch)
         q = case[1].shape[1]
         tt, ty, tg = torch_side(shapes, case, args.repeats)
-        for remat in (True, False):
-            jt, jy, jg = jax_side(shapes, case, args.repeats, remat)
-            diff_y = float(np.max(np.abs(jy - ty)))
-            diff_g = max(float(np.max(np.abs(np.asarray(a) - b))) for a, b in zip(jg, tg))
-            form = "remat" if remat else "corners kept"
-            print(f"| {name}, {q} queries | cankd_jax, {form} (jit; compile {jt['compile']:.1f} s) | "
-                  f"{1e3 * jt['forward']:.0f} | {1e3 * jt['forward+backward']:.0f} | {diff_y:.1e}, {diff_g:.1e} |",
-                  flush=True)
+        jt, jy, jg = jax_side(shapes, case, args.repeats)
+        diff_y = float(np.max(np.abs(jy - ty)))
+        diff_g = max(float(np.max(np.abs(np.asarray(a) - b))) for a, b in zip(jg, tg))
+        print(f"| {name}, {q} queries | cankd_jax (jit; compile {jt['compile']:.1f} s) | "
+              f"{1e3 * jt['forward']:.0f} | {1e3 * jt['forward+backward']:.0f} | {diff_y:.1e}, {diff_g:.1e} |",
+              flush=True)
         print(f"| {name}, {q} queries | mmcv multi_scale_deformable_attn_pytorch | {1e3 * tt['forward']:.0f} | "
               f"{1e3 * tt['forward+backward']:.0f} | |", flush=True)
     print(f"\nload after {os.getloadavg()[0]:.2f}")

@@ -12,6 +12,7 @@ workspace). peak = arguments + outputs - aliased (donated) + temporaries.
     python benchmarks/memory.py --batches 2 --remat none dots_saveable nothing_saveable
     python benchmarks/memory.py --case retinanet --batches 1 2 4   # the COCO step at 800x1344 (FPN P3-P6)
     python benchmarks/memory.py --case faster_rcnn --batches 2     # Faster R-CNN, CanKD on P2-P5
+    python benchmarks/memory.py --case dino --batches 2            # DINO R101 -> R50, CanKD on P3-P5
 
 Caveat: XLA's buffer assignment is the compiling backend's. Compiled here for
 the CPU it is an estimate of what a GPU / TPU compile needs (their fusion and
@@ -41,6 +42,7 @@ CASES = {
     "retinanet": ("coco.py", "detector=retinanet,teacher=retinanet_r101,loss=cankd", (800, 1344)),
     "fcos": ("coco.py", "detector=fcos,teacher=fcos_r101,loss=cankd", (800, 1344)),
     "faster_rcnn": ("coco.py", "detector=faster_rcnn,teacher=faster_rcnn_r101,loss=cankd", (800, 1344)),
+    "dino": ("coco_detr.py", "teacher=dino_r101,loss=cankd", (800, 1344)),
 }
 PENDING: dict[str, str] = {}
 MAX_BOXES = 100  # padded boxes per image in the detection batch (COCO train2017 has up to 93 per image)

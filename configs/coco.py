@@ -194,8 +194,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.metric = "mAP"
 
     c.task = dict(name="detection", num_classes=80, detector=detector)
-    c.data = dict(name="coco", data_dir="", scale=(1333, 800), norm=norm, flip_prob=0.5, max_boxes=0, min_size=32,
-                  filter_empty=True, eval_batch_size=8, workers=8, index_cache="")
+    c.data = dict(name="coco", data_dir="", scale=(1333, 800), norm=norm, augment="resize_flip", flip_prob=0.5,
+                  max_boxes=0, min_size=32, filter_empty=True, eval_batch_size=8, workers=8, index_cache="")
     c.student = dict(student, frozen_stages=1, norm_eval=True,
                      pretrained="",  # the ImageNet backbone .pth (torchvision resnet50 / detectron resnet50_caffe)
                      pretrained_prefixes=[("backbone.", "")],

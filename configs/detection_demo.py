@@ -7,6 +7,7 @@
     python train.py --config configs/detection_demo.py:detector=faster_rcnn --workdir /tmp/det_demo_frcnn
     python train.py --config configs/detection_demo.py:teacher=swin --workdir /tmp/det_demo_swin
     python train.py --config configs/detection_demo.py:detector=reppoints --workdir /tmp/det_demo_reppoints
+    python train.py --config configs/detection_demo.py:detector=dino --workdir /tmp/det_demo_dino
 
 Phases on the built-in synthetic scenes seen as detection (64x64 images resized to 128x128
 as mmdet's keep-ratio resize would, 6 shape classes, no download), each in `workdir/<phase>`
@@ -30,6 +31,14 @@ P2-P6, RPN, RoI head) on a narrow Swin (embed_dims 16, two blocks per stage, win
 32/16/8/4-pixel stage maps of a 128x128 image exactly), trained from scratch; the student is the RetinaNet
 (P3-P7) above, and each student level P3-P6 is distilled from the teacher level of the same index, P2-P5,
 through CanKD's align form (`cankd_align`, the student map upsampled 2x), as the authors pair them.
+
+`detector=dino` is the paper's DETR row scaled down (DINO R101 -> R50, configs/coco_detr.py): DINO-4scale
+(ChannelMapper, deformable encoder, DINO decoder with denoising queries, Hungarian matching) on the same
+ResNet-18 layouts, the transformer 32 wide (4 heads, 2 encoder and 2 decoder layers, 100 queries, denoising
+groups from 20 queries), CanKD on the ChannelMapper's first three levels (P3-P5) as the authors' config; both
+students start from scratch (the authors' student also takes the teacher's transformer and head, which would
+mix that start into the comparison). It trains with mmdet's DETR recipe where it carries over (AdamW, clip
+0.1, the 1.0 / 5.0 / 2.0 losses) and this demo's resize + flip, cosine schedule and BatchNorm in training mode.
 
 `workdir/summary.json` gets `{"metric": "mAP", "teacher": x, "student": y, "cankd": z, ...}`:
 COCO AP (IoU 0.50:0.95, pycocotools' COCOeval) on the 500 held-out scenes, with the teacher's
@@ -66,6 +75,12 @@ SWIN = dict(backbone="swin_tiny", backbone_kwargs=dict(embed_dims=16, depths=(2,
 # Faster R-CNN's proposal and RoI counts scaled to 128x128 images (4,092 anchors; mmdet's 2000 / 1000
 # proposals and 512 RoIs are for 800x1344, 268,569 anchors): (nms_pre, max_per_img) and RoIs per image
 RCNN_COUNTS = dict(train_proposals=(500, 300), test_proposals=(300, 300), roi_samples=128)
+# DINO's transformer at the neck's width (mmdet's: 256 wide, 8 heads, 6 + 6 layers, FFN 2048, 900 queries, denoising
+# from 100 queries); 100 queries fit the 340 positions of a 128x128 image's four levels
+DINO_HEAD = dict(embed_dims=NECK, num_heads=4, encoder_layers=2, decoder_layers=2, feedforward_channels=4 * NECK,
+                 num_queries=100)
+DINO_LR = 5e-4
+DINO_LEVELS = ("fpn.p3", "fpn.p4", "fpn.p5")  # the ChannelMapper's outputs 0-2, as nlkd_dino-r101_dino-r50_12e_coco
 
 
 def _network(detector: str, width: int, backbone: Optional[dict] = None) -> dict:
@@ -80,9 +95,13 @@ def _network(detector: str, width: int, backbone: Optional[dict] = None) -> dict
     if detector == "faster_rcnn":
         head = dict(feat_channels=NECK)
         extra = dict(roi_head_kwargs=dict(fc_out_channels=FC))
+    if detector == "dino":  # GroupNorm ChannelMapper (8 groups of 4); BatchNorm trains (from scratch)
+        neck = dict(out_channels=NECK, num_groups=8)
+        head = DINO_HEAD
+        extra = dict(backbone_kwargs=dict(base_width=width, stem_width=width, norm_requires_grad=True))
     backbone = backbone or dict(backbone="resnet18", backbone_kwargs=dict(base_width=width, stem_width=width))
-    return dict(name=detector, **backbone, neck_kwargs=neck, head_kwargs=head, frozen_stages=-1,
-                norm_eval=False, **extra)
+    return dict(name=detector, **{**backbone, **extra}, neck_kwargs=neck, head_kwargs=head, frozen_stages=-1,
+                norm_eval=False)
 
 
 def _terms(loss: str, levels: tuple[str, ...], teacher_levels: Optional[tuple[str, ...]]) -> list:
@@ -96,7 +115,8 @@ def _terms(loss: str, levels: tuple[str, ...], teacher_levels: Optional[tuple[st
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-    a = config_arg.parse(arg, {"loss": PRESET_LOSSES, "detector": ("auto", "retinanet", "fcos", "faster_rcnn", "reppoints"),
+    a = config_arg.parse(arg, {"loss": PRESET_LOSSES,
+                               "detector": ("auto", "retinanet", "fcos", "faster_rcnn", "reppoints", "dino"),
                                "teacher": ("resnet", "swin")},
                          {"loss": ["cankd"], "detector": "auto", "teacher": "resnet"},
                          config="configs/detection_demo.py", lists=("loss",))
@@ -120,14 +140,19 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.task = dict(name="detection", num_classes=6, detector=detector)
     if detector == "faster_rcnn":
         c.task.update(RCNN_COUNTS)
+    if detector == "dino":
+        c.task.update(dn_queries=20)
     c.data = dict(name="synthetic_detection", data_dir="", image_size=64, num_train=2000, num_test=500,
-                  scale=(128, 128), norm="pytorch", eval_batch_size=50, workers=0)
+                  scale=(128, 128), norm="pytorch", augment="resize_flip", eval_batch_size=50, workers=0)
     c.student = _network(detector, STUDENT_WIDTH)
     # The teacher run's export holds the whole detector; the distilling runs read its backbone and neck.
     trunk = {k: v for k, v in _network(detector, TEACHER_WIDTH).items() if k not in ("head_kwargs", "roi_head_kwargs")}
-    c.teacher = dict(trunk, name=f"{detector}_fpn", checkpoint="{workdir}/teacher/export")
+    c.teacher = dict(trunk, name="channel_mapper" if detector == "dino" else f"{detector}_fpn",
+                     checkpoint="{workdir}/teacher/export")
     teacher_phase = dict(student=_network(detector, TEACHER_WIDTH), total_steps=TEACHER_STEPS)
     levels, teacher_levels = LEVELS.get(detector, P3_P6), None
+    if detector == "dino":
+        levels = DINO_LEVELS
     if swin:
         teacher_net = _network("faster_rcnn", TEACHER_WIDTH, backbone=SWIN)
         c.teacher = dict({k: v for k, v in teacher_net.items() if k not in ("head_kwargs", "roi_head_kwargs")},
@@ -138,6 +163,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.distill = []
     c.optimizer = dict(name="adamw", lr=2e-3, weight_decay=1e-4, grad_clip_norm=35.0, schedule="cosine",
                        min_lr=2e-5, warmup_steps=100, warmup_factor=0.001)
+    if detector == "dino":  # a transformer from scratch: a lower peak, DINO's clip
+        c.optimizer.update(lr=DINO_LR, min_lr=DINO_LR / 100, grad_clip_norm=0.1)
     c.mesh = dict(fsdp=False, fsdp_min_size=2**16)
     c.export = dict(pytorch=False)
 

@@ -13,7 +13,9 @@ machinery, not the numbers), evaluated by COCOeval on 16 held-out images.
 
 Faster R-CNN is distilled on P2-P5 (the paper's levels for it) from an `fpn` trunk (P2-P6), its box head 64 wide.
 DINO (one encoder and one decoder layer of 16 channels, 30 queries, denoising groups sized from 10 queries) is
-distilled on its ChannelMapper's four levels from a `channel_mapper` trunk, as the authors' DINO configs.
+distilled on its ChannelMapper's four levels from a `channel_mapper` trunk, as the authors' DINO configs, and
+trained with DINO's augmentation (`data.augment='detr'`: multi-scale resize or resize-crop-resize, at 128/800 of
+mmdet's sizes).
 """
 
 import ml_collections
@@ -48,7 +50,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.task = ml_collections.ConfigDict(dict(name="detection", num_classes=6, detector=detector))
     c.data = ml_collections.ConfigDict(dict(
         name="synthetic_detection", data_dir="", image_size=64, num_train=32, num_test=16, scale=(128, 128),
-        norm="pytorch", eval_batch_size=8, workers=0,
+        norm="pytorch", augment="detr" if detector == "dino" else "resize_flip", eval_batch_size=8, workers=0,
     ))
     head = dict(feat_channels=NECK, stacked_convs=1)
     extra = {}

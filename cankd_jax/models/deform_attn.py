@@ -9,10 +9,11 @@ submodule names, so `import_state_dict` reads an mmdet checkpoint's `*.self_attn
 Why a gather and not `grid_sample`'s form: mmcv's function materialises every level's samples for every
 point (`(B * heads, D, Q, L * P)`) and then weights them. Here each level is one gather of its four bilinear
 corners for all points, `(B, Q, heads, 4P, D)`, contracted with its weights at once, so the largest temporary
-is one level's corners; under `jax.checkpoint` that temporary is recomputed in the backward pass instead of
-being kept (at DINO's 800x1333 encoder, 4 levels x 4 corners x 4 points x 256 channels x 22k queries would be
-3 GB of float32 per image kept for the backward pass otherwise). The gather's gradient is a scatter-add into
-the value map, which is what mmcv's CUDA kernel does too.
+is one level's corners, and it is never kept for the backward pass: the gather and its contraction are one
+operation with its own gradient (`weighted_rows`), whose residuals are the value map, the row indices and the
+coefficients (at DINO's 800x1333 encoder the corners would be 4 levels x 4 corners x 4 points x 256 channels
+x 22k queries, 1.4 GB of float32 per image and layer). The value map's gradient is a scatter-add, as in mmcv's
+CUDA kernel; the coefficients' gradient gathers the corners again, in the backward pass.
 """
 
 from __future__ import annotations
@@ -55,11 +56,13 @@ def _check_shapes(value: Array, spatial_shapes: SpatialShapes, sampling_location
                          f"got {attention_weights.shape}")
 
 
-def _sample_level(value: Array, hw: tuple[int, int], locations: Array, weights: Array) -> Array:
-    """One level's term: `value (B, H*W, heads, D)`, `locations (B, Q, heads, P, 2)` (x, y in [0, 1]),
-    `weights (B, Q, heads, P)` -> `(B, Q, heads, D)`, the bilinear samples summed with their weights."""
+def _corners(hw: tuple[int, int], batch_heads: tuple[int, int], locations: Array, weights: Array
+             ) -> tuple[Array, Array]:
+    """Each point's four bilinear corners on an (H, W) map: their rows in the value map flattened to
+    `(B * H*W * heads, D)` and their coefficients (bilinear weight x attention weight; 0 outside the map),
+    each `(B, Q, heads, 4P)`. Cheap elementwise work, recomputed in the backward pass (`jax.checkpoint`)."""
     h, w = hw
-    b, _, heads, d = value.shape
+    b, heads = batch_heads
     # grid_sample's CPU kernel: grid g = 2 * loc - 1, pixel = (g + 1) * (size / 2) - 0.5 (align_corners=False);
     # written the same way so float32 results round as mmcv's do.
     grid = 2 * locations - 1
@@ -76,18 +79,64 @@ def _sample_level(value: Array, hw: tuple[int, int], locations: Array, weights: 
     tiled = jnp.concatenate([weights] * 4, axis=-1)
     coeff = jnp.where(inside, bilinear * tiled, 0)
     pixel = jnp.clip(ys, 0, h - 1).astype(jnp.int32) * w + jnp.clip(xs, 0, w - 1).astype(jnp.int32)
-    # Row of (batch, pixel, head) in the value map flattened to (B * H*W * heads, D).
     batch = jnp.arange(b, dtype=jnp.int32)[:, None, None, None]
     head = jnp.arange(heads, dtype=jnp.int32)[None, None, :, None]
-    rows = (batch * (h * w) + pixel) * heads + head
-    samples = value.reshape(b * h * w * heads, d)[rows]  # (B, Q, heads, 4P, D)
-    acc = jnp.promote_types(samples.dtype, jnp.float32)  # bfloat16 samples sum in float32
-    out = jnp.einsum("bqhk,bqhkd->bqhd", coeff.astype(samples.dtype), samples, preferred_element_type=acc)
-    return out.astype(samples.dtype)
+    return (batch * (h * w) + pixel) * heads + head, coeff
+
+
+@jax.custom_vjp
+def weighted_rows(tables: tuple[Array, ...], rows: tuple[Array, ...], coeffs: tuple[Array, ...]) -> Array:
+    """`sum_l sum_k coeffs[l][..., k] * tables[l][rows[l][..., k]]`: per level `l` a table `(N_l, D)`, row
+    indices `(..., K)` int32 and coefficients `(..., K)` -> `(..., D)` in the tables' dtype, summed in float32
+    (at least).
+
+    Its gradient keeps `(tables, rows, coeffs)`, not the `(..., K, D)` rows it gathers, and gathers them again
+    one level at a time, only once the output's gradient exists. A `jax.checkpoint` of the plain gathers did
+    neither on XLA:CPU, which drops remat's optimization barriers: it merged the recomputed gathers with the
+    forward's and kept them all (17.5 GB of DINO's 800x1344 step at 2 images, `benchmarks/memory.py`); nor
+    does a recomputation that depends on the residuals alone, which XLA's scheduler may run early, every
+    level and layer at once.
+    """
+    return _weighted_rows_fwd(tables, rows, coeffs)[0]
+
+
+def _weighted_rows_fwd(tables, rows, coeffs):
+    acc = jnp.promote_types(tables[0].dtype, jnp.float32)  # bfloat16 samples sum in float32
+    out = sum(jnp.einsum("...k,...kd->...d", c, t[r], preferred_element_type=acc)
+              for t, r, c in zip(tables, rows, coeffs))
+    return out.astype(tables[0].dtype), (tables, rows, coeffs)
+
+
+def _after(x: Array) -> Array:
+    """0 or 1 (int32), computed from `x`: whatever uses it waits for `x`. XLA cannot see that `min(r, r +
+    _after(x))` is `r` and `where(_after(x) > 1, 0, c)` is `c`."""
+    return jnp.isnan(x.reshape(-1)[0]).astype(jnp.int32)
+
+
+def _weighted_rows_bwd(residuals, g):
+    tables, rows, coeffs = residuals
+    acc = jnp.promote_types(tables[0].dtype, jnp.float32)
+    g = g.astype(acc)
+    d_tables, d_coeffs = [], []
+    wait = _after(g)
+    for t, r, c in zip(tables, rows, coeffs):
+        # Each level waits for the one before: the (..., K, D) temporaries of one level at a time.
+        r = jnp.minimum(r, r + wait)
+        c = jnp.where(wait > 1, 0, c)
+        n, d = t.shape
+        # each sample's share of the output's gradient, added back at its row
+        d_tables.append(jnp.zeros((n, d), acc).at[r.reshape(-1)].add(
+            (c.astype(acc)[..., None] * g[..., None, :]).reshape(-1, d)).astype(t.dtype))
+        d_coeffs.append(jnp.einsum("...d,...kd->...k", g, t[r], preferred_element_type=acc).astype(c.dtype))
+        wait = jnp.maximum(_after(d_coeffs[-1]), _after(d_tables[-1]))
+    return tuple(d_tables), tuple(None for _ in rows), tuple(d_coeffs)
+
+
+weighted_rows.defvjp(_weighted_rows_fwd, _weighted_rows_bwd)
 
 
 def ms_deform_attn(value: Array, spatial_shapes: SpatialShapes, sampling_locations: Array,
-                   attention_weights: Array, *, remat: bool = True) -> Array:
+                   attention_weights: Array) -> Array:
     """Multi-scale deformable attention's sampling and weighting, mmcv's `multi_scale_deformable_attn_pytorch`.
 
     Args:
@@ -97,7 +146,6 @@ def ms_deform_attn(value: Array, spatial_shapes: SpatialShapes, sampling_locatio
         corner of its top-left pixel, (1, 1) the bottom-right corner of its bottom-right one; outside the map
         reads zeros.
       attention_weights: `(B, Q, heads, L, P)`.
-      remat: recompute each level's gathered corners in the backward pass instead of keeping them.
 
     Returns:
       `(B, Q, heads * D)`, heads major.
@@ -105,15 +153,17 @@ def ms_deform_attn(value: Array, spatial_shapes: SpatialShapes, sampling_locatio
     spatial_shapes = tuple((int(h), int(w)) for h, w in np.asarray(spatial_shapes).reshape(-1, 2))
     _check_shapes(value, spatial_shapes, sampling_locations, attention_weights)
     b, q, heads = sampling_locations.shape[:3]
-    sample = jax.checkpoint(_sample_level, static_argnums=(1,)) if remat else _sample_level
-    out = None
+    d = value.shape[-1]
+    tables, rows, coeffs = [], [], []
     start = 0
     for level, (h, w) in enumerate(spatial_shapes):
-        term = sample(value[:, start:start + h * w], (h, w), sampling_locations[:, :, :, level],
-                      attention_weights[:, :, :, level])
-        out = term if out is None else out + term
+        r, c = jax.checkpoint(_corners, static_argnums=(0, 1))(
+            (h, w), (b, heads), sampling_locations[:, :, :, level], attention_weights[:, :, :, level])
+        tables.append(value[:, start:start + h * w].reshape(-1, d))
+        rows.append(r)
+        coeffs.append(c.astype(value.dtype))
         start += h * w
-    return out.reshape(b, q, heads * value.shape[-1])
+    return weighted_rows(tuple(tables), tuple(rows), tuple(coeffs)).reshape(b, q, heads * d)
 
 
 def _grid_bias_init(heads: int, levels: int, points: int):
@@ -147,7 +197,6 @@ class MultiScaleDeformableAttention(nn.Module):
     num_points: int = 4
     value_proj_ratio: float = 1.0
     dropout: float = 0.0
-    remat: bool = True
     dtype: Optional[Dtype] = None
     param_dtype: Dtype = jnp.float32
 
@@ -202,6 +251,6 @@ class MultiScaleDeformableAttention(nn.Module):
             locations = ref + offsets / normalizer[None, None, None, :, None, :]
         else:
             locations = ref[..., :2] + offsets / points * ref[..., 2:] * 0.5
-        out = ms_deform_attn(v, spatial_shapes, locations, weights, remat=self.remat)
+        out = ms_deform_attn(v, spatial_shapes, locations, weights)
         out = self.output_proj(out)
         return self.drop(out, deterministic=deterministic) + identity
