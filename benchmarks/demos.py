@@ -1,12 +1,13 @@
 """Re-run the README's demos on this checkout and print their numbers next to the committed ones.
 
-    python benchmarks/demos.py                       # the five demos (about 50 min on a 2-core CPU)
+    python benchmarks/demos.py                       # the six demos (about 100 min on a 2-core CPU)
     python benchmarks/demos.py --demos detection     # one of them
     python benchmarks/demos.py --workdir /tmp/demos  # keep (and resume) the runs there
 
 The committed figures come from `results/`, not from the README's text: `results/demo/summary.json`,
 `results/detection_demo/summary.json`, `results/detection_demo/faster_rcnn/summary.json`,
-`results/detection_demo/swin/summary.json` and `results/detection_demo/reppoints/summary.json`, each the summary
+`results/detection_demo/swin/summary.json`, `results/detection_demo/reppoints/summary.json` and
+`results/detection_demo/dino/summary.json`, each the summary
 of the demo's last measured run. Any change to the
 step, a loss or a model re-runs this before it lands; a row whose numbers differ means the README's figures
 (and those files) are from an older commit, or from another machine: the runs are deterministic on one
@@ -33,13 +34,15 @@ DEMOS = {
     "faster_rcnn": ("configs/detection_demo.py:detector=faster_rcnn", ("teacher", "student", "cankd")),
     "swin": ("configs/detection_demo.py:teacher=swin", ("teacher", "student", "cankd")),
     "reppoints": ("configs/detection_demo.py:detector=reppoints", ("teacher", "student", "cankd")),
+    "dino": ("configs/detection_demo.py:detector=dino", ("teacher", "student", "cankd")),
 }
 
 
 RESULTS = {"segmentation": "results/demo/summary.json", "detection": "results/detection_demo/summary.json",
            "faster_rcnn": "results/detection_demo/faster_rcnn/summary.json",
            "swin": "results/detection_demo/swin/summary.json",
-           "reppoints": "results/detection_demo/reppoints/summary.json"}
+           "reppoints": "results/detection_demo/reppoints/summary.json",
+           "dino": "results/detection_demo/dino/summary.json"}
 
 
 def committed(demo: str) -> dict[str, float]:

@@ -60,6 +60,7 @@ CASES = [
     ("detection_demo.py", "detector=fcos,loss=cankd+fitnet+cwd"),
     ("detection_demo.py", "teacher=swin"),
     ("detection_demo.py", "detector=reppoints"),
+    ("detection_demo.py", "detector=dino"),
 ]
 
 

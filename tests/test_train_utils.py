@@ -186,3 +186,31 @@ def test_test_fault_parses_and_names_a_malformed_value(monkeypatch):
         monkeypatch.setenv(trainer.FAULT_ENV, bad)
         with pytest.raises(ValueError, match="expected SIGNAME@STEP"):
             trainer._fault()
+
+
+def test_a_preempted_phase_ends_the_comparison(tmp_path, monkeypatch):
+    """SIGTERM during one phase of a multi-phase config stops the run there (the next start resumes that phase):
+    the later phases do not start, and no summary.json claims the comparison finished."""
+    import ml_collections
+
+    from cankd_jax.train import runner, trainer
+
+    calls = []
+
+    def fake(cfg, workdir):
+        calls.append(os.path.basename(workdir))
+        finished = calls[-1] != "student"  # preempted in the second phase
+        return {"metric": "mIoU", "finished": finished, "step": 5 if not finished else cfg.total_steps,
+                "eval": {"mIoU": 0.5}, "workdir": workdir}
+
+    monkeypatch.setattr(trainer, "train_and_evaluate", fake)
+    config = ml_collections.ConfigDict(dict(total_steps=10, metric="mIoU", phases=["teacher", "student", "cankd"],
+                                            phase_overrides={}))
+    out = runner.run(config, str(tmp_path))
+    assert calls == ["teacher", "student"] and out["stopped"] == "student"
+    assert not (tmp_path / "summary.json").exists()
+    calls.clear()
+    monkeypatch.setattr(trainer, "train_and_evaluate", lambda cfg, workdir: (calls.append(workdir), {
+        "metric": "mIoU", "finished": True, "step": 10, "eval": {"mIoU": 0.5}, "workdir": workdir})[1])
+    assert runner.run(config, str(tmp_path))["cankd"] == 0.5 and len(calls) == 3
+    assert (tmp_path / "summary.json").exists()

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import os
 from typing import Any
 
 import jax
 import ml_collections
 
+log = logging.getLogger(__name__)
 
 
 def phase_config(config: ml_collections.ConfigDict, phase: str, workdir: str) -> ml_collections.ConfigDict:
@@ -54,7 +56,15 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         return summary
     results = {}
     for phase in config.phases:
-        results[phase] = train_and_evaluate(phase_config(config, phase, workdir), os.path.join(workdir, phase))
+        cfg = phase_config(config, phase, workdir)
+        results[phase] = train_and_evaluate(cfg, os.path.join(workdir, phase))
+        if not results[phase].get("finished"):
+            # Preempted (SIGTERM): stop here, as every process does; the next start resumes this phase, and
+            # the later ones (which may read its export) run after it.
+            log.warning("phase %r stopped at step %s of %s; not starting %s: run the same command again to "
+                        "resume", phase, results[phase].get("step"), cfg.total_steps,
+                        ", ".join(config.phases[config.phases.index(phase) + 1:]) or "anything else")
+            return {"metric": results[phase].get("metric"), "stopped": phase}
     metric = config.get("metric") or next(iter(results.values()))["metric"]
     summary: dict[str, Any] = {"metric": metric}
     for phase, res in results.items():
