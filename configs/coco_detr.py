@@ -55,10 +55,13 @@ ENCODER_DECODER_HEAD = [("encoder.", "encoder."), ("decoder.", "decoder."), ("bb
 # teacher's checkpoint gives)
 PAIRS = {
     "dino_r101": (dict(name="channel_mapper", backbone="resnet101"),
-                  dict(name="dino", backbone="resnet50"),
+                  # the authors' student: every stage trains (`frozen_stages=1` commented out; mmdet's own DINO
+                  # R50 freezes the stem and layer1), BatchNorm frozen (requires_grad=False, norm_eval)
+                  dict(name="dino", backbone="resnet50", frozen_stages=-1, norm_eval=True),
                   ("fpn.p3", "fpn.p4", "fpn.p5"), [("neck.", "neck."), *ENCODER_DECODER_HEAD]),
     "dino_swin_l": (dict(name="channel_mapper_5scale", backbone="swin_large_384"),
-                    dict(name="dino_5scale", backbone="swin_base_384", backbone_kwargs=dict(drop_path_rate=0.3)),
+                    dict(name="dino_5scale", backbone="swin_base_384", frozen_stages=-1,
+                         backbone_kwargs=dict(drop_path_rate=0.3)),
                     ("fpn.p2", "fpn.p3", "fpn.p4", "fpn.p5"), ENCODER_DECODER_HEAD),
 }
 

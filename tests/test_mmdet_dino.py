@@ -272,6 +272,8 @@ def test_coco_detr_config_follows_mmdets_dino_recipe(arg, mmdet_config):
     student = models.make_network(c.student, num_classes=c.task.num_classes)
     assert student.num_queries == ref.model.num_queries and student.num_classes == ref.model.bbox_head.num_classes
     assert len(c.distill) == (3 if not arg else 4) and {t["options"]["loss_weight"] for t in c.distill} == {10.0}
+    # the authors' students leave frozen_stages out (nlkd_dino-r101_dino-r50_12e_coco.py comments out mmdet's 1)
+    assert student.backbone.frozen_stages == -1
 
 
 @pytest.mark.parametrize("variant,arg", [("4scale_r50", ""), ("5scale_swin", "teacher=dino_swin_l")])
