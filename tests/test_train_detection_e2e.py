@@ -139,13 +139,11 @@ def test_dino_student_resumes_exactly(tmp_path, data_dir):
     pytest.param("detr", marks=pytest.mark.xfail(strict=True, reason=(
         "open: with DINO's crop augmentation the classification losses of step 1 part between 1 and 4 devices "
         "(loss_cls 1.087 vs 1.133, enc_loss_cls 1.00036 vs 1.00074) while the box, IoU and distillation terms "
-        "agree to 1e-5. Only padded images show it (the crops; resize_flip fills the bucket). Bisected in eval "
-        "mode too: backbone and neck outputs, padding masks, valid ratios and encoder reference points are equal; "
-        "encoder layer 0's deformable self-attention gets inputs equal to 1e-6 and its output parts by 0.16 (also "
-        "with the deformable attention before weighted_rows). The 4-device output is the wrong one: recomputing "
-        "that layer's attention from the captured inputs matches the 1-device run to 5e-7 on either mesh. So the "
-        "whole model's 4-device program computes the deformable attention wrongly on padded batches (a gather-free "
-        "padding mask changed nothing; ms_deform_attn jitted alone on batch-sharded inputs is right)"))),
+        "agree to 1e-5. Only padded images show it (the crops; resize_flip fills the bucket). Reproduced alone: "
+        "MultiScaleDeformableAttention on a 4-device mesh, with reference points computed in the same jit from "
+        "img_shapes (encoder_reference_points(valid_ratios(padding_masks(...)))), parts from 1 device by 0.25; "
+        "the same points passed in as an input, or ms_deform_attn without the module, agree bitwise; GSPMD and "
+        "Shardy give the same; the 1-device result is the right one"))),
 ])
 def test_dino_student_starts_the_same_on_one_and_four_devices(tmp_path, data_dir, augment):
     """The first two steps of the DINO smoke run on 1 and on 4 devices agree to float32 rounding (the per-image
