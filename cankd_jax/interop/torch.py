@@ -19,6 +19,5 @@ from cankd_jax.interop.torch_models import (  # noqa: F401
     load_resnet,
     save_pth,
     state_dict_layout,
-    swin_release_to_mmdet,
     to_mmdet_keys,
 )

@@ -55,7 +55,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         _print_table({"run": summary}, summary["metric"])
         return summary
     results = {}
-    for phase in config.phases:
+    for i, phase in enumerate(config.phases):
         cfg = phase_config(config, phase, workdir)
         results[phase] = train_and_evaluate(cfg, os.path.join(workdir, phase))
         if not results[phase].get("finished"):
@@ -63,7 +63,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             # the later ones (which may read its export) run after it.
             log.warning("phase %r stopped at step %s of %s; not starting %s: run the same command again to "
                         "resume", phase, results[phase].get("step"), cfg.total_steps,
-                        ", ".join(config.phases[config.phases.index(phase) + 1:]) or "anything else")
+                        ", ".join(config.phases[i + 1:]) or "anything else")
             return {"metric": results[phase].get("metric"), "stopped": phase}
     metric = config.get("metric") or next(iter(results.values()))["metric"]
     summary: dict[str, Any] = {"metric": metric}
