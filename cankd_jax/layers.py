@@ -24,6 +24,26 @@ Initializer = Callable[..., Array]
 torch_kernel_init: Initializer = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 
 
+@jax.custom_jvp
+def rounded(x: Array) -> Array:
+    """`x` itself, bit for bit, at a point no fused multiply-add can span (gradient: the identity).
+
+    LLVM, under XLA on CPU and GPU, may contract a multiply and the add that consumes it into one FMA, which
+    rounds once instead of twice, and it decides per fusion. XLA recomputes a cheap elementwise value in every
+    fusion that reads it, so one value can round one way where a sampler computes its pixel indices and the
+    other way where it computes their bilinear weights; at a location that lands on a pixel boundary (every
+    DINO encoder point on a padded image, at init) the weights then go to the wrong pixels. Pass a product
+    through this before it is added to something that is floored: the integer OR (with 0, or with 1 on a NaN,
+    which stays a NaN) is opaque to both compilers, so the multiply and the add round separately everywhere,
+    as in eager PyTorch. XLA:CPU drops `optimization_barrier`s before fusing, so a barrier does not do this.
+    """
+    bits = jax.lax.bitcast_convert_type(x, jnp.dtype(f"int{8 * x.dtype.itemsize}"))
+    return jax.lax.bitcast_convert_type(bits | jnp.isnan(x).astype(bits.dtype), x.dtype)
+
+
+rounded.defjvps(lambda t, ans, x: t)
+
+
 def torch_bias_init(fan_in: int) -> Initializer:
     """PyTorch's default bias init: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
     bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0

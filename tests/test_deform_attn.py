@@ -11,6 +11,10 @@ The module is compared in float32 to 1e-5 relative (float32 rounding through thr
 from __future__ import annotations
 
 import functools
+import json
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -19,6 +23,7 @@ import pytest
 import torch
 
 import openmmlab_reference as mr
+import train_cli
 from cankd_jax.models.deform_attn import MultiScaleDeformableAttention, ms_deform_attn
 from conftest import assert_close
 
@@ -219,43 +224,19 @@ def test_bfloat16_samples_where_float32_does():
     assert err < 5e-2, err  # without float32 locations: 1.15 here
 
 
-@pytest.mark.parametrize("points_inside", [False, True], ids=["points_given", "points_computed_in_the_program"])
-def test_the_module_gives_the_same_output_on_one_and_four_devices(points_inside):
+@pytest.mark.slow
+def test_the_module_gives_the_same_output_on_any_topology():
     """A batch of padded images (DINO's encoder: reference points from each image's valid ratios, the padding
-    masked) gives the same output whether the batch sits on one device or is split over four.
+    masked) gives the op-by-op result bitwise whether it runs on one device, split over four, or image by image,
+    compiled as users compile (XLA:CPU's default LLVM optimisation, so in a subprocess without conftest's flags).
 
-    Under the tests' compile flags (LLVM optimisation off, conftest.py) both forms agree bitwise. Built as users
-    build it (XLA:CPU's default optimisation), the in-program form parts by ~0.25 on 4 devices: open in issue 21,
-    caught end to end by the strict xfail in tests/test_train_detection_e2e.py."""
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-
-    from cankd_jax.models.dino import encoder_reference_points, padding_masks, valid_ratios
-
-    shapes = [(16, 16), (8, 8), (4, 4), (2, 2)]
-    img = jnp.asarray([[97.0, 97.0], [92.0, 92.0], [82.0, 82.0], [113.0, 117.0]])
-
-    def points_and_mask(img):
-        masks = padding_masks(img, (128, 128), shapes)
-        return (encoder_reference_points(shapes, valid_ratios(masks)),
-                jnp.concatenate([m.reshape(img.shape[0], -1) for m in masks], 1))
-
-    rng = np.random.default_rng(0)
-    query, pos = (jnp.asarray(rng.normal(size=(4, 340, 16)), jnp.float32) for _ in range(2))
-    module = MultiScaleDeformableAttention(embed_dims=16, num_heads=4, num_levels=4, num_points=4)
-    refs, pad = points_and_mask(img)
-    variables = module.init(jax.random.key(0), query, reference_points=refs, spatial_shapes=shapes, query_pos=pos,
-                            key_padding_mask=pad)
-
-    def attend(variables, query, pos, img, refs, pad):
-        if points_inside:
-            refs, pad = points_and_mask(img)
-        return module.apply(variables, query, reference_points=refs, spatial_shapes=shapes, query_pos=pos,
-                            key_padding_mask=pad)
-
-    outs = []
-    for n in (1, 4):
-        mesh = Mesh(np.array(jax.devices()[:n]), ("data",))
-        shard = lambda a: jax.device_put(a, NamedSharding(mesh, P("data")))  # noqa: E731
-        with jax.set_mesh(mesh):
-            outs.append(np.asarray(jax.jit(attend)(variables, *map(shard, (query, pos, img, refs, pad)))))
-    np.testing.assert_allclose(outs[1], outs[0], rtol=1e-6, atol=1e-6)
+    Many of these points fall on pixel boundaries; where a program computes them itself, LLVM may fuse the
+    valid-ratio product into the sampler's sum in one fusion and not in another, and the sampler's floors and
+    weights part (0.25 here, 4 devices and image by image, before `layers.rounded`)."""
+    script = os.path.join(os.path.dirname(__file__), "deform_attn_topologies.py")
+    run = subprocess.run([sys.executable, script, "inside"], env=train_cli.env(4), cwd=train_cli.ROOT,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout + run.stderr
+    diffs = json.loads(run.stdout.strip().splitlines()[-1])
+    assert set(diffs) == {"1_devices", "4_devices", "image_by_image"}, diffs
+    assert all(d == 0.0 for d in diffs.values()), diffs

@@ -43,6 +43,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cankd_jax.layers import rounded
+
 Array = jax.Array
 
 FINEST_SCALE = 56  # mmdet's SingleRoIExtractor default
@@ -105,8 +107,9 @@ def _axis_samples(start: Array, bin_size: Array, grid: Array, extent: Array, out
     """
     dtype = start.dtype
     p = jnp.arange(output_size, dtype=dtype)
-    # mmcv: start + p * bin + (i + .5) * bin / grid, evaluated left to right in float32.
-    pos = ((start[:, None, None] + p[None, :, None] * bin_size[:, None, None])
+    # mmcv: start + p * bin + (i + .5) * bin / grid, evaluated left to right in float32; the product `rounded`
+    # so that the indices and the weights below, which XLA may compute in different fusions, floor alike.
+    pos = ((start[:, None, None] + rounded(p[None, :, None] * bin_size[:, None, None]))
            + (sample[:, None, :].astype(dtype) + 0.5) * bin_size[:, None, None]
            / grid[:, None, None].astype(dtype))
     ext = extent[:, None, None]

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cankd_jax.layers import Dtype
+from cankd_jax.layers import Dtype, rounded
 from cankd_jax.models.conv import xavier_uniform
 
 Array = jax.Array
@@ -66,8 +66,9 @@ def _corners(hw: tuple[int, int], batch_heads: tuple[int, int], locations: Array
     # grid_sample's CPU kernel: grid g = 2 * loc - 1, pixel = (g + 1) * (size / 2) - 0.5 (align_corners=False);
     # written the same way so float32 results round as mmcv's do.
     grid = 2 * locations - 1
-    x = (grid[..., 0] + 1) * (w / 2) - 0.5
-    y = (grid[..., 1] + 1) * (h / 2) - 0.5
+    # `rounded`: these floors and the coefficients below must see the same bits (see `rounded`)
+    x = rounded((grid[..., 0] + 1) * (w / 2)) - 0.5
+    y = rounded((grid[..., 1] + 1) * (h / 2)) - 0.5
     x0, y0 = jnp.floor(x), jnp.floor(y)
     fx, fy = x - x0, y - y0
     gx, gy = 1 - fx, 1 - fy
@@ -244,13 +245,15 @@ class MultiScaleDeformableAttention(nn.Module):
         offsets = self.sampling_offsets(query).astype(jnp.float32).reshape(b, q, heads, levels, points, 2)
         logits = self.attention_weights(query).astype(jnp.float32).reshape(b, q, heads, levels * points)
         weights = jax.nn.softmax(logits, axis=-1).reshape(b, q, heads, levels, points)
-        ref = reference_points.astype(jnp.float32)[:, :, None, :, None, :]
+        # Both terms `rounded`: the caller's reference points are often a product (DINO's encoder scales them by
+        # each image's valid ratio), and a product fused into this sum would move the sampler's floors.
+        ref = rounded(reference_points.astype(jnp.float32))[:, :, None, :, None, :]
         if reference_points.shape[-1] == 2:
             # (W, H) of each level, as mmcv's offset_normalizer
             normalizer = jnp.asarray([[w, h] for h, w in spatial_shapes], offsets.dtype)
-            locations = ref + offsets / normalizer[None, None, None, :, None, :]
+            locations = ref + rounded(offsets / normalizer[None, None, None, :, None, :])
         else:
-            locations = ref[..., :2] + offsets / points * ref[..., 2:] * 0.5
+            locations = ref[..., :2] + rounded(offsets / points * ref[..., 2:] * 0.5)
         out = ms_deform_attn(v, spatial_shapes, locations, weights)
         out = self.output_proj(out)
         return self.drop(out, deterministic=deterministic) + identity

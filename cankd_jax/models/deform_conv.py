@@ -35,7 +35,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from cankd_jax.layers import Conv1x1, Dtype, Initializer
+from cankd_jax.layers import Conv1x1, Dtype, Initializer, rounded
 
 Array = jax.Array
 
@@ -124,7 +124,8 @@ def deform_conv2d(x: Array, offset: Array, kernel: Array, mask: Optional[Array] 
     k = kh * kw
     dg = deform_groups
     dtype = dtype or x.dtype
-    off = offset.astype(jnp.float32).reshape(b, ho, wo, dg, k, 2)
+    # `rounded`: a caller's product fused into the sums below would move the floors (layers.rounded)
+    off = rounded(offset.astype(jnp.float32)).reshape(b, ho, wo, dg, k, 2)
     # The undeformed grid per (output row, tap) and (output column, tap); taps row-major as mmcv's.
     grid_y = (jnp.arange(ho)[:, None] * stride - padding + jnp.repeat(jnp.arange(kh) * dilation, kw)[None, :])
     grid_x = (jnp.arange(wo)[:, None] * stride - padding + jnp.tile(jnp.arange(kw) * dilation, kh)[None, :])

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cankd_jax.detection.reppoints import points_to_boxes
-from cankd_jax.layers import Conv1x1
+from cankd_jax.layers import Conv1x1, rounded
 from cankd_jax.models.deform_conv import DeformConv2d
 from cankd_jax.models.dense_heads import _DenseHead, head_normal_init, prior_bias
 from cankd_jax.models.trunk import SingleStageDetector
@@ -106,7 +106,9 @@ class RepPointsHead(_DenseHead):
             cls_feat = self._run(cls_convs, x, train)
             pts_feat = self._run(reg_convs, x, train)
             p_init = init_out(nn.relu(init_conv(pts_feat))).astype(jnp.float32)
-            scaled = (1 - self.gradient_mul) * jax.lax.stop_gradient(p_init) + self.gradient_mul * p_init
+            # each product `rounded`: the sum is the deformable convs' offset, which they floor (layers.rounded)
+            scaled = (rounded((1 - self.gradient_mul) * jax.lax.stop_gradient(p_init))
+                      + rounded(self.gradient_mul * p_init))
             offset = scaled - base
             cls_scores.append(cls_out(nn.relu(cls_conv(cls_feat, offset))))
             p_refine = refine_out(nn.relu(refine_conv(pts_feat, offset))).astype(jnp.float32)
