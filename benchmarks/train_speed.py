@@ -67,6 +67,7 @@ chex, Orbax, NumPy and ml_collections.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -160,8 +161,9 @@ def _torch_network(cfg, num_classes: int):
     return ref.EncoderDecoder(bb, heads[cfg["name"]](), aux), ch
 
 
-def time_torch(config, size, batch, steps: int, threads: int, channels_last: bool = False) -> dict:
-    """Median time of the same distillation step in PyTorch, eager (see the module docstring)."""
+def time_torch(config, size, batch, steps: int, threads: int, channels_last: bool = False, profile: str = "") -> dict:
+    """Median time of the same distillation step in PyTorch, eager (see the module docstring); with `profile`, a
+    JSON file there of each aten op's self CPU time over the timed steps (`torch.profiler`), in ms per step."""
     import torch
     import torch.nn.functional as F
 
@@ -226,10 +228,17 @@ def time_torch(config, size, batch, steps: int, threads: int, channels_last: boo
 
     step()
     times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
+    prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) if profile else None
+    with prof or contextlib.nullcontext():
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - t0)
+    if prof is not None:
+        ops = {e.key: {"ms": e.self_cpu_time_total / 1e3 / steps, "calls": e.count / steps}
+               for e in prof.key_averages() if e.self_cpu_time_total > 0}
+        with open(profile, "w") as f:
+            json.dump(ops, f, indent=1)
     return {"sec": statistics.median(times), "times": times, "threads": threads, "torch": torch.__version__}
 
 
@@ -263,7 +272,7 @@ def _work(args) -> dict:
     if args.worker == "eval":
         return eval_speed(config, make_mesh(), size, batch)
     if args.worker == "torch":
-        return time_torch(config, size, batch, steps, args.threads, args.channels_last)
+        return time_torch(config, size, batch, steps, args.threads, args.channels_last, args.profile)
     if args.worker == "flops":
         return lowered_flops(config, size, batch)
     if args.worker == "loss_alone":

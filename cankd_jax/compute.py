@@ -39,15 +39,17 @@ as the sum over its k x k taps of a matmul of the input, shifted by the tap and 
 the pixels it reaches, with the tap's (C, O) kernel slice (`models.conv.conv_as_tap_matmuls`),
 so the forward pass and both gradients are matmuls, and a dilated tap that reaches no
 pixel (the ASPP's dilations 24/36 on a small map) costs nothing; 'wide_taps' does so for
-convolutions with >= 64 input channels and leaves thinner ones native; grouped
+convolutions with >= 256 input channels and leaves thinner ones native; grouped
 convolutions, and dilated ones in the 'batched'/'wgrad' forms, stay as they are. Why:
 XLA:CPU's convolutions and their gradients run well below its matmul rate. On this
 project's 2-core CPU, the Cityscapes student's (R18-d8, 2 x 128x256) convolutions took
-3.0 s native, 1.6 s wide_taps and 2.6 s in PyTorch per step (forward + backward), the
-R101-d8 teacher's forward 4.5 s, 1.8 s and 3.2 s; at 32 channels taps are slower
-(`results/train_speed/conv_cpu.md`). 'auto' (the default) is 'native' for now on every
-backend: 'wide_taps' on CPUs changes the demos' last digits, so it becomes the CPU default
-with their re-run.
+3.0 s native, 1.6 s as taps from 64 channels up and 2.6 s in PyTorch per step (forward +
+backward), the R101-d8 teacher's forward 4.5 s, 1.8 s and 3.2 s; at 32 and 64 channels
+taps are slower, at 128 even, from 256 up they win (2x at 512, 10x on a dilation-36 ASPP
+branch; `results/train_speed/conv_cpu.md`), and a small network's step (the segmentation
+demo, 64-192 channels on 8x8 maps) ran slower with taps from 64 channels (51-54 ms
+against 39-51 ms native), so only the wide convolutions take them. 'auto' (the default) is 'wide_taps' on CPUs and
+'native' on other backends (cuDNN's convolutions are fast; TPUs unmeasured).
 """
 
 from __future__ import annotations
@@ -99,8 +101,9 @@ def checkpointed(fn: Callable, name: Optional[str]) -> Callable:
 
 
 CONV_FORMS = ("auto", "native", "taps", "wide_taps")
-# Below this many input channels a tap's matmul is too thin to beat XLA:CPU's convolution.
-TAPS_MIN_CHANNELS = 64
+# Below this many input channels a tap's matmul is too thin to beat XLA:CPU's convolution (conv_cpu.md: slower
+# at 32 and 64, even at 128, ahead from 256).
+TAPS_MIN_CHANNELS = 256
 _conv_form: contextvars.ContextVar[str] = contextvars.ContextVar("conv_form", default="auto")
 
 
@@ -123,9 +126,12 @@ def conv_form(name: str) -> contextlib.AbstractContextManager[None]:
 
 def conv_form_for(in_channels: int, groups: int) -> str:
     """The form a k x k convolution with `in_channels` inputs and `groups` groups is traced in here, 'taps' or
-    'native' ('wide_taps' resolved by the channel count, 'auto' to 'native'; grouped convolutions stay native)."""
+    'native' ('wide_taps' resolved by the channel count; 'auto' is 'wide_taps' on CPUs, else 'native'; grouped
+    convolutions stay native)."""
     form = _conv_form.get()
-    if groups != 1 or form == "auto":
+    if form == "auto":
+        form = "wide_taps" if jax.default_backend() == "cpu" else "native"
+    if groups != 1:
         return "native"
     if form == "wide_taps":
         return "taps" if in_channels >= TAPS_MIN_CHANNELS else "native"

@@ -86,13 +86,19 @@ def test_tap_matmul_conv_matches_torch(h, w, d, k, stride):
         _check_against_torch(_Conv(features=6, kernel_size=k, dilation=d, stride=stride), h, w)
 
 
-def test_wide_taps_write_wide_convs_as_matmuls_only():
-    """'wide_taps': a 64-channel 3x3 (dilated or not) becomes tap matmuls, with no convolution left in its
-    forward or gradient program, while a 32-channel one and a grouped one stay XLA convolutions; 'auto' is
-    native."""
+def test_wide_taps_write_wide_convs_as_matmuls_only(monkeypatch):
+    """'wide_taps': a 256-channel 3x3 (dilated, strided or neither) becomes tap matmuls, with no convolution left
+    in its forward or gradient program, while a 128-channel one and a grouped one stay XLA convolutions; 'auto'
+    is 'wide_taps' on CPUs and 'native' on GPUs."""
     with conv_form("wide_taps"):
-        assert (conv_form_for(64, 1), conv_form_for(63, 1), conv_form_for(64, 2)) == ("taps", "native", "native")
-    assert conv_form_for(64, 1) == "native"
+        assert (conv_form_for(256, 1), conv_form_for(255, 1), conv_form_for(256, 2)) == ("taps", "native", "native")
+    assert jax.default_backend() == "cpu"
+    assert (conv_form_for(256, 1), conv_form_for(255, 1)) == ("taps", "native")
+    with conv_form("native"):
+        assert conv_form_for(256, 1) == "native"
+    with monkeypatch.context() as m:
+        m.setattr(jax, "default_backend", lambda: "gpu")
+        assert conv_form_for(256, 1) == "native"
 
     def programs(m, c):
         x = jnp.ones((1, 9, 9, c))
@@ -100,12 +106,14 @@ def test_wide_taps_write_wide_convs_as_matmuls_only():
         grad = jax.jit(jax.grad(lambda v, x: jnp.sum(m.apply(v, x) ** 2), argnums=(0, 1)))
         return jax.jit(m.apply).lower(v, x).as_text() + grad.lower(v, x).as_text()
 
-    with conv_form("wide_taps"):
-        assert "convolution" not in programs(_Conv(features=8, kernel_size=3, dilation=2), 64)
-        assert "convolution" not in programs(_Conv(features=8, kernel_size=3, dilation=1, stride=2), 64)
-        assert "convolution" in programs(_Conv(features=8, kernel_size=3, dilation=2), 32)
-        assert "convolution" in programs(_Conv(features=64, kernel_size=3, dilation=1, groups=64), 64)
-    assert "convolution" in programs(_Conv(features=8, kernel_size=3, dilation=2), 64)
+    for form in ("wide_taps", "auto"):
+        with conv_form(form):
+            assert "convolution" not in programs(_Conv(features=8, kernel_size=3, dilation=2), 256)
+            assert "convolution" not in programs(_Conv(features=8, kernel_size=3, dilation=1, stride=2), 256)
+            assert "convolution" in programs(_Conv(features=8, kernel_size=3, dilation=2), 128)
+            assert "convolution" in programs(_Conv(features=256, kernel_size=3, dilation=1, groups=256), 256)
+    with conv_form("native"):
+        assert "convolution" in programs(_Conv(features=8, kernel_size=3, dilation=2), 256)
 
 
 def test_tap_matmul_conv_names_what_it_does_not_take():

@@ -15,6 +15,7 @@ import jax
 import ml_collections
 from jax.sharding import Mesh
 
+from cankd_jax.compute import conv_form
 from cankd_jax.train import build
 from cankd_jax.train.sharding import ParamLayout, batch_sharding, check_global_batch
 from cankd_jax.train.state import TrainState, plan_state
@@ -36,7 +37,9 @@ class AbstractStep:
     batch: dict[str, Any]  # likewise, (global_batch, ...) split along `data`
 
     def lower(self) -> Any:
-        with jax.set_mesh(self.mesh):
+        """The step lowered as an accelerator runs it: convolutions native even when lowered on CPU devices, where
+        'auto' would write the wide ones as tap matmuls (`compute.conv_form`), a program no accelerator runs."""
+        with jax.set_mesh(self.mesh), conv_form("native"):
             return self.jitted.lower(self.state, self.teacher_vars, self.batch)
 
 
