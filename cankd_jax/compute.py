@@ -48,8 +48,9 @@ backward), the R101-d8 teacher's forward 4.5 s, 1.8 s and 3.2 s; at 32 and 64 ch
 taps are slower, at 128 even, from 256 up they win (2x at 512, 10x on a dilation-36 ASPP
 branch; `results/train_speed/conv_cpu.md`), and a small network's step (the segmentation
 demo, 64-192 channels on 8x8 maps) ran slower with taps from 64 channels (51-54 ms
-against 39-51 ms native), so only the wide convolutions take them. 'auto' (the default) is 'wide_taps' on CPUs and
-'native' on other backends (cuDNN's convolutions are fast; TPUs unmeasured).
+against 39-51 ms native), so only the wide convolutions take them. 'auto' (the default)
+is 'wide_taps' on CPUs and 'native' on other backends (cuDNN's convolutions are fast;
+TPUs unmeasured).
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """benchmarks/cpu_step_ops.py on a real XLA:CPU profile: a jitted convolution, its gradients and a matmul land in
-the classes by what their HLO computes and by direction, a separate slice in the copies, and nothing else."""
+the classes by what their HLO computes and by direction, every thunk in one of the script's classes."""
 
 from __future__ import annotations
 

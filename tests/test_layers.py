@@ -1,4 +1,5 @@
-"""`layers.rounded`: the identity, bit for bit and in its gradient, on every float32 / bfloat16 class of value."""
+"""`layers.rounded`: the identity, bit for bit and in its gradient, on every float32 / bfloat16 / float16 class of
+value."""
 
 from __future__ import annotations
 
