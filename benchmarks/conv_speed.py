@@ -1,15 +1,17 @@
 """The paper's Cityscapes pairing convolution by convolution: each k x k convolution of the student's train step
-(forward + backward) and of the teacher's inference forward, in XLA's form ('native'), as tap matmuls ('taps',
+(forward + backward) and of the teacher's part of the step, in XLA's form ('native'), as tap matmuls ('taps',
 `cankd_jax.models.conv.conv_as_tap_matmuls`) and in PyTorch (`F.conv2d`, eager, as many threads as cores), in the
 same run.
 
-The convolutions are read off the networks themselves: the config's student and teacher forward passes are traced
-(`jax.make_jaxpr`, both forms forced to 'native') and every `conv_general_dilated` in them is collected with its
-shapes, stride, padding and dilation; identical ones are timed once and counted. 1x1 convolutions are matmuls in
+The convolutions are read off the networks themselves: the student's forward pass and the teacher's as the step
+runs it (`step.teacher_features`: inference mode, up to the features the distillation terms read, its other heads
+dropped by dead-code elimination as XLA drops them) are traced (`jax.make_jaxpr`, both forms forced to 'native')
+and every `conv_general_dilated` in them is collected with its shapes, stride, padding and dilation; identical ones
+are timed once and counted. 1x1 convolutions are matmuls in
 our networks and do not appear. Each row times `y = conv(x, w)` (forward) and the gradients of `sum(y * g)` with
 respect to x and w (forward + backward; the teacher's rows forward only, as the step runs it), compilation
 excluded, median of `--repeats` calls, each waited for. The `wide_taps` column is what `conv_form('wide_taps')`
-runs (taps from 64 input channels, native below). Totals weight each row by its count.
+runs (taps from `compute.TAPS_MIN_CHANNELS`, 256 input channels, native below). Totals weight each row by its count.
 
     python benchmarks/conv_speed.py                                   # dlv3 at the CPU shape: 128x256, 2 images
     python benchmarks/conv_speed.py --height 512 --width 1024 --batch 8 --no-teacher
@@ -31,6 +33,8 @@ sys.path.insert(0, os.path.dirname(__file__))
 from roi_align_speed import time_calls  # this folder's scripts: the same median-of-calls timer  # noqa: E402
 from train_speed import case_config  # noqa: E402
 
+from jax._src.interpreters import partial_eval as pe  # noqa: E402 - dce_jaxpr: no public dead-code elimination
+
 from cankd_jax.compute import conv_form, conv_form_for, dilated_conv  # noqa: E402
 from cankd_jax.models.conv import conv_as_tap_matmuls  # noqa: E402
 
@@ -49,6 +53,20 @@ def _convs(jaxpr, found: collections.Counter) -> None:
                 inner = getattr(sub, "jaxpr", sub)
                 if hasattr(inner, "eqns"):
                     _convs(inner, found)
+
+
+def teacher_step_convs(run, size: tuple[int, int], batch: int) -> collections.Counter:
+    """Counter of the k x k convolutions the train step runs in `run`'s teacher on `(batch, *size, 3)` images."""
+    from cankd_jax.train.step import teacher_features
+
+    names = {t.teacher_feature for t in run.terms}
+    x = jax.ShapeDtypeStruct((batch, *size, 3), jnp.float32)
+    found: collections.Counter = collections.Counter()
+    with conv_form("native"), dilated_conv("native"):
+        closed = jax.make_jaxpr(lambda v, x: teacher_features(run.teacher, v, x, names))(run.teacher_vars, x)
+    jaxpr, _ = pe.dce_jaxpr(closed.jaxpr, [True] * len(closed.jaxpr.outvars))
+    _convs(jaxpr, found)
+    return found
 
 
 def network_convs(module, size: tuple[int, int], batch: int) -> collections.Counter:
@@ -163,7 +181,8 @@ def main(argv: list[str]) -> None:
     t0 = time.perf_counter()
     print(table("student", network_convs(run.student, size, args.batch), True, args.repeats), "\n", flush=True)
     if not args.no_teacher:
-        print(table("teacher", network_convs(run.teacher, size, args.batch), False, args.repeats), "\n", flush=True)
+        print(table("teacher (its part of the step)", teacher_step_convs(run, size, args.batch), False, args.repeats),
+              "\n", flush=True)
     print(f"{time.perf_counter() - t0:.0f} s; load average after: {os.getloadavg()[0]:.1f}")
 
 

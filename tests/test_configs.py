@@ -3,6 +3,7 @@ networks produce, and the channel counts line up through the connector (checked 
 
 from __future__ import annotations
 
+import json
 import os
 
 import chex
@@ -74,10 +75,18 @@ def runs(config):
     return [config]
 
 
+_TRACED: dict = {}
+
+
 def _outputs(cfg_block, num_classes, size):
-    net = models.make_network(cfg_block, num_classes=num_classes)
-    x = jnp.zeros((1, *size, 3), jnp.float32)
-    return jax.eval_shape(lambda: net.apply(net.init(jax.random.key(0), x, train=False), x, train=False))
+    """The network's output shapes, traced once per distinct network: most cases share a teacher or a student, and
+    tracing a ResNet-101 is most of this file's time."""
+    key = (json.dumps(cfg_block.to_dict(), sort_keys=True, default=repr), num_classes, size)
+    if key not in _TRACED:
+        net = models.make_network(cfg_block, num_classes=num_classes)
+        x = jnp.zeros((1, *size, 3), jnp.float32)
+        _TRACED[key] = jax.eval_shape(lambda: net.init_with_output(jax.random.key(0), x, train=False)[0])
+    return _TRACED[key]
 
 
 @pytest.mark.parametrize("file,arg", CASES, ids=[f"{f}:{a}" if a else f for f, a in CASES])

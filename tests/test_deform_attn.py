@@ -68,8 +68,8 @@ def _theirs(value, loc, weights):
 def _ours(value, loc, weights, cot):
     def f(v, l, w):
         return jnp.sum(ms_deform_attn(v, SHAPES, l, w) * cot)
-    out = ms_deform_attn(value, SHAPES, loc, weights)
-    return np.asarray(out), [np.asarray(g) for g in jax.grad(f, argnums=(0, 1, 2))(value, loc, weights)]
+    out = jax.jit(ms_deform_attn, static_argnums=1)(value, SHAPES, loc, weights)
+    return np.asarray(out), [np.asarray(g) for g in jax.jit(jax.grad(f, argnums=(0, 1, 2)))(value, loc, weights)]
 
 
 def test_sampling_matches_mmcv_float64(rng):
@@ -149,8 +149,9 @@ def _module_case(ref_dims: int):
     params = {name: {"kernel": sd[f"{name}.weight"].T, "bias": sd[f"{name}.bias"]}
               for name in ("sampling_offsets", "attention_weights", "value_proj", "output_proj")}
     ours = MultiScaleDeformableAttention(embed_dims=c, num_heads=heads, num_levels=levels, num_points=points)
-    got = ours.apply({"params": params}, query, value, reference_points=ref, spatial_shapes=shapes,
-                     query_pos=pos, key_padding_mask=mask)
+    got = jax.jit(lambda p, q, v, r, qp, m: ours.apply(p, q, v, reference_points=r, spatial_shapes=shapes,
+                                                       query_pos=qp, key_padding_mask=m))(
+        {"params": params}, query, value, ref, pos, mask)
     return np.asarray(got), want, tm, ours, (query, value, ref, shapes)
 
 
@@ -169,8 +170,8 @@ def test_init_matches_mmcv():
     ours = MultiScaleDeformableAttention(embed_dims=32, num_heads=8, num_levels=4, num_points=4)
     shapes = ((4, 4), (2, 2), (1, 1), (1, 1))
     x = jnp.zeros((1, 22, 32))
-    params = ours.init(jax.random.key(0), x, reference_points=jnp.zeros((1, 22, 4, 2)), spatial_shapes=shapes)
-    params = params["params"]
+    params = jax.jit(lambda k: ours.init(k, x, reference_points=jnp.zeros((1, 22, 4, 2)), spatial_shapes=shapes))(
+        jax.random.key(0))["params"]
     sd = {k: v.numpy() for k, v in tm.state_dict().items()}
     np.testing.assert_allclose(params["sampling_offsets"]["bias"], sd["sampling_offsets.bias"], rtol=1e-6, atol=1e-7)
     for name in ("sampling_offsets", "attention_weights"):
@@ -215,11 +216,12 @@ def test_bfloat16_samples_where_float32_does():
     value = jnp.asarray(rng.normal(size=(1, 8 * 167, c)), jnp.float32)
     ref = jnp.asarray(rng.uniform(0.5, 1.0, size=(1, 64, 1, 2)), jnp.float32)
     f32 = MultiScaleDeformableAttention(embed_dims=c, num_heads=2, num_levels=1, num_points=2)
-    params = f32.init(jax.random.key(0), query, value, reference_points=ref, spatial_shapes=shapes)
+    params = jax.jit(lambda k: f32.init(k, query, value, reference_points=ref, spatial_shapes=shapes))(
+        jax.random.key(0))
     params = jax.tree.map(lambda p: p + 0.3 * jax.random.normal(jax.random.key(1), p.shape), params)
-    want = f32.apply(params, query, value, reference_points=ref, spatial_shapes=shapes)
     bf16 = MultiScaleDeformableAttention(embed_dims=c, num_heads=2, num_levels=1, num_points=2, dtype=jnp.bfloat16)
-    got = bf16.apply(params, query, value, reference_points=ref, spatial_shapes=shapes)
+    want, got = (jax.jit(lambda p: m.apply(p, query, value, reference_points=ref, spatial_shapes=shapes))(params)  # noqa: B023
+                 for m in (f32, bf16))
     err = float(jnp.max(jnp.abs(got.astype(jnp.float32) - want))) / float(jnp.max(jnp.abs(want)))
     assert err < 5e-2, err  # without float32 locations: 1.15 here
 

@@ -65,7 +65,7 @@ def test_deform_conv2d_matches_mmcv(case, modulated):
         out = out + bias if modulated else out
         return jnp.sum(out * _nhwc(g)), out
 
-    grads, out = jax.grad(f, argnums=(0, 1, 2, 3, 4), has_aux=True)(
+    grads, out = jax.jit(jax.grad(f, argnums=(0, 1, 2, 3, 4), has_aux=True))(
         _nhwc(x), _nhwc(offset), _kernel(weight), _nhwc(mask), bias.detach().numpy())
     tol = dict(rtol=1e-5, atol=2e-5)  # sums of C*k*k products in another order: float32 rounding
     np.testing.assert_allclose(out, _nhwc(y), **tol)

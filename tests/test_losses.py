@@ -40,7 +40,7 @@ def test_efficient_order_equals_quadratic(attention):
 
     def run(mod):
         f = lambda p, x: mod.apply({**v, "params": p}, x, t, train=True, mutable=["batch_stats"])[0]  # noqa: E731
-        return jax.value_and_grad(f, argnums=(0, 1))(v["params"], s)
+        return jax.jit(jax.value_and_grad(f, argnums=(0, 1)))(v["params"], s)
 
     (l_e, g_e), (l_q, g_q) = run(eff), run(quad)
     assert_close(l_e, l_q, what="loss")
@@ -172,7 +172,7 @@ def test_connector_lifts_channels_for_cankd():
     def value(params):
         return loss.apply(lv, conn.apply(params, s), t, train=True, mutable=["batch_stats"])[0]
 
-    g = jax.grad(value)(cv)["params"]["conv"]
+    g = jax.jit(jax.grad(value))(cv)["params"]["conv"]
     assert np.all(np.isfinite(g["kernel"])) and np.abs(g["kernel"]).min() > 0
 
 

@@ -179,7 +179,7 @@ def test_self_nonlocal_matches_pytorch(attention):
         return mod.apply({**variables, "params": params}, student, jnp.asarray(t), train=True,
                          mutable=["batch_stats"])[0]
 
-    loss, (g_params, g_s) = jax.value_and_grad(f, argnums=(0, 1))(variables["params"], jnp.asarray(s))
+    loss, (g_params, g_s) = jax.jit(jax.value_and_grad(f, argnums=(0, 1)))(variables["params"], jnp.asarray(s))
     assert_close(loss, t_loss, what="loss")
     assert_close(g_s, t_gs, what="d loss / d student")
     for p in ("student_non_local", "teacher_non_local"):
@@ -191,7 +191,7 @@ def test_self_nonlocal_matches_pytorch(attention):
 
 
 def _grad_parity(jax_loss_fn, torch_loss_fn, s, t):
-    loss, g = jax.value_and_grad(jax_loss_fn)(jnp.asarray(s), jnp.asarray(t))
+    loss, g = jax.jit(jax.value_and_grad(jax_loss_fn))(jnp.asarray(s), jnp.asarray(t))
     s_t = nchw(s).requires_grad_(True)
     t_loss = torch_loss_fn(s_t, nchw(t))
     t_loss.backward()
