@@ -24,8 +24,8 @@ def data_dir(tmp_path_factory):
     return str(tmp_path_factory.mktemp("tfds"))
 
 
-def _args(workdir, data_dir, *extra):
-    return cli.command(workdir, f"--config.data.data_dir={data_dir}", *FOUR_STEPS, *extra, config=SMOKE)
+def _args(workdir, data_dir, *extra, config: str = SMOKE):
+    return cli.command(workdir, f"--config.data.data_dir={data_dir}", *FOUR_STEPS, *extra, config=config)
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +55,7 @@ def test_faster_rcnn_sigterm_then_resume_gives_the_same_numbers(tmp_path, data_d
     (the anchors' and RoIs' random sampling follows the step, not the process)."""
     config = f"{SMOKE}:detector=faster_rcnn"
     reference = tmp_path / "reference"
-    cli.run(cli.command(reference, f"--config.data.data_dir={data_dir}", *FOUR_STEPS, config=config), devices=1)
+    cli.run(_args(reference, data_dir, config=config), devices=1)
     rows = cli.rows(reference)
     assert all(k in rows[0] for k in ("task/loss_rpn_cls", "task/loss_rpn_bbox", "task/loss_cls", "task/loss_bbox",
                                       "distill/cankd_p2", "distill/cankd_p5"))
@@ -63,7 +63,7 @@ def test_faster_rcnn_sigterm_then_resume_gives_the_same_numbers(tmp_path, data_d
     assert set(cli.summary(reference)["eval"]) == {"mAP", "AP50", "AP75", "AP_S", "AP_M", "AP_L"}
     assert os.path.exists(reference / "export" / "student.pth")
     workdir = tmp_path / "run"
-    args = cli.command(workdir, f"--config.data.data_dir={data_dir}", *FOUR_STEPS, config=config)
+    args = _args(workdir, data_dir, config=config)
     procs = cli.start(args, devices=1, log_dir=tmp_path, fault={0: "SIGTERM@0"})
     [(code, _)] = cli.finish(procs)
     assert code == 0, cli.read_log(tmp_path)[-3000:]
@@ -81,7 +81,7 @@ def test_reppoints_student_trains_evaluates_and_exports(tmp_path, data_dir):
 
     config = f"{SMOKE}:detector=reppoints"
     workdir = tmp_path / "run"
-    cli.run(cli.command(workdir, f"--config.data.data_dir={data_dir}", *FOUR_STEPS, config=config), devices=1)
+    cli.run(_args(workdir, data_dir, config=config), devices=1)
     rows = cli.rows(workdir)
     assert [r["step"] for r in rows] == list(range(1, 5))
     assert all(rows[0][k] > 0 for k in ("task/loss_cls", "task/loss_pts_init", "task/loss_pts_refine",
@@ -96,7 +96,7 @@ def test_reppoints_student_trains_evaluates_and_exports(tmp_path, data_dir):
 def dino_reference(tmp_path_factory, data_dir):
     """The DINO smoke run on 4 devices, uninterrupted: 4 steps with DINO's augmentation (crops, so padded images)."""
     workdir = tmp_path_factory.mktemp("dino") / "reference"
-    cli.run(cli.command(workdir, f"--config.data.data_dir={data_dir}", *FOUR_STEPS, config=DINO), devices=4)
+    cli.run(_args(workdir, data_dir, config=DINO), devices=4)
     return workdir
 
 
@@ -121,7 +121,7 @@ def test_dino_student_resumes_exactly(tmp_path, data_dir, dino_reference):
             "encoder.layers.0.self_attn.sampling_offsets.weight", "decoder.layers.0.self_attn.attn.in_proj_weight",
             "bbox_head.reg_branches.1.4.bias", "neck.extra_convs.0.gn.weight"} <= keys
     workdir = tmp_path / "run"
-    args = cli.command(workdir, f"--config.data.data_dir={data_dir}", *FOUR_STEPS, config=DINO)
+    args = _args(workdir, data_dir, config=DINO)
     procs = cli.start(args, devices=4, log_dir=tmp_path, fault={0: "SIGTERM@0"})
     [(code, _)] = cli.finish(procs)
     assert code == 0, cli.read_log(tmp_path)[-3000:]
@@ -140,7 +140,7 @@ def test_dino_student_starts_the_same_on_one_and_four_devices(tmp_path, data_dir
     sums flip near-ties after a few steps and the runs part (seen at step 3). The 1-device run is the same 4-step
     run stopped by SIGTERM after its second step, so both follow the same learning-rate schedule."""
     workdir = tmp_path / "one_device"
-    args = cli.command(workdir, f"--config.data.data_dir={data_dir}", *FOUR_STEPS, config=DINO)
+    args = _args(workdir, data_dir, config=DINO)
     [(code, _)] = cli.finish(cli.start(args, devices=1, log_dir=tmp_path, fault={0: "SIGTERM@2"}))
     assert code == 0, cli.read_log(tmp_path)[-3000:]
     one = cli.rows(workdir)
