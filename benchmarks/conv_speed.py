@@ -55,27 +55,30 @@ def _convs(jaxpr, found: collections.Counter) -> None:
                     _convs(inner, found)
 
 
-def teacher_step_convs(run, size: tuple[int, int], batch: int) -> collections.Counter:
-    """Counter of the k x k convolutions the train step runs in `run`'s teacher on `(batch, *size, 3)` images."""
-    from cankd_jax.train.step import teacher_features
-
-    names = {t.teacher_feature for t in run.terms}
-    x = jax.ShapeDtypeStruct((batch, *size, 3), jnp.float32)
+def traced_convs(fn, *args) -> collections.Counter:
+    """Counter of the k x k convolutions that `fn(*args)` computes: traced with both forms forced to 'native',
+    what its outputs do not need eliminated, as XLA eliminates it."""
     found: collections.Counter = collections.Counter()
     with conv_form("native"), dilated_conv("native"):
-        closed = jax.make_jaxpr(lambda v, x: teacher_features(run.teacher, v, x, names))(run.teacher_vars, x)
+        closed = jax.make_jaxpr(fn)(*args)
     jaxpr, _ = pe.dce_jaxpr(closed.jaxpr, [True] * len(closed.jaxpr.outvars))
     _convs(jaxpr, found)
     return found
 
 
-def network_convs(module, size: tuple[int, int], batch: int) -> collections.Counter:
-    """Counter of the k x k convolutions in `module`'s forward pass on `(batch, *size, 3)` images."""
+def teacher_step_convs(run, size: tuple[int, int], batch: int) -> collections.Counter:
+    """The k x k convolutions the train step runs in `run`'s teacher on `(batch, *size, 3)` images."""
+    from cankd_jax.train.step import teacher_features
+
+    names = {t.teacher_feature for t in run.terms}
     x = jax.ShapeDtypeStruct((batch, *size, 3), jnp.float32)
-    found: collections.Counter = collections.Counter()
-    with conv_form("native"), dilated_conv("native"):
-        _convs(jax.make_jaxpr(lambda x: module.init_with_output(jax.random.key(0), x, train=False))(x).jaxpr, found)
-    return found
+    return traced_convs(lambda v, x: teacher_features(run.teacher, v, x, names), run.teacher_vars, x)
+
+
+def network_convs(module, size: tuple[int, int], batch: int) -> collections.Counter:
+    """The k x k convolutions in `module`'s forward pass on `(batch, *size, 3)` images."""
+    x = jax.ShapeDtypeStruct((batch, *size, 3), jnp.float32)
+    return traced_convs(lambda x: module.init_with_output(jax.random.key(0), x, train=False), x)
 
 
 def jax_conv(form: str):
