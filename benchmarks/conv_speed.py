@@ -1,17 +1,23 @@
 """The paper's Cityscapes pairing convolution by convolution: each k x k convolution of the student's train step
 (forward + backward) and of the teacher's part of the step, in XLA's form ('native'), as tap matmuls ('taps',
-`cankd_jax.models.conv.conv_as_tap_matmuls`) and in PyTorch (`F.conv2d`, eager, as many threads as cores), in the
-same run.
+`cankd_jax.models.conv.conv_as_tap_matmuls`), with the forward pass only as taps ('tap_forward') and in PyTorch
+(`F.conv2d`, eager, as many threads as cores), in the same run.
 
 The convolutions are read off the networks themselves: the student's forward pass and the teacher's as the step
 runs it (`step.teacher_features`: inference mode, up to the features the distillation terms read, its other heads
 dropped by dead-code elimination as XLA drops them) are traced (`jax.make_jaxpr`, both forms forced to 'native')
 and every `conv_general_dilated` in them is collected with its shapes, stride, padding and dilation; identical ones
 are timed once and counted. 1x1 convolutions are matmuls in
-our networks and do not appear. Each row times `y = conv(x, w)` (forward) and the gradients of `sum(y * g)` with
-respect to x and w (forward + backward; the teacher's rows forward only, as the step runs it), compilation
-excluded, median of `--repeats` calls, each waited for. The `wide_taps` column is what `conv_form('wide_taps')`
-runs (taps from `compute.TAPS_MIN_CHANNELS`, 256 input channels, native below). Totals weight each row by its count.
+our networks and do not appear. The teacher's rows time `y = conv(x, w)` (forward only, as the step runs it); the
+student's the gradients with respect to x and w of `sum(relu(bn(conv(x, w))) * g)`, `bn` a training-mode
+BatchNorm without affine parameters (forward + backward as the networks run it: every k x k convolution of theirs
+feeds a BatchNorm, most of them a ReLU after it, so the forward output is computed and the backward's cotangent depends on it; the
+gradients of a plain `sum(y * g)` need no forward pass, which XLA then drops and PyTorch does not). Compilation
+excluded, median of `--repeats` calls, each waited for. 'tap_forward' (`conv_tap_forward`: the forward pass as
+taps, XLA's gradient convolutions) has its own timing in the student's rows only; in a forward row it is the taps'.
+The `wide_taps picks` column is the form `conv_form('wide_taps')` runs for that convolution (`compute.conv_form_for`:
+taps from 256 input channels, in the gradients too where padding takes a quarter of the native reads), and the
+ratio is its time against PyTorch's. Totals weight each row by its count.
 
     python benchmarks/conv_speed.py                                   # dlv3 at the CPU shape: 128x256, 2 images
     python benchmarks/conv_speed.py --height 512 --width 1024 --batch 8 --no-teacher
@@ -36,7 +42,7 @@ from train_speed import case_config  # noqa: E402
 from jax._src.interpreters import partial_eval as pe  # noqa: E402 - dce_jaxpr: no public dead-code elimination
 
 from cankd_jax.compute import conv_form, conv_form_for, dilated_conv  # noqa: E402
-from cankd_jax.models.conv import conv_as_tap_matmuls  # noqa: E402
+from cankd_jax.models.conv import conv_as_tap_matmuls, conv_tap_forward  # noqa: E402
 
 # (input shape, kernel shape, strides, padding, dilation, groups)
 Conv = tuple[tuple[int, ...], tuple[int, ...], tuple[int, int], tuple[tuple[int, int], ...], tuple[int, int], int]
@@ -81,19 +87,29 @@ def network_convs(module, size: tuple[int, int], batch: int) -> collections.Coun
     return traced_convs(lambda x: module.init_with_output(jax.random.key(0), x, train=False), x)
 
 
+JAX_FORMS = {"native": jax.lax.conv_general_dilated, "taps": conv_as_tap_matmuls, "tap_forward": conv_tap_forward}
+
+
 def jax_conv(form: str):
     def conv(x, w, strides, padding, dilation, groups):
-        args = (x, w, strides, padding)
-        kw = dict(rhs_dilation=dilation, dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=groups)
-        return conv_as_tap_matmuls(*args, **kw) if form == "taps" else jax.lax.conv_general_dilated(*args, **kw)
+        return JAX_FORMS[form](x, w, strides, padding, rhs_dilation=dilation,
+                               dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=groups)
     return conv
+
+
+def _bn_relu(y):
+    # BatchNorm2d in training mode without affine parameters (biased batch variance, eps 1e-5), then ReLU.
+    mean = jnp.mean(y, axis=(0, 1, 2))
+    var = jnp.mean(jnp.square(y - mean), axis=(0, 1, 2))
+    return jax.nn.relu((y - mean) * jax.lax.rsqrt(var + 1e-5))
 
 
 def time_jax(form: str, spec: Conv, x, w, g, backward: bool, repeats: int) -> float:
     _, _, strides, padding, dilation, groups = spec
     conv = jax_conv(form)
     if backward:
-        fn = jax.jit(jax.grad(lambda x, w: jnp.sum(conv(x, w, strides, padding, dilation, groups) * g), (0, 1)))
+        fn = jax.jit(jax.grad(lambda x, w: jnp.sum(_bn_relu(conv(x, w, strides, padding, dilation, groups)) * g),
+                              (0, 1)))
     else:
         fn = jax.jit(lambda x, w: conv(x, w, strides, padding, dilation, groups))
     return time_calls(lambda: jax.block_until_ready(fn(x, w)), repeats)[0]
@@ -115,7 +131,8 @@ def time_torch(spec: Conv, x, w, g, backward: bool, repeats: int) -> float:
             with torch.no_grad():
                 return F.conv2d(xt, wt, stride=strides, padding=(pt, pl), dilation=dilation, groups=groups)
         xt.grad = wt.grad = None
-        (F.conv2d(xt, wt, stride=strides, padding=(pt, pl), dilation=dilation, groups=groups) * gt).sum().backward()
+        y = F.conv2d(xt, wt, stride=strides, padding=(pt, pl), dilation=dilation, groups=groups)
+        (F.relu(F.batch_norm(y, None, None, training=True)) * gt).sum().backward()
 
     return time_calls(call, repeats)[0]
 
@@ -131,30 +148,36 @@ def measure(spec: Conv, backward: bool, repeats: int) -> dict:
            "torch": time_torch(spec, x, w, g, backward, repeats)}
     if groups == 1:
         row["taps"] = time_jax("taps", spec, x, w, g, backward, repeats)
+        # Its forward pass is the taps' own: timed only where the gradients run too.
+        row["tap_forward"] = time_jax("tap_forward", spec, x, w, g, True, repeats) if backward else row["taps"]
     with conv_form("wide_taps"):  # the library's own rule picks the column
-        row["wide_taps"] = row[conv_form_for(xs[-1], groups)]
+        row["wide_taps"] = row[conv_form_for(xs[1:3], xs[-1], ws[0], strides[0], dilation[0], groups)]
     return row
 
 
 def table(title: str, found: collections.Counter, backward: bool, repeats: int) -> str:
-    what = "forward + backward" if backward else "forward"
+    what = "forward + backward, each with a BatchNorm and a ReLU" if backward else "forward"
     lines = [f"### {title}: {sum(found.values())} convolutions, {len(found)} distinct ({what}, ms per call)", "",
              "| input (B, H, W, C) | kernel (kh, kw, C/g, O) | stride | dilation | groups | count | native | taps "
-             "| PyTorch | wide_taps / PyTorch |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "| tap_forward | PyTorch | wide_taps picks | wide_taps / PyTorch |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     totals = collections.Counter()
     for spec, count in sorted(found.items(), key=lambda kv: (-kv[0][0][1], kv[0][0][3], kv[0][4])):
         row = measure(spec, backward, repeats)
         for k, v in row.items():
             totals[k] += count * v * 1e3
-        totals["taps"] += 0 if "taps" in row else count * row["native"] * 1e3  # grouped: native in both totals
-        taps = f"{row['taps'] * 1e3:.1f}" if "taps" in row else "-"
+        for form in ("taps", "tap_forward"):  # grouped: native in every total
+            totals[form] += 0 if form in row else count * row["native"] * 1e3
+        taps, tap_forward = (f"{row[f] * 1e3:.1f}" if f in row else "-" for f in ("taps", "tap_forward"))
+        with conv_form("wide_taps"):
+            picks = conv_form_for(spec[0][1:3], spec[0][-1], spec[1][0], spec[2][0], spec[4][0], spec[5])
         lines.append(f"| {spec[0]} | {spec[1]} | {spec[2][0]} | {spec[4][0]} | {spec[5]} | {count} | "
-                     f"{row['native'] * 1e3:.1f} | {taps} | {row['torch'] * 1e3:.1f} | "
+                     f"{row['native'] * 1e3:.1f} | {taps} | {tap_forward} | {row['torch'] * 1e3:.1f} | {picks} | "
                      f"{row['wide_taps'] / row['torch']:.2f} |")
         print(lines[-1], file=sys.stderr, flush=True)
     lines.append(f"| **total (x count)** | | | | | | **{totals['native']:.0f}** | **{totals['taps']:.0f}** | "
-                 f"**{totals['torch']:.0f}** | **{totals['wide_taps'] / totals['torch']:.2f}** (wide_taps "
-                 f"{totals['wide_taps']:.0f}) |")
+                 f"**{totals['tap_forward']:.0f}** | **{totals['torch']:.0f}** | **{totals['wide_taps']:.0f}** | "
+                 f"**{totals['wide_taps'] / totals['torch']:.2f}** |")
     return "\n".join(lines)
 
 

@@ -78,6 +78,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:  # this checkout's cankd_jax, installed or not
     sys.path.insert(0, ROOT)
+from cankd_jax.compute import CONV_FORMS  # noqa: E402 - after the path; imports JAX but starts no backend
 CONFIGS = os.path.join(ROOT, "configs")
 # case -> (config file, argument, phases of a comparison config: (without, with) the distillation loss)
 CASES = {
@@ -539,7 +540,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--remat", default="none", help="config.remat policy")
     ap.add_argument("--dilated-conv", default="auto", choices=["auto", "batched", "wgrad", "native"],
                     help="how dilated convolutions are computed (cankd_jax.compute.dilated_conv)")
-    ap.add_argument("--conv-form", default="auto", choices=["auto", "native", "taps", "wide_taps"],
+    ap.add_argument("--conv-form", default="auto", choices=CONV_FORMS,
                     help="how the other k x k convolutions are computed (cankd_jax.compute.conv_form)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="PyTorch intra-op threads")
     ap.add_argument("--channels-last", action="store_true", help="PyTorch in channels_last memory format")

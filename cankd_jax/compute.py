@@ -38,19 +38,25 @@ numbers up to float rounding): 'native' is XLA's convolution; 'taps' writes a co
 as the sum over its k x k taps of a matmul of the input, shifted by the tap and cut to
 the pixels it reaches, with the tap's (C, O) kernel slice (`models.conv.conv_as_tap_matmuls`),
 so the forward pass and both gradients are matmuls, and a dilated tap that reaches no
-pixel (the ASPP's dilations 24/36 on a small map) costs nothing; 'wide_taps' does so for
-convolutions with >= 256 input channels and leaves thinner ones native; grouped
-convolutions, and dilated ones in the 'batched'/'wgrad' forms, stay as they are. Why:
-XLA:CPU's convolutions and their gradients run well below its matmul rate. On this
-project's 2-core CPU, the Cityscapes student's (R18-d8, 2 x 128x256) convolutions took
-3.0 s native, 1.6 s as taps from 64 channels up and 2.6 s in PyTorch per step (forward +
-backward), the R101-d8 teacher's forward 4.5 s, 1.8 s and 3.2 s; at 32 and 64 channels
-taps are slower, at 128 even, from 256 up they win (2x at 512, 10x on a dilation-36 ASPP
-branch; `results/train_speed/conv_cpu.md`), and a small network's step (the segmentation
-demo, 64-192 channels on 8x8 maps) ran slower with taps from 64 channels (51-54 ms
-against 39-51 ms native), so only the wide convolutions take them. 'auto' (the default)
-is 'wide_taps' on CPUs and 'native' on other backends (cuDNN's convolutions are fast;
-TPUs unmeasured).
+pixel (the ASPP's dilations 24/36 on a small map) costs nothing; 'tap_forward' computes the
+forward pass as taps and the gradients as XLA's convolutions (`models.conv.conv_tap_forward`);
+'wide_taps' picks per convolution: below 256 input channels native, from 256 'taps' where at
+least a quarter of the native form's reads fall on padding (`real_share`), 'tap_forward'
+elsewhere; grouped convolutions, and dilated ones in the 'batched'/'wgrad' forms, stay as they
+are. 'auto' (the default) is 'wide_taps' on CPUs and 'native' on other backends (cuDNN's
+convolutions are fast; TPUs unmeasured).
+
+Why, on this project's 2-core CPU (`results/train_speed/conv_cpu.md`): XLA:CPU's convolutions
+once ran well below its matmul rate (a slow host: the Cityscapes student's convolutions 3.0 s
+native, 1.6 s as taps, 2.6 s in PyTorch); on the faster hosts since, taps still win forward
+passes from 256 channels, by up to a quarter of the time (the teacher's 512-channel 3x3s: 28 ms
+native, 21 ms as taps), while in training XLA's own gradient convolutions beat the taps' (the taps'
+backward pads each tap's input gradient back and transposes each tap's cotangent: the dlv3
+student's 512-channel 3x3, forward + backward with its BatchNorm and ReLU, 86 ms native, 100 ms
+as taps, 80 ms as 'tap_forward'), except where padding dominates (that student's ASPP branch
+with dilation 36 on a 16 x 32 map: 76 ms native, 4 ms as taps). At 32 and 64 channels taps are slower, at 128 even,
+and a small network's step (the segmentation demo, 64-192 channels on 8x8 maps) ran slower with
+taps from 64 channels (51-54 ms against 39-51 ms native).
 """
 
 from __future__ import annotations
@@ -101,10 +107,14 @@ def checkpointed(fn: Callable, name: Optional[str]) -> Callable:
     return fn if (name or "none") == "none" else jax.checkpoint(fn, policy=policy)
 
 
-CONV_FORMS = ("auto", "native", "taps", "wide_taps")
+CONV_FORMS = ("auto", "native", "taps", "tap_forward", "wide_taps")
 # Below this many input channels a tap's matmul is too thin to beat XLA:CPU's convolution (conv_cpu.md: slower
 # at 32 and 64, even at 128, ahead from 256).
 TAPS_MIN_CHANNELS = 256
+# A wide convolution takes taps in its gradients too when its native form would spend at least a quarter of its
+# multiply-adds on padding (a real share <= 0.75: the ASPP's dilations 12/24/36 on small maps); with less padding
+# XLA:CPU's own gradient convolutions beat the taps' (conv_cpu.md, 2026-12-07).
+TAPS_MAX_REAL_SHARE = 0.75
 _conv_form: contextvars.ContextVar[str] = contextvars.ContextVar("conv_form", default="auto")
 
 
@@ -121,21 +131,39 @@ def _traced_in(var: contextvars.ContextVar[str], name: str, known: tuple[str, ..
 
 
 def conv_form(name: str) -> contextlib.AbstractContextManager[None]:
-    """Trace k x k convolutions in the named form ('auto', 'native', 'taps' or 'wide_taps') inside the block."""
+    """Trace k x k convolutions in the named form ('auto', 'native', 'taps', 'tap_forward' or 'wide_taps') inside
+    the block."""
     return _traced_in(_conv_form, name, CONV_FORMS, "convolution")
 
 
-def conv_form_for(in_channels: int, groups: int) -> str:
-    """The form a k x k convolution with `in_channels` inputs and `groups` groups is traced in here, 'taps' or
-    'native' ('wide_taps' resolved by the channel count; 'auto' is 'wide_taps' on CPUs, else 'native'; grouped
-    convolutions stay native)."""
+def real_share(size: tuple[int, int], kernel_size: int, stride: int, dilation: int) -> float:
+    """The share of a native convolution's tap reads that land on real pixels, not on its padding: a k x k kernel
+    with PyTorch's symmetric padding `dilation * (k // 2)` over a `size = (H, W)` map, in [0, 1]. Each tap reads
+    one input pixel per output pixel; the share is the rows' times the columns'."""
+    pad = dilation * (kernel_size // 2)
+    share = 1.0
+    for n in size:
+        out = (n + 2 * pad - dilation * (kernel_size - 1) - 1) // stride + 1
+        inside = sum(0 <= r * stride + i * dilation - pad < n for i in range(kernel_size) for r in range(out))
+        share *= inside / (kernel_size * out)
+    return share
+
+
+def conv_form_for(size: tuple[int, int], in_channels: int, kernel_size: int, stride: int, dilation: int,
+                  groups: int) -> str:
+    """The form a k x k convolution over a `size = (H, W)` map with `in_channels` inputs is traced in here:
+    'native', 'taps' or 'tap_forward'. 'auto' is 'wide_taps' on CPUs, else 'native'. 'wide_taps' resolves by the
+    convolution: below `TAPS_MIN_CHANNELS` inputs 'native'; from there 'taps' if at most `TAPS_MAX_REAL_SHARE`
+    of its native reads are real (`real_share`), else 'tap_forward'. Grouped convolutions stay native."""
     form = _conv_form.get()
     if form == "auto":
         form = "wide_taps" if jax.default_backend() == "cpu" else "native"
     if groups != 1:
         return "native"
     if form == "wide_taps":
-        return "taps" if in_channels >= TAPS_MIN_CHANNELS else "native"
+        if in_channels < TAPS_MIN_CHANNELS:
+            return "native"
+        return "taps" if real_share(size, kernel_size, stride, dilation) <= TAPS_MAX_REAL_SHARE else "tap_forward"
     return form
 
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cankd_jax.compute import conv_form, conv_form_for, dilated_conv, dilated_conv_form
+from cankd_jax.compute import conv_form, conv_form_for, dilated_conv, dilated_conv_form, real_share
 from cankd_jax.models.conv import conv2d, conv_as_tap_matmuls
 
 
@@ -86,34 +86,62 @@ def test_tap_matmul_conv_matches_torch(h, w, d, k, stride):
         _check_against_torch(_Conv(features=6, kernel_size=k, dilation=d, stride=stride), h, w)
 
 
-def test_wide_taps_write_wide_convs_as_matmuls_only(monkeypatch):
-    """'wide_taps': a 256-channel 3x3 (dilated, strided or neither) becomes tap matmuls, with no convolution left
-    in its forward or gradient program, while a 128-channel one and a grouped one stay XLA convolutions; 'auto'
-    is 'wide_taps' on CPUs and 'native' on GPUs."""
+@pytest.mark.parametrize("h, w, d, k, stride", [TAP_CASES[1], TAP_CASES[4], TAP_CASES[7], TAP_CASES[8]])
+def test_tap_forward_conv_matches_torch(h, w, d, k, stride):
+    """The taps' forward pass (tested above on every case) with XLA's gradients: a dilation the size does not
+    divide, one wider than the map, a strided 7x7, a stride-3 dilated conv."""
+    with dilated_conv("native"), conv_form("tap_forward"):
+        _check_against_torch(_Conv(features=6, kernel_size=k, dilation=d, stride=stride), h, w)
+
+
+def test_real_share_counts_the_reads_on_real_pixels():
+    """By hand: the real share of the kernel's rows times that of its columns."""
+    # A 3x3 over 4 x 5 (padding 1): taps at offsets -1, 0, +1 read a real row for 3, 4, 3 of the 4 output rows,
+    # a real column for 4, 5, 4 of the 5 output columns.
+    assert real_share((4, 5), 3, 1, 1) == pytest.approx((10 / 12) * (13 / 15))
+    # Dilation 12 over 8 rows: only the centre tap reads a real row; the map's 16 columns: 4 + 16 + 4 of 48.
+    assert real_share((8, 16), 3, 1, 12) == pytest.approx((1 / 3) * (24 / 48))
+    # Stride 2 over 9: outputs 0..4 read rows 2r - 1, 2r, 2r + 1: 4, 5 and 4 of 5 are real.
+    assert real_share((9, 9), 3, 2, 1) == pytest.approx((13 / 15) ** 2)
+    assert real_share((16, 32), 1, 1, 1) == 1.0
+
+
+def test_wide_taps_choose_by_channels_and_padding(monkeypatch):
+    """'wide_taps': convolutions from 256 input channels run their forward pass as tap matmuls, and their
+    gradients too where at least a quarter of the native reads fall on padding (a dilation wide for the map);
+    thinner and grouped ones stay XLA convolutions. Read off the compiled programs: no convolution left in a
+    'taps' one, the gradients' convolutions only in a 'tap_forward' one. 'auto' is 'wide_taps' on CPUs only."""
+    padded, plain = ((16, 16), 3, 1, 12), ((16, 16), 3, 1, 1)  # real shares 0.25 and 0.77
     with conv_form("wide_taps"):
-        assert (conv_form_for(256, 1), conv_form_for(255, 1), conv_form_for(256, 2)) == ("taps", "native", "native")
+        assert conv_form_for(padded[0], 256, *padded[1:], 1) == "taps"
+        assert conv_form_for(plain[0], 256, *plain[1:], 1) == "tap_forward"
+        assert conv_form_for(padded[0], 255, *padded[1:], 1) == "native"
+        assert conv_form_for(padded[0], 256, *padded[1:], 2) == "native"
     assert jax.default_backend() == "cpu"
-    assert (conv_form_for(256, 1), conv_form_for(255, 1)) == ("taps", "native")
+    assert conv_form_for(plain[0], 256, *plain[1:], 1) == "tap_forward"
     with conv_form("native"):
-        assert conv_form_for(256, 1) == "native"
+        assert conv_form_for(padded[0], 256, *padded[1:], 1) == "native"
     with monkeypatch.context() as m:
         m.setattr(jax, "default_backend", lambda: "gpu")
-        assert conv_form_for(256, 1) == "native"
+        assert conv_form_for(padded[0], 256, *padded[1:], 1) == "native"
 
     def programs(m, c):
-        x = jnp.ones((1, 9, 9, c))
+        x = jnp.ones((1, 16, 16, c))
         v = m.init(jax.random.key(0), x)
         grad = jax.jit(jax.grad(lambda v, x: jnp.sum(m.apply(v, x) ** 2), argnums=(0, 1)))
-        return jax.jit(m.apply).lower(v, x).as_text() + grad.lower(v, x).as_text()
+        return jax.jit(m.apply).lower(v, x).as_text(), grad.lower(v, x).as_text()
 
     for form in ("wide_taps", "auto"):
         with conv_form(form):
-            assert "convolution" not in programs(_Conv(features=8, kernel_size=3, dilation=2), 256)
-            assert "convolution" not in programs(_Conv(features=8, kernel_size=3, dilation=1, stride=2), 256)
-            assert "convolution" in programs(_Conv(features=8, kernel_size=3, dilation=2), 128)
-            assert "convolution" in programs(_Conv(features=256, kernel_size=3, dilation=1, groups=256), 256)
+            forward, grad = programs(_Conv(features=8, kernel_size=3, dilation=12), 256)
+            assert "convolution" not in forward and "convolution" not in grad
+            for stride in (1, 2):
+                forward, grad = programs(_Conv(features=8, kernel_size=3, dilation=1, stride=stride), 256)
+                assert "convolution" not in forward and grad.count("stablehlo.convolution") == 2
+            assert "convolution" in programs(_Conv(features=8, kernel_size=3, dilation=12), 128)[0]
+            assert "convolution" in programs(_Conv(features=256, kernel_size=3, dilation=1, groups=256), 256)[0]
     with conv_form("native"):
-        assert "convolution" in programs(_Conv(features=8, kernel_size=3, dilation=2), 256)
+        assert "convolution" in programs(_Conv(features=8, kernel_size=3, dilation=12), 256)[0]
 
 
 def test_tap_matmul_conv_names_what_it_does_not_take():

@@ -5,7 +5,8 @@ convolution; every other kernel size is a `flax.linen.Conv` with PyTorch's
 symmetric padding `dilation * (k // 2)`, so output sizes match PyTorch's for
 odd inputs and strides too. On GPUs a stride-1 dilated convolution runs undilated
 over its input's interleaved sub-images (`dilated_as_batched`; `compute.dilated_conv`); under
-`compute.conv_form('taps' | 'wide_taps')` a convolution is a sum of per-tap matmuls (`conv_as_tap_matmuls`).
+`compute.conv_form` a convolution is a sum of per-tap matmuls (`conv_as_tap_matmuls`), in its gradients
+too or in its forward pass only (`conv_tap_forward`).
 Default initialisation is the one the PyTorch networks start from: Kaiming-normal
 over fan-out for convolutions (torchvision's ResNet, mmcv's ConvModule), BatchNorm
 weight 1 and bias 0.
@@ -66,7 +67,7 @@ def conv2d(
     fan_in = (x.shape[-1] // groups) * kernel_size * kernel_size
     form = dilated_conv_form() if dilation > 1 and stride == 1 else "native"
     if form == "native":
-        form = conv_form_for(x.shape[-1], groups)
+        form = conv_form_for(x.shape[1:3], x.shape[-1], kernel_size, stride, dilation, groups)
     batched = form == "batched"
     conv = nn.Conv(
         features,
@@ -80,7 +81,8 @@ def conv2d(
         bias_init=bias_init or torch_bias_init(fan_in),
         dtype=dtype,
         param_dtype=param_dtype,
-        conv_general_dilated={"wgrad": dilated_conv_batched_wgrad, "taps": conv_as_tap_matmuls}.get(form),
+        conv_general_dilated={"wgrad": dilated_conv_batched_wgrad, "taps": conv_as_tap_matmuls,
+                              "tap_forward": conv_tap_forward}.get(form),
         name=name,
     )
     return dilated_as_batched(conv, x, kernel_size, dilation, pad) if batched else conv(x)
@@ -160,6 +162,50 @@ def conv_as_tap_matmuls(lhs: Array, rhs: Array, window_strides: Sequence[int], p
     return y
 
 
+def conv_tap_forward(lhs: Array, rhs: Array, window_strides: Sequence[int], padding: Any, *,
+                     lhs_dilation: Optional[Sequence[int]] = None, rhs_dilation: Optional[Sequence[int]] = None,
+                     dimension_numbers: Any = None, feature_group_count: int = 1, precision: Any = None) -> Array:
+    """`lax.conv_general_dilated` whose forward pass is `conv_as_tap_matmuls` and whose gradients (input and
+    kernel) are XLA's own, those of `lax.conv_general_dilated`: the same function, so the same values and
+    gradients up to float rounding. Takes what `conv_as_tap_matmuls` takes.
+
+    Why: on XLA:CPU a wide convolution's forward pass runs faster as tap matmuls, its gradients slower (where
+    padding is a small share of the reads), because the taps' backward pads and adds each tap's input gradient
+    back and transposes each tap's cotangent for its kernel gradient (`results/train_speed/conv_cpu.md`)."""
+    strides = tuple(window_strides)
+    dilation = tuple(rhs_dilation or (1, 1))
+    if isinstance(padding, str) or tuple(lhs_dilation or (1, 1)) != (1, 1):
+        # conv_as_tap_matmuls names what it does not take.
+        return conv_as_tap_matmuls(lhs, rhs, strides, padding, lhs_dilation=lhs_dilation, rhs_dilation=dilation,
+                                   dimension_numbers=dimension_numbers, feature_group_count=feature_group_count)
+    pads = tuple(tuple(p) for p in padding)
+    dn = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+    return _tap_forward(lhs, rhs, strides, pads, dilation, dn, feature_group_count, precision)
+
+
+def _xla_conv(lhs, rhs, strides, pads, dilation, dn, groups, precision):
+    return lax.conv_general_dilated(lhs, rhs, strides, pads, rhs_dilation=dilation, dimension_numbers=dn,
+                                    feature_group_count=groups, precision=precision)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5, 6, 7))
+def _tap_forward(lhs, rhs, strides, pads, dilation, dn, groups, precision):
+    return conv_as_tap_matmuls(lhs, rhs, strides, pads, rhs_dilation=dilation, dimension_numbers=dn,
+                               feature_group_count=groups, precision=precision)
+
+
+def _tap_forward_fwd(lhs, rhs, strides, pads, dilation, dn, groups, precision):
+    return _tap_forward(lhs, rhs, strides, pads, dilation, dn, groups, precision), (lhs, rhs)
+
+
+def _tap_forward_bwd(strides, pads, dilation, dn, groups, precision, res, g):
+    _, vjp = jax.vjp(lambda x, w: _xla_conv(x, w, strides, pads, dilation, dn, groups, precision), *res)
+    return vjp(g)
+
+
+_tap_forward.defvjp(_tap_forward_fwd, _tap_forward_bwd)
+
+
 def _space_to_batch(x: Array, d: int) -> Array:
     """`(B, h d, w d, C) -> (B d d, h, w, C)`: sub-image (r, s) holds rows r, r + d, ... and columns s, s + d, ..."""
     b, hd, wd, c = x.shape
@@ -189,8 +235,7 @@ def dilated_conv_batched_wgrad(lhs: Array, rhs: Array, window_strides: Sequence[
 
 
 def _native(lhs, rhs, d, pads, groups, precision, dn):
-    return lax.conv_general_dilated(lhs, rhs, (1, 1), pads, rhs_dilation=(d, d), dimension_numbers=dn,
-                                    feature_group_count=groups, precision=precision)
+    return _xla_conv(lhs, rhs, (1, 1), pads, (d, d), dn, groups, precision)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5, 6))
