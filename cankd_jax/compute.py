@@ -54,9 +54,9 @@ native, 21 ms as taps), while in training XLA's own gradient convolutions beat t
 backward pads each tap's input gradient back and transposes each tap's cotangent: the dlv3
 student's 512-channel 3x3, forward + backward with its BatchNorm and ReLU, 86 ms native, 100 ms
 as taps, 80 ms as 'tap_forward'), except where padding dominates (that student's ASPP branch
-with dilation 36 on a 16 x 32 map: 76 ms native, 4 ms as taps). At 32 and 64 channels taps are slower, at 128 even,
-and a small network's step (the segmentation demo, 64-192 channels on 8x8 maps) ran slower with
-taps from 64 channels (51-54 ms against 39-51 ms native).
+with dilation 36 on a 16 x 32 map: 76 ms native, 4 ms as taps). At 32 and 64 channels taps are
+slower, at 128 even, and a small network's step (the segmentation demo, 64-192 channels on 8x8
+maps) ran slower with taps from 64 channels (51-54 ms against 39-51 ms native).
 """
 
 from __future__ import annotations
