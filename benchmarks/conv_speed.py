@@ -150,8 +150,6 @@ def measure(spec: Conv, backward: bool, repeats: int) -> dict:
         row["taps"] = time_jax("taps", spec, x, w, g, backward, repeats)
         # Its forward pass is the taps' own: timed only where the gradients run too.
         row["tap_forward"] = time_jax("tap_forward", spec, x, w, g, True, repeats) if backward else row["taps"]
-    with conv_form("wide_taps"):  # the library's own rule picks the column
-        row["wide_taps"] = row[conv_form_for(xs[1:3], xs[-1], ws[0], strides[0], dilation[0], groups)]
     return row
 
 
@@ -164,14 +162,16 @@ def table(title: str, found: collections.Counter, backward: bool, repeats: int) 
     totals = collections.Counter()
     for spec, count in sorted(found.items(), key=lambda kv: (-kv[0][0][1], kv[0][0][3], kv[0][4])):
         row = measure(spec, backward, repeats)
+        xs, ws, strides, _, dilation, groups = spec
+        with conv_form("wide_taps"):  # the library's own rule picks the column
+            picks = conv_form_for(xs[1:3], xs[-1], ws[0], strides[0], dilation[0], groups)
+        row["wide_taps"] = row[picks]
         for k, v in row.items():
             totals[k] += count * v * 1e3
         for form in ("taps", "tap_forward"):  # grouped: native in every total
             totals[form] += 0 if form in row else count * row["native"] * 1e3
         taps, tap_forward = (f"{row[f] * 1e3:.1f}" if f in row else "-" for f in ("taps", "tap_forward"))
-        with conv_form("wide_taps"):
-            picks = conv_form_for(spec[0][1:3], spec[0][-1], spec[1][0], spec[2][0], spec[4][0], spec[5])
-        lines.append(f"| {spec[0]} | {spec[1]} | {spec[2][0]} | {spec[4][0]} | {spec[5]} | {count} | "
+        lines.append(f"| {xs} | {ws} | {strides[0]} | {dilation[0]} | {groups} | {count} | "
                      f"{row['native'] * 1e3:.1f} | {taps} | {tap_forward} | {row['torch'] * 1e3:.1f} | {picks} | "
                      f"{row['wide_taps'] / row['torch']:.2f} |")
         print(lines[-1], file=sys.stderr, flush=True)
