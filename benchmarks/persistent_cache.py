@@ -89,6 +89,9 @@ def main(argv: list[str]) -> None:
                 (code1, log1), (code2, log2) = runs
                 if code1:
                     sys.exit(f"{name}: the first run failed (exit {code1}):\n{log1[-3000:]}")
+                if "Finished XLA compilation of jit(step)" not in log1:
+                    sys.exit(f"{name}: no 'Finished XLA compilation of jit(step)' in the first run's log: this "
+                             "jax's JAX_LOG_COMPILES lines differ from what this script reads")
                 print(f"| {name} | {'yes' if flag else 'no (default)'} | {', '.join(_hits(log2)) or '-'} | "
                       f"{', '.join(_compiled_again(log2)) or '-'} | {_ending(code2, log2)} |", flush=True)
     finally:
