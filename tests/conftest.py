@@ -22,7 +22,8 @@ if "--xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]:
     os.environ["CANKD_JAX_TESTS_ADDED_FLAGS"] = FAST_COMPILE
 
 # A compilation cache for this test session: the end-to-end tests build the same steps in several runs
-# and subprocesses (which inherit the variables), and on 2 CPU cores compiling is most of their time.
+# and subprocesses (which inherit the variables), and on 2 CPU cores compiling is most of their time. (A detector's
+# programs on several devices are not found again in another process: results/persistent_cache/README.md.)
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     import tempfile
 
