@@ -35,8 +35,9 @@ FLAG = "JAX_REMOVE_CUSTOM_PARTITIONING_PTR_FROM_CACHE_KEY"
 TIMEOUT_S = 900  # a run that hangs instead of aborting (no rendezvous timeout on its backend) is reported as hung
 
 
-def _run(config: str, workdir: str, data_dir: str, cache: str, devices: int, flag: bool) -> tuple[int, str]:
-    """One 1-step train.py run; (exit code, output)."""
+def _run(config: str, workdir: str, data_dir: str, cache: str, devices: int,
+         flag: bool) -> tuple[Optional[int], str]:
+    """One 1-step train.py run; (exit code, or None if it hung and was killed; output)."""
     env = dict(os.environ, PYTHONUNBUFFERED="1", JAX_COMPILATION_CACHE_DIR=cache, JAX_LOG_COMPILES="1",
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="1", **{FLAG: "1" if flag else "0"},
                XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
@@ -54,8 +55,8 @@ def _run(config: str, workdir: str, data_dir: str, cache: str, devices: int, fla
 
 def _programs(log: str) -> list[tuple[str, float, bool]]:
     """(name, seconds, from the cache) for each program the run compiled or loaded, in order. JAX logs a cache hit
-    just before that program's "Finished XLA compilation" line; names as JAX's cache keys spell them
-    (`jit(<lambda>)` -> `lambda`)."""
+    just before that program's "Finished XLA compilation" line. Names with their other characters made `_` and
+    stripped (`jit(<lambda>)` -> `lambda`)."""
     programs, hit = [], False
     for line in log.splitlines():
         if "Persistent compilation cache hit for 'jit_" in line:
@@ -112,9 +113,9 @@ def main(argv: list[str]) -> None:
                 runs = [_run(CONFIGS[name], os.path.join(tmp, f"{name}_{int(flag)}_{i}"), data_dir, cache,
                              args.devices, flag) for i in range(2)]
                 (code1, log1), (code2, log2) = runs
-                if code1:
-                    sys.exit(f"{name}: the first run failed (exit {code1}):\n{log1[-3000:]}")
-                if "step" not in [p for p, _, _ in _programs(log1)] or not _hits(log2) and code2 == 0:
+                if code1 != 0:
+                    sys.exit(f"{name}: the first run did not finish ({_ending(code1, log1)}):\n{log1[-3000:]}")
+                if "step" not in [p for p, _, _ in _programs(log1)] or (not _hits(log2) and code2 == 0):
                     sys.exit(f"{name}: no compile of jit(step) in the first run's log, or no cache hit at all in the "
                              "second's: this jax's JAX_LOG_COMPILES lines differ from what this script reads")
                 print(f"| {name} | {'yes' if flag else 'no (default)'} | {', '.join(_hits(log2)) or '-'} | "
