@@ -78,7 +78,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:  # this checkout's cankd_jax, installed or not
     sys.path.insert(0, ROOT)
-from cankd_jax.compute import CONV_FORMS  # noqa: E402 - after the path; imports JAX but starts no backend
+from cankd_jax.compute import CONV_FORMS, DILATED_CONV  # noqa: E402 - after the path; imports JAX but starts no backend
 CONFIGS = os.path.join(ROOT, "configs")
 # case -> (config file, argument, phases of a comparison config: (without, with) the distillation loss)
 CASES = {
@@ -538,7 +538,7 @@ def parser() -> argparse.ArgumentParser:
                     help="--report on an accelerator: the batch per device of the Cityscapes and COCO cases")
     ap.add_argument("--timeout", type=float, default=600, help="--report: seconds one case may take")
     ap.add_argument("--remat", default="none", help="config.remat policy")
-    ap.add_argument("--dilated-conv", default="auto", choices=["auto", "batched", "wgrad", "native"],
+    ap.add_argument("--dilated-conv", default="auto", choices=list(DILATED_CONV),
                     help="how dilated convolutions are computed (cankd_jax.compute.dilated_conv)")
     ap.add_argument("--conv-form", default="auto", choices=CONV_FORMS,
                     help="how the other k x k convolutions are computed (cankd_jax.compute.conv_form)")
