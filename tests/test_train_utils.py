@@ -169,6 +169,22 @@ def test_corrupt_latest_checkpoint_falls_back_with_a_warning(tmp_path, caplog):
     chex.assert_trees_all_equal(restored, jax.device_get(jax.tree.map(lambda x: x + 2, state)))
 
 
+def test_a_relative_directory_saves_and_restores_where_the_process_started(tmp_path, monkeypatch):
+    """`train.py --workdir runs/x` (relative): Orbax's array writer refuses relative paths at the first save."""
+    monkeypatch.chdir(tmp_path)
+    mesh = Mesh(np.array(jax.devices()[:1]), ("data",))
+    state = _state(NamedSharding(mesh, P()))
+    ck = Checkpointer(os.path.join("runs", "x", "checkpoints"), async_save=False)
+    ck.save(2, state, {"pos": 2})
+    ck.close()
+    monkeypatch.chdir(tmp_path / "runs")  # a later process elsewhere reads it by its absolute path
+    assert ck.directory == str(tmp_path / "runs" / "x" / "checkpoints")
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, P())), state)
+    step, restored, data = Checkpointer(ck.directory).restore_latest(target)
+    assert step == 2 and data == {"pos": 2}
+    chex.assert_trees_all_equal(restored, jax.device_get(state))
+
+
 def test_no_checkpoint_gives_none(tmp_path):
     assert Checkpointer(str(tmp_path / "empty")).restore_latest({"w": jnp.zeros(2)}) is None
 

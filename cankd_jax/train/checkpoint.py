@@ -17,6 +17,7 @@ step again in its place; the unreadable files stay for a person to look at.
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any, Optional
 
 import jax
@@ -40,6 +41,9 @@ class Checkpointer:
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep, create=True, enable_async_checkpointing=async_save
         )
+        # Orbax's array writer refuses a relative path (at the first save, from deep inside tensorstore): a
+        # `--workdir runs/x` is taken relative to where the process started, as users mean it.
+        directory = os.path.abspath(directory)
         self._mngr = ocp.CheckpointManager(directory, options=options, item_names=("state", "data"))
 
     @property
