@@ -28,7 +28,17 @@ def _one_line(e: BaseException) -> str:
     text = " ".join(str(e).replace("\\n", " ").replace("\\'", "'").split())
     if "Traceback (most recent call last)" in text:  # config_flags embeds get_config's traceback: keep its message
         text = re.split(r"\b\w*(?:Error|Exception): ", text)[-1]
-    return text.replace("' Did you mean", " Did you mean").strip("'\"") or type(e).__name__
+    text = text.replace("' Did you mean", " Did you mean").strip()
+    # A KeyError's message comes quoted (twice, through config_flags), and the cuts above can leave one quote
+    # unpaired; the message's own quoted items ("got 'heads=pspnet'") keep theirs.
+    while len(text) > 1 and text[0] == text[-1] and text[0] in "'\"":
+        text = text[1:-1]
+    for q in "'\"":
+        if text.count(q) % 2 and text.endswith(q):
+            text = text[:-1]
+        if text.count(q) % 2 and text.startswith(q):
+            text = text[1:]
+    return text or type(e).__name__
 
 
 def _parse(argv: list[str]) -> None:

@@ -43,6 +43,8 @@ def parse(arg: str, choices: Mapping[str, Sequence[str]], defaults: Mapping[str,
     out = {k: (list(v) if k in lists else v) for k, v in defaults.items()}
     for item in filter(None, (s.strip() for s in arg.split(","))):
         key, eq, value = item.partition("=")
+        if not choices:  # a config without choices still refuses one, rather than ignore what the user meant
+            raise ValueError(f"{config} takes no argument after ':', got {item!r}")
         if not eq or key not in choices:
             raise ValueError(f"{config} takes {', '.join(f'{k}=...' for k in choices)} after ':', got {item!r}")
         values = [v for v in value.split("+") if v] if key in lists else [value]

@@ -14,12 +14,12 @@ import os
 
 import ml_collections
 
-from cankd_jax.config_arg import load_config
+from cankd_jax import config_arg
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-    del arg
-    c = load_config(os.path.join(os.path.dirname(os.path.abspath(__file__)), "smoke.py"))  # its run, data, student
+    config_arg.parse(arg, {}, {}, config="configs/foreign_teacher.py")
+    c = config_arg.load_config(os.path.join(os.path.dirname(os.path.abspath(__file__)), "smoke.py"))  # its run, data, student
     c.teacher = ml_collections.ConfigDict(dict(
         name="foreign",
         factory="cankd_jax.models.foreign:transformers_module",

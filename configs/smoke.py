@@ -9,9 +9,11 @@ CanKD on layer4 through a connector.
 
 import ml_collections
 
+from cankd_jax import config_arg
+
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-    del arg
+    config_arg.parse(arg, {}, {}, config="configs/smoke.py")
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.dtype = "float32"  # compute dtype: 'bfloat16' for mixed precision (parameters, optimizer, checkpoints stay float32)

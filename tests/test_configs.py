@@ -125,6 +125,12 @@ def test_unknown_config_arguments_are_named():
         load("cityscapes.py", "heads=pspnet")
     with pytest.raises(ValueError, match="unknown loss kd"):
         load("demo.py", "loss=cankd+kd")
+    # A config without choices refuses an argument rather than ignore it (`smoke.py:detector=dino` meant the
+    # detection smoke config).
+    for name in ("smoke.py", "foreign_teacher.py"):
+        with pytest.raises(ValueError, match=f"configs/{name} takes no argument after ':', got 'detector=dino'"):
+            load(name, "detector=dino")
+        load(name, "")
 
 
 @pytest.mark.parametrize("arg", ["loss=mgd+cwd", ""])

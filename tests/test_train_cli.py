@@ -31,8 +31,14 @@ def _fails_with_one_line(args, *expected: str) -> str:
 
 
 def test_unknown_config_key_names_the_key(tmp_path):
-    _fails_with_one_line(_command(tmp_path / "run", "--config.optimizer.learning_rate=0.1"),
-                         "unknown config key", "learning_rate")
+    last = _fails_with_one_line(_command(tmp_path / "run", "--config.optimizer.learning_rate=0.1"),
+                                "unknown config key", "learning_rate")
+    assert "learning_rate (see" in last  # no stray quote
+
+
+def test_an_argument_to_a_config_without_choices_is_refused_whole(tmp_path):
+    last = _fails_with_one_line(_command(tmp_path / "run", config=f"{SMOKE}:detector=dino"))
+    assert last.endswith("configs/smoke.py takes no argument after ':', got 'detector=dino'"), last
 
 
 def test_missing_config_file(tmp_path):
