@@ -185,6 +185,35 @@ def test_a_relative_directory_saves_and_restores_where_the_process_started(tmp_p
     chex.assert_trees_all_equal(restored, jax.device_get(state))
 
 
+def test_a_checkpoint_of_another_state_is_an_error_and_stays(tmp_path):
+    """A workdir whose checkpoints another model or optimizer wrote: an error that names the arrays that differ,
+    with nothing set aside (setting them aside would start the run again from step 0 beside the old run's files)."""
+    from cankd_jax.train.checkpoint import CheckpointMismatch
+
+    mesh = Mesh(np.array(jax.devices()[:1]), ("data",))
+    sharding = NamedSharding(mesh, P())
+    state = _state(sharding)
+    ck = Checkpointer(str(tmp_path / "ck"), async_save=False)
+    ck.save(4, state, {"pos": 4})
+    ck.close()
+
+    def spec(x):
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+
+    wider = dict(jax.tree.map(spec, state), w=jax.ShapeDtypeStruct((8, 5), jnp.float32, sharding=sharding))
+    with pytest.raises(CheckpointMismatch, match=r"step 4 .*\(1 array\(s\) of another shape, e.g. w: saved \(8, 4\), "
+                                                 r"built \(8, 5\).*new --workdir"):
+        Checkpointer(str(tmp_path / "ck")).restore_latest(wider)
+    other = {"w": spec(state["w"]), "step": spec(state["step"]), "rng": spec(state["rng"]),
+             "mu": {"w": spec(state["w"])}}
+    with pytest.raises(CheckpointMismatch, match=r"1 array\(s\) built but not saved, e.g. mu/w"):
+        Checkpointer(str(tmp_path / "ck")).restore_latest(other)
+    assert sorted(os.listdir(tmp_path / "ck")) == ["4"]
+    step, restored, _ = Checkpointer(str(tmp_path / "ck")).restore_latest(jax.tree.map(spec, state))
+    assert step == 4
+    chex.assert_trees_all_equal(restored, jax.device_get(state))
+
+
 def test_no_checkpoint_gives_none(tmp_path):
     assert Checkpointer(str(tmp_path / "empty")).restore_latest({"w": jnp.zeros(2)}) is None
 

@@ -68,6 +68,7 @@ class Checkpointer:
         unreadable: list[int] = []
         try:
             for step in _broadcast_steps(sorted(self._mngr.all_steps(), reverse=True)):
+                self._check_same_state(step, abstract)
                 out, error = None, ""
                 try:
                     # The items' handlers directly, not the manager: its restore ends in a barrier that a process
@@ -95,6 +96,22 @@ class Checkpointer:
             if unreadable:
                 self._set_aside(unreadable)
 
+    def _check_same_state(self, step: int, abstract: Any) -> None:
+        """Raise `CheckpointMismatch` (every process) when step `step` holds another train state than `abstract`:
+        other array paths or shapes, read from its metadata. A checkpoint whose metadata cannot be read is left to
+        the restore, which reports it unreadable."""
+        mismatch = ""
+        try:
+            saved = ocp.StandardCheckpointHandler().metadata(self._mngr.directory / str(step) / "state")
+            mismatch = _state_mismatch(saved, abstract)
+        except Exception:  # noqa: BLE001, S110 - damaged metadata: the restore attempt names the damage
+            pass
+        if _all_processes(bool(mismatch))[0]:
+            raise CheckpointMismatch(
+                f"the checkpoint at step {step} in {self.directory} holds another train state than this config "
+                f"builds ({mismatch or 'on process 0'}): another model, optimizer or task wrote it. Resume with the "
+                "config that wrote it, or give this config a new --workdir")
+
     def _set_aside(self, steps: list[int]) -> None:
         """Rename each unreadable step's directory to `<step>.unreadable` (process 0; every process waits), so the
         manager no longer lists it and the step can be saved again."""
@@ -116,6 +133,38 @@ class Checkpointer:
     def close(self) -> None:
         self._mngr.wait_until_finished()
         self._mngr.close()
+
+
+class CheckpointMismatch(ValueError):
+    """A workdir's checkpoint holds another train state than the run asks for. Not damage: it is neither skipped
+    nor set aside (which would start the run again from step 0 beside another run's files)."""
+
+
+def _flat_by_path(tree: Any) -> dict[str, Any]:
+    """`{'params/student/conv1/kernel': leaf}`: the same names for a dataclass field, a dict key or a list index,
+    so the train state and Orbax's metadata of it (nested dicts) compare."""
+    def name(k: Any) -> str:
+        for attr in ("key", "name", "idx"):
+            if hasattr(k, attr):
+                return str(getattr(k, attr))
+        return str(k)
+
+    return {"/".join(map(name, path)): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _state_mismatch(saved: Any, abstract: Any) -> str:
+    """'' when `saved` (a checkpoint's tree metadata) has the arrays of `abstract` at the same paths with the same
+    shapes; otherwise a short account of the difference (up to two examples of each kind)."""
+    have, want = _flat_by_path(saved), _flat_by_path(abstract)
+    extra = sorted(set(have) - set(want))
+    missing = sorted(set(want) - set(have))
+    shapes = [f"{k}: saved {tuple(have[k].shape)}, built {tuple(want[k].shape)}" for k in sorted(set(have) & set(want))
+              if tuple(getattr(have[k], "shape", ())) != tuple(getattr(want[k], "shape", ()))]
+    parts = []
+    for what, items in (("of another shape", shapes), ("saved but not built", extra), ("built but not saved", missing)):
+        if items:
+            parts.append(f"{len(items)} array(s) {what}, e.g. {'; '.join(items[:2])}")
+    return "; ".join(parts)
 
 
 def _abstract(x: Any) -> Any:
