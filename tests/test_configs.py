@@ -14,6 +14,7 @@ import pytest
 
 from cankd_jax import models
 from cankd_jax.config_arg import load_config
+from cankd_jax.train.trainer import check_loop_config
 from cankd_jax.train.build import make_terms
 from cankd_jax.train.tasks import make_task
 from cankd_jax.train.optim import make_optimizer
@@ -94,6 +95,7 @@ def test_config_builds_and_its_terms_line_up(file, arg):
     for cfg in runs(load(file, arg)):
         for key in REQUIRED:
             assert key in cfg, key
+        check_loop_config(cfg)
         make_task(cfg.task)
         make_optimizer(cfg.optimizer, cfg.total_steps)
         terms = make_terms(cfg.get("distill", ()))

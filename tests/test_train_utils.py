@@ -259,3 +259,21 @@ def test_a_preempted_phase_ends_the_comparison(tmp_path, monkeypatch):
         "metric": "mIoU", "finished": True, "step": 10, "eval": {"mIoU": 0.5}, "workdir": workdir})[1])
     assert runner.run(config, str(tmp_path))["cankd"] == 0.5 and len(calls) == 3
     assert (tmp_path / "summary.json").exists()
+
+
+@pytest.mark.parametrize("key, value, least", [("eval_every", 0, 1), ("log_every", 0, 1), ("checkpoint_every", -2, 1),
+                                               ("keep_checkpoints", 0, 1), ("batch_size", 0, 1),
+                                               ("total_steps", -3, 0)])
+def test_loop_counts_out_of_range_are_named_before_any_work(tmp_path, key, value, least):
+    """Before: a ZeroDivisionError at the first step (the *_every keys at 0), a run that trained nothing (negative
+    total_steps) or kept no checkpoint (keep_checkpoints=0). Now the key, before the workdir is even made."""
+    from cankd_jax.config_arg import load_config
+    from cankd_jax.train.trainer import train_and_evaluate
+
+    config = load_config(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
+                                      "smoke.py"))
+    config[key] = value
+    with pytest.raises(ValueError, match=rf"--config.{key}={value}: must be an integer >= {least} \("):
+        train_and_evaluate(config, str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+

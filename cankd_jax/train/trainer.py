@@ -93,8 +93,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         return _train_and_evaluate(config, workdir, preempt)
 
 
+# The loop's counts: (config key, smallest value, what the smallest means or why it is the smallest).
+_LOOP_COUNTS = (
+    ("total_steps", 0, "0 evaluates and exports the initial student"),
+    ("batch_size", 1, "examples per step over all devices"),
+    ("log_every", 1, "steps; the last step is always logged"),
+    ("eval_every", 1, "steps; the last step is always evaluated, so total_steps evaluates only there"),
+    ("checkpoint_every", 1, "steps; the last step is always saved"),
+    ("keep_checkpoints", 1, "with none kept, nothing could resume"),
+)
+
+
+def check_loop_config(config: ml_collections.ConfigDict) -> None:
+    """Raise `ValueError` naming the key when one of the loop's counts is out of range: before any work, instead
+    of a `ZeroDivisionError` at the first step or a run that silently trains nothing or keeps nothing."""
+    for key, least, meaning in _LOOP_COUNTS:
+        value = config.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ValueError(f"--config.{key}={value!r}: must be an integer >= {least} ({meaning})")
+
+
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, preempt: Preemption) -> dict[str, Any]:
     t_start = time.perf_counter()
+    check_loop_config(config)
     os.makedirs(workdir, exist_ok=True)
     mesh = make_mesh()
     rows = process_rows(mesh, config.batch_size)
