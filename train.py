@@ -54,6 +54,8 @@ def _parse(argv: list[str]) -> None:
         msg = _one_line(e)
         if "Did you mean" in msg or isinstance(e, (AttributeError, KeyError)):
             msg = f"unknown config key: {msg} (see the config file for the valid keys)"
+        elif msg.startswith("Could not parse") and re.search(r"\.\d+(\.|'|$)", msg):
+            msg += "; a list item is addressed by its index in brackets, e.g. --config.distill[0].loss=cwd"
         sys.exit(f"train.py: error: {msg}")
     if _CONFIG.value is None or _WORKDIR.value is None:
         sys.exit("train.py: error: both --config configs/NAME.py and --workdir DIR are required")

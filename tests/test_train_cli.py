@@ -36,6 +36,11 @@ def test_unknown_config_key_names_the_key(tmp_path):
     assert "learning_rate (see" in last  # no stray quote
 
 
+def test_a_list_item_by_dotted_index_names_the_bracket_form(tmp_path):
+    _fails_with_one_line(_command(tmp_path / "run", "--config.distill.0.loss=cwd"),
+                         "distill.0.loss", "e.g. --config.distill[0].loss=cwd")
+
+
 def test_an_argument_to_a_config_without_choices_is_refused_whole(tmp_path):
     last = _fails_with_one_line(_command(tmp_path / "run", config=f"{SMOKE}:detector=dino"))
     assert last.endswith("configs/smoke.py takes no argument after ':', got 'detector=dino'"), last
@@ -67,6 +72,13 @@ def test_missing_dataset_names_how_to_prepare_it(tmp_path):
                                   "--config.teacher.random_init=True",
                                   config=os.path.join(ROOT, "configs", "cityscapes.py")),
                          "cityscapes", "not found", "--config.data.data_dir")
+
+
+def test_num_classes_other_than_the_data_sets_is_refused(tmp_path):
+    """Before: 3 classes on the 7-class synthetic scenes trained into NaN at step 1, named only as non-finite."""
+    _fails_with_one_line(_command(tmp_path / "run", f"--config.data.data_dir={tmp_path / 'data'}",
+                                  "--config.task.num_classes=3"),
+                         "task.num_classes=3", "'synthetic' has 7 classes", "--config.task.num_classes=7")
 
 
 def test_a_teacher_without_weights_is_refused_before_any_data_is_read(tmp_path):

@@ -78,6 +78,9 @@ def build_run(config: ml_collections.ConfigDict, mesh: Mesh, *, input_size: Opti
         from cankd_jax import data as data_lib
 
         data = data_lib.make_data(config.data, task=config.task.name)
+        if data.num_classes != config.task.num_classes:  # else labels past the logits: NaN or silently wrong
+            raise ValueError(f"task.num_classes={config.task.num_classes}, but the data set {data.name!r} has "
+                             f"{data.num_classes} classes: set --config.task.num_classes={data.num_classes}")
     if data is not None and hasattr(task, "with_data"):  # detection scores against the eval split's ground truth
         task = task.with_data(data)
     sample = jnp.zeros((2, *(input_size or data.input_size), 3), jnp.float32)
