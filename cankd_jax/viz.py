@@ -148,7 +148,11 @@ def _config(run_dir: str, workdir: Optional[str], config_path: str) -> ml_collec
     from cankd_jax.train.runner import phase_config  # noqa: PLC0415
 
     path, _, arg = config_path.partition(":")
-    return phase_config(load_config(path, arg or "loss=cankd"), "cankd", workdir or os.path.dirname(run_dir))
+    config = load_config(path, arg)
+    if "cankd" not in config.get("phases", ["cankd"]):
+        raise ValueError(f"{config_path} has no 'cankd' phase (its phases: {', '.join(config.phases)}); name the "
+                         "loss list that made the workdir, e.g. --config configs/demo.py:loss=mgd+cankd")
+    return phase_config(config, "cankd", workdir or os.path.dirname(run_dir))
 
 
 def _restore_export(net: Any, directory: str, sample: Array) -> Any:

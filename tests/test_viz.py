@@ -76,3 +76,20 @@ def test_the_command_writes_a_png_of_the_expected_size(smoke_workdir, tmp_path):
     with Image.open(out) as im:
         # 11 panels of 1.6 in across; a 0.5 in title band and two rows of 1.8 in down; at 40 dpi.
         assert im.size == (704, 164)
+
+
+
+@pytest.mark.parametrize("config_arg, losses", [("", ["cankd"]), (":loss=mgd+cankd", ["mgd", "cankd"])])
+def test_the_cankd_phase_is_read_from_the_config_as_the_user_named_it(tmp_path, config_arg, losses):
+    """No argument the config does not take is added (the smoke config refuses any); the demo's own default
+    loss list already holds cankd, and a named list is kept."""
+    demo = os.path.join(os.path.dirname(SMOKE), "demo.py")
+    for path in (SMOKE, demo + config_arg):
+        cfg = viz._config(str(tmp_path / "cankd"), str(tmp_path), path)
+        assert [d["loss"] for d in cfg.distill] == ["cankd"]
+    assert load_config(demo, config_arg[1:]).phases == ["teacher", "student", *losses]
+
+
+def test_a_config_without_a_cankd_phase_is_named(tmp_path):
+    with pytest.raises(ValueError, match=r"demo.py:loss=mgd has no 'cankd' phase \(its phases: teacher, student, mgd\)"):
+        viz._config(str(tmp_path / "cankd"), str(tmp_path), os.path.join(os.path.dirname(SMOKE), "demo.py:loss=mgd"))
