@@ -341,8 +341,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         sys.exit(f"viz: error: no {', '.join(missing)} run directory; pass --workdir of a finished demo run "
                  "(teacher, student and cankd phases) or --teacher/--student/--cankd")
     pixels = [tuple(int(v) for v in s.split(",")) for s in a.pixels.split(";")] if a.pixels else None
-    data = collect(dirs["teacher"], dirs["student"], dirs["cankd"], config_path=a.config, workdir=a.workdir,
-                   indices=[int(i) for i in a.indices.split(",")], pixels=pixels, data_dir=a.data_dir)
+    try:
+        data = collect(dirs["teacher"], dirs["student"], dirs["cankd"], config_path=a.config, workdir=a.workdir,
+                       indices=[int(i) for i in a.indices.split(",")], pixels=pixels, data_dir=a.data_dir)
+    except ValueError as e:  # a config that does not fit the workdir: its message, not a traceback
+        sys.exit(f"viz: error: {e}")
     w, h = render(data, a.out, dpi=a.dpi)
     print(f"wrote {a.out} ({w}x{h})")
 

@@ -93,3 +93,7 @@ def test_the_cankd_phase_is_read_from_the_config_as_the_user_named_it(tmp_path, 
 def test_a_config_without_a_cankd_phase_is_named(tmp_path):
     with pytest.raises(ValueError, match=r"demo.py:loss=mgd has no 'cankd' phase \(its phases: teacher, student, mgd\)"):
         viz._config(str(tmp_path / "cankd"), str(tmp_path), os.path.join(os.path.dirname(SMOKE), "demo.py:loss=mgd"))
+    for k in ("teacher", "student", "cankd"):
+        os.makedirs(tmp_path / k)
+    with pytest.raises(SystemExit, match=r"^viz: error: .*demo.py:loss=mgd has no 'cankd' phase"):
+        viz.main(["--workdir", str(tmp_path), "--config", os.path.join(os.path.dirname(SMOKE), "demo.py:loss=mgd")])
