@@ -9,8 +9,9 @@ overrides cannot express one field at a time.
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import ml_collections
@@ -53,3 +54,14 @@ def parse(arg: str, choices: Mapping[str, Sequence[str]], defaults: Mapping[str,
             raise ValueError(f"{config}: unknown {key} {', '.join(bad)}; choose from {', '.join(choices[key])}")
         out[key] = values if key in lists else values[0]
     return out
+
+
+def check_number(value: Any, what: str, ok: Callable[[float], bool], rule: str) -> float:
+    """`value` as a float, or a `ValueError` saying that `what` (a config key) must be `rule` (finite always)."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = math.nan
+    if not (math.isfinite(number) and ok(number)):
+        raise ValueError(f"{what} must be {rule}, got {value!r}")
+    return number

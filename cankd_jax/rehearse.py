@@ -447,6 +447,14 @@ def _parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     bad = [d for d in args.devices if d < 1]
     if bad:
         ap.error(f"--devices must be positive, got {bad}")
+    bad = [b for b in args.per_device_batch or () if b < 1]
+    if bad:
+        ap.error(f"--per-device-batch must be positive, got {bad}")
+    for option in ("tflops", "bandwidth", "device_gb", "max_boxes"):  # divisors of the time model, or sizes
+        if not getattr(args, option) > 0:
+            ap.error(f"--{option.replace('_', '-')} must be positive, got {getattr(args, option)}")
+    if not args.latency_us >= 0:
+        ap.error(f"--latency-us must be >= 0, got {args.latency_us}")
     return args, rest
 
 
@@ -494,6 +502,14 @@ def _worker(args: argparse.Namespace, rest: list[str]) -> None:
     print(RESULT_PREFIX + json.dumps(rows), flush=True)
 
 
+def _worker_error(text: str) -> str:
+    """The line of a worker's output that says what went wrong: its last exception line (JAX's note on the
+    traceback frames it removed comes after it), else its last line."""
+    lines = [ln for ln in text.splitlines() if ln.strip() and not ln.startswith(("For simplicity, JAX", "-----"))]
+    errors = [ln for ln in lines if re.match(r"[\w.]+(Error|Exception|Exit)\b", ln)]
+    return ((errors or lines)[-1:] or ["killed"])[0]
+
+
 def run_worker(argv: list[str], devices: int, layout: str, batch: int) -> list[dict]:
     """Rows for one (device count, layout, per-device batch), from a process with that many CPU devices."""
     flags_env = re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", ""))
@@ -504,7 +520,7 @@ def run_worker(argv: list[str], devices: int, layout: str, batch: int) -> list[d
     for line in proc.stdout.splitlines():
         if line.startswith(RESULT_PREFIX):
             return json.loads(line[len(RESULT_PREFIX):])
-    tail = [ln for ln in (proc.stderr or proc.stdout).strip().splitlines() if ln.strip()][-1:] or ["killed"]
+    tail = [_worker_error(proc.stderr or proc.stdout)]
     return [{"devices": devices, "layout": layout, "global_batch": "?", "per_device_batch": batch or "?",
              "error": f"worker exit {proc.returncode}: {tail[0][:300]}"}]
 

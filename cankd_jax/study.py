@@ -717,6 +717,12 @@ def main(argv: Optional[list[str]] = None) -> None:
     for name in a.settings or []:
         if name not in SETTINGS:
             p.error(f"unknown setting {name!r}; choose from {', '.join(SETTINGS)}")
+        if name not in STUDIES[a.study]:  # else the study selects no cell and "finishes" having run nothing
+            p.error(f"setting {name!r} is not in study {a.study!r}; its settings: {', '.join(STUDIES[a.study])}")
+    if a.seeds < 1:
+        p.error(f"--seeds must be at least 1 (seeds 0 .. N-1), got {a.seeds}")
+    if a.max_cells < 0:
+        p.error(f"--max-cells must be >= 0 (0: all), got {a.max_cells}")
     for name in a.losses or []:
         if name not in LABELS:
             p.error(f"unknown loss {name!r}; choose from {', '.join(LABELS)}")

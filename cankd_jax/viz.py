@@ -156,10 +156,10 @@ def _config(run_dir: str, workdir: Optional[str], config_path: str) -> ml_collec
 
 
 def _restore_export(net: Any, directory: str, sample: Array) -> Any:
-    import orbax.checkpoint as ocp  # noqa: PLC0415
+    from cankd_jax.train.weights import restore_export  # noqa: PLC0415
 
     abstract = jax.eval_shape(lambda: net.init(jax.random.key(0), sample, train=False))
-    return ocp.StandardCheckpointer().restore(os.path.abspath(directory), abstract)
+    return restore_export(os.path.abspath(directory), abstract, what="export")
 
 
 def _restore_state(run: Any, config: ml_collections.ConfigDict, mesh: Any, directory: str) -> Any:
@@ -215,6 +215,10 @@ def collect(teacher_dir: str, student_dir: str, cankd_dir: str, *, config_path: 
         raise ValueError(f"the run in {cankd_dir} has no CanKD term (its terms: {[t.name for t in run.terms]})")
     state = _restore_state(run, cfg, mesh, os.path.join(cankd_dir, "checkpoints"))
 
+    count = len(run.data.eval_source)
+    outside = [int(i) for i in indices if not 0 <= int(i) < count]
+    if outside or not indices:
+        raise ValueError(f"indices {outside or 'none'}: name held-out images among 0..{count - 1}")
     raw, labels, images = [], [], []
     for i in indices:
         record = run.data.eval_source[int(i)]
@@ -235,6 +239,10 @@ def collect(teacher_dir: str, student_dir: str, cankd_dir: str, *, config_path: 
         lifted = term.connector.apply({"params": p["connector"]}, lifted)
     t_feat = t_out[term.teacher_feature]
     grid = tuple(lifted.shape[1:3])
+    # The picture has a column per marked pixel, three; a position off the grid would be clamped by the gather.
+    if pixels and (len(pixels) != 3 or any(not (0 <= y < grid[0] and 0 <= x < grid[1]) for y, x in pixels)):
+        raise ValueError(f"pixels {list(pixels)}: name three (y, x) positions on the {grid[0]}x{grid[1]} grid of "
+                         f"{term.student_feature!r}")
     marked = [list(pixels) if pixels else pick_pixels(lab, grid) for lab in labels]
     rows = [attention_rows(term.loss, p["loss"], lifted[b], t_feat[b], marked[b]) for b in range(len(indices))]
     preds = {k: np.asarray(jnp.argmax(o["logits"], -1)) for k, o in
@@ -320,6 +328,17 @@ def render(data: dict[str, Any], out: str, *, dpi: int = 100) -> tuple[int, int]
     return figure_pixels(n, dpi)
 
 
+def _ints(text: str, option: str, count: Optional[int] = None) -> list[int]:
+    """Comma-separated integers (`count` of them, if given), or a `ValueError` naming `option`."""
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or (count is not None and len(values) != count):
+        raise ValueError(f"{option}: expected {count or 'one or more'} comma-separated integers, got {text!r}")
+    return values
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
     p = argparse.ArgumentParser(prog="python -m cankd_jax.viz", description=__doc__.split("\n\n")[0])
     p.add_argument("--workdir", help="a finished demo workdir (its teacher/, student/ and cankd/ runs)")
@@ -340,11 +359,17 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     if missing:
         sys.exit(f"viz: error: no {', '.join(missing)} run directory; pass --workdir of a finished demo run "
                  "(teacher, student and cankd phases) or --teacher/--student/--cankd")
-    pixels = [tuple(int(v) for v in s.split(",")) for s in a.pixels.split(";")] if a.pixels else None
+    if a.dpi <= 0:
+        p.error(f"--dpi must be positive, got {a.dpi}")
+    try:
+        pixels = [tuple(_ints(s, "--pixels", 2)) for s in a.pixels.split(";")] if a.pixels else None
+        indices = _ints(a.indices, "--indices")
+    except ValueError as e:
+        p.error(str(e))
     try:
         data = collect(dirs["teacher"], dirs["student"], dirs["cankd"], config_path=a.config, workdir=a.workdir,
-                       indices=[int(i) for i in a.indices.split(",")], pixels=pixels, data_dir=a.data_dir)
-    except ValueError as e:  # a config that does not fit the workdir: its message, not a traceback
+                       indices=indices, pixels=pixels, data_dir=a.data_dir)
+    except (ValueError, FileNotFoundError) as e:  # a config, export or option that does not fit: one line
         sys.exit(f"viz: error: {e}")
     w, h = render(data, a.out, dpi=a.dpi)
     print(f"wrote {a.out} ({w}x{h})")

@@ -297,3 +297,16 @@ def test_the_study_runs_as_a_module(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1].startswith("0/") and "recorded" in out.stdout
 
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--study", "tiny", "--seeds", "0"], "--seeds must be at least 1 (seeds 0 .. N-1), got 0"),
+    (["--study", "tiny", "--settings", "demo"], "setting 'demo' is not in study 'tiny'; its settings: tiny"),
+    (["--study", "tiny", "--max-cells", "-1"], "--max-cells must be >= 0 (0: all), got -1"),
+])
+def test_options_that_select_no_cell_are_refused(tmp_path, capsys, options, message):
+    """Each of these ran nothing and exited 0 ('0/0 cells finished')."""
+    with pytest.raises(SystemExit) as e:
+        kd_study.main([*options, "--root", str(tmp_path / "runs"), "--results", str(tmp_path / "results")])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()

@@ -200,6 +200,15 @@ HF = dict(factory="cankd_jax.models.foreign:transformers_module",
           train_arg="deterministic", train_inverted=True)
 
 
+def test_a_call_argument_the_foreign_module_does_not_take_is_named():
+    """Was a TypeError from inside the first trace."""
+    with pytest.raises(ValueError, match=r"foreign module FlaxResNetModule's __call__ takes no argument\(s\) bogus "
+                                         r"\(its arguments: pixel_values, deterministic"):
+        models.make_network(dict(name="foreign", **{**HF, "train_arg": "bogus"}), num_classes=7)
+    with pytest.raises(ValueError, match="takes no argument\\(s\\) scale "):
+        models.make_network(dict(name="foreign", **HF, call_kwargs=dict(scale=2)), num_classes=7)
+
+
 def test_a_transformers_model_gives_its_features_by_path():
     from transformers import FlaxResNetModel, ResNetConfig
 

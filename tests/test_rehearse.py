@@ -176,6 +176,31 @@ def test_cli_config_mistakes_are_one_line_errors():
     assert p.returncode != 0 and "unknown option(s) --devise" in p.stderr
 
 
+@pytest.mark.parametrize("options, message", [
+    (["--tflops", "0"], "--tflops must be positive, got 0.0"),  # was a ZeroDivisionError after compiling
+    (["--bandwidth", "-5"], "--bandwidth must be positive, got -5.0"),
+    (["--per-device-batch", "0"], "--per-device-batch must be positive, got [0]"),
+    (["--latency-us", "-1"], "--latency-us must be >= 0, got -1.0"),
+])
+def test_time_model_options_out_of_range_are_refused_before_compiling(capsys, options, message):
+    with pytest.raises(SystemExit):
+        rehearse._parse(["--config", SMOKE, *options])
+    assert message in capsys.readouterr().err
+
+
+def test_a_workers_error_is_its_exception_line_not_jaxs_note_after_it():
+    stderr = """Traceback (most recent call last):
+  File "cankd_jax/train/build.py", line 130, in init_variables
+ValueError: distill student_feature 'bogus' is not among the student's outputs (layer4, logits)
+--------------------
+For simplicity, JAX has removed its internal frames from the traceback of the following exception. Set \
+JAX_TRACEBACK_FILTERING=off to include these.
+"""
+    assert rehearse._worker_error(stderr).startswith("ValueError: distill student_feature 'bogus' is not among")
+    assert rehearse._worker_error("out of memory\n") == "out of memory"
+    assert rehearse._worker_error("") == "killed"
+
+
 @pytest.mark.slow
 def test_cli_64_devices_replicated_reduces_the_parameters_and_fsdp_memory_falls(tmp_path):
     """The smoke config at 8 and 64 fake devices through the command line. Widths are raised (student 64,

@@ -81,6 +81,14 @@ def test_num_classes_other_than_the_data_sets_is_refused(tmp_path):
                          "task.num_classes=3", "'synthetic' has 7 classes", "--config.task.num_classes=7")
 
 
+def test_a_value_that_would_train_uphill_is_refused_before_any_data_is_read(tmp_path):
+    """A negative clip norm trained to exit 0 with the loss climbing (optax flips every gradient)."""
+    _fails_with_one_line(_command(tmp_path / "run", f"--config.data.data_dir={tmp_path / 'data'}",
+                                  "--config.optimizer.grad_clip_norm=-1.0"),
+                         "optimizer.grad_clip_norm must be a finite number >= 0 (0 or None: no clipping), got -1.0")
+    assert not (tmp_path / "data").exists()
+
+
 def test_a_teacher_without_weights_is_refused_before_any_data_is_read(tmp_path):
     """The paper configs would otherwise distil from a random teacher for 80k steps."""
     for config in ("cityscapes.py", "ade20k.py", "classification.py"):

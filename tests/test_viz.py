@@ -97,3 +97,28 @@ def test_a_config_without_a_cankd_phase_is_named(tmp_path):
         os.makedirs(tmp_path / k)
     with pytest.raises(SystemExit, match=r"^viz: error: .*demo.py:loss=mgd has no 'cankd' phase"):
         viz.main(["--workdir", str(tmp_path), "--config", os.path.join(os.path.dirname(SMOKE), "demo.py:loss=mgd")])
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--dpi", "0"], "--dpi must be positive, got 0"),
+    (["--indices", "a"], "--indices: expected one or more comma-separated integers, got 'a'"),
+    (["--pixels", "1,2,3"], "--pixels: expected 2 comma-separated integers, got '1,2,3'"),
+])
+def test_a_malformed_option_is_named_before_any_work(tmp_path, capsys, options, message):
+    for k in ("teacher", "student", "cankd"):
+        os.makedirs(tmp_path / k, exist_ok=True)
+    with pytest.raises(SystemExit):
+        viz.main(["--workdir", str(tmp_path), *options])
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.slow  # builds the smoke run twice (shares the module fixture above)
+def test_images_and_pixels_outside_the_data_or_the_grid_are_named(smoke_workdir):
+    dirs = [str(smoke_workdir / k) for k in ("teacher", "student", "cankd")]
+    with pytest.raises(ValueError, match=r"indices \[16\]: name held-out images among 0..15"):
+        viz.collect(*dirs, indices=(0, 16), config_path=SMOKE, data_dir=str(smoke_workdir / "data"))
+    # layer4 of the 32x32 smoke input is 4x4: (4, 0) is off it (a gather would have clamped it to row 3)
+    with pytest.raises(ValueError, match=r"pixels \[\(0, 0\), \(4, 0\), \(1, 1\)\]: name three \(y, x\) "
+                                         r"positions on the 4x4 grid of 'layer4'"):
+        viz.collect(*dirs, indices=(0,), pixels=[(0, 0), (4, 0), (1, 1)], config_path=SMOKE,
+                    data_dir=str(smoke_workdir / "data"))

@@ -27,6 +27,7 @@ bucket) and says how many: `num_train_shapes(global_batch_size)`.
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import os
 from collections.abc import Iterator, Mapping
 from typing import Any, Optional
@@ -86,6 +87,24 @@ def _allowed_keys(spec: DatasetSpec, key: str) -> dict[str, Any]:
     return keys
 
 
+def _check_sizes(opts: Mapping[str, Any]) -> None:
+    """Sizes that are set must be two positive numbers (a zero scale resizes every image to 1x1 and trains on
+    padding; a zero batch or negative worker count fails deep in the pipeline), each named by its key."""
+    for k in ("crop_size", "scale", "eval_scale", "eval_pad_size"):
+        v = opts.get(k)
+        if v is not None and not (len(v) == 2 and all(_positive(x) for x in v)):
+            raise ValueError(f"data.{k} must be two positive sizes, got {v!r}")
+    if not _positive(opts.get("eval_batch_size", 1)):
+        raise ValueError(f"data.eval_batch_size must be a positive number of images, got {opts['eval_batch_size']!r}")
+    workers = opts.get("workers", 0)
+    if not (_positive(workers) or workers == 0):
+        raise ValueError(f"data.workers must be >= 0 (0: in-process), got {workers!r}")
+
+
+def _positive(x: Any) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool) and x > 0
+
+
 def _resolve(cfg: Mapping[str, Any]) -> tuple[str, DatasetSpec, dict[str, Any]]:
     """Config mapping -> (dataset key, spec, full option dict), rejecting unknown keys."""
     if not cfg.get("name"):
@@ -101,6 +120,7 @@ def _resolve(cfg: Mapping[str, Any]) -> tuple[str, DatasetSpec, dict[str, Any]]:
     for k in ("crop_size", "scale", "eval_scale", "eval_pad_size", "ratio_range", "crop_scale"):
         if k in opts and opts[k] is not None:
             opts[k] = tuple(opts[k]) or None  # () means "none" too (ConfigDicts cannot always hold None)
+    _check_sizes(opts)
     if key == "synthetic":
         side = (int(opts["image_size"]),) * 2
         opts["crop_size"] = opts["crop_size"] or side
@@ -263,6 +283,8 @@ def make_data(cfg: Mapping[str, Any], task: Optional[str] = None) -> Data:
     if task is not None and task != spec.task:
         raise ValueError(f"dataset {key!r} is for {spec.task}, but task.name is {task!r}")
     data_dir = o["data_dir"] or None
+    if data_dir and os.path.exists(data_dir) and not os.path.isdir(data_dir):
+        raise ValueError(f"data.data_dir {data_dir!r} is a file, not a directory")
     synthetic_options = None
     if key in ("synthetic", "synthetic_detection"):
         synthetic_options = dict(image_size=o["image_size"], num_train=o["num_train"], num_test=o["num_test"],

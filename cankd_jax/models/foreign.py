@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import inspect
 import os
 from typing import Any, Mapping, Optional
 
@@ -133,7 +134,25 @@ def make_foreign(factory: str, features: Optional[Mapping[str, str]] = None, *,
     if unknown:
         raise ValueError(f"foreign network has no option(s) {', '.join(unknown)}; its options are factory, "
                          "factory_kwargs, features, train_arg, train_inverted, input_layout, call_kwargs")
-    return ForeignBackbone(build_module(factory, factory_kwargs), dict(features or {}), **options)
+    module = build_module(factory, factory_kwargs)
+    _check_call_arguments(module, [options.get("train_arg", "train"), *dict(options.get("call_kwargs") or {})])
+    return ForeignBackbone(module, dict(features or {}), **options)
+
+
+def _check_call_arguments(module: nn.Module, names: list[str]) -> None:
+    """A `ValueError` when the module's `__call__` takes none of some keyword in `names` (checked now, not as a
+    TypeError from inside the first trace); a `**kwargs` call takes any."""
+    try:
+        parameters = inspect.signature(module.__call__).parameters
+    except (TypeError, ValueError):  # no signature to read: the call itself will say
+        return
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return
+    unknown = [n for n in names if n not in parameters]
+    if unknown:
+        raise ValueError(f"foreign module {type(module).__name__}'s __call__ takes no argument(s) "
+                         f"{', '.join(unknown)} (its arguments: {', '.join(parameters)}); set train_arg and "
+                         "call_kwargs to names it takes")
 
 
 def save_foreign_variables(directory: str, variables: Mapping[str, Any]) -> None:

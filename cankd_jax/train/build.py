@@ -21,10 +21,11 @@ from jax.sharding import Mesh
 
 from cankd_jax import models
 from cankd_jax.compute import compute_dtype, remat_policy
+from cankd_jax.config_arg import check_number
 from cankd_jax.losses import Connector, make_loss
 from cankd_jax.losses.registry import loss_fields
 from cankd_jax.models.recorder import check_recorded, with_recorded
-from cankd_jax.train.optim import make_optimizer
+from cankd_jax.train.optim import check_values, make_optimizer
 from cankd_jax.train.sharding import ParamLayout, tree_shardings
 from cankd_jax.train.step import DistillTerm
 from cankd_jax.train.tasks import Task, make_task
@@ -61,6 +62,7 @@ def build_run(config: ml_collections.ConfigDict, mesh: Mesh, *, input_size: Opti
 
     Cheap mistakes (unknown names and keys, a teacher without weights) fail before any data is read.
     """
+    check_values(config.optimizer)
     task = make_task(config.task)
     dtype, remat = config.get("dtype", "float32"), config.get("remat", "none")
     compute_dtype(dtype), remat_policy(remat)  # unknown names: a ValueError listing the valid ones
@@ -112,12 +114,14 @@ def build_run(config: ml_collections.ConfigDict, mesh: Mesh, *, input_size: Opti
         params, stats = {}, {}
         for i, term in enumerate(terms):
             kc, kl = jax.random.split(jax.random.fold_in(kd, i))
-            s = jnp.zeros(s_out[term.student_feature].shape, s_out[term.student_feature].dtype)
+            s = _output(s_out, term.student_feature, "student")
+            s = jnp.zeros(s.shape, s.dtype)
             p = {}
             if term.connector is not None:
                 p["connector"] = term.connector.init(kc, s)["params"]
                 s = term.connector.apply({"params": p["connector"]}, s)
-            t = jnp.zeros(t_out[term.teacher_feature].shape, t_out[term.teacher_feature].dtype)
+            t = _output(t_out, term.teacher_feature, "teacher")
+            t = jnp.zeros(t.shape, t.dtype)
             lv = term.loss.init({"params": kl, "mask": kl}, s, t, train=False)
             p["loss"] = lv.get("params", {})
             params[term.name], stats[term.name] = p, {"loss": lv.get("batch_stats", {})}
@@ -134,6 +138,14 @@ def build_run(config: ml_collections.ConfigDict, mesh: Mesh, *, input_size: Opti
     return Run(student, teacher, teacher_vars, teacher_shardings, terms, task, tx, schedule, data, init_variables)
 
 
+def _output(outputs: dict, name: str, side: str) -> Any:
+    if name not in outputs:  # a module path was checked by `check_recorded`; an output-dict key is checked here
+        raise ValueError(f"distill {side}_feature {name!r} is not among the {side}'s outputs "
+                         f"({', '.join(sorted(outputs))}); name one of them, or a module by its path "
+                         "(e.g. 'backbone/layer4')")
+    return outputs[name]
+
+
 def network_config(cfg: ml_collections.ConfigDict, dtype: str = "float32", remat: str = "none") -> dict:
     """A `student` / `teacher` config block with the run's compute dtype and remat policy filled in.
 
@@ -147,6 +159,10 @@ def network_config(cfg: ml_collections.ConfigDict, dtype: str = "float32", remat
     if remat != "none":
         block["remat"] = remat
     return block
+
+
+def _non_negative(v: float) -> bool:
+    return v >= 0
 
 
 _TERM_KEYS = {"name", "loss", "options", "student_feature", "teacher_feature", "connector", "weight"}
@@ -173,13 +189,22 @@ def make_terms(distill_cfgs, *, dtype: str = "float32") -> tuple[DistillTerm, ..
                              + (f"unknown key(s) {', '.join(unknown)}" if unknown else f"missing {', '.join(missing)}")
                              + f"; an entry has {', '.join(sorted(_TERM_KEYS))}")
         cdtype = compute_dtype(dtype)
-        connector = Connector(int(d["connector"]), dtype=cdtype) if d.get("connector") else None
+        name = d["name"]
+        # A negative weight maximises the term; a negative connector width fails deep inside JAX.
+        weight = check_number(d.get("weight", 1.0), f"distill term {name!r}: weight", _non_negative,
+                              "a finite number >= 0")
+        width = check_number(d.get("connector") or 0, f"distill term {name!r}: connector",
+                             lambda v: v >= 0 and v == int(v),
+                             "a whole number of output channels >= 0 (0: no connector)")
+        connector = Connector(int(width), dtype=cdtype) if width else None
         options = dict(d.get("options") or {})
+        if "loss_weight" in options:
+            check_number(options["loss_weight"], f"distill term {name!r}: options.loss_weight", _non_negative,
+                         "a finite number >= 0")
         if cdtype is not None and "dtype" in loss_fields(d["loss"]) and not options.get("dtype"):
             options["dtype"] = cdtype
         loss = make_loss(d["loss"], **options)
-        terms.append(DistillTerm(d["name"], d["student_feature"], d["teacher_feature"], loss, connector,
-                                 float(d.get("weight", 1.0))))
+        terms.append(DistillTerm(name, d["student_feature"], d["teacher_feature"], loss, connector, weight))
     names = [t.name for t in terms]
     if len(set(names)) != len(names):
         raise ValueError(f"distill term names must be unique, got {names}")

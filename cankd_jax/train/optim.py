@@ -14,6 +14,7 @@ import jax
 import ml_collections
 import optax
 
+from cankd_jax.config_arg import check_number
 from cankd_jax.models.freeze import dotted_key
 
 Schedule = Callable[[Any], Any]
@@ -45,14 +46,39 @@ def _constant(base: float, cfg: ml_collections.ConfigDict, total_steps: int) -> 
 
 
 def _cosine(base: float, cfg: ml_collections.ConfigDict, total_steps: int) -> Schedule:
-    return optax.cosine_decay_schedule(base, total_steps, alpha=float(cfg.get("min_lr", 0.0)) / base)
+    alpha = float(cfg.get("min_lr", 0.0)) / base if base else 0.0  # a zero rate stays zero
+    return optax.cosine_decay_schedule(base, total_steps, alpha=alpha)
 
 
 SCHEDULES = {"poly": _poly, "step": _step, "constant": _constant, "cosine": _cosine}
 
+# optimizer.<key>: (what it must be, the test). A negative rate, decay or clip norm trains uphill without a word
+# (`optax.clip_by_global_norm(-1)` turns every gradient around), so each is refused before anything runs.
+_RANGES: dict[str, tuple[str, Callable[[float], bool]]] = {
+    "lr": ("a finite number >= 0", lambda v: v >= 0),
+    "weight_decay": ("a finite number >= 0", lambda v: v >= 0),
+    "grad_clip_norm": ("a finite number >= 0 (0 or None: no clipping)", lambda v: v >= 0),
+    "momentum": ("a finite number in [0, 1)", lambda v: 0 <= v < 1),
+    "b1": ("a finite number in [0, 1)", lambda v: 0 <= v < 1),
+    "b2": ("a finite number in [0, 1)", lambda v: 0 <= v < 1),
+    "min_lr": ("a finite number >= 0", lambda v: v >= 0),
+    "power": ("a finite number >= 0", lambda v: v >= 0),
+    "decay_factor": ("a finite number >= 0", lambda v: v >= 0),
+    "warmup_factor": ("a finite number in [0, 1]", lambda v: 0 <= v <= 1),
+    "warmup_steps": ("a finite number >= 0", lambda v: v >= 0),
+}
+
+
+def check_values(cfg: ml_collections.ConfigDict) -> None:
+    """Raise `ValueError` naming the first `optimizer.<key>` that is not a finite number in its range."""
+    for key, (rule, ok) in _RANGES.items():
+        if cfg.get(key, None) is not None:
+            check_number(cfg[key], f"optimizer.{key}", ok, rule)
+
 
 def make_schedule(cfg: ml_collections.ConfigDict, total_steps: int) -> Schedule:
     """Learning rate as a function of the step. `cfg`: the config's `optimizer` block."""
+    check_values(cfg)
     name = cfg.get("schedule", "constant")
     if name not in SCHEDULES:
         raise ValueError(f"unknown optimizer.schedule {name!r}; choose one of {', '.join(sorted(SCHEDULES))}")

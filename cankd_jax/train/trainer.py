@@ -101,6 +101,7 @@ _LOOP_COUNTS = (
     ("eval_every", 1, "steps; the last step is always evaluated, so total_steps evaluates only there"),
     ("checkpoint_every", 1, "steps; the last step is always saved"),
     ("keep_checkpoints", 1, "with none kept, nothing could resume"),
+    ("seed", 0, "the root of every random stream: initialisation, data order, augmentation"),
 )
 
 
@@ -116,6 +117,9 @@ def check_loop_config(config: ml_collections.ConfigDict) -> None:
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, preempt: Preemption) -> dict[str, Any]:
     t_start = time.perf_counter()
     check_loop_config(config)
+    for path, what in ((workdir, "--workdir"), (os.path.join(workdir, "checkpoints"), "the workdir's checkpoints")):
+        if os.path.exists(path) and not os.path.isdir(path):  # else makedirs, or the first save, fails deep down
+            raise ValueError(f"{what} {path!r} is a file, not a directory")
     os.makedirs(workdir, exist_ok=True)
     mesh = make_mesh()
     rows = process_rows(mesh, config.batch_size)

@@ -62,15 +62,41 @@ def load_teacher(cfg: ml_collections.ConfigDict, teacher: nn.Module, sample: jax
     return jax.device_put(variables, shardings), shardings
 
 
+def export_metadata(path: str, what: str = "teacher checkpoint") -> Any:
+    """The saved tree's metadata of an export/ directory (Orbax), or a `ValueError` saying `path` is not one
+    (a run's workdir, whose export/ sits below it, is named as the likely meant directory)."""
+    saved = ocp.StandardCheckpointer().metadata(path)
+    saved = getattr(saved, "item_metadata", saved)
+    if saved is None:
+        hint = os.path.join(path, "export")
+        raise ValueError(f"{what} {path!r} is not an export/ directory (no Orbax checkpoint in it)"
+                         + (f"; did you mean {hint!r}?" if os.path.isdir(hint) else ""))
+    return saved
+
+
+def restore_export(path: str, abstract: PyTree, what: str = "teacher checkpoint") -> PyTree:
+    """An export/ directory whose tree is `abstract`'s (`jax.ShapeDtypeStruct`s, shardings included), restored
+    into it; arrays of other shapes (another width or depth) are named in a `ValueError`."""
+    saved = export_metadata(path, what)
+    if jax.tree.structure(jax.tree.map(lambda _: 0, dict(saved))) != jax.tree.structure(abstract):
+        raise ValueError(f"{what} {path!r} holds another network's variables")
+    differ = [f"{jax.tree_util.keystr(k)} {tuple(m.shape)} (expected {tuple(a.shape)})"
+              for (k, m), a in zip(jax.tree_util.tree_leaves_with_path(dict(saved)), jax.tree.leaves(abstract))
+              if tuple(m.shape) != tuple(a.shape)]
+    if differ:
+        raise ValueError(f"{what} {path!r} was saved from a network of other shapes: {len(differ)} arrays differ, "
+                         f"e.g. {'; '.join(differ[:3])}")
+    return ocp.StandardCheckpointer().restore(path, abstract)
+
+
 def _restore_export(path: str, abstract: PyTree, shardings: PyTree) -> PyTree:
     """An export/ directory (Orbax) into the teacher: straight into its shardings when the trees match; a part
     of the saved tree otherwise (a trunk teacher from a whole detector's export: its backbone and neck)."""
-    ckptr = ocp.StandardCheckpointer()
-    saved = ckptr.metadata(path)
-    saved = getattr(saved, "item_metadata", saved)
+    saved = export_metadata(path)
     if jax.tree.structure(jax.tree.map(lambda _: 0, dict(saved))) == jax.tree.structure(abstract):
         target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-        return ckptr.restore(path, target)
+        return restore_export(path, target)
+    ckptr = ocp.StandardCheckpointer()
     full = ckptr.restore(path)  # on the host, then the teacher's part placed
     flat_saved = traverse_util.flatten_dict(full)
     out = {}

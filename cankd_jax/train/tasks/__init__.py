@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from cankd_jax.config_arg import check_number
 from cankd_jax.train.tasks.base import Task
 from cankd_jax.train.tasks.classification import ClassificationTask, classification_cross_entropy
 from cankd_jax.train.tasks.detection import COCO_AREAS, COCO_METRICS, DETECTOR_NMS, DetectionTask, coco_eval
@@ -43,4 +44,11 @@ def make_task(cfg: Any) -> Task:
     unknown = sorted(set(cfg) - fields)
     if unknown:
         raise ValueError(f"unknown task key(s) {', '.join(unknown)} for task {name!r}; known: {', '.join(sorted(fields))}")
+    for key in sorted(k for k in cfg if k.endswith("_weight")):  # a negative weight maximises its loss
+        value = cfg[key]
+        if value is None:  # unset (class_weight: every class alike)
+            continue
+        for v in value if isinstance(value, (list, tuple)) else [value]:  # class_weight: one per class
+            rule = "a finite number >= 0" + (f" (all of {value!r})" if v is not value else "")
+            check_number(v, f"task.{key}", lambda v: v >= 0, rule)
     return TASKS[name](**cfg)

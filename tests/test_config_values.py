@@ -1,0 +1,165 @@
+"""Config values out of range are one-line errors naming the key, before any step: values that used to train
+silently wrong (a negative clip norm or learning rate: gradient ascent; a zero `data.scale`: 1x1 images) or to
+fail deep inside JAX, Orbax or os (a negative connector width, a workdir that is a file, an export of another
+width)."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import pytest
+
+from cankd_jax.config_arg import load_config
+from cankd_jax.data.dataset import make_data
+from cankd_jax.train import build, trainer
+from cankd_jax.train.optim import make_optimizer
+from cankd_jax.train.sharding import make_mesh
+from cankd_jax.train.tasks import make_task
+from cankd_jax.train.weights import restore_export
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMOKE = os.path.join(ROOT, "configs", "smoke.py")
+
+
+def _optimizer(**fields):
+    return ml_collections.ConfigDict({"name": "sgd", "lr": 0.01, "momentum": 0.9, **fields})
+
+
+@pytest.mark.parametrize("fields, message", [
+    (dict(grad_clip_norm=-1.0), "optimizer.grad_clip_norm must be a finite number >= 0"),
+    (dict(lr=-0.01), "optimizer.lr must be a finite number >= 0, got -0.01"),
+    (dict(lr=math.inf), "optimizer.lr must be a finite number >= 0, got inf"),
+    (dict(lr="fast"), "optimizer.lr must be a finite number >= 0, got 'fast'"),
+    (dict(momentum=1.5), r"optimizer.momentum must be a finite number in \[0, 1\)"),
+    (dict(weight_decay=-1e-4), "optimizer.weight_decay must be"),
+    (dict(name="adamw", b2=1.0), r"optimizer.b2 must be a finite number in \[0, 1\)"),
+    (dict(warmup_factor=2.0), r"optimizer.warmup_factor must be a finite number in \[0, 1\]"),
+])
+def test_an_optimizer_value_out_of_range_is_named(fields, message):
+    with pytest.raises(ValueError, match=message):
+        make_optimizer(_optimizer(**fields), 10)
+
+
+def test_a_negative_clip_norm_would_have_turned_the_gradient_around():
+    """Why the clip norm is checked: optax takes -1 and flips every gradient (the run then climbs its loss)."""
+    tx = optax.clip_by_global_norm(-1.0)
+    g = {"w": jnp.array([3.0, 4.0])}
+    flipped, _ = tx.update(g, tx.init(g))
+    np.testing.assert_allclose(flipped["w"], [-0.6, -0.8], rtol=1e-6)
+
+
+def test_a_zero_rate_is_allowed_and_stays_zero_under_the_cosine_schedule():
+    _, schedule = make_optimizer(_optimizer(lr=0.0, schedule="cosine", min_lr=0.0), 10)  # was a ZeroDivisionError
+    assert [float(schedule(s)) for s in (0, 5, 10)] == [0.0, 0.0, 0.0]
+    _, schedule = make_optimizer(_optimizer(lr=0.1, schedule="cosine", min_lr=0.01), 10)
+    np.testing.assert_allclose(float(schedule(10)), 0.01, rtol=1e-6)
+
+
+def _term(**fields):
+    return [dict(name="kd", loss="cankd", student_feature="layer4", teacher_feature="layer4",
+                 options=dict(in_channels=8), **fields)]
+
+
+@pytest.mark.parametrize("fields, message", [
+    (dict(weight=-1.0), "distill term 'kd': weight must be a finite number >= 0, got -1.0"),
+    (dict(weight=math.nan), "distill term 'kd': weight must be a finite number >= 0, got nan"),
+    (dict(connector=-4),
+     "distill term 'kd': connector must be a whole number of output channels >= 0 \\(0: no connector\\), got -4"),
+    (dict(connector=2.5), "connector must be a whole number of output channels >= 0"),
+])
+def test_a_distillation_term_value_out_of_range_is_named(fields, message):
+    with pytest.raises(ValueError, match=message):
+        build.make_terms(_term(**fields))
+
+
+def test_a_negative_loss_weight_option_is_named():
+    terms = _term()
+    terms[0]["options"]["loss_weight"] = -10.0
+    with pytest.raises(ValueError, match="distill term 'kd': options.loss_weight must be a finite number >= 0"):
+        build.make_terms(terms)
+    assert build.make_terms(_term(weight=0.0, connector=16))[0].connector.out_channels == 16
+
+
+def test_a_negative_task_weight_is_named_even_inside_a_per_class_list():
+    with pytest.raises(ValueError, match="task.aux_weight must be a finite number >= 0, got -1.0"):
+        make_task(dict(name="segmentation", num_classes=3, aux_weight=-1.0))
+    with pytest.raises(ValueError,
+                       match=r"task.class_weight must be a finite number >= 0 \(all of \(1.0, -2.0, 1.0\)\)"):
+        make_task(dict(name="segmentation", num_classes=3, class_weight=(1.0, -2.0, 1.0)))
+    assert make_task(dict(name="segmentation", num_classes=3, class_weight=(0.5, 1.0, 1.0), aux_weight=0.0))
+
+
+@pytest.mark.parametrize("fields, message", [
+    (dict(scale=(0, 32)), r"data.scale must be two positive sizes, got \(0, 32\)"),
+    (dict(crop_size=(16,)), r"data.crop_size must be two positive sizes, got \(16,\)"),
+    (dict(eval_batch_size=0), "data.eval_batch_size must be a positive number of images, got 0"),
+    (dict(workers=-1), r"data.workers must be >= 0 \(0: in-process\), got -1"),
+])
+def test_a_data_size_out_of_range_is_named(tmp_path, fields, message):
+    with pytest.raises(ValueError, match=message):
+        make_data(dict(name="synthetic", data_dir=str(tmp_path), image_size=32, num_train=8, num_test=4, **fields))
+    assert not os.listdir(tmp_path)  # refused before the data set was made
+
+
+def test_a_data_dir_or_workdir_that_is_a_file_is_named(tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("not a directory")
+    with pytest.raises(ValueError, match=f"data.data_dir '{afile}' is a file, not a directory"):
+        make_data(dict(name="synthetic", data_dir=str(afile), image_size=32, num_train=8, num_test=4))
+    config = load_config(SMOKE)
+    with pytest.raises(ValueError, match=f"--workdir '{afile}' is a file, not a directory"):
+        trainer._train_and_evaluate(config, str(afile), None)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "checkpoints").write_text("")
+    with pytest.raises(ValueError, match="the workdir's checkpoints .*run/checkpoints' is a file"):
+        trainer._train_and_evaluate(config, str(tmp_path / "run"), None)
+
+
+def test_a_negative_seed_is_named():
+    config = load_config(SMOKE)
+    config.seed = -1
+    with pytest.raises(ValueError, match=r"--config.seed=-1: must be an integer >= 0"):
+        trainer.check_loop_config(config)
+
+
+def test_an_output_name_neither_network_has_is_named_with_the_outputs_it_has():
+    config = load_config(SMOKE)
+    config.distill[0].student_feature = "bogus"
+    run = build.build_run(config, make_mesh(jax.devices()[:1]), input_size=(32, 32))
+    with pytest.raises(ValueError, match=r"distill student_feature 'bogus' is not among the student's outputs "
+                                         r"\(.*layer4.*logits.*\); name one of them, or a module by its path"):
+        jax.eval_shape(run.init_variables, jax.random.key(0))
+
+
+def _save(directory, kernel_shape):
+    ckptr = ocp.StandardCheckpointer()
+    ckptr.save(str(directory), {"params": {"conv": {"kernel": np.zeros(kernel_shape, np.float32)},
+                                           "bn": {"scale": np.ones(kernel_shape[-1:], np.float32)}}})
+    ckptr.wait_until_finished()
+
+
+def test_an_export_is_checked_before_it_is_restored(tmp_path):
+    abstract = {"params": {"conv": {"kernel": jax.ShapeDtypeStruct((3, 3, 4, 16), jnp.float32)},
+                           "bn": {"scale": jax.ShapeDtypeStruct((16,), jnp.float32)}}}
+    (tmp_path / "workdir").mkdir()
+    _save(tmp_path / "workdir" / "export", (3, 3, 4, 16))
+    restored = restore_export(str(tmp_path / "workdir" / "export"), abstract)
+    assert restored["params"]["conv"]["kernel"].shape == (3, 3, 4, 16)
+    # the run's workdir instead of its export/: the directory meant is named
+    with pytest.raises(ValueError, match=r"teacher checkpoint '.*workdir' is not an export/ directory \(no Orbax "
+                                         r"checkpoint in it\); did you mean '.*workdir/export'\?"):
+        restore_export(str(tmp_path / "workdir"), abstract)
+    # an export of half the width: the arrays that differ, with both shapes
+    _save(tmp_path / "narrow", (3, 3, 4, 8))
+    with pytest.raises(ValueError, match=r"saved from a network of other shapes: 2 arrays differ, e.g. "
+                                         r"\['params'\]\['bn'\]\['scale'\] \(8,\) \(expected \(16,\)\); "
+                                         r"\['params'\]\['conv'\]\['kernel'\] \(3, 3, 4, 8\) "
+                                         r"\(expected \(3, 3, 4, 16\)\)"):
+        restore_export(str(tmp_path / "narrow"), abstract)
