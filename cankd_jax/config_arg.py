@@ -52,6 +52,9 @@ def parse(arg: str, choices: Mapping[str, Sequence[str]], defaults: Mapping[str,
         bad = [v for v in values if v not in choices[key]] or ([] if values else ["(empty)"])
         if bad:
             raise ValueError(f"{config}: unknown {key} {', '.join(bad)}; choose from {', '.join(choices[key])}")
+        twice = sorted({v for v in values if values.count(v) > 1})
+        if twice:  # a list item names a phase or a term: a second one would share its workdir or name
+            raise ValueError(f"{config}: {key} names {', '.join(twice)} more than once, in {item!r}")
         out[key] = values if key in lists else values[0]
     return out
 

@@ -127,6 +127,8 @@ def test_unknown_config_arguments_are_named():
         load("cityscapes.py", "heads=pspnet")
     with pytest.raises(ValueError, match="unknown loss kd"):
         load("demo.py", "loss=cankd+kd")
+    with pytest.raises(ValueError, match="loss names cankd more than once, in 'loss=cankd\\+mgd\\+cankd'"):
+        load("demo.py", "loss=cankd+mgd+cankd")  # two phases would have shared one workdir
     # A config without choices refuses an argument rather than ignore it (`smoke.py:detector=dino` meant the
     # detection smoke config).
     for name in ("smoke.py", "foreign_teacher.py"):

@@ -187,6 +187,10 @@ def test_reading_pth_files_names_the_problem(tmp_path):
     with pytest.raises(ValueError, match="weights_only=False"):
         interop.load_pth(str(unsafe))
     assert set(interop.load_pth(str(unsafe), weights_only=False)) == {"w"}
+    text = tmp_path / "notes.pth"  # not written by torch.save: named as such, not as an unpickling refusal
+    text.write_text("hi\n")
+    with pytest.raises(ValueError, match=r"notes.pth' is not a PyTorch checkpoint: .* this file starts with b'hi'"):
+        interop.load_pth(str(text))
     not_sd = tmp_path / "list.pth"
     torch.save([torch.zeros(1)], not_sd)
     with pytest.raises(ValueError, match="does not hold a state dict"):

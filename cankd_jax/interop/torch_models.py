@@ -392,6 +392,11 @@ def load_pth(path: str, *, weights_only: bool = True) -> dict[str, Any]:
     """
     if not os.path.exists(path):
         raise FileNotFoundError(f"checkpoint file {path!r} not found")
+    with open(path, "rb") as f:
+        head = f.read(2)
+    if not (head.startswith(b"PK") or head[:1] == b"\x80"):  # torch.save: a zip archive (before 1.6: a pickle)
+        raise ValueError(f"{path!r} is not a PyTorch checkpoint: torch.save writes a zip archive or a pickle, and this "
+                         f"file starts with {head!r}")
     torch = require_torch()
     try:
         obj = torch.load(path, map_location="cpu", weights_only=weights_only)
