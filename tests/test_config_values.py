@@ -163,3 +163,87 @@ def test_an_export_is_checked_before_it_is_restored(tmp_path):
                                          r"\['params'\]\['conv'\]\['kernel'\] \(3, 3, 4, 8\) "
                                          r"\(expected \(3, 3, 4, 16\)\)"):
         restore_export(str(tmp_path / "narrow"), abstract)
+
+
+# ---------------------------------------------------------------------------------------------- detection
+
+DET_SMOKE = os.path.join(ROOT, "configs", "detection_smoke.py")
+
+
+@pytest.mark.parametrize("fields, message", [
+    (dict(nms_pre=0), "task.nms_pre must be a positive count of boxes; got 0"),  # failed after training, at eval
+    (dict(max_per_img=0), "task.max_per_img must be a positive count of boxes; got 0"),
+    (dict(score_thr=1.5), r"task.score_thr must be in \[0, 1\)"),  # no detection, mAP 0, silently
+    (dict(iou_threshold=-0.5), r"task.iou_threshold must be in \[0, 1\], or None for the detector's own"),
+])
+def test_a_detection_post_processing_limit_out_of_range_is_named(fields, message):
+    with pytest.raises(ValueError, match=message):
+        make_task(dict(name="detection", num_classes=3, **fields))
+
+
+@pytest.mark.parametrize("detector, head, neck, message", [
+    ("retinanet", dict(num_anchors=3), {}, "the student's RetinaHead has num_anchors=3, but retinanet's anchor "
+                                           "generator places 9 at each position; set the head's num_anchors to 9"),
+    ("faster_rcnn", dict(num_anchors=1), {}, "RPNHead has num_anchors=1, but faster_rcnn's anchor generator places 3"),
+    ("fcos", dict(strides=(8, 16, 32, 64)), dict(num_outs=4),
+     r"an FCOS student needs 5 levels, one per regress range .*; this one has 4 \(strides \(8, 16, 32, 64\)\)"),
+])
+def test_a_head_the_targets_do_not_fit_is_named_when_the_run_is_built(detector, head, neck, message):
+    """Were chex shape assertions (or an unnamed count mismatch) inside the first step's loss."""
+    config = load_config(DET_SMOKE, f"detector={detector}")
+    config.student.head_kwargs.update(head)
+    config.student.neck_kwargs.update(neck)
+    with pytest.raises(ValueError, match=message):
+        build.build_run(config, make_mesh(jax.devices()[:1]), input_size=(64, 64), abstract_teacher=True)
+
+
+@pytest.mark.parametrize("field", ["num_queries", "num_points", "decoder_layers"])
+def test_a_dino_count_of_zero_is_named(field):
+    from cankd_jax import models  # noqa: PLC0415
+
+    config = load_config(DET_SMOKE, "detector=dino")
+    config.student.head_kwargs[field] = 0
+    net = models.make_network(config.student, num_classes=3)
+    with pytest.raises(ValueError, match=f"DINO: {field} must be at least 1, got 0"):
+        jax.eval_shape(lambda: net.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3)), train=False))
+
+
+def test_a_prior_probability_outside_0_1_is_named():
+    from cankd_jax.models.dense_heads import prior_bias  # noqa: PLC0415
+
+    np.testing.assert_allclose(prior_bias(0.01), -math.log(99.0))
+    for p in (0.0, 1.0):
+        with pytest.raises(ValueError, match=rf"prior_prob must be in \(0, 1\) .*, got {p}"):
+            prior_bias(p)
+
+
+@pytest.mark.parametrize("fields, message", [
+    (dict(flip_prob=1.5), r"data.flip_prob must be a probability in \[0, 1\], got 1.5"),
+    (dict(min_size=-5), r"data.min_size must be >= 0 \(pixels; 0: keep every image\), got -5"),
+    (dict(filter_empty="no"), "data.filter_empty must be True or False, got 'no'"),
+    (dict(crop_size=(32, 32)), "does not crop to data.crop_size"),
+])
+def test_a_detection_data_option_out_of_range_is_named(tmp_path, fields, message):
+    with pytest.raises(ValueError, match=message):
+        make_data(dict(name="synthetic_detection", data_dir=str(tmp_path), image_size=64, num_train=8, num_test=4,
+                       **fields))
+
+
+def test_a_zero_batch_says_positive():
+    with pytest.raises(ValueError, match=r"batch_size=0 must be positive: a multiple of the 1 devices "
+                                         r"\(--config.batch_size=1\)"):
+        from cankd_jax.train.sharding import check_global_batch  # noqa: PLC0415
+
+        check_global_batch(0, make_mesh(jax.devices()[:1]))
+
+
+def test_checkpoint_prefixes_must_be_pairs():
+    from cankd_jax.interop.torch import prefix_pairs  # noqa: PLC0415
+
+    assert prefix_pairs([("", "module.")], "checkpoint_prefixes") == {"": "module."}
+    assert prefix_pairs({"backbone.": ""}, "pretrained_prefixes") == {"backbone.": ""}
+    assert prefix_pairs(None, "checkpoint_prefixes") is None
+    for bad in ("module.", [("a", "b", "c")], [("", 1)]):
+        with pytest.raises(ValueError, match=r"checkpoint_prefixes must be a list of \(model prefix, checkpoint "
+                                             r"prefix\) pairs, e.g. \[\('', 'module.'\)\]; got"):
+            prefix_pairs(bad, "checkpoint_prefixes")

@@ -111,6 +111,14 @@ def test_pth_files_round_trip_in_mmcv_and_plain_format(tmp_path):
     assert set(torch.load(plain, weights_only=True)) == set(sd)
     again = interop.load_pytorch_network(str(plain), model)
     chex.assert_trees_all_equal(again, jax.device_get(variables))
+    # A DDP-saved file ('module.' before every key): the error shows the file's keys and the mapping to use
+    ddp = tmp_path / "ddp.pth"
+    torch.save({f"module.{k}": v for k, v in sd.items()}, ddp)
+    with pytest.raises(ValueError, match=r"missing keys: .*; the file's keys look like module\.backbone\..* \(map "
+                                         r"them with checkpoint_prefixes"):
+        interop.load_pytorch_network(str(ddp), model)
+    mapped = interop.load_pytorch_network(str(ddp), model, {"checkpoint_prefixes": [("", "module.")]})
+    chex.assert_trees_all_equal(mapped, jax.device_get(variables))
 
 
 def test_load_resnet_reads_a_backbone_out_of_a_segmentation_checkpoint():

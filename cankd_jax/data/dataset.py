@@ -99,6 +99,13 @@ def _check_sizes(opts: Mapping[str, Any]) -> None:
     workers = opts.get("workers", 0)
     if not (_positive(workers) or workers == 0):
         raise ValueError(f"data.workers must be >= 0 (0: in-process), got {workers!r}")
+    flip = opts.get("flip_prob", 0.5)
+    if not (isinstance(flip, numbers.Real) and 0 <= flip <= 1):
+        raise ValueError(f"data.flip_prob must be a probability in [0, 1], got {flip!r}")
+    if "min_size" in opts and not (_positive(opts["min_size"]) or opts["min_size"] == 0):
+        raise ValueError(f"data.min_size must be >= 0 (pixels; 0: keep every image), got {opts['min_size']!r}")
+    if "filter_empty" in opts and not isinstance(opts["filter_empty"], bool):  # 'no' would read as True
+        raise ValueError(f"data.filter_empty must be True or False, got {opts['filter_empty']!r}")
 
 
 def _positive(x: Any) -> bool:
@@ -126,6 +133,9 @@ def _resolve(cfg: Mapping[str, Any]) -> tuple[str, DatasetSpec, dict[str, Any]]:
         opts["crop_size"] = opts["crop_size"] or side
         opts["scale"] = opts["scale"] or side
     if spec.task == "detection":
+        if opts.get("crop_size") is not None:  # detection resizes to data.scale (DINO crops by its own rule)
+            raise ValueError(f"dataset {key!r} does not crop to data.crop_size (detection resizes to data.scale); "
+                             "drop data.crop_size")
         if key == "synthetic_detection" and "scale" not in cfg:
             opts["scale"] = (int(opts["image_size"]),) * 2
         if not opts["scale"] or len(opts["scale"]) != 2:

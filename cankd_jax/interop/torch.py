@@ -17,6 +17,7 @@ from cankd_jax.interop.torch_models import (  # noqa: F401
     load_pth,
     load_pytorch_network,
     load_resnet,
+    prefix_pairs,
     save_pth,
     state_dict_layout,
     to_mmdet_keys,

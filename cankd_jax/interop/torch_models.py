@@ -523,14 +523,35 @@ def to_mmdet_keys(state_dict: Mapping[str, Any]) -> Mapping[str, Any]:
     return state_dict
 
 
+def prefix_pairs(value: Any, key: str) -> Optional[dict[str, str]]:
+    """A config's key-prefix mapping (`{model prefix: file prefix}` or a list of such pairs) as a dict, None
+    when unset; a `ValueError` naming `key` for anything else (a bare string, a pair of three)."""
+    if not value:
+        return None
+    items = list(value.items()) if isinstance(value, Mapping) else value
+    if isinstance(items, str) or not all(
+            isinstance(p, (list, tuple)) and len(p) == 2 and all(isinstance(x, str) for x in p) for p in items):
+        raise ValueError(f"{key} must be a list of (model prefix, checkpoint prefix) pairs, e.g. [('', 'module.')]; "
+                         f"got {value!r}")
+    return dict(items)
+
+
 def load_pytorch_network(path: str, model: nn.Module, cfg: Optional[Mapping[str, Any]] = None) -> dict:
     """A complete network's variables from a `.pth` (strict); for a config's `teacher.checkpoint`.
 
     `cfg` (the network's config block) may give `checkpoint_prefixes`, a
     `key_prefixes` mapping (see `import_state_dict`).
     """
-    prefixes = cfg.get("checkpoint_prefixes") if cfg is not None else None
-    variables, report = load_checkpoint(path, model, key_prefixes=dict(prefixes) if prefixes else None)
+    prefixes = prefix_pairs(cfg.get("checkpoint_prefixes") if cfg is not None else None, "checkpoint_prefixes")
+    state = load_pth(path)
+    try:
+        variables, report = import_state_dict(model, state, key_prefixes=prefixes)
+    except ValueError as e:
+        if "missing keys" not in str(e):
+            raise
+        # Which keys the file does hold tells a DDP 'module.' prefix or another network apart.
+        raise ValueError(f"{e}; the file's keys look like {', '.join(sorted(state)[:3])} (map them with "
+                         "checkpoint_prefixes, [(model prefix, file prefix), ...])") from None
     if report.ignored:
         log.info("%s: %d checkpoint keys not read by %s (%s)", path, len(report.ignored), type(model).__name__,
                  _abbrev(list(report.ignored), limit=5))

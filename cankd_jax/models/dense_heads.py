@@ -40,6 +40,8 @@ head_normal_init = nn.initializers.normal(0.01)
 
 def prior_bias(prior_prob: float) -> float:
     """mmcv's `bias_init_with_prob`: the logit bias whose sigmoid is `prior_prob`."""
+    if not 0 < prior_prob < 1:
+        raise ValueError(f"prior_prob must be in (0, 1) (the classifier's initial probability), got {prior_prob}")
     return float(-math.log((1.0 - prior_prob) / prior_prob))
 
 

@@ -178,6 +178,9 @@ class DINO(_Pyramid, nn.Module):
     def __call__(self, images: Array, *, train: bool, img_shapes: Optional[Array] = None,
                  denoising: Optional[Denoising] = None) -> dict[str, Array]:
         check_nhwc(images, who="DINO")
+        for name in ("num_queries", "num_points", "num_heads", "decoder_layers"):  # 0: deep errors, or none
+            if getattr(self, name) < 1:
+                raise ValueError(f"DINO: {name} must be at least 1, got {getattr(self, name)}")
         d = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         c, q = self.embed_dims, self.num_queries
         out, levels = self._features(images, train)

@@ -81,7 +81,10 @@ def tree_shardings(tree: Any, mesh: Mesh, layout: ParamLayout = REPLICATED) -> A
 def check_global_batch(global_batch: int, mesh: Mesh) -> int:
     """The per-process batch; a clear error if the global batch cannot be split evenly."""
     n_dev, n_proc = mesh.devices.size, jax.process_count()
-    if global_batch <= 0 or global_batch % n_dev:
+    if global_batch <= 0:
+        raise ValueError(f"batch_size={global_batch} must be positive: a multiple of the {n_dev} devices "
+                         f"(--config.batch_size={n_dev})")
+    if global_batch % n_dev:
         raise ValueError(
             f"batch_size={global_batch} is not divisible by the {n_dev} devices; "
             f"use a multiple of {n_dev} (--config.batch_size={max(n_dev, global_batch // n_dev * n_dev)})"

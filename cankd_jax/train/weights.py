@@ -131,8 +131,9 @@ def load_pretrained(cfg: ml_collections.ConfigDict, student: nn.Module, sample: 
         if not os.path.isfile(path):
             raise FileNotFoundError(f"student pretrained weights {path!r} not found; set --config.student.pretrained "
                                     "to a PyTorch .pth (e.g. an ImageNet ResNet), or to '' to start from scratch")
-        loaded.update(_load_into(student, sample, path, dict(cfg.get("pretrained_prefixes") or [("backbone.", "")]),
-                                 "student pretrained weights"))
+        prefixes = torch_interop.prefix_pairs(cfg.get("pretrained_prefixes") or [("backbone.", "")],
+                                              "pretrained_prefixes")
+        loaded.update(_load_into(student, sample, path, prefixes, "student pretrained weights"))
     inherit = cfg.get("inherit", "")
     if inherit:
         source = (teacher_cfg or {}).get("checkpoint", "") if inherit == "teacher" else inherit
@@ -143,7 +144,9 @@ def load_pretrained(cfg: ml_collections.ConfigDict, student: nn.Module, sample: 
             source = os.path.join(source, "student.pth")
         if not os.path.isfile(source):
             raise FileNotFoundError(f"student.inherit: checkpoint {source!r} not found")
-        prefixes = dict(cfg.get("inherit_prefixes") or [("neck.", "neck."), ("bbox_head.", "bbox_head.")])
+        prefixes = torch_interop.prefix_pairs(cfg.get("inherit_prefixes") or [("neck.", "neck."),
+                                                                              ("bbox_head.", "bbox_head.")],
+                                              "inherit_prefixes")
         loaded.update(_load_into(student, sample, source, prefixes, "student.inherit",
                                  skip_mismatched=bool(cfg.get("inherit_skip_mismatched", False))))
     return loaded

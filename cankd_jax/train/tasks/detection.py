@@ -113,6 +113,16 @@ class DetectionTask:
             object.__setattr__(self, name, value)
         if self.roi_samples < 1:
             raise ValueError(f"task.roi_samples must be positive; got {self.roi_samples}")
+        # The post-processing's limits: 0 failed only at the first evaluation, after training; a threshold out of
+        # range gave no detections (mAP 0) or no suppression, silently.
+        for name in ("nms_pre", "max_per_img"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"task.{name} must be a positive count of boxes; got {getattr(self, name)}")
+        if not 0 <= float(self.score_thr) < 1:
+            raise ValueError(f"task.score_thr must be in [0, 1) (a sigmoid or softmax score); got {self.score_thr}")
+        if self.iou_threshold is not DETECTOR_NMS and not 0 <= float(self.iou_threshold) <= 1:
+            raise ValueError(f"task.iou_threshold must be in [0, 1], or None for the detector's own; got "
+                             f"{self.iou_threshold}")
 
     def for_detector(self, detector: Any, cfg: Mapping[str, Any]) -> DetectionTask:
         """This task matched to the student: its kind (from its head), its levels' strides, and FCOS's
@@ -127,6 +137,7 @@ class DetectionTask:
             raise ValueError(f"task.detector={self.detector!r} but the student's {what}"
                              + (f"; set task.detector to {kind!r}" if kind else ", which this task has no targets for"))
         fields = {"strides": tuple(int(s) for s in detector.level_strides())}
+        self._check_head(kind, head, fields["strides"])
         if kind == "dino":
             fields["num_queries"] = int(detector.num_queries)
         if kind == "fcos":
@@ -137,6 +148,21 @@ class DetectionTask:
                 raise ValueError(f"task.{key}={given} but the student has {key}={value}; the training targets follow "
                                  f"the student: drop task.{key} (or change the student's network config)")
         return dataclasses.replace(self, **fields)
+
+    @staticmethod
+    def _check_head(kind: str, head: Any, strides: tuple[int, ...]) -> None:
+        """The targets' fixed parts against the student's head: anchors per position, FCOS's regress ranges per
+        level (else a shape assertion deep in the first step's loss)."""
+        if kind in ("retinanet", "faster_rcnn"):
+            generator = rpn.RPN_ANCHORS if kind == "faster_rcnn" else det.AnchorGenerator(strides=strides)
+            if int(head.num_anchors) != generator.num_base_anchors:
+                raise ValueError(f"the student's {type(head).__name__} has num_anchors={head.num_anchors}, but "
+                                 f"{kind}'s anchor generator places {generator.num_base_anchors} at each position; "
+                                 f"set the head's num_anchors to {generator.num_base_anchors}")
+        if kind == "fcos" and len(strides) != len(det.FCOS_REGRESS_RANGES):
+            raise ValueError(f"an FCOS student needs {len(det.FCOS_REGRESS_RANGES)} levels, one per regress range "
+                             f"{det.FCOS_REGRESS_RANGES}; this one has {len(strides)} (strides {strides}): give its "
+                             f"neck num_outs={len(det.FCOS_REGRESS_RANGES)} and its head one stride per level")
 
     def with_data(self, data: Any) -> DetectionTask:
         """This task scoring against `data`'s eval split (its COCO ground truth and category ids)."""
