@@ -43,6 +43,7 @@ from jax._src.interpreters import partial_eval as pe  # noqa: E402 - dce_jaxpr: 
 
 from cankd_jax.compute import conv_form, conv_form_for, dilated_conv  # noqa: E402
 from cankd_jax.models.conv import conv_as_tap_matmuls, conv_tap_forward  # noqa: E402
+import arg_types  # this folder's command-line value types  # noqa: E402
 
 # (input shape, kernel shape, strides, padding, dilation, groups)
 Conv = tuple[tuple[int, ...], tuple[int, ...], tuple[int, int], tuple[tuple[int, int], ...], tuple[int, int], int]
@@ -184,10 +185,10 @@ def table(title: str, found: collections.Counter, backward: bool, repeats: int) 
 def main(argv: list[str]) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--case", default="dlv3", help="a benchmarks/train_speed.py case with a teacher")
-    ap.add_argument("--height", type=int, default=128)
-    ap.add_argument("--width", type=int, default=256)
-    ap.add_argument("--batch", type=int, default=2)
-    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--height", type=arg_types.count(1), default=128)
+    ap.add_argument("--width", type=arg_types.count(1), default=256)
+    ap.add_argument("--batch", type=arg_types.count(1), default=2)
+    ap.add_argument("--repeats", type=arg_types.count(1), default=7)
     ap.add_argument("--no-teacher", action="store_true", help="the student's convolutions only")
     args = ap.parse_args(argv)
 

@@ -27,6 +27,7 @@ import re
 import subprocess
 import sys
 import tempfile
+from arg_types import count  # this folder's command-line value types  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SPEED = os.path.join(ROOT, "benchmarks", "train_speed.py")
@@ -122,7 +123,7 @@ def main(argv: list[str]) -> None:
     ap.add_argument("--case", default="dlv3", help="a train_speed.py case (default dlv3)")
     ap.add_argument("--variant", default="alone", choices=["alone", "loss", "fitnet"],
                     help="the student alone, or distilled (train_speed.py's variants)")
-    ap.add_argument("--steps", type=int, default=3, help="profiled steps (after one compiling step)")
+    ap.add_argument("--steps", type=count(1), default=3, help="profiled steps (after one compiling step)")
     ap.add_argument("--out", default="", help="keep the traces, HLO and PyTorch's op table in this folder")
     args = ap.parse_args(argv)
     out = args.out or tempfile.mkdtemp(prefix="cpu_step_ops_")

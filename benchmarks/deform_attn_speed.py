@@ -30,6 +30,7 @@ from cankd_jax.models.deform_attn import ms_deform_attn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from roi_align_speed import time_calls  # this folder's scripts: the same median-of-calls timer  # noqa: E402
+from arg_types import count  # this folder's command-line value types  # noqa: E402
 
 STRIDES = (8, 16, 32, 64)
 HEADS, DIMS, POINTS = 8, 32, 4
@@ -113,11 +114,11 @@ def torch_side(shapes, case, repeats: int):
 
 def main(argv: list[str]) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--height", type=int, default=800)
-    ap.add_argument("--width", type=int, default=1333)
-    ap.add_argument("--batch", type=int, default=1)
-    ap.add_argument("--queries", type=int, default=1100, help="the decoder case's queries")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--height", type=count(1), default=800)
+    ap.add_argument("--width", type=count(1), default=1333)
+    ap.add_argument("--batch", type=count(1), default=1)
+    ap.add_argument("--queries", type=count(1), default=1100, help="the decoder case's queries")
+    ap.add_argument("--repeats", type=count(1), default=3)
     ap.add_argument("--cases", nargs="+", default=["encoder", "decoder"], choices=["encoder", "decoder"])
     args = ap.parse_args(argv)
     shapes = level_shapes(args.height, args.width)

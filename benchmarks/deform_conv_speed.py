@@ -26,6 +26,7 @@ import numpy as np
 
 from cankd_jax.models.deform_conv import deform_conv2d
 from roi_align_speed import time_calls  # this folder's scripts: the same median-of-calls timer
+from arg_types import count  # this folder's command-line value types  # noqa: E402
 
 
 def make_case(height: int, width: int, channels: int, seed: int = 0):
@@ -97,11 +98,11 @@ def torch_side(x, offset, kernel, cotangent, repeats: int) -> dict:
 
 def main(argv: list[str]) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--height", type=int, default=100)
-    ap.add_argument("--width", type=int, default=168)
-    ap.add_argument("--channels", type=int, default=256)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--torch-repeats", type=int, default=1)
+    ap.add_argument("--height", type=count(1), default=100)
+    ap.add_argument("--width", type=count(1), default=168)
+    ap.add_argument("--channels", type=count(1), default=256)
+    ap.add_argument("--repeats", type=count(1), default=3)
+    ap.add_argument("--torch-repeats", type=count(1), default=1)
     args = ap.parse_args(argv)
     x, offset, kernel, cotangent = make_case(args.height, args.width, args.channels)
     print(f"{jax.devices()[0].device_kind} x {os.cpu_count()} cores, load {os.getloadavg()[0]:.2f}; 2 x "

@@ -44,6 +44,8 @@ import subprocess
 import sys
 import time
 
+from arg_types import positive  # this folder's command-line value types
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 TRITON_OFF = "--xla_gpu_enable_triton_gemm=false"
 # case -> (train_speed.py --report arguments, cap in seconds)
@@ -125,7 +127,7 @@ def run_case(case: str, out: str, tmp: str, seconds: float, results: list, dilat
 def main(argv: list[str]) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True, help="folder for the results (the device call's $OUT)")
-    ap.add_argument("--budget", type=float, default=400, help="seconds for the whole sitting")
+    ap.add_argument("--budget", type=positive, default=400, help="seconds for the whole sitting")
     ap.add_argument("--cases", nargs="+", default=list(DEFAULT),
                     help=f"cases in order, each NAME or NAME@FORM: {', '.join(['env', *CASES])}; forms "
                          f"{', '.join(FORMS)}")

@@ -24,6 +24,7 @@ import resource
 import subprocess
 import sys
 import time
+from arg_types import count, positive  # this folder's command-line value types  # noqa: E402
 
 LEVELS = {"P2": (200, 336), "P3": (100, 168), "P4": (50, 84), "P5": (25, 42), "P6": (13, 21)}
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -104,12 +105,12 @@ def _run_worker(framework: str, level: str, args) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--levels", nargs="+", default=list(LEVELS), choices=list(LEVELS))
-    p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--channels", type=int, default=256)
-    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--batch", type=count(1), default=2)
+    p.add_argument("--channels", type=count(1), default=256)
+    p.add_argument("--reps", type=count(1), default=3)
     p.add_argument("--attention", default="dot")
-    p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="PyTorch intra-op threads")
-    p.add_argument("--torch-mem-limit-gb", type=float, default=12.0,
+    p.add_argument("--threads", type=count(1), default=os.cpu_count() or 1, help="PyTorch intra-op threads")
+    p.add_argument("--torch-mem-limit-gb", type=positive, default=12.0,
                    help="skip the literal form where its attention matrices (value, gradient, softmax) exceed this")
     p.add_argument("--worker", choices=["jax", "torch"], help=argparse.SUPPRESS)
     args = p.parse_args()

@@ -29,6 +29,7 @@ import os
 import subprocess
 import sys
 import time
+from arg_types import count  # this folder's command-line value types  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:  # this checkout's cankd_jax, installed or not
@@ -197,11 +198,11 @@ def fits(peak: float) -> str:
 def main(argv: list[str]) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--case", default="dlv3", choices=[*CASES, *PENDING])
-    ap.add_argument("--batches", nargs="+", type=int, default=[1, 2, 4], help="images per device")
+    ap.add_argument("--batches", nargs="+", type=count(1), default=[1, 2, 4], help="images per device")
     ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
     ap.add_argument("--remat", nargs="+", default=["none"], help="remat policies (cankd_jax/compute.py)")
-    ap.add_argument("--height", type=int, default=None)
-    ap.add_argument("--width", type=int, default=None)
+    ap.add_argument("--height", type=count(1), default=None)
+    ap.add_argument("--width", type=count(1), default=None)
     ap.add_argument("--json", default="", help="also write the rows to this file")
     ap.add_argument("--breakdown", action="store_true",
                     help="also say what is live at the peak, by part of the step (from XLA's dumped buffer assignment)")

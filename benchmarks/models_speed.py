@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cankd_jax import models
+from arg_types import count  # this folder's command-line value types  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,10 +111,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
     p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
-    p.add_argument("--height", type=int, help="input height for every case (default: the case's, see above)")
-    p.add_argument("--width", type=int, help="input width for every case")
-    p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--steps", type=int, help="timed calls per row (default 10; 2 on CPU)")
+    p.add_argument("--height", type=count(1), help="input height for every case (default: the case's, see above)")
+    p.add_argument("--width", type=count(1), help="input width for every case")
+    p.add_argument("--batch", type=count(1), default=2)
+    p.add_argument("--steps", type=count(1), help="timed calls per row (default 10; 2 on CPU)")
     args = p.parse_args()
 
     on_cpu = jax.default_backend() == "cpu"

@@ -26,6 +26,7 @@ import numpy as np
 
 from cankd_jax.detection.boxes import pairwise_iou
 from cankd_jax.detection.nms import batched_nms, sort_order
+from arg_types import count, fraction  # this folder's command-line value types  # noqa: E402
 
 
 def _suppression_matrix(boxes, labels, order, thr):
@@ -92,11 +93,11 @@ def time_fn(fn, args, repeats):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--k", type=int, default=5000)
-    ap.add_argument("--classes", type=int, default=80)
-    ap.add_argument("--max-out", type=int, default=100)
-    ap.add_argument("--iou", type=float, default=0.5)
-    ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--k", type=count(1), default=5000)
+    ap.add_argument("--classes", type=count(1), default=80)
+    ap.add_argument("--max-out", type=count(1), default=100)
+    ap.add_argument("--iou", type=fraction, default=0.5)
+    ap.add_argument("--repeats", type=count(1), default=20)
     a = ap.parse_args()
     args = make_case(a.k, a.classes)
     impls = {"loop": batched_nms, "matrix_fori": nms_matrix_fori, "matrix_jump": nms_matrix_jump}

@@ -25,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 from typing import Optional
+from arg_types import count  # this folder's command-line value types  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = os.path.join(ROOT, "configs", "smoke.py")
@@ -93,7 +94,7 @@ def _ending(code: Optional[int], log: str) -> str:
 def main(argv: list[str]) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
-    ap.add_argument("--devices", type=int, default=4, help="host CPU devices per process")
+    ap.add_argument("--devices", type=count(1), default=4, help="host CPU devices per process")
     args = ap.parse_args(argv)
     import jax  # noqa: PLC0415 - only for the versions printed
 

@@ -35,6 +35,7 @@ from cankd_jax.data.image_ops import resize_bilinear, resize_nearest  # noqa: E4
 from cankd_jax.data.pipeline import make_train_iterator  # noqa: E402
 from cankd_jax.data.scenes import generate_scenes  # noqa: E402
 from cankd_jax.data.segmentation import PhotoMetricDistortion, SegTrainAugment  # noqa: E402
+from arg_types import count  # this folder's command-line value types  # noqa: E402
 
 H, W, CLASSES = 1024, 2048, 19
 
@@ -94,12 +95,12 @@ def measure(records, augment, workers: int, batch: int, images: int, warmup: int
 
 def main(argv: list[str]) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--workers", nargs="+", type=int, default=[0, 1, 2])
+    ap.add_argument("--workers", nargs="+", type=count(0), default=[0, 1, 2])
     ap.add_argument("--decode", nargs="+", default=["none"], choices=["none", "png"])
-    ap.add_argument("--records", type=int, default=8, help="distinct records held in memory (visited in a loop)")
-    ap.add_argument("--batch", type=int, default=8, help="images per batch (mmseg's Cityscapes: 8 = 4 GPUs x 2)")
-    ap.add_argument("--images", type=int, default=48, help="timed images per measurement")
-    ap.add_argument("--warmup", type=int, default=16, help="untimed images first (worker start-up)")
+    ap.add_argument("--records", type=count(1), default=8, help="distinct records held in memory (visited in a loop)")
+    ap.add_argument("--batch", type=count(1), default=8, help="images per batch (mmseg's Cityscapes: 8 = 4 GPUs x 2)")
+    ap.add_argument("--images", type=count(1), default=48, help="timed images per measurement")
+    ap.add_argument("--warmup", type=count(0), default=16, help="untimed images first (worker start-up)")
     args = ap.parse_args(argv)
 
     t0 = time.perf_counter()

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cankd_jax.detection.roi_align import extract_roi_features, map_roi_levels, max_grid_samples
+from arg_types import count  # this folder's command-line value types  # noqa: E402
 
 STRIDES = (4, 8, 16, 32)
 
@@ -113,13 +114,13 @@ def torch_side(feats, rois, cotangent, repeats: int):
 
 def main(argv: list[str]) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--height", type=int, default=800)
-    ap.add_argument("--width", type=int, default=1344)
-    ap.add_argument("--rois", type=int, default=512, help="RoIs per image (2 images)")
-    ap.add_argument("--channels", type=int, default=256)
-    ap.add_argument("--thin", type=int, default=0)
-    ap.add_argument("--chunk", type=int, default=64)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--height", type=count(1), default=800)
+    ap.add_argument("--width", type=count(1), default=1344)
+    ap.add_argument("--rois", type=count(1), default=512, help="RoIs per image (2 images)")
+    ap.add_argument("--channels", type=count(1), default=256)
+    ap.add_argument("--thin", type=count(0), default=0)
+    ap.add_argument("--chunk", type=count(1), default=64)
+    ap.add_argument("--repeats", type=count(1), default=3)
     args = ap.parse_args(argv)
     feats, rois, cotangent = make_case(args.height, args.width, args.rois, args.channels, args.thin)
     k = max_grid_samples([f.shape[1:3] for f in feats], STRIDES)

@@ -30,6 +30,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from cankd_jax import models  # noqa: E402
 from cankd_jax.interop import torch_models as interop  # noqa: E402
 from cankd_jax.models.swin import SwinBlock  # noqa: E402
+from arg_types import count  # this folder's command-line value types  # noqa: E402
 
 
 def median_time(fn, repeats: int) -> float:
@@ -115,9 +116,9 @@ def backbone_case(h: int, w: int, repeats: int) -> dict:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--height", type=int, default=800)
-    p.add_argument("--width", type=int, default=1344)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--height", type=count(1), default=800)
+    p.add_argument("--width", type=count(1), default=1344)
+    p.add_argument("--repeats", type=count(1), default=3)
     p.add_argument("--markdown", default="")
     a = p.parse_args(argv)
     import openmmlab_reference  # noqa: F401  (mmcv's kernels' stand-ins, so that mmdet imports)

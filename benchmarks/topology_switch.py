@@ -22,6 +22,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from arg_types import count  # this folder's command-line value types  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -44,9 +45,9 @@ def rows(workdir: str) -> dict[int, dict]:
 
 def main(argv: list[str]) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--steps", type=int, default=12)
-    ap.add_argument("--switch", type=int, default=6, help="the step the switched run resumes from")
-    ap.add_argument("--devices", type=int, default=4)
+    ap.add_argument("--steps", type=count(1), default=12)
+    ap.add_argument("--switch", type=count(1), default=6, help="the step the switched run resumes from")
+    ap.add_argument("--devices", type=count(1), default=4)
     args = ap.parse_args(argv)
     if args.steps % args.switch:
         sys.exit("--steps must be a multiple of --switch (checkpoints are written every --switch steps)")

@@ -23,6 +23,7 @@ import gzip
 import json
 import re
 import sys
+from arg_types import count  # this folder's command-line value types  # noqa: E402
 
 # kernel class -> name patterns (case-insensitive), tried in order; the first hit wins.
 KERNEL_CLASSES = (
@@ -127,8 +128,8 @@ def to_markdown(summary: dict) -> str:
 def main(argv: list[str]) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("trace", help="perfetto_trace.json.gz")
-    ap.add_argument("--steps", type=int, default=1, help="steps in the trace (times are divided by it)")
-    ap.add_argument("--top", type=int, default=40, help="rows per table")
+    ap.add_argument("--steps", type=count(1), default=1, help="steps in the trace (times are divided by it)")
+    ap.add_argument("--top", type=count(1), default=40, help="rows per table")
     args = ap.parse_args(argv)
     sys.stdout.write(to_markdown(summarize(args.trace, args.steps, args.top)))
 

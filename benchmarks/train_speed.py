@@ -79,6 +79,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:  # this checkout's cankd_jax, installed or not
     sys.path.insert(0, ROOT)
 from cankd_jax.compute import CONV_FORMS, DILATED_CONV  # noqa: E402 - after the path; imports JAX but starts no backend
+from arg_types import count, positive  # this folder's command-line value types  # noqa: E402
 CONFIGS = os.path.join(ROOT, "configs")
 # case -> (config file, argument, phases of a comparison config: (without, with) the distillation loss)
 CASES = {
@@ -525,28 +526,28 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--cases", nargs="+", default=None, choices=list(CASES),
                     help=f"default: all; --report: {' '.join(REPORT_CASES)}")
     ap.add_argument("--loss", default="cankd", help="distillation loss (a preset name; PyTorch: cankd or fitnet)")
-    ap.add_argument("--steps", type=int, default=None,
+    ap.add_argument("--steps", type=count(1), default=None,
                     help="timed steps (default on CPU: 20 for demo, else 5; 50 on accelerators)")
-    ap.add_argument("--height", type=int, default=None)
-    ap.add_argument("--width", type=int, default=None)
-    ap.add_argument("--batch", type=int, default=None, help="global batch of the Cityscapes and COCO cases")
+    ap.add_argument("--height", type=count(1), default=None)
+    ap.add_argument("--width", type=count(1), default=None)
+    ap.add_argument("--batch", type=count(1), default=None, help="global batch of the Cityscapes and COCO cases")
     ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16"], help="config.dtype (default float32)")
     ap.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"], choices=["float32", "bfloat16"],
                     help="--report: the compute dtypes to measure")
     ap.add_argument("--json", default="", help="--report: also write the figures to this JSON file")
-    ap.add_argument("--images-per-device", type=int, default=REPORT_IMAGES_PER_DEVICE,
+    ap.add_argument("--images-per-device", type=count(1), default=REPORT_IMAGES_PER_DEVICE,
                     help="--report on an accelerator: the batch per device of the Cityscapes and COCO cases")
-    ap.add_argument("--timeout", type=float, default=600, help="--report: seconds one case may take")
+    ap.add_argument("--timeout", type=positive, default=600, help="--report: seconds one case may take")
     ap.add_argument("--remat", default="none", help="config.remat policy")
     ap.add_argument("--dilated-conv", default="auto", choices=list(DILATED_CONV),
                     help="how dilated convolutions are computed (cankd_jax.compute.dilated_conv)")
     ap.add_argument("--conv-form", default="auto", choices=CONV_FORMS,
                     help="how the other k x k convolutions are computed (cankd_jax.compute.conv_form)")
-    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="PyTorch intra-op threads")
+    ap.add_argument("--threads", type=count(1), default=os.cpu_count() or 1, help="PyTorch intra-op threads")
     ap.add_argument("--channels-last", action="store_true", help="PyTorch in channels_last memory format")
     ap.add_argument("--no-torch", action="store_true", help="JAX columns only")
     ap.add_argument("--matmul", action="store_true", help="also measure the float32 matmul rate")
-    ap.add_argument("--rounds", type=int, default=1,
+    ap.add_argument("--rounds", type=count(1), default=1,
                     help="measure every column this many times, alternating frameworks; step times are pooled")
     ap.add_argument("--eval", action="store_true", help="also time detection post-processing and COCO evaluation")
     ap.add_argument("--report", action="store_true",
