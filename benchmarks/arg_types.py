@@ -23,23 +23,21 @@ def count(least: int = 1) -> Callable[[str], int]:
     return parse
 
 
-def positive(text: str) -> float:
-    """An argparse `type`: a finite number > 0 (seconds, GB)."""
+def _number(text: str, ok: Callable[[float], bool], rule: str) -> float:
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    if not ok(value):  # NaN fails every range
+        raise argparse.ArgumentTypeError(f"must be {rule}, got {text}")
     return value
+
+
+def positive(text: str) -> float:
+    """An argparse `type`: a finite number > 0 (seconds, GB)."""
+    return _number(text, lambda v: 0 < v < float("inf"), "a positive number")
 
 
 def fraction(text: str) -> float:
     """An argparse `type`: a number in [0, 1] (an IoU threshold)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not 0 <= value <= 1:  # NaN fails too
-        raise argparse.ArgumentTypeError(f"must be a number in [0, 1], got {text}")
-    return value
+    return _number(text, lambda v: 0 <= v <= 1, "a number in [0, 1]")
