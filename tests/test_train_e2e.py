@@ -53,6 +53,10 @@ def test_reference_run_logs_every_step_once_and_a_finished_run_only_reports(refe
     out = cli.run(_args(reference, data_dir), devices=1)[0]
     assert "resumed from step 8" in out and "| run | 8 |" in out
     assert cli.all_rows(reference) == before and cli.summary(reference)["eval"] == done["eval"]
+    # Asked for fewer steps than the workdir's run took: said so, nothing trained or set aside
+    out = cli.run(_args(reference, data_dir, "--config.total_steps=5"), devices=1)[0]
+    assert "the checkpoint (step 8) is past total_steps=5: nothing to train" in out and "| run | 8 |" in out
+    assert cli.all_rows(reference) == before and cli.checkpoint_steps(reference) == [4, 8]
 
 
 def test_sigterm_during_start_up_saves_after_one_step_and_the_rerun_is_exact(tmp_path, reference, data_dir):

@@ -132,6 +132,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, preempt
     if restored is not None:
         step0, state, data_state = restored
         log.info("resumed from step %d in %s", step0, ckpt.directory)
+        if step0 > config.total_steps:  # a longer run's workdir: nothing to train, and its checkpoint is kept
+            log.warning("the checkpoint (step %d) is past total_steps=%d: nothing to train; the run is reported "
+                        "as it stands at step %d", step0, config.total_steps, step0)
     else:
         state = plan.init()
     log.info("state ready (%.1f s since the start)", time.perf_counter() - t_start)
