@@ -247,3 +247,32 @@ def test_checkpoint_prefixes_must_be_pairs():
         with pytest.raises(ValueError, match=r"checkpoint_prefixes must be a list of \(model prefix, checkpoint "
                                              r"prefix\) pairs, e.g. \[\('', 'module.'\)\]; got"):
             prefix_pairs(bad, "checkpoint_prefixes")
+
+
+def test_a_workdir_another_run_is_using_is_refused_and_the_lock_ends_with_the_run(tmp_path):
+    """Two train.py on one workdir interleaved their checkpoints and metrics (a step logged twice), exit 0."""
+    import fcntl  # noqa: PLC0415
+
+    workdir = str(tmp_path / "run")
+    os.makedirs(workdir)
+    other = os.open(os.path.join(workdir, ".lock"), os.O_CREAT | os.O_RDWR)  # as another process would hold it
+    fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    with pytest.raises(ValueError, match=f"another train.py is using --workdir {workdir} \\(it holds "):
+        trainer.train_and_evaluate(load_config(SMOKE), workdir)
+    os.close(other)
+    with trainer._workdir_lock(workdir):
+        with pytest.raises(ValueError, match="another train.py is using"):
+            with trainer._workdir_lock(workdir):
+                pass
+    with trainer._workdir_lock(workdir):  # released when the run ended
+        pass
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1", "127.0.0.1:99999", ":1234", "host:port"])
+def test_a_coordinator_address_without_a_valid_port_is_named_before_joining(address):
+    """'127.0.0.1' was an IndexError from inside JAX; port 99999 started a service that waited forever."""
+    from cankd_jax.train import distributed  # noqa: PLC0415
+
+    with pytest.raises(distributed.DistributedSetupError,
+                       match=f"--coordinator_address='{address}' must be HOST:PORT with a port in 1..65535"):
+        distributed.initialize(address, 2, 0)

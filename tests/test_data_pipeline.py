@@ -184,6 +184,15 @@ def test_synthetic_train_batches_and_resume(synth):
     state = it.get_state()
     expected = _take(it, 3)
     _assert_same_batches(_take(synth.train_iterator(4, seed=0, state=state), 3), expected)
+    # The set's identity is kept: another synthetic set of the same length (another image size) is refused,
+    # which its length alone let through; a state saved before identities were kept resumes as before.
+    assert state["dataset"] == "synthetic:train(image_size=32,num_train=40,synthetic_seed=0)"
+    other = dict(state, dataset=state["dataset"].replace("image_size=32", "image_size=48"))
+    with pytest.raises(ValueError, match=r"saved on data set synthetic:train\(image_size=48,.*this run reads "
+                                         r"synthetic:train\(image_size=32"):
+        synth.train_iterator(4, seed=0, state=other)
+    older = {k: v for k, v in state.items() if k != "dataset"}
+    _assert_same_batches(_take(synth.train_iterator(4, seed=0, state=older), 3), expected)
 
 
 def test_synthetic_eval_covers_the_test_split(synth):

@@ -191,7 +191,15 @@ class Data:
         """Endless augmented training batches: rows `[r0, r1)` (default: all) of each global batch."""
         return pipeline.make_train_iterator(
             self.train_source, self.train_transform, global_batch_size=global_batch_size, seed=seed, rows=rows,
-            worker_count=int(self.options["workers"]), state=state)
+            worker_count=int(self.options["workers"]), state=state, dataset=self.identity)
+
+    @property
+    def identity(self) -> str:
+        """Which records train: the set, its training split and a synthetic set's options (not its location)."""
+        o = self.options
+        synthetic = {k: o[k] for k in ("image_size", "num_train", "synthetic_seed") if k in o}
+        return f"{self.name}:{o.get('train_split') or self.spec.train_split}" + (
+            "(" + ",".join(f"{k}={v}" for k, v in synthetic.items()) + ")" if synthetic else "")
 
     def eval_iterator(self, mesh: Any = None, *, batch_size: Optional[int] = None,
                       shard_options: Optional[grain.ShardOptions] = None) -> Iterator[dict]:
@@ -242,7 +250,7 @@ class DetectionData(Data):
         return pipeline.make_train_iterator(
             self.train_source, self.train_transform, global_batch_size=global_batch_size, seed=seed, rows=rows,
             worker_count=int(self.options["workers"]), epoch_plan=self.epoch_plan(global_batch_size, seed),
-            state=state)
+            state=state, dataset=self.identity)
 
     def eval_iterator(self, mesh: Any = None, *, batch_size: Optional[int] = None,
                       shard_options: Optional[grain.ShardOptions] = None) -> Iterator[dict]:

@@ -291,8 +291,8 @@ class TrainIterator(Iterator[Record]):
 
     def __init__(self, source: Sequence[Record], augment: Callable[[Record, np.random.Generator], Record], *,
                  global_batch_size: int, rows: tuple[int, int], seed: int, worker_count: int = 0,
-                 read_options: Optional[grain.ReadOptions] = None, epoch_plan: Any = None):
-        self._source, self._augment = source, augment
+                 read_options: Optional[grain.ReadOptions] = None, epoch_plan: Any = None, dataset: str = ""):
+        self._source, self._augment, self._dataset = source, augment, dataset
         self._plan = epoch_plan or ShuffledEpochs(len(source), seed)
         self._global_batch_size, self._rows, self._seed = global_batch_size, _check_rows(rows, global_batch_size), seed
         self._workers = worker_count
@@ -320,7 +320,8 @@ class TrainIterator(Iterator[Record]):
 
     def get_state(self) -> dict[str, Any]:
         return {"version": _STATE_VERSION, "global_batches": self._batches, "seed": self._seed,
-                "global_batch_size": self._global_batch_size, "num_records": len(self._source)}
+                "global_batch_size": self._global_batch_size, "num_records": len(self._source),
+                "dataset": self._dataset}
 
     def set_state(self, state: Mapping[str, Any]) -> None:
         if not isinstance(state, Mapping) or state.get("version") != _STATE_VERSION:
@@ -330,13 +331,19 @@ class TrainIterator(Iterator[Record]):
             if state[key] != mine:
                 raise ValueError(f"the data position was saved with {key}={state[key]}, this run has {mine}; "
                                  "resume with the same data, seed and global batch size")
+        # Another set of the same length (a synthetic set at another image size) would resume silently by
+        # length alone; states saved before the identity was kept have none, and are checked as before.
+        if state.get("dataset") and self._dataset and state["dataset"] != self._dataset:
+            raise ValueError(f"the data position was saved on data set {state['dataset']}, this run reads "
+                             f"{self._dataset}; resume with the same data, seed and global batch size")
         self._start(int(state["global_batches"]))
 
 
 def make_train_iterator(source: Sequence[Record], augment: Callable[[Record, np.random.Generator], Record], *,
                         global_batch_size: int, seed: int, rows: Optional[tuple[int, int]] = None,
                         worker_count: int = 0, read_options: Optional[grain.ReadOptions] = None,
-                        epoch_plan: Any = None, state: Optional[Mapping[str, Any]] = None) -> TrainIterator:
+                        epoch_plan: Any = None, state: Optional[Mapping[str, Any]] = None,
+                        dataset: str = "") -> TrainIterator:
     """Endless shuffled, augmented training batches: this process's rows of each global batch.
 
     Args:
@@ -350,6 +357,8 @@ def make_train_iterator(source: Sequence[Record], augment: Callable[[Record, np.
       worker_count: Grain worker processes; 0 runs in this process.
       epoch_plan: the order of each epoch (default `ShuffledEpochs(len(source), seed)`).
       state: a `TrainIterator.get_state()` result to resume from.
+      dataset: what identifies the records (name, split, a synthetic set's options), kept in the state and
+        compared on resume.
     Returns:
       a `TrainIterator` of dicts of stacked arrays, e.g. image (r1-r0, h, w, 3) float32, label (r1-r0, h, w) int32.
     """
@@ -361,7 +370,7 @@ def make_train_iterator(source: Sequence[Record], augment: Callable[[Record, np.
         _absl_flags_ready()
     iterator = TrainIterator(source, augment, global_batch_size=global_batch_size,
                              rows=rows or (0, global_batch_size), seed=int(seed), worker_count=worker_count,
-                             read_options=read_options, epoch_plan=epoch_plan)
+                             read_options=read_options, epoch_plan=epoch_plan, dataset=dataset)
     if state is not None:
         iterator.set_state(state)
     return iterator

@@ -25,7 +25,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from cankd_jax.train.distributed import ProcessesDisagree, barrier
+from cankd_jax.train.distributed import ProcessesDisagree, barrier, each_process
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ class Checkpointer:
                         ocp.args.Composite(state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()))
                 except Exception as e:  # noqa: BLE001 - any failure means: this one is unusable here
                     error = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
-                ok = _all_processes(out is not None)
+                ok = each_process(out is not None)
                 if ok.all():
                     return step, out["state"], dict(out["data"])
                 if not ok[0]:
@@ -106,7 +106,7 @@ class Checkpointer:
             mismatch = _state_mismatch(saved, abstract)
         except Exception:  # noqa: BLE001, S110 - damaged metadata: the restore attempt names the damage
             pass
-        if _all_processes(bool(mismatch))[0]:
+        if each_process(bool(mismatch))[0]:
             raise CheckpointMismatch(
                 f"the checkpoint at step {step} in {self.directory} holds another train state than this config "
                 f"builds ({mismatch or 'on process 0'}): another model, optimizer or task wrote it. Resume with the "
@@ -183,10 +183,3 @@ def _broadcast_steps(steps: list[int]) -> list[int]:
     padded = np.full((max(count, 1),), -1, np.int32)
     padded[:min(len(steps), count)] = steps[:count]
     return [int(s) for s in multihost_utils.broadcast_one_to_all(padded)[:count]]
-
-
-def _all_processes(flag: bool) -> np.ndarray:
-    """`(process_count,)` bool: each process's `flag`, on every process."""
-    if jax.process_count() == 1:
-        return np.array([flag])
-    return np.asarray(multihost_utils.process_allgather(np.array(flag))).reshape(-1).astype(bool)

@@ -16,6 +16,7 @@ import os
 from typing import Optional
 
 import jax
+import numpy as np
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,7 @@ def initialize(coordinator_address: Optional[str] = None, num_processes: Optiona
         if missing:
             raise DistributedSetupError(f"a multi-process run needs {', '.join(missing)} as well "
                                         "(or none of these flags, to let a TPU pod / SLURM / MPI job be detected)")
+        _check_address(coordinator_address)
         try:
             jax.distributed.initialize(coordinator_address, num_processes, process_id)
         except Exception as e:  # noqa: BLE001 - any failure: one line naming the flags
@@ -82,6 +84,15 @@ def initialize(coordinator_address: Optional[str] = None, num_processes: Optiona
         log.info("joined a %d-process job as process %d", jax.process_count(), jax.process_index())
 
 
+def _check_address(address: str) -> None:
+    """`host:port` with a port in 1..65535: else JAX indexes past a missing port, or its service waits forever
+    on one out of range."""
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise DistributedSetupError(f"--coordinator_address={address!r} must be HOST:PORT with a port in 1..65535, "
+                                    "e.g. 10.0.0.1:1234 (process 0's host)")
+
+
 def _first_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return text[0][:300] if text else type(e).__name__
@@ -99,3 +110,12 @@ def barrier(name: str, *, timeout_s: int = 3600) -> None:
 
         # Barrier ids cannot be reused; every process passes the same barriers in the same order.
         multihost.sync_global_processes(f"cankd_jax:{name}:{next(_BARRIERS)}", timeout=timeout_s)
+
+
+def each_process(flag: bool) -> np.ndarray:
+    """`(process_count,)` bool: each process's `flag`, on every process (a collective: every process calls it)."""
+    if jax.process_count() == 1:
+        return np.array([flag])
+    from jax.experimental import multihost_utils  # noqa: PLC0415 - as `barrier`'s import: multi-process runs only
+
+    return np.asarray(multihost_utils.process_allgather(np.array(flag))).reshape(-1).astype(bool)

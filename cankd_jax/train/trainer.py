@@ -19,13 +19,15 @@ save at the same step and exit.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
 import math
 import os
 import signal
 import time
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import jax
 import jax.numpy as jnp
@@ -35,7 +37,7 @@ import numpy as np
 from cankd_jax.models import DetectionTrunk, ForeignBackbone, unwrap
 from cankd_jax.train import build
 from cankd_jax.train.checkpoint import Checkpointer
-from cankd_jax.train.distributed import barrier
+from cankd_jax.train.distributed import barrier, each_process
 from cankd_jax.train.evaluate import make_evaluator
 from cankd_jax.train.export import export_student
 from cankd_jax.train.metrics import MetricsWriter, Progress
@@ -121,6 +123,35 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, preempt
         if os.path.exists(path) and not os.path.isdir(path):  # else makedirs, or the first save, fails deep down
             raise ValueError(f"{what} {path!r} is a file, not a directory")
     os.makedirs(workdir, exist_ok=True)
+    with _workdir_lock(workdir):
+        return _train_loop(config, workdir, preempt, t_start)
+
+
+@contextlib.contextmanager
+def _workdir_lock(workdir: str) -> Iterator[None]:
+    """Process 0 holds an exclusive `flock` on `WORKDIR/.lock` while the run lasts; every process learns whether
+    it got it. Two runs on one workdir at once would interleave their checkpoints and metrics without a word."""
+    fd, taken = None, False
+    if jax.process_index() == 0:
+        fd = os.open(os.path.join(workdir, ".lock"), os.O_CREAT | os.O_RDWR, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            taken = True
+        except OSError as e:  # a filesystem without locks (some network mounts): run unguarded, and say so
+            log.warning("cannot lock %s (%s): nothing stops a second run on this workdir", workdir, e)
+    try:
+        if each_process(taken)[0]:
+            raise ValueError(f"another train.py is using --workdir {workdir} (it holds {workdir}/.lock); let it "
+                             "finish, or give this run another --workdir")
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)  # releases the lock
+
+
+def _train_loop(config: ml_collections.ConfigDict, workdir: str, preempt: Preemption,
+                t_start: float) -> dict[str, Any]:
     mesh = make_mesh()
     rows = process_rows(mesh, config.batch_size)
     run = build.build_run(config, mesh)
