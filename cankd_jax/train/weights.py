@@ -78,8 +78,16 @@ def restore_export(path: str, abstract: PyTree, what: str = "teacher checkpoint"
     """An export/ directory whose tree is `abstract`'s (`jax.ShapeDtypeStruct`s, shardings included), restored
     into it; arrays of other shapes (another width or depth) are named in a `ValueError`."""
     saved = export_metadata(path, what)
-    if jax.tree.structure(jax.tree.map(lambda _: 0, dict(saved))) != jax.tree.structure(abstract):
+    if not _same_tree(saved, abstract):
         raise ValueError(f"{what} {path!r} holds another network's variables")
+    return _restore_same_tree(path, saved, abstract, what)
+
+
+def _same_tree(saved: Any, abstract: PyTree) -> bool:
+    return jax.tree.structure(jax.tree.map(lambda _: 0, dict(saved))) == jax.tree.structure(abstract)
+
+
+def _restore_same_tree(path: str, saved: Any, abstract: PyTree, what: str) -> PyTree:
     differ = [f"{jax.tree_util.keystr(k)} {tuple(m.shape)} (expected {tuple(a.shape)})"
               for (k, m), a in zip(jax.tree_util.tree_leaves_with_path(dict(saved)), jax.tree.leaves(abstract))
               if tuple(m.shape) != tuple(a.shape)]
@@ -92,10 +100,10 @@ def restore_export(path: str, abstract: PyTree, what: str = "teacher checkpoint"
 def _restore_export(path: str, abstract: PyTree, shardings: PyTree) -> PyTree:
     """An export/ directory (Orbax) into the teacher: straight into its shardings when the trees match; a part
     of the saved tree otherwise (a trunk teacher from a whole detector's export: its backbone and neck)."""
-    saved = export_metadata(path)
-    if jax.tree.structure(jax.tree.map(lambda _: 0, dict(saved))) == jax.tree.structure(abstract):
+    saved = export_metadata(path)  # read once: both branches below use it
+    if _same_tree(saved, abstract):
         target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-        return restore_export(path, target)
+        return _restore_same_tree(path, saved, target, "teacher checkpoint")
     ckptr = ocp.StandardCheckpointer()
     full = ckptr.restore(path)  # on the host, then the teacher's part placed
     flat_saved = traverse_util.flatten_dict(full)
