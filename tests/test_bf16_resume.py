@@ -1,5 +1,5 @@
-"""A bfloat16 run through `train.py`: preempted after its first step, it resumes bit for bit, and what it writes
-(checkpoints, the export) is float32. Slow tier: `pytest -m slow tests/test_bf16_resume.py`."""
+"""A bfloat16 run through `train.py`: stopped by Ctrl-C (SIGINT) before its first step, it saves after that
+step, exits 0 and resumes bit for bit, and what it writes (checkpoints, the export) is float32. Slow tier: `pytest -m slow tests/test_bf16_resume.py`."""
 
 from __future__ import annotations
 
@@ -23,9 +23,11 @@ def test_a_bfloat16_run_resumes_exactly_and_writes_float32(tmp_path):
 
     workdir, logs = tmp_path / "run", tmp_path / "logs"
     logs.mkdir()
-    procs = cli.start(args(workdir), devices=1, log_dir=logs, fault={0: "SIGTERM@0"})
+    procs = cli.start(args(workdir), devices=1, log_dir=logs, fault={0: "SIGINT@0"})
     [(code, _)] = cli.finish(procs)
-    assert code == 0, cli.read_log(logs)[-3000:]
+    log = cli.read_log(logs)
+    assert code == 0, log[-3000:]
+    assert "Ctrl-C: saving a checkpoint" in log and "Traceback" not in log
     assert cli.checkpoint_steps(workdir) == [1]
     out = cli.run(args(workdir), devices=1)[0]
     assert "resumed from step 1" in out

@@ -276,3 +276,35 @@ def test_a_coordinator_address_without_a_valid_port_is_named_before_joining(addr
     with pytest.raises(distributed.DistributedSetupError,
                        match=f"--coordinator_address='{address}' must be HOST:PORT with a port in 1..65535"):
         distributed.initialize(address, 2, 0)
+
+
+def test_a_coordinator_port_in_use_is_named_by_process_0():
+    """Process 0 serves the job at that port; JAX crashed (rc 139, no message) when another listener held it."""
+    import socket  # noqa: PLC0415
+
+    from cankd_jax.train import distributed  # noqa: PLC0415
+
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        port = other.getsockname()[1]
+        with pytest.raises(distributed.DistributedSetupError,
+                           match=f"port {port} of --coordinator_address=127.0.0.1:{port} is already in use"):
+            distributed.initialize(f"127.0.0.1:{port}", 2, 0)
+
+
+@pytest.mark.parametrize("detector, norm, warned", [("fcos", "caffe", False), ("fcos", "pytorch", True),
+                                                    ("retinanet", "pytorch", False), ("retinanet", "caffe", True)])
+def test_a_pretrained_student_fed_another_input_normalisation_is_warned(detector, norm, warned):
+    """coco.py's FCOS student (a caffe-style R50 from detectron's weights) with `data.norm=pytorch`, or a RetinaNet
+    (torchvision's R50) with 'caffe', trained without a word before."""
+    config = load_config(os.path.join(os.path.dirname(SMOKE), "coco.py"), f"detector={detector}")
+    config.data.norm = norm
+    assert build.check_input_norm(config) is None  # no pretrained weights: nothing to hold the input to
+    config.student.pretrained = "r50.pth"
+    message = build.check_input_norm(config)
+    assert (message is not None) == warned
+    if warned:
+        wants = "caffe" if detector == "fcos" else "pytorch"
+        assert f"data.norm='{norm}'" in message and f"made for '{wants}' input" in message
+        assert f"--config.data.norm={wants}" in message

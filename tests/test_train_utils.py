@@ -277,3 +277,21 @@ def test_loop_counts_out_of_range_are_named_before_any_work(tmp_path, key, value
         train_and_evaluate(config, str(tmp_path / "run"))
     assert not (tmp_path / "run").exists()
 
+
+
+def test_ctrl_c_asks_for_a_save_and_a_second_one_interrupts():
+    """One process: the first SIGINT is a preemption notice (save at the end of the step, then stop), the second a
+    KeyboardInterrupt; leaving, the handlers before are put back."""
+    import signal
+
+    from cankd_jax.train.preemption import Preemption
+
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    with Preemption() as preempt:
+        assert not preempt.reached(1)
+        os.kill(os.getpid(), signal.SIGINT)
+        assert preempt.reached(1)
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            signal.getsignal(signal.SIGINT)  # Python runs the handler between bytecodes: give it one
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before

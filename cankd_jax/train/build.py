@@ -8,6 +8,7 @@ not new code. Initial weights come from `weights.py`.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Any, Callable, Optional
 
 import flax
@@ -32,6 +33,9 @@ from cankd_jax.train.tasks import Task, make_task
 from cankd_jax.train.weights import check_teacher_source, load_pretrained, load_teacher
 
 PyTree = Any
+
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -83,6 +87,7 @@ def build_run(config: ml_collections.ConfigDict, mesh: Mesh, *, input_size: Opti
         if data.num_classes != config.task.num_classes:  # else labels past the logits: NaN or silently wrong
             raise ValueError(f"task.num_classes={config.task.num_classes}, but the data set {data.name!r} has "
                              f"{data.num_classes} classes: set --config.task.num_classes={data.num_classes}")
+    check_input_norm(config)
     if data is not None and hasattr(task, "with_data"):  # detection scores against the eval split's ground truth
         task = task.with_data(data)
     sample = jnp.zeros((2, *(input_size or data.input_size), 3), jnp.float32)
@@ -136,6 +141,29 @@ def build_run(config: ml_collections.ConfigDict, mesh: Mesh, *, input_size: Opti
                   "distill": jax.tree.map(lambda _: "trainable", abstract["distill"])}
     tx, schedule = make_optimizer(config.optimizer, config.total_steps, frozen_labels=labels)
     return Run(student, teacher, teacher_vars, teacher_shardings, terms, task, tx, schedule, data, init_variables)
+
+
+def check_input_norm(config: ml_collections.ConfigDict) -> Optional[str]:
+    """Warn (and return the warning) when the student loads pretrained weights made for another input
+    normalisation than `data.norm` gives: a caffe-style ResNet (detectron's `resnet50_caffe`, BGR minus the caffe
+    mean, std 1) fed 'pytorch' input (RGB, ImageNet mean and std), or the other way round. The data config owns the
+    convention, one per run, and the teacher sees the student's input, as mmrazor feeds it (the authors' FCOS
+    X101 teacher of a caffe-style FCOS student reads caffe input); only the student's pretrained weights are held
+    to it. Data without a `norm` option (segmentation: always 'pytorch') are not checked."""
+    data, student = config.get("data") or {}, config.student
+    norm = data.get("norm")
+    if norm is None or not student.get("pretrained"):
+        return None
+    name = student.get("backbone", "")
+    style = {**models.registry.BACKBONES.get(name, {}), **dict(student.get("backbone_kwargs") or {})}.get("style", "pytorch")
+    wants = "caffe" if style == "caffe" else "pytorch"
+    if norm == wants:
+        return None
+    message = (f"data.norm={norm!r}, but the student's backbone {name} ({style} style) starts from pretrained "
+               f"weights ({student.pretrained}) made for {wants!r} input; its features will see input on another "
+               f"scale (set --config.data.norm={wants} unless this is meant)")
+    log.warning(message)
+    return message
 
 
 def _output(outputs: dict, name: str, side: str) -> Any:

@@ -10,10 +10,13 @@ inside what looks like a multi-task job.
 
 from __future__ import annotations
 
+import errno
 import itertools
+import json
 import logging
 import os
-from typing import Optional
+import socket
+from typing import Any, Optional
 
 import jax
 import numpy as np
@@ -56,6 +59,8 @@ def initialize(coordinator_address: Optional[str] = None, num_processes: Optiona
             raise DistributedSetupError(f"a multi-process run needs {', '.join(missing)} as well "
                                         "(or none of these flags, to let a TPU pod / SLURM / MPI job be detected)")
         _check_address(coordinator_address)
+        if process_id == 0:
+            _check_port_free(coordinator_address)
         try:
             jax.distributed.initialize(coordinator_address, num_processes, process_id)
         except Exception as e:  # noqa: BLE001 - any failure: one line naming the flags
@@ -93,6 +98,28 @@ def _check_address(address: str) -> None:
                                     "e.g. 10.0.0.1:1234 (process 0's host)")
 
 
+def _check_port_free(address: str) -> None:
+    """Process 0 serves the job at the address's port: one already taken on this host (another job's coordinator)
+    made JAX crash (a segmentation fault, no message). Tried as JAX binds it, on every interface."""
+    port = int(address.rpartition(":")[2])
+    for family, host in ((socket.AF_INET6, "::"), (socket.AF_INET, "0.0.0.0")):
+        try:
+            sock = socket.socket(family, socket.SOCK_STREAM)
+        except OSError:  # no IPv6 on this host: the IPv4 wildcard
+            continue
+        with sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a port in TIME_WAIT is free to JAX too
+            try:
+                sock.bind((host, port))
+            except OSError as e:
+                if e.errno == errno.EADDRINUSE:
+                    raise DistributedSetupError(
+                        f"port {port} of --coordinator_address={address} is already in use on this host (another "
+                        "job's coordinator?); process 0 serves the job there: choose a free port") from None
+                continue
+            return
+
+
 def _first_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return text[0][:300] if text else type(e).__name__
@@ -119,3 +146,78 @@ def each_process(flag: bool) -> np.ndarray:
     from jax.experimental import multihost_utils  # noqa: PLC0415 - as `barrier`'s import: multi-process runs only
 
     return np.asarray(multihost_utils.process_allgather(np.array(flag))).reshape(-1).astype(bool)
+
+
+def broadcast_bytes(data: bytes) -> bytes:
+    """Process 0's `data`, on every process (a collective: every process calls it, with data of any length)."""
+    if jax.process_count() == 1:
+        return data
+    from jax.experimental import multihost_utils  # noqa: PLC0415
+
+    size = int(multihost_utils.broadcast_one_to_all(np.int32(len(data))))
+    buf = np.zeros((max(size, 1),), np.uint8)
+    mine = np.frombuffer(data, np.uint8)[:size]
+    buf[:mine.size] = mine
+    return np.asarray(multihost_utils.broadcast_one_to_all(buf))[:size].tobytes()
+
+
+def each_process_text(text: str, *, limit: int = 600) -> list[str]:
+    """Each process's `text` (cut to `limit` UTF-8 bytes), on every process (a collective)."""
+    raw = text.encode()[:limit]
+    if jax.process_count() == 1:
+        return [raw.decode(errors="ignore")]
+    from jax.experimental import multihost_utils  # noqa: PLC0415
+
+    buf = np.zeros((limit + 4,), np.uint8)
+    buf[:4] = np.frombuffer(np.int32(len(raw)).tobytes(), np.uint8)
+    buf[4:4 + len(raw)] = np.frombuffer(raw, np.uint8)
+    rows = np.asarray(multihost_utils.process_allgather(buf)).reshape(jax.process_count(), -1)
+    return [row[4:4 + int(np.frombuffer(row[:4].tobytes(), np.int32)[0])].tobytes().decode(errors="ignore")
+            for row in rows]
+
+
+def flat_config(config: Any) -> dict[str, Any]:
+    """`{'optimizer.lr': 0.01, ...}`: a config (ConfigDict or dict) as dotted keys and JSON values (tuples as
+    lists), so configs built or read back from JSON compare equal."""
+    tree = config.to_dict() if hasattr(config, "to_dict") else config
+    out: dict[str, Any] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, dict) and node:
+            for k, v in node.items():
+                walk(v, f"{prefix}{k}.")
+        else:
+            out[prefix[:-1]] = json.loads(json.dumps(node, default=str))
+
+    walk(tree, "")
+    return out
+
+
+def config_differences(mine: dict[str, Any], theirs: dict[str, Any], *, ignore: tuple[str, ...] = ()) -> list[str]:
+    """`key: theirs -> mine` for every dotted key whose value differs (a key one side lacks shows as `unset`),
+    keys under an `ignore` prefix left out."""
+    unset = object()
+    out = []
+    for key in sorted(set(mine) | set(theirs)):
+        if any(key == p or key.startswith(p + ".") for p in ignore):
+            continue
+        a, b = theirs.get(key, unset), mine.get(key, unset)
+        if a != b:
+            out.append(f"{key}: {'unset' if a is unset else json.dumps(a)} -> {'unset' if b is unset else json.dumps(b)}")
+    return out
+
+
+def check_same_config(config: Any) -> None:
+    """Raise `ProcessesDisagree` on every process when any process was given another config than process 0
+    (another `--config.lr` on one host trains an inconsistent state; another `total_steps` fails later on a
+    barrier). The message names the keys, with process 0's value and the other's."""
+    if jax.process_count() == 1:
+        return
+    mine = flat_config(config)
+    theirs = json.loads(broadcast_bytes(json.dumps(mine, sort_keys=True).encode()))
+    differ = config_differences(mine, theirs)
+    texts = each_process_text("; ".join(differ))
+    bad = [i for i, t in enumerate(texts) if t]
+    if bad:
+        raise ProcessesDisagree(f"process(es) {bad} were given another config than process 0 (process 0's value -> "
+                                f"theirs): {texts[bad[0]]}; start every process with the same config and overrides")

@@ -1,0 +1,68 @@
+"""One process of a 2-process job (`python agreement_job.py PORT PROCESS_ID ROOT`) that runs the trainer's
+agreements case by case and prints one JSON line per case: `{"case": ..., "error": <message or None>}`, and last
+`{"case": "ctrl-c", "stopped": STEP}`: the step at which `Preemption` stopped this process after process 1 got a
+Ctrl-C (SIGINT) after step 3, the processes stepping in lockstep (a barrier per step) as a train loop's
+collectives keep them.
+
+Every case runs on both processes in the same order (each is a collective), and a case that raises on one process
+must raise on the other too, or the next collective would hang: the test reads both processes' lines.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+
+import jax
+
+
+def main(port: str, process_id: str, root: str) -> None:
+    from cankd_jax.train import distributed, trainer  # noqa: PLC0415 - after the flags are read
+    from cankd_jax.train.preemption import Preemption  # noqa: PLC0415
+
+    me = int(process_id)
+    distributed.initialize(f"127.0.0.1:{port}", 2, me)
+    import ml_collections  # noqa: PLC0415
+
+    def config(lr: float) -> ml_collections.ConfigDict:
+        return ml_collections.ConfigDict({"seed": 0, "optimizer": {"name": "sgd", "lr": lr}, "levels": (3, 4)})
+
+    def locked(workdir: str) -> None:
+        os.makedirs(workdir, exist_ok=True)
+        with trainer._workdir_lock(workdir):
+            pass
+
+    shared = os.path.join(root, "shared")
+    cases = [
+        ("same config", lambda: distributed.check_same_config(config(0.01))),
+        ("another lr on process 1", lambda: distributed.check_same_config(config(0.02 if me else 0.01))),
+        ("a key only process 1 has", lambda: distributed.check_same_config(
+            ml_collections.ConfigDict({**config(0.01).to_dict(), **({"extra": 1} if me else {})}))),
+        ("one shared workdir", lambda: locked(shared)),
+        ("a workdir per process", lambda: locked(os.path.join(root, f"local{me}"))),
+        ("one shared workdir again", lambda: locked(shared)),
+    ]
+    for name, case in cases:
+        try:
+            case()
+            error = None
+        except distributed.ProcessesDisagree as e:
+            error = str(e)
+        print(json.dumps({"case": name, "error": error}), flush=True)
+    stopped = None
+    with Preemption() as preempt:
+        for step in range(1, 100_000):
+            distributed.barrier("step")
+            if me == 1 and step == 3:
+                os.kill(os.getpid(), signal.SIGINT)
+            if preempt.reached(step):
+                stopped = step
+                break
+    print(json.dumps({"case": "ctrl-c", "stopped": stopped}), flush=True)
+    jax.distributed.shutdown()
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])

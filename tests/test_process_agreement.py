@@ -1,0 +1,41 @@
+"""The trainer's start-up agreements across the processes of a job, on two real processes (jax.distributed over
+127.0.0.1): another config on one process, or a workdir a process does not share, stops every process with an
+error naming them, instead of training an inconsistent state or waiting forever in the first checkpoint save; a
+Ctrl-C on one process stops both at one step (passed on as the SIGTERM a scheduler sends)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import train_cli as cli
+
+JOB = os.path.join(os.path.dirname(__file__), "agreement_job.py")
+
+
+def test_processes_that_disagree_on_config_or_workdir_all_stop_naming_it(tmp_path):
+    port = cli.free_port()
+    procs = [subprocess.Popen([sys.executable, JOB, str(port), str(i), str(tmp_path)], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, env=cli.env(devices=1), cwd=cli.ROOT)
+             for i in range(2)]
+    results = cli.finish(procs, timeout=180)
+    for code, out in results:
+        assert code == 0, out[-3000:]
+    cases = [{r["case"]: r.get("error", r.get("stopped")) for r in map(json.loads, (line for line in out.splitlines()
+                                                               if line.startswith('{"case"')))}
+             for _, out in results]
+    for errors in cases:  # each process takes each decision, and both take it alike
+        assert errors["same config"] is None
+        assert "process(es) [1] were given another config than process 0" in errors["another lr on process 1"]
+        assert "optimizer.lr: 0.01 -> 0.02" in errors["another lr on process 1"]
+        assert "extra: unset -> 1" in errors["a key only process 1 has"]
+        assert errors["one shared workdir"] is None
+        assert "process(es) [1] do not see process 0's --workdir" in errors["a workdir per process"]
+        assert errors["one shared workdir again"] is None  # the lock of the case before was let go
+    assert os.path.join(str(tmp_path), "local0") in cases[0]["a workdir per process"]
+    assert os.path.join(str(tmp_path), "local1") in cases[1]["a workdir per process"]
+    stopped = [errors["ctrl-c"] for errors in cases]
+    assert stopped[0] == stopped[1] and stopped[0] >= 3, stopped
+    assert "Ctrl-C: saving a checkpoint at the end of this step" in results[1][1]
