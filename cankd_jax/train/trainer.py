@@ -35,9 +35,9 @@ import ml_collections
 import numpy as np
 
 from cankd_jax.models import DetectionTrunk, ForeignBackbone, unwrap
-from cankd_jax.train import build
+from cankd_jax.train import build, run_record
 from cankd_jax.train.checkpoint import Checkpointer
-from cankd_jax.train.distributed import barrier, each_process
+from cankd_jax.train.distributed import ProcessesDisagree, barrier, broadcast_bytes, check_same_config, each_process
 from cankd_jax.train.evaluate import make_evaluator
 from cankd_jax.train.export import export_student
 from cankd_jax.train.metrics import MetricsWriter, Progress
@@ -119,6 +119,7 @@ def check_loop_config(config: ml_collections.ConfigDict) -> None:
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, preempt: Preemption) -> dict[str, Any]:
     t_start = time.perf_counter()
     check_loop_config(config)
+    check_same_config(config)
     for path, what in ((workdir, "--workdir"), (os.path.join(workdir, "checkpoints"), "the workdir's checkpoints")):
         if os.path.exists(path) and not os.path.isdir(path):  # else makedirs, or the first save, fails deep down
             raise ValueError(f"{what} {path!r} is a file, not a directory")
@@ -132,22 +133,45 @@ def _workdir_lock(workdir: str) -> Iterator[None]:
     """Process 0 holds an exclusive `flock` on `WORKDIR/.lock` while the run lasts; every process learns whether
     it got it. Two runs on one workdir at once would interleave their checkpoints and metrics without a word."""
     fd, taken = None, False
+    lock = os.path.join(workdir, ".lock")
+    token = os.urandom(16).hex().encode()
     if jax.process_index() == 0:
-        fd = os.open(os.path.join(workdir, ".lock"), os.O_CREAT | os.O_RDWR, 0o644)
+        fd = os.open(lock, os.O_CREAT | os.O_RDWR, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             taken = True
         except OSError as e:  # a filesystem without locks (some network mounts): run unguarded, and say so
             log.warning("cannot lock %s (%s): nothing stops a second run on this workdir", workdir, e)
+        if not taken:  # this run's mark, for the other processes to find (flushed before they look)
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, token, 0)
+            os.fsync(fd)
     try:
         if each_process(taken)[0]:
             raise ValueError(f"another train.py is using --workdir {workdir} (it holds {workdir}/.lock); let it "
                              "finish, or give this run another --workdir")
+        _check_shared_workdir(workdir, lock, broadcast_bytes(token))
         yield
     finally:
         if fd is not None:
             os.close(fd)  # releases the lock
+
+
+def _check_shared_workdir(workdir: str, lock: str, token: bytes) -> None:
+    """Every process must see process 0's workdir (the checkpoints are written into one directory by all of
+    them): each reads the mark process 0 left in `lock`. Given different directories (each host its own local
+    disk), Orbax's first save would wait forever; this names them instead."""
+    try:
+        with open(lock, "rb") as f:
+            seen = f.read(len(token) + 1) == token
+    except OSError:
+        seen = False
+    ok = each_process(seen)
+    if not ok.all():
+        bad = [int(i) for i in np.flatnonzero(~ok)]
+        raise ProcessesDisagree(f"process(es) {bad} do not see process 0's --workdir (this process's: {workdir}): "
+                                "every process must be given the same directory, on a filesystem all hosts share")
 
 
 def _train_loop(config: ml_collections.ConfigDict, workdir: str, preempt: Preemption,
@@ -159,10 +183,12 @@ def _train_loop(config: ml_collections.ConfigDict, workdir: str, preempt: Preemp
     plan = plan_state(run.init_variables, run.tx, config.seed, mesh, layout=ParamLayout.from_config(config.get("mesh")))
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=config.keep_checkpoints)
     data_state: Optional[dict] = None
+    record = run_record.make_record(config, run.teacher_vars)
     restored = ckpt.restore_latest(plan.abstract)
     if restored is not None:
         step0, state, data_state = restored
         log.info("resumed from step %d in %s", step0, ckpt.directory)
+        run_record.check_resume(data_state.get("run"), record, step=step0, where=ckpt.directory)
         if step0 > config.total_steps:  # a longer run's workdir: nothing to train, and its checkpoint is kept
             log.warning("the checkpoint (step %d) is past total_steps=%d: nothing to train; the run is reported "
                         "as it stands at step %d", step0, config.total_steps, step0)
@@ -240,7 +266,7 @@ def _train_loop(config: ml_collections.ConfigDict, workdir: str, preempt: Preemp
                     writer.write(step, {f"eval/{k}": v for k, v in ev.items()})
                     summary["eval"] = ev
                 if save:
-                    ckpt.save(step, state, {"train": train_iter.get_state()})
+                    ckpt.save(step, state, {"train": train_iter.get_state(), "run": record})
                     last_saved = step
                 if stop:
                     break

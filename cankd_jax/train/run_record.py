@@ -1,0 +1,119 @@
+"""What a checkpoint remembers of the run that wrote it, and what a resume checks against it.
+
+Each checkpoint's `data` item holds, beside the input pipeline's position, a record of the run: its config (as
+dotted keys) and a fingerprint of the teacher's weights. A resumed run compares its own:
+
+- another teacher (its weights, wherever they were read from) is refused: the state was distilled from the first
+  one, and going on would mix two teachers in one result, or report a finished run's figures under a teacher
+  that did not produce them (a demo's teacher phase retrained with other settings);
+- another value of a key that changes the numbers (the learning rate, `total_steps`, which redraws the schedule,
+  a loss weight, ...) is allowed, as a user continuing a run on purpose means it, and logged as a warning that
+  names each key with its old and new value. Keys that only change the bookkeeping (how often to log or save,
+  the device layout, where the data lie) are not compared.
+
+A checkpoint written before records existed resumes without these checks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from typing import Any, Optional
+
+import jax
+import ml_collections
+import numpy as np
+
+from cankd_jax.train.distributed import config_differences, flat_config
+
+log = logging.getLogger(__name__)
+PyTree = Any
+
+# Keys (and key prefixes) that do not change what a run computes: not compared on resume.
+BOOKKEEPING = ("log_every", "eval_every", "checkpoint_every", "keep_checkpoints", "evaluate_teacher", "mesh",
+               "export", "remat", "data.data_dir", "data.workers", "data.eval_batch_size", "data.index_cache",
+               "teacher.checkpoint", "teacher.random_init", "student.pretrained")
+
+
+class TeacherChanged(ValueError):
+    """A workdir's checkpoint was distilled from other teacher weights than the run now loads."""
+
+
+_MUL = np.uint32(2654435761)  # odd multipliers (Knuth's and xxHash's): every position weighs differently
+
+
+def _bits(data: np.ndarray) -> np.ndarray:
+    """The elements' bit patterns as uint32 (float32 itself; bfloat16/float16 widened; ints converted)."""
+    data = np.ascontiguousarray(data).reshape(-1)
+    if data.dtype.kind == "f" or data.dtype.name == "bfloat16":
+        data = data.view({2: np.uint16, 4: np.uint32, 8: np.uint64}[data.dtype.itemsize])
+    return data.astype(np.uint32)
+
+
+def _leaf_words(x: Any) -> np.ndarray:
+    """`(2,)` uint32: two sums over `x`'s elements of their bit patterns, each weighted by the element's position in
+    the whole array. Sums modulo 2**32 do not depend on their order, so this process's part (the shards it holds
+    first copies of) adds up with the other processes' to the same words on any topology and sharding."""
+    if isinstance(x, jax.Array):
+        parts = [(np.asarray(s.data), s.index) for s in x.addressable_shards if s.replica_id == 0]
+    else:
+        parts = [(np.asarray(x), ())]
+    words = np.zeros(2, np.uint32)
+    with np.errstate(over="ignore"):
+        for data, index in parts:
+            whole = all(sl == slice(None) or sl.indices(n) == (0, n, 1) for sl, n in zip(index, np.shape(x)))
+            pos = (np.arange(np.size(x), dtype=np.uint32) if whole
+                   else np.arange(np.size(x), dtype=np.uint32).reshape(np.shape(x))[index].reshape(-1))
+            bits = _bits(data)
+            odd = pos * _MUL | np.uint32(1)
+            words[0] += np.sum(bits * odd, dtype=np.uint32)
+            words[1] += np.sum((bits ^ (pos * np.uint32(40503))) * np.uint32(2246822519) + pos, dtype=np.uint32)
+    return words
+
+
+def fingerprint(variables: Optional[PyTree]) -> Optional[str]:
+    """A hex digest of `variables`' values, shapes and names (None for no variables). The same weights give
+    the same digest however they are placed or were loaded (a .pth, an export, a copy of either); one changed
+    element changes it. On the host, shard by shard: no compiled program (a teacher's hundreds of arrays took
+    seconds to compile), and every process ends with the same digest (a collective in a multi-process job)."""
+    if variables is None:
+        return None
+    flat = jax.tree_util.tree_leaves_with_path(variables)
+    words = np.stack([_leaf_words(x) for _, x in flat]) if flat else np.zeros((0, 2), np.uint32)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils  # noqa: PLC0415
+
+        with np.errstate(over="ignore"):
+            words = np.sum(np.asarray(multihost_utils.process_allgather(words)), axis=0, dtype=np.uint32)
+    digest = hashlib.blake2b(digest_size=16)
+    for (path, leaf), w in zip(flat, words, strict=True):
+        digest.update(f"{jax.tree_util.keystr(path)}{tuple(np.shape(leaf))}{leaf.dtype}".encode())
+        digest.update(np.asarray(w, np.uint32).tobytes())
+    return digest.hexdigest()
+
+
+def make_record(config: ml_collections.ConfigDict, teacher_variables: Optional[PyTree]) -> dict[str, Any]:
+    """`{'config': {dotted key: value}, 'teacher': fingerprint or None}`: JSON, kept in every checkpoint."""
+    return {"config": flat_config(config), "teacher": fingerprint(teacher_variables)}
+
+
+def check_resume(saved: Optional[dict[str, Any]], current: dict[str, Any], *, step: int, where: str) -> list[str]:
+    """Raise `TeacherChanged` when the checkpoint at `step` (in `where`) was distilled from other teacher weights;
+    return (and log as a warning) the keys whose values changed since it was written. `saved` None: a checkpoint
+    from before records, nothing to check."""
+    if not saved:
+        return []
+    before, now = saved.get("teacher"), current.get("teacher")
+    if before and now and before != now:
+        raise TeacherChanged(
+            f"the checkpoint at step {step} in {where} was distilled from other teacher weights than "
+            f"teacher.checkpoint={current['config'].get('teacher.checkpoint', '')!r} holds now (fingerprint "
+            f"{before[:12]} then, {now[:12]} now; a teacher retrained since?). Going on would mix two teachers in "
+            "one result: give this run a new --workdir, or delete that workdir to distil again")
+    changed = config_differences(current["config"], saved.get("config", {}), ignore=BOOKKEEPING)
+    if changed:
+        note = ("; the learning-rate schedule is drawn for the new total_steps from here on"
+                if any(c.startswith("total_steps:") for c in changed) else "")
+        log.warning("resuming step %d with %d setting(s) changed since that checkpoint was written (then -> now): "
+                    "%s%s; the run is no longer the one that started", step, len(changed), "; ".join(changed), note)
+    return changed

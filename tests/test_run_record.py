@@ -1,0 +1,93 @@
+"""The run record a checkpoint keeps: the teacher's fingerprint (the same for the same weights on any topology,
+another for one changed bit) and what a resume does with a changed teacher or config."""
+
+from __future__ import annotations
+
+import logging
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from cankd_jax.train import run_record
+
+
+def _weights(seed=0):
+    r = np.random.default_rng(seed)
+    return {"params": {"conv": {"kernel": r.standard_normal((3, 3, 4, 8)).astype(np.float32),
+                                "bias": r.standard_normal((8,)).astype(np.float32)},
+                       "embed": r.standard_normal((6, 4)).astype(np.float32)},
+            "batch_stats": {"mean": r.standard_normal((8,)).astype(np.float32)}}
+
+
+def _placed(tree, mesh, spec_of):
+    return jax.tree.map(lambda x: jax.device_put(x, NamedSharding(mesh, spec_of(x))), tree)
+
+
+def test_the_fingerprint_is_the_weights_not_their_placement():
+    host = _weights()
+    digest = run_record.fingerprint(host)
+    assert len(digest) == 32 and run_record.fingerprint(jax.tree.map(jnp.asarray, host)) == digest
+    mesh = Mesh(np.array(jax.devices()[:4]).reshape(2, 2), ("data", "fsdp"))
+    replicated = _placed(host, mesh, lambda x: PartitionSpec())
+    spread = _placed(host, mesh, lambda x: PartitionSpec(*((None, None, "fsdp", "data") if x.ndim == 4 else
+                                                           ("data",) if x.shape[0] % 2 == 0 else ())))
+    assert any(len(s.index) and s.data.shape != x.shape
+               for x in jax.tree.leaves(spread) for s in x.addressable_shards)  # really split
+    assert run_record.fingerprint(replicated) == digest and run_record.fingerprint(spread) == digest
+    assert run_record.fingerprint(None) is None
+
+
+@pytest.mark.parametrize("change", ["one ulp", "two swapped", "renamed", "bfloat16", "other seed"])
+def test_any_change_to_the_weights_changes_the_fingerprint(change):
+    base = _weights()
+    other = jax.tree.map(np.copy, base)
+    kernel = other["params"]["conv"]["kernel"].reshape(-1)
+    if change == "one ulp":
+        kernel[17] = np.nextafter(kernel[17], np.float32(np.inf))
+    elif change == "two swapped":
+        kernel[[3, 40]] = kernel[[40, 3]]
+    elif change == "renamed":
+        other["params"]["embedding"] = other["params"].pop("embed")
+    elif change == "bfloat16":
+        other["params"]["embed"] = other["params"]["embed"].astype(jnp.bfloat16)
+    else:
+        other = _weights(seed=1)
+    assert run_record.fingerprint(other) != run_record.fingerprint(base)
+
+
+def _record(teacher_seed=0, **config):
+    base = dict(seed=0, total_steps=8, log_every=1, optimizer=dict(lr=0.01, momentum=0.9),
+                mesh=dict(fsdp=False), data=dict(data_dir="/a", scale=(512, 1024)))
+    for key, value in config.items():
+        node = base
+        *path, last = key.split("__")
+        for p in path:
+            node = node[p]
+        node[last] = value
+    return run_record.make_record(ml_collections.ConfigDict(base), _weights(teacher_seed))
+
+
+def test_a_resume_with_other_teacher_weights_is_refused():
+    with pytest.raises(run_record.TeacherChanged, match=r"the checkpoint at step 4 in /w/checkpoints was distilled "
+                                                        r"from other teacher weights.*new --workdir"):
+        run_record.check_resume(_record(), _record(teacher_seed=1), step=4, where="/w/checkpoints")
+    no_teacher = dict(_record(), teacher=None)  # a student trained alone: nothing to compare
+    assert run_record.check_resume(no_teacher, _record(teacher_seed=1), step=4, where="w") == []
+
+
+def test_a_resume_with_changed_settings_names_each_and_the_schedule(caplog):
+    saved = _record()
+    with caplog.at_level(logging.WARNING, logger=run_record.__name__):
+        changed = run_record.check_resume(saved, _record(total_steps=16, optimizer__lr=0.02), step=4, where="w")
+    assert changed == ["optimizer.lr: 0.01 -> 0.02", "total_steps: 8 -> 16"]
+    assert "resuming step 4 with 2 setting(s) changed" in caplog.text
+    assert "the learning-rate schedule is drawn for the new total_steps" in caplog.text
+    # How often to log, the device layout and where the data lie change no number: not reported
+    assert run_record.check_resume(saved, _record(log_every=5, mesh__fsdp=True, data__data_dir="/b"), step=4,
+                                   where="w") == []
+    assert run_record.check_resume(saved, _record(data__scale=[512, 1024]), step=4, where="w") == []  # JSON lists
+    assert run_record.check_resume(None, _record(seed=3), step=4, where="w") == []  # a checkpoint before records
