@@ -34,9 +34,9 @@ def _swin_teacher(config) -> None:
         term.loss, term.teacher_feature = "cankd_align", level
 
 
-def _step_setup(mesh, detector: str = "retinanet"):
-    """The smoke config's step (narrow RetinaNet, or Faster R-CNN, CanKD on its first two distilled levels against
-    a random trunk; 'swin': RetinaNet against `_swin_teacher`) at 64 x 64."""
+def _run(detector: str = "retinanet"):
+    """The smoke config's run (narrow RetinaNet, or Faster R-CNN, CanKD on its first two distilled levels against
+    a random trunk; 'swin': RetinaNet against `_swin_teacher`) at 64 x 64, built on 1 device, and its state."""
     swin = detector == "swin"
     config = load_config(os.path.join(CONFIGS, "detection_smoke.py"), f"detector={'retinanet' if swin else detector}")
     config.distill = config.distill[:2]
@@ -44,14 +44,22 @@ def _step_setup(mesh, detector: str = "retinanet"):
         net.backbone_kwargs.stage_blocks = (1, 1, 1, 1)
     if swin:
         _swin_teacher(config)
-    run = build.build_run(config, mesh, input_size=(64, 64))
-    plan = plan_state(run.init_variables, run.tx, 0, mesh)
-    state, shardings = plan.init(), plan.shardings
+    run = build.build_run(config, make_mesh(jax.devices()[:1]), input_size=(64, 64))
+    return run, plan_state(run.init_variables, run.tx, 0, make_mesh(jax.devices()[:1])).init()
+
+
+def _step_on(mesh, run, state):
+    """`run`'s step compiled for `mesh`, with (host copies of) `state` and the teacher's variables placed there:
+    the step, not the initialisation, is what these tests compare across device counts (initialising in the
+    shardings of each mesh is `tests/test_train_step.py`'s)."""
+    shardings = plan_state(run.init_variables, run.tx, 0, mesh).shardings
+    teacher_shardings = jax.tree.map(lambda _: replicated(mesh), run.teacher_vars)
     step = jax.jit(make_train_step(student=run.student, teacher=run.teacher, terms=run.terms, task=run.task,
                                    tx=run.tx, schedule=run.schedule),
-                   in_shardings=(shardings, run.teacher_shardings, batch_sharding(mesh)),
+                   in_shardings=(shardings, teacher_shardings, batch_sharding(mesh)),
                    out_shardings=(shardings, replicated(mesh)), donate_argnums=(0,))
-    return run, state, step
+    return (step, jax.device_put(jax.tree.map(np.asarray, state), shardings),
+            jax.device_put(jax.tree.map(np.asarray, run.teacher_vars), teacher_shardings))
 
 
 def _batches(n, seed=0):
@@ -81,13 +89,14 @@ def test_detection_step_gives_the_same_numbers_on_one_and_four_devices(detector,
     global batch, so the 4-device step samples what the 1-device step does. And a Swin teacher distilled through
     the align loss (its windows, shifts and upsampled student maps split over devices by image)."""
     history = {}
+    run, initial = _run(detector)
     for n in (1, 4):
         mesh = make_mesh(jax.devices()[:n])
-        run, state, step = _step_setup(mesh, detector)
+        step, state, teacher_vars = _step_on(mesh, run, initial)
         history[n] = []
         with jax.set_mesh(mesh):
             for b in _batches(3):
-                state, metrics = step(state, run.teacher_vars, global_batch(b, mesh))
+                state, metrics = step(state, teacher_vars, global_batch(b, mesh))
                 history[n].append(jax.device_get(metrics))
     for m1, m4 in zip(history[1], history[4], strict=True):
         assert set(m1) >= set(terms)
