@@ -34,8 +34,21 @@ def main(port: str, process_id: str, root: str) -> None:
         with trainer._workdir_lock(workdir):
             pass
 
+    def smoke_run(bad_on_1: bool) -> None:  # the trainer's own start: the config compared before any other check
+        from cankd_jax.config_arg import load_config  # noqa: PLC0415
+
+        cfg = load_config(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
+                                       "smoke.py"))
+        if bad_on_1 and me == 1:
+            cfg.log_every = 0  # a count process 1 alone would refuse (and leave process 0 waiting)
+        trainer.train_and_evaluate(cfg, os.path.join(root, "never"))
+
+    blocked = os.path.join(root, "blocked")
+    os.makedirs(os.path.join(blocked, ".lock"), exist_ok=True)  # process 0 cannot open it as a file
     shared = os.path.join(root, "shared")
     cases = [
+        ("a bad count on process 1", lambda: smoke_run(True)),
+        ("a lock file process 0 cannot write", lambda: locked(blocked)),
         ("same config", lambda: distributed.check_same_config(config(0.01))),
         ("another lr on process 1", lambda: distributed.check_same_config(config(0.02 if me else 0.01))),
         ("a key only process 1 has", lambda: distributed.check_same_config(
@@ -48,8 +61,8 @@ def main(port: str, process_id: str, root: str) -> None:
         try:
             case()
             error = None
-        except distributed.ProcessesDisagree as e:
-            error = str(e)
+        except (distributed.ProcessesDisagree, ValueError) as e:
+            error = f"{type(e).__name__}: {e}"
         print(json.dumps({"case": name, "error": error}), flush=True)
     stopped = None
     with Preemption() as preempt:

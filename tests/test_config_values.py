@@ -278,12 +278,16 @@ def test_a_coordinator_address_without_a_valid_port_is_named_before_joining(addr
         distributed.initialize(address, 2, 0)
 
 
-def test_a_coordinator_port_in_use_is_named_by_process_0():
+def test_a_coordinator_port_in_use_is_named_by_process_0(monkeypatch):
     """Process 0 serves the job at that port; JAX crashed (rc 139, no message) when another listener held it."""
     import socket  # noqa: PLC0415
 
     from cankd_jax.train import distributed  # noqa: PLC0415
 
+    def joined(*args):  # a missed check must fail here, not wait for a second process or crash the test run
+        raise AssertionError("jax.distributed.initialize was reached")
+
+    monkeypatch.setattr(jax.distributed, "initialize", joined)
     with socket.socket() as other:
         other.bind(("127.0.0.1", 0))
         other.listen()

@@ -1,6 +1,7 @@
 """The trainer's start-up agreements across the processes of a job, on two real processes (jax.distributed over
 127.0.0.1): another config on one process, or a workdir a process does not share, stops every process with an
-error naming them, instead of training an inconsistent state or waiting forever in the first checkpoint save; a
+error naming them, instead of training an inconsistent state or waiting forever in the first checkpoint save (or,
+for a check one process failed alone, in the next collective); a
 Ctrl-C on one process stops both at one step (passed on as the SIGTERM a scheduler sends)."""
 
 from __future__ import annotations
@@ -27,13 +28,17 @@ def test_processes_that_disagree_on_config_or_workdir_all_stop_naming_it(tmp_pat
                                                                if line.startswith('{"case"')))}
              for _, out in results]
     for errors in cases:  # each process takes each decision, and both take it alike
+        assert errors["a bad count on process 1"].startswith("ProcessesDisagree: process(es) [1] were given another")
+        assert "log_every: 2 -> 0" in errors["a bad count on process 1"]
+        assert errors["a lock file process 0 cannot write"].startswith("ValueError: cannot write ")
+        assert "IsADirectoryError" in errors["a lock file process 0 cannot write"]
         assert errors["same config"] is None
         assert "process(es) [1] were given another config than process 0" in errors["another lr on process 1"]
         assert "optimizer.lr: 0.01 -> 0.02" in errors["another lr on process 1"]
         assert "extra: unset -> 1" in errors["a key only process 1 has"]
         assert errors["one shared workdir"] is None
         assert "process(es) [1] do not see process 0's --workdir" in errors["a workdir per process"]
-        assert errors["one shared workdir again"] is None  # the lock of the case before was let go
+        assert errors["one shared workdir again"] is None  # the first shared case's lock was let go
     assert os.path.join(str(tmp_path), "local0") in cases[0]["a workdir per process"]
     assert os.path.join(str(tmp_path), "local1") in cases[1]["a workdir per process"]
     stopped = [errors["ctrl-c"] for errors in cases]

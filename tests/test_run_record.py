@@ -38,10 +38,11 @@ def test_the_fingerprint_is_the_weights_not_their_placement():
     assert any(len(s.index) and s.data.shape != x.shape
                for x in jax.tree.leaves(spread) for s in x.addressable_shards)  # really split
     assert run_record.fingerprint(replicated) == digest and run_record.fingerprint(spread) == digest
-    assert run_record.fingerprint(None) is None
+    assert run_record.fingerprint(None) is None and run_record.fingerprint({}) is None  # no teacher
 
 
-@pytest.mark.parametrize("change", ["one ulp", "two swapped", "renamed", "bfloat16", "other seed"])
+@pytest.mark.parametrize("change", ["one ulp", "two swapped", "two signs flipped", "negated", "renamed", "bfloat16",
+                                    "float64 high bits", "other seed"])
 def test_any_change_to_the_weights_changes_the_fingerprint(change):
     base = _weights()
     other = jax.tree.map(np.copy, base)
@@ -50,10 +51,18 @@ def test_any_change_to_the_weights_changes_the_fingerprint(change):
         kernel[17] = np.nextafter(kernel[17], np.float32(np.inf))
     elif change == "two swapped":
         kernel[[3, 40]] = kernel[[40, 3]]
+    elif change == "two signs flipped":  # a sum linear in the sign bit would miss this
+        kernel[[5, 9]] *= -1
+    elif change == "negated":
+        other["params"]["conv"]["kernel"] *= -1
     elif change == "renamed":
         other["params"]["embedding"] = other["params"].pop("embed")
     elif change == "bfloat16":
         other["params"]["embed"] = other["params"]["embed"].astype(jnp.bfloat16)
+    elif change == "float64 high bits":  # host arrays may be float64: a change only above the low 32 bits counts
+        base["batch_stats"]["mean"] = np.arange(8, dtype=np.float64)
+        other["batch_stats"]["mean"] = np.arange(8, dtype=np.float64)
+        other["batch_stats"]["mean"][2] = 3.0  # 2.0 and 3.0 share their low 32 bits (all zero)
     else:
         other = _weights(seed=1)
     assert run_record.fingerprint(other) != run_record.fingerprint(base)
@@ -91,3 +100,19 @@ def test_a_resume_with_changed_settings_names_each_and_the_schedule(caplog):
                                    where="w") == []
     assert run_record.check_resume(saved, _record(data__scale=[512, 1024]), step=4, where="w") == []  # JSON lists
     assert run_record.check_resume(None, _record(seed=3), step=4, where="w") == []  # a checkpoint before records
+
+
+def test_config_differences_name_list_items_and_take_nan_as_nan():
+    from cankd_jax.train.distributed import config_differences, flat_config
+
+    def config(weight, lr):
+        return ml_collections.ConfigDict(dict(optimizer=dict(lr=lr), scale=(512, 1024),
+                                              distill=[dict(name="p3", weight=1.0), dict(name="p4", weight=weight)]))
+
+    flat = flat_config(config(1.0, 0.01))
+    assert flat["distill[1].weight"] == 1.0 and flat["scale"] == [512, 1024]
+    assert config_differences(flat_config(config(2.0, 0.01)), flat) == ["distill[1].weight: 1.0 -> 2.0"]
+    nan = flat_config(config(1.0, float("nan")))
+    assert config_differences(nan, flat_config(config(1.0, float("nan")))) == []
+    assert config_differences(nan, flat, ignore=("optimizer",)) == []
+    assert config_differences(flat_config(config(2.0, 0.01)), flat, ignore=("distill",)) == []

@@ -53,7 +53,7 @@ def test_smoke_run_reports_coco_map_and_exports_the_student(reference, data_dir)
 
 def test_faster_rcnn_trains_and_a_resumed_run_gives_the_same_numbers(tmp_path, data_dir):
     """The two-stage student through train.py: RPN and box-head losses logged, CanKD on P2-P5, COCO mAP, the
-    PyTorch export; a run stopped by SIGTERM after its first step resumes to the uninterrupted run's numbers
+    PyTorch export; a new process resumed from the run's step-2 checkpoint gives the uninterrupted run's numbers
     (the anchors' and RoIs' random sampling follows the step, not the process). The resumed run starts from a copy
     of the reference's step-2 checkpoint: a run stopped by SIGTERM saves the same files (the DINO test below stops
     a detection run so), and the copy spares a third process."""

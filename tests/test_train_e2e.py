@@ -63,6 +63,7 @@ def test_reference_run_logs_every_step_once_and_a_finished_run_only_reports(refe
     [(code, out)] = cli.finish(cli.start(_args(reference, data_dir, "--config.seed=1"), devices=1))
     assert code != 0 and "Traceback" not in out, out[-3000:]
     assert "train.py: error: the checkpoint at step 8" in out and "was distilled from other teacher weights" in out
+    assert "then: a random teacher of seed 0" in out and "now: a random teacher of seed 1" in out
     assert cli.all_rows(reference) == before and cli.checkpoint_steps(reference) == [4, 8]
 
 

@@ -242,7 +242,7 @@ def test_a_preempted_phase_ends_the_comparison(tmp_path, monkeypatch):
 
     calls = []
 
-    def fake(cfg, workdir):
+    def fake(cfg, workdir, preempt=None):
         calls.append(os.path.basename(workdir))
         finished = calls[-1] != "student"  # preempted in the second phase
         return {"metric": "mIoU", "finished": finished, "step": 5 if not finished else cfg.total_steps,
@@ -255,10 +255,35 @@ def test_a_preempted_phase_ends_the_comparison(tmp_path, monkeypatch):
     assert calls == ["teacher", "student"] and out["stopped"] == "student"
     assert not (tmp_path / "summary.json").exists()
     calls.clear()
-    monkeypatch.setattr(trainer, "train_and_evaluate", lambda cfg, workdir: (calls.append(workdir), {
+    monkeypatch.setattr(trainer, "train_and_evaluate", lambda cfg, workdir, preempt=None: (calls.append(workdir), {
         "metric": "mIoU", "finished": True, "step": 10, "eval": {"mIoU": 0.5}, "workdir": workdir})[1])
     assert runner.run(config, str(tmp_path))["cankd"] == 0.5 and len(calls) == 3
     assert (tmp_path / "summary.json").exists()
+
+
+def test_a_notice_after_a_phase_s_last_step_stops_the_comparison_before_the_next(tmp_path, monkeypatch):
+    """Ctrl-C while the teacher phase evaluates and exports (after its last step, so it finishes): the phases
+    share one notice handler, and the student phase does not start (it used to train in full)."""
+    import signal
+
+    import ml_collections
+
+    from cankd_jax.train import runner, trainer
+
+    calls = []
+
+    def fake(cfg, workdir, preempt=None):
+        calls.append(os.path.basename(workdir))
+        if calls[-1] == "teacher":
+            os.kill(os.getpid(), signal.SIGINT)  # during the final evaluation
+        return {"metric": "mIoU", "finished": True, "step": 10, "eval": {"mIoU": 0.5}, "workdir": workdir}
+
+    monkeypatch.setattr(trainer, "train_and_evaluate", fake)
+    config = ml_collections.ConfigDict(dict(total_steps=10, metric="mIoU", phases=["teacher", "student", "cankd"],
+                                            phase_overrides={}))
+    out = runner.run(config, str(tmp_path))
+    assert calls == ["teacher"] and out["stopped"] == "student"
+    assert not (tmp_path / "summary.json").exists()
 
 
 @pytest.mark.parametrize("key, value, least", [("eval_every", 0, 1), ("log_every", 0, 1), ("checkpoint_every", -2, 1),

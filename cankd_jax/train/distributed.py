@@ -109,6 +109,8 @@ def _check_port_free(address: str) -> None:
             continue
         with sock:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a port in TIME_WAIT is free to JAX too
+            if family == socket.AF_INET6:  # both families, whatever net.ipv6.bindv6only says
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
             try:
                 sock.bind((host, port))
             except OSError as e:
@@ -177,45 +179,57 @@ def each_process_text(text: str, *, limit: int = 600) -> list[str]:
 
 
 def flat_config(config: Any) -> dict[str, Any]:
-    """`{'optimizer.lr': 0.01, ...}`: a config (ConfigDict or dict) as dotted keys and JSON values (tuples as
-    lists), so configs built or read back from JSON compare equal."""
-    tree = config.to_dict() if hasattr(config, "to_dict") else config
+    """`{'optimizer.lr': 0.01, 'distill[0].weight': 1.0, ...}`: a config (ConfigDict or dict, blocks in lists
+    included) as dotted keys and JSON values (tuples as lists), so a config and its JSON copy compare equal."""
     out: dict[str, Any] = {}
 
     def walk(node: Any, prefix: str) -> None:
+        if hasattr(node, "to_dict"):
+            node = node.to_dict()
         if isinstance(node, dict) and node:
             for k, v in node.items():
-                walk(v, f"{prefix}{k}.")
+                walk(v, f"{prefix}.{k}" if prefix else str(k))
+        elif isinstance(node, (list, tuple)) and node and any(isinstance(v, dict) or hasattr(v, "to_dict")
+                                                             for v in node):
+            for i, v in enumerate(node):
+                walk(v, f"{prefix}[{i}]")
         else:
-            out[prefix[:-1]] = json.loads(json.dumps(node, default=str))
+            out[prefix] = json.loads(json.dumps(node, default=str))
 
-    walk(tree, "")
+    walk(config, "")
     return out
 
 
 def config_differences(mine: dict[str, Any], theirs: dict[str, Any], *, ignore: tuple[str, ...] = ()) -> list[str]:
     """`key: theirs -> mine` for every dotted key whose value differs (a key one side lacks shows as `unset`),
-    keys under an `ignore` prefix left out."""
-    unset = object()
+    keys under an `ignore` prefix left out. Values compare as JSON text (NaN equals NaN)."""
     out = []
     for key in sorted(set(mine) | set(theirs)):
-        if any(key == p or key.startswith(p + ".") for p in ignore):
+        if any(key == p or key.startswith((p + ".", p + "[")) for p in ignore):
             continue
-        a, b = theirs.get(key, unset), mine.get(key, unset)
+        a, b = (json.dumps(side[key], sort_keys=True) if key in side else "unset" for side in (theirs, mine))
         if a != b:
-            out.append(f"{key}: {'unset' if a is unset else json.dumps(a)} -> {'unset' if b is unset else json.dumps(b)}")
+            out.append(f"{key}: {a} -> {b}")
     return out
+
+
+# Keys that may differ between the hosts of one job: where each finds its files, and how many reader processes
+# it starts (the batches do not depend on that). The files' contents are the same (or the run says otherwise).
+HOST_LOCAL = ("data.data_dir", "data.index_cache", "data.workers", "teacher.checkpoint", "student.pretrained",
+              "student.inherit")
 
 
 def check_same_config(config: Any) -> None:
     """Raise `ProcessesDisagree` on every process when any process was given another config than process 0
     (another `--config.lr` on one host trains an inconsistent state; another `total_steps` fails later on a
-    barrier). The message names the keys, with process 0's value and the other's."""
+    barrier). The message names the keys, with process 0's value and the other's. `HOST_LOCAL` keys (paths,
+    reader counts) are not compared. Call it before any check one process could fail alone: the others would
+    wait for it in this collective."""
     if jax.process_count() == 1:
         return
     mine = flat_config(config)
     theirs = json.loads(broadcast_bytes(json.dumps(mine, sort_keys=True).encode()))
-    differ = config_differences(mine, theirs)
+    differ = config_differences(mine, theirs, ignore=HOST_LOCAL)
     texts = each_process_text("; ".join(differ))
     bad = [i for i, t in enumerate(texts) if t]
     if bad:

@@ -45,7 +45,8 @@ class Preemption:
         if threading.current_thread() is threading.main_thread():
             if not self._multi:
                 self._previous = signal.signal(signal.SIGTERM, self._handler)
-            self._previous_int = signal.signal(signal.SIGINT, self._interrupt)
+            if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not one a launcher set to ignore
+                self._previous_int = signal.signal(signal.SIGINT, self._interrupt)
         return self
 
     def _handler(self, signum, frame) -> None:  # noqa: ARG002
@@ -57,6 +58,12 @@ class Preemption:
                     "once, without saving)")
         signal.signal(signal.SIGINT, signal.default_int_handler)  # the second one interrupts
         os.kill(os.getpid(), signal.SIGTERM)  # the way a scheduler's notice comes: to our handler, or JAX's
+
+    @property
+    def requested(self) -> bool:
+        """Whether this process alone has been told to stop (one-process runs; in a multi-process job the notice
+        lives in JAX's sync manager, and `reached` reads it at the next step)."""
+        return self._flag
 
     def reached(self, step: int) -> bool:
         if not self._multi:

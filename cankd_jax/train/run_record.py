@@ -42,18 +42,31 @@ class TeacherChanged(ValueError):
 _MUL = np.uint32(2654435761)  # odd multipliers (Knuth's and xxHash's): every position weighs differently
 
 
+def _mix(h: np.ndarray) -> np.ndarray:
+    """murmur3's finaliser on uint32: every input bit reaches every output bit (a plain weighted sum would be
+    linear in the sign bit, so two flipped signs would cancel)."""
+    h = h ^ (h >> np.uint32(16))
+    h = h * np.uint32(0x85EBCA6B)
+    h = h ^ (h >> np.uint32(13))
+    h = h * np.uint32(0xC2B2AE35)
+    return h ^ (h >> np.uint32(16))
+
+
 def _bits(data: np.ndarray) -> np.ndarray:
-    """The elements' bit patterns as uint32 (float32 itself; bfloat16/float16 widened; ints converted)."""
+    """The elements' bit patterns as uint32 (float32 itself; 16-bit floats widened; 64-bit values folded)."""
     data = np.ascontiguousarray(data).reshape(-1)
     if data.dtype.kind == "f" or data.dtype.name == "bfloat16":
         data = data.view({2: np.uint16, 4: np.uint32, 8: np.uint64}[data.dtype.itemsize])
+    if data.dtype.itemsize == 8:
+        data = data.view(np.uint64)
+        return (data & np.uint64(0xFFFFFFFF)).astype(np.uint32) ^ _mix((data >> np.uint64(32)).astype(np.uint32))
     return data.astype(np.uint32)
 
 
 def _leaf_words(x: Any) -> np.ndarray:
-    """`(2,)` uint32: two sums over `x`'s elements of their bit patterns, each weighted by the element's position in
-    the whole array. Sums modulo 2**32 do not depend on their order, so this process's part (the shards it holds
-    first copies of) adds up with the other processes' to the same words on any topology and sharding."""
+    """`(2,)` uint32: two sums over `x`'s elements of a mix of their bit patterns with their position in the whole
+    array. Sums modulo 2**32 do not depend on their order, so this process's part (the shards it holds first
+    copies of) adds up with the other processes' to the same words on any topology and sharding."""
     if isinstance(x, jax.Array):
         parts = [(np.asarray(s.data), s.index) for s in x.addressable_shards if s.replica_id == 0]
     else:
@@ -65,21 +78,20 @@ def _leaf_words(x: Any) -> np.ndarray:
             pos = (np.arange(np.size(x), dtype=np.uint32) if whole
                    else np.arange(np.size(x), dtype=np.uint32).reshape(np.shape(x))[index].reshape(-1))
             bits = _bits(data)
-            odd = pos * _MUL | np.uint32(1)
-            words[0] += np.sum(bits * odd, dtype=np.uint32)
-            words[1] += np.sum((bits ^ (pos * np.uint32(40503))) * np.uint32(2246822519) + pos, dtype=np.uint32)
+            words[0] += np.sum(_mix(bits ^ (pos * _MUL)), dtype=np.uint32)
+            words[1] += np.sum(_mix(bits * np.uint32(2246822519) + pos), dtype=np.uint32)
     return words
 
 
 def fingerprint(variables: Optional[PyTree]) -> Optional[str]:
-    """A hex digest of `variables`' values, shapes and names (None for no variables). The same weights give
+    """A hex digest of `variables`' values, shapes and names (None for no variables: a student trained alone). The same weights give
     the same digest however they are placed or were loaded (a .pth, an export, a copy of either); one changed
     element changes it. On the host, shard by shard: no compiled program (a teacher's hundreds of arrays took
     seconds to compile), and every process ends with the same digest (a collective in a multi-process job)."""
-    if variables is None:
+    flat = jax.tree_util.tree_leaves_with_path(variables) if variables is not None else []
+    if not flat:
         return None
-    flat = jax.tree_util.tree_leaves_with_path(variables)
-    words = np.stack([_leaf_words(x) for _, x in flat]) if flat else np.zeros((0, 2), np.uint32)
+    words = np.stack([_leaf_words(x) for _, x in flat])
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils  # noqa: PLC0415
 
@@ -105,11 +117,15 @@ def check_resume(saved: Optional[dict[str, Any]], current: dict[str, Any], *, st
         return []
     before, now = saved.get("teacher"), current.get("teacher")
     if before and now and before != now:
+        def source(config: dict) -> str:
+            path = config.get("teacher.checkpoint") or ""
+            return repr(path) if path else f"a random teacher of seed {config.get('seed')}"
+
         raise TeacherChanged(
-            f"the checkpoint at step {step} in {where} was distilled from other teacher weights than "
-            f"teacher.checkpoint={current['config'].get('teacher.checkpoint', '')!r} holds now (fingerprint "
-            f"{before[:12]} then, {now[:12]} now; a teacher retrained since?). Going on would mix two teachers in "
-            "one result: give this run a new --workdir, or delete that workdir to distil again")
+            f"the checkpoint at step {step} in {where} was distilled from other teacher weights than this run "
+            f"loads (then: {source(saved.get('config', {}))}, fingerprint {before[:12]}; now: "
+            f"{source(current['config'])}, fingerprint {now[:12]}; a teacher retrained since?). Going on would mix "
+            "two teachers in one result: give this run a new --workdir, or delete that workdir to distil again")
     changed = config_differences(current["config"], saved.get("config", {}), ignore=BOOKKEEPING)
     if changed:
         note = ("; the learning-rate schedule is drawn for the new total_steps from here on"

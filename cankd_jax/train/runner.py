@@ -48,6 +48,7 @@ def _merge(base: dict, overrides: dict) -> None:
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     # Imported here: `phase_config` alone (benchmarks) needs no data pipeline, checkpointing or logging libraries.
+    from cankd_jax.train.preemption import Preemption
     from cankd_jax.train.trainer import train_and_evaluate
 
     if not config.get("phases"):
@@ -55,16 +56,23 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         _print_table({"run": summary}, summary["metric"])
         return summary
     results = {}
-    for i, phase in enumerate(config.phases):
-        cfg = phase_config(config, phase, workdir)
-        results[phase] = train_and_evaluate(cfg, os.path.join(workdir, phase))
-        if not results[phase].get("finished"):
-            # Preempted (SIGTERM): stop here, as every process does; the next start resumes this phase, and
-            # the later ones (which may read its export) run after it.
-            log.warning("phase %r stopped at step %s of %s; not starting %s: run the same command again to "
-                        "resume", phase, results[phase].get("step"), cfg.total_steps,
-                        ", ".join(config.phases[i + 1:]) or "anything else")
-            return {"metric": results[phase].get("metric"), "stopped": phase}
+    # One notice handler for every phase: a SIGTERM or Ctrl-C during a phase's final evaluation or export (after
+    # its last step) would otherwise be forgotten, and the next phase would train in full.
+    with Preemption() as preempt:
+        for i, phase in enumerate(config.phases):
+            cfg = phase_config(config, phase, workdir)
+            results[phase] = train_and_evaluate(cfg, os.path.join(workdir, phase), preempt)
+            later = ", ".join(config.phases[i + 1:]) or "anything else"
+            if not results[phase].get("finished"):
+                # Preempted: stop here, as every process does; the next start resumes this phase, and the later
+                # ones (which may read its export) run after it.
+                log.warning("phase %r stopped at step %s of %s; not starting %s: run the same command again to "
+                            "resume", phase, results[phase].get("step"), cfg.total_steps, later)
+                return {"metric": results[phase].get("metric"), "stopped": phase}
+            if preempt.requested and i + 1 < len(config.phases):
+                log.warning("phase %r finished, then a notice to stop came; not starting %s: run the same command "
+                            "again to go on", phase, later)
+                return {"metric": results[phase].get("metric"), "stopped": config.phases[i + 1]}
     metric = config.get("metric") or next(iter(results.values()))["metric"]
     summary: dict[str, Any] = {"metric": metric}
     for phase, res in results.items():

@@ -37,7 +37,8 @@ import numpy as np
 from cankd_jax.models import DetectionTrunk, ForeignBackbone, unwrap
 from cankd_jax.train import build, run_record
 from cankd_jax.train.checkpoint import Checkpointer
-from cankd_jax.train.distributed import ProcessesDisagree, barrier, broadcast_bytes, check_same_config, each_process
+from cankd_jax.train.distributed import (ProcessesDisagree, barrier, broadcast_bytes, check_same_config, each_process,
+                                         each_process_text)
 from cankd_jax.train.evaluate import make_evaluator
 from cankd_jax.train.export import export_student
 from cankd_jax.train.metrics import MetricsWriter, Progress
@@ -88,8 +89,12 @@ def check_finite(step: int, metrics: dict[str, float], last_saved: Optional[int]
                              + f"; stopped without saving this state ({where})")
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-    """Train (or resume) the run described by `config` in `workdir`; returns its summary dict."""
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       preempt: Optional[Preemption] = None) -> dict[str, Any]:
+    """Train (or resume) the run described by `config` in `workdir`; returns its summary dict. `preempt`: the
+    caller's (runs in sequence share one, so a notice between them is kept), else one for this run."""
+    if preempt is not None:
+        return _train_and_evaluate(config, workdir, preempt)
     # From the very start: a notice that arrives while the run is still starting up stops it after its first step.
     with Preemption() as preempt:
         return _train_and_evaluate(config, workdir, preempt)
@@ -118,8 +123,8 @@ def check_loop_config(config: ml_collections.ConfigDict) -> None:
 
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, preempt: Preemption) -> dict[str, Any]:
     t_start = time.perf_counter()
+    check_same_config(config)  # first: a check one process failed alone would leave the others waiting
     check_loop_config(config)
-    check_same_config(config)
     for path, what in ((workdir, "--workdir"), (os.path.join(workdir, "checkpoints"), "the workdir's checkpoints")):
         if os.path.exists(path) and not os.path.isdir(path):  # else makedirs, or the first save, fails deep down
             raise ValueError(f"{what} {path!r} is a file, not a directory")
@@ -132,25 +137,29 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, preempt
 def _workdir_lock(workdir: str) -> Iterator[None]:
     """Process 0 holds an exclusive `flock` on `WORKDIR/.lock` while the run lasts; every process learns whether
     it got it. Two runs on one workdir at once would interleave their checkpoints and metrics without a word."""
-    fd, taken = None, False
+    fd, problem = None, ""
     lock = os.path.join(workdir, ".lock")
     token = os.urandom(16).hex().encode()
     if jax.process_index() == 0:
-        fd = os.open(lock, os.O_CREAT | os.O_RDWR, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            taken = True
-        except OSError as e:  # a filesystem without locks (some network mounts): run unguarded, and say so
-            log.warning("cannot lock %s (%s): nothing stops a second run on this workdir", workdir, e)
-        if not taken:  # this run's mark, for the other processes to find (flushed before they look)
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, token, 0)
-            os.fsync(fd)
+            fd = os.open(lock, os.O_CREAT | os.O_RDWR, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                problem = (f"another train.py is using --workdir {workdir} (it holds {lock}); let it finish, or "
+                           "give this run another --workdir")
+            except OSError as e:  # a filesystem without locks (some network mounts): run unguarded, and say so
+                log.warning("cannot lock %s (%s): nothing stops a second run on this workdir", workdir, e)
+            if not problem:  # this run's mark, for the other processes to find (flushed before they look)
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, token, 0)
+                os.fsync(fd)
+        except OSError as e:  # unwritable, full, or not a file: said on every process, none left waiting
+            problem = f"cannot write {lock} in --workdir: {type(e).__name__}: {e.strerror or e}"
     try:
-        if each_process(taken)[0]:
-            raise ValueError(f"another train.py is using --workdir {workdir} (it holds {workdir}/.lock); let it "
-                             "finish, or give this run another --workdir")
+        problem = each_process_text(problem)[0]  # process 0's word, on every process
+        if problem:
+            raise ValueError(problem)
         _check_shared_workdir(workdir, lock, broadcast_bytes(token))
         yield
     finally:
