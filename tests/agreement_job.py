@@ -16,6 +16,7 @@ import signal
 import sys
 
 import jax
+import numpy as np
 
 
 def main(port: str, process_id: str, root: str) -> None:
@@ -57,6 +58,34 @@ def main(port: str, process_id: str, root: str) -> None:
         ("a workdir per process", lambda: locked(os.path.join(root, f"local{me}"))),
         ("one shared workdir again", lambda: locked(shared)),
     ]
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec  # noqa: PLC0415
+
+    from cankd_jax.train import run_record  # noqa: PLC0415
+
+    mesh = Mesh(np.array(jax.devices()), ("data",))  # one device per process here: 2 in all
+
+    from cankd_jax.train import weights  # noqa: PLC0415
+
+    specs = {"kernel": PartitionSpec("data"), "bias": PartitionSpec()}  # spread; whole on every process
+
+    def host_teacher(own_file: bool) -> dict:
+        r = np.random.default_rng(me if own_file else 0)
+        return {"kernel": r.standard_normal((4, 6)).astype(np.float32), "bias": r.standard_normal(6).astype(np.float32)}
+
+    def restored(own_file: bool) -> None:
+        """Each process builds its own shards from what it read, as Orbax's restore of an export/ does."""
+        host = host_teacher(own_file)
+        placed = {k: jax.make_array_from_callback(v.shape, NamedSharding(mesh, specs[k]), lambda i, v=v: v[i])
+                  for k, v in host.items()}
+        run_record.check_same_on_every_process(placed, "teacher's weights", "teacher.checkpoint")
+
+    def read_pth(own_file: bool) -> None:
+        """A .pth teacher: host arrays placed with device_put, which JAX compares across processes."""
+        weights.place(host_teacher(own_file), {k: NamedSharding(mesh, s) for k, s in specs.items()})
+
+    cases += [("one teacher file, restored", lambda: restored(False)),
+              ("a teacher file per host, restored", lambda: restored(True)),
+              ("one teacher .pth", lambda: read_pth(False)), ("a teacher .pth per host", lambda: read_pth(True))]
     for name, case in cases:
         try:
             case()

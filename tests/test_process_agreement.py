@@ -39,6 +39,13 @@ def test_processes_that_disagree_on_config_or_workdir_all_stop_naming_it(tmp_pat
         assert errors["one shared workdir"] is None
         assert "process(es) [1] do not see process 0's --workdir" in errors["a workdir per process"]
         assert errors["one shared workdir again"] is None  # the first shared case's lock was let go
+        assert errors["one teacher file, restored"] is None and errors["one teacher .pth"] is None
+        assert errors["a teacher file per host, restored"] == (
+            "ProcessesDisagree: the teacher's weights differ between processes: process(es) [1] hold other values "
+            "than process 0 (e.g. ['bias']); every host must read the same teacher.checkpoint file")
+        assert errors["a teacher .pth per host"] == (
+            "ProcessesDisagree: the teacher's weights differ between processes (JAX's check of device_put): every "
+            "host must read the same teacher.checkpoint file")
     assert os.path.join(str(tmp_path), "local0") in cases[0]["a workdir per process"]
     assert os.path.join(str(tmp_path), "local1") in cases[1]["a workdir per process"]
     stopped = [errors["ctrl-c"] for errors in cases]

@@ -24,7 +24,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from cankd_jax.train.distributed import config_differences, flat_config
+from cankd_jax.train.distributed import ProcessesDisagree, config_differences, flat_config
 
 log = logging.getLogger(__name__)
 PyTree = Any
@@ -63,24 +63,67 @@ def _bits(data: np.ndarray) -> np.ndarray:
     return data.astype(np.uint32)
 
 
+def _is_whole(index: tuple, shape: tuple) -> bool:
+    return all(sl == slice(None) or sl.indices(n) == (0, n, 1) for sl, n in zip(index, shape))
+
+
+def _words(data: np.ndarray, index: tuple, shape: tuple) -> np.ndarray:
+    """`(2,)` uint32: two sums over the elements of `data` (the part `index` of an array of `shape`) of a mix of
+    their bit patterns with their position in the whole array."""
+    size = int(np.prod(shape, dtype=np.int64))
+    pos = (np.arange(size, dtype=np.uint32) if _is_whole(index, shape)
+           else np.arange(size, dtype=np.uint32).reshape(shape)[index].reshape(-1))
+    bits = _bits(data)
+    with np.errstate(over="ignore"):
+        return np.array([np.sum(_mix(bits ^ (pos * _MUL)), dtype=np.uint32),
+                         np.sum(_mix(bits * np.uint32(2246822519) + pos), dtype=np.uint32)], np.uint32)
+
+
 def _leaf_words(x: Any) -> np.ndarray:
-    """`(2,)` uint32: two sums over `x`'s elements of a mix of their bit patterns with their position in the whole
-    array. Sums modulo 2**32 do not depend on their order, so this process's part (the shards it holds first
-    copies of) adds up with the other processes' to the same words on any topology and sharding."""
-    if isinstance(x, jax.Array):
-        parts = [(np.asarray(s.data), s.index) for s in x.addressable_shards if s.replica_id == 0]
-    else:
-        parts = [(np.asarray(x), ())]
+    """`_words` of all of `x`. Sums modulo 2**32 do not depend on their order, so this process's part (the shards
+    it holds first copies of) adds up with the other processes' to the same words on any topology and sharding."""
+    if not isinstance(x, jax.Array):
+        return _words(np.asarray(x), (), np.shape(x))
     words = np.zeros(2, np.uint32)
     with np.errstate(over="ignore"):
-        for data, index in parts:
-            whole = all(sl == slice(None) or sl.indices(n) == (0, n, 1) for sl, n in zip(index, np.shape(x)))
-            pos = (np.arange(np.size(x), dtype=np.uint32) if whole
-                   else np.arange(np.size(x), dtype=np.uint32).reshape(np.shape(x))[index].reshape(-1))
-            bits = _bits(data)
-            words[0] += np.sum(_mix(bits ^ (pos * _MUL)), dtype=np.uint32)
-            words[1] += np.sum(_mix(bits * np.uint32(2246822519) + pos), dtype=np.uint32)
+        for shard in x.addressable_shards:
+            if shard.replica_id == 0:
+                words += _words(np.asarray(shard.data), shard.index, x.shape)
     return words
+
+
+def _local_copy_words(x: Any) -> Optional[np.ndarray]:
+    """`_words` of this process's own whole copy of `x`, or None when it holds only parts (spread by FSDP)."""
+    if not isinstance(x, jax.Array):
+        return _words(np.asarray(x), (), np.shape(x))
+    for shard in x.addressable_shards:
+        if _is_whole(shard.index, x.shape):
+            return _words(np.asarray(shard.data), shard.index, x.shape)
+    return None
+
+
+def check_same_on_every_process(variables: Optional[PyTree], what: str, key: str) -> None:
+    """Raise `ProcessesDisagree` on every process when the processes hold different values of `variables` (each
+    process places its own host arrays: hosts that read different files, allowed to differ in path, would train
+    against different teachers or from different weights, or an FSDP array mixed from both, without a word).
+    Compared: every array each process holds whole (replicated ones; FSDP's small ones). A collective."""
+    flat = jax.tree_util.tree_leaves_with_path(variables) if variables is not None else []
+    if jax.process_count() == 1 or not flat:
+        return
+    from jax.experimental import multihost_utils  # noqa: PLC0415
+
+    local = [_local_copy_words(x) for _, x in flat]
+    held = np.array([w is not None for w in local])
+    words = np.stack([w if w is not None else np.zeros(2, np.uint32) for w in local])
+    every = np.asarray(multihost_utils.process_allgather(words)).reshape(jax.process_count(), len(flat), 2)
+    holds = np.asarray(multihost_utils.process_allgather(held)).reshape(jax.process_count(), len(flat))
+    compared = holds.all(axis=0)
+    differ = (every != every[0]).any(axis=2) & compared  # (processes, leaves)
+    bad = [int(p) for p in np.flatnonzero(differ.any(axis=1))]
+    if bad:
+        example = jax.tree_util.keystr(flat[int(np.flatnonzero(differ.any(axis=0))[0])][0])
+        raise ProcessesDisagree(f"the {what} differ between processes: process(es) {bad} hold other values than "
+                                f"process 0 (e.g. {example}); every host must read the same {key} file")
 
 
 def fingerprint(variables: Optional[PyTree]) -> Optional[str]:

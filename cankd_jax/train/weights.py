@@ -15,6 +15,7 @@ from flax import traverse_util
 from jax.sharding import Mesh
 
 from cankd_jax.interop import torch as torch_interop
+from cankd_jax.train.distributed import ProcessesDisagree
 from cankd_jax.train.sharding import ParamLayout, tree_shardings
 from cankd_jax.train.state import run_once
 
@@ -59,7 +60,20 @@ def load_teacher(cfg: ml_collections.ConfigDict, teacher: nn.Module, sample: jax
     if os.path.isdir(path):
         return _restore_export(os.path.abspath(path), abstract, shardings), shardings
     variables = torch_interop.load_pytorch_network(path, teacher, cfg)  # every process reads the same file
-    return jax.device_put(variables, shardings), shardings
+    return place(variables, shardings), shardings
+
+
+def place(host: PyTree, shardings: PyTree, what: str = "teacher's weights", key: str = "teacher.checkpoint") -> PyTree:
+    """`jax.device_put` of host arrays that every process read for itself. In a multi-process job JAX compares
+    them across processes; arrays that differ (hosts that read different files) are a `ProcessesDisagree` on every
+    process, naming the key, instead of an AssertionError that prints both arrays whole."""
+    try:
+        return jax.device_put(host, shardings)
+    except AssertionError as e:
+        if "is not the same on each process" not in str(e):
+            raise
+        raise ProcessesDisagree(f"the {what} differ between processes (JAX's check of device_put): every host must "
+                                f"read the same {key} file") from None
 
 
 def export_metadata(path: str, what: str = "teacher checkpoint") -> Any:
@@ -114,7 +128,7 @@ def _restore_export(path: str, abstract: PyTree, shardings: PyTree) -> PyTree:
         out[key] = np.asarray(flat_saved[key], a.dtype)
     dropped = sorted({k[1] for k in flat_saved if k not in out and len(k) > 1})
     log.info("teacher: %d arrays from %s (not used: %s)", len(out), path, ", ".join(dropped) or "none")
-    return jax.device_put(traverse_util.unflatten_dict(out), shardings)
+    return place(traverse_util.unflatten_dict(out), shardings)
 
 
 def load_pretrained(cfg: ml_collections.ConfigDict, student: nn.Module, sample: jax.Array,
