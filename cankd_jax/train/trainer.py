@@ -8,7 +8,9 @@ Every decision is taken the same way on every process: the data order is a
 function of the global step alone (`data/pipeline.py`), the restored step is
 process 0's choice (`checkpoint.py`), preemption is agreed (`preemption.py`),
 and the non-finite check reads metrics that are replicated, so identical
-everywhere.
+everywhere. Before any of that, the processes check that they agree on what to
+run: the same config, one shared workdir, the same teacher and initial weights
+(`distributed.check_same_config`, `_check_shared_workdir`, `run_record`).
 
 Resuming: a run that finds checkpoints in `workdir` restores the newest good
 one (state and data position, on any number of devices and processes), cuts
