@@ -23,9 +23,8 @@ from typing import Any, Optional
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-from jax.experimental import multihost_utils
 
-from cankd_jax.train.distributed import ProcessesDisagree, barrier, each_process
+from cankd_jax.train.distributed import ProcessesDisagree, barrier, broadcast_bytes, each_process
 
 log = logging.getLogger(__name__)
 
@@ -177,9 +176,4 @@ def _abstract(x: Any) -> Any:
 
 def _broadcast_steps(steps: list[int]) -> list[int]:
     """Process 0's list of steps, on every process."""
-    if jax.process_count() == 1:
-        return steps
-    count = int(multihost_utils.broadcast_one_to_all(np.int32(len(steps))))
-    padded = np.full((max(count, 1),), -1, np.int32)
-    padded[:min(len(steps), count)] = steps[:count]
-    return [int(s) for s in multihost_utils.broadcast_one_to_all(padded)[:count]]
+    return [int(s) for s in np.frombuffer(broadcast_bytes(np.asarray(steps, np.int32).tobytes()), np.int32)]
