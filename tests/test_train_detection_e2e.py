@@ -33,11 +33,13 @@ def _args(workdir, data_dir, *extra, config: str = SMOKE):
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, data_dir):
     workdir = tmp_path_factory.mktemp("reference") / "run"
-    cli.run(_args(workdir, data_dir), devices=1)
+    cli.run(_args(workdir, data_dir), devices=1, optimized=True)
     return workdir
 
 
 def test_smoke_run_reports_coco_map_and_exports_the_student(reference, data_dir):
+    """RetinaNet, the default detector, built as users build it (`optimized`; the other runs of this module keep
+    the tests' compile flag): COCO mAP in the summary and the metrics, the export, and a rerun that only reports."""
     rows = cli.rows(reference)
     assert [r["step"] for r in rows] == list(range(1, 5))
     assert all(k in rows[0] for k in ("task/loss_cls", "task/loss_bbox", "distill/cankd_p3", "distill/cankd_p6"))
@@ -47,7 +49,7 @@ def test_smoke_run_reports_coco_map_and_exports_the_student(reference, data_dir)
     assert "teacher" not in done  # a trunk teacher has no head to evaluate
     assert any("eval/mAP" in r for r in cli.all_rows(reference))
     assert os.path.exists(reference / "export" / "student.pth")
-    out = cli.run(_args(reference, data_dir), devices=1)[0]
+    out = cli.run(_args(reference, data_dir), devices=1, optimized=True)[0]
     assert "resumed from step 4" in out and "| run | 4 |" in out
 
 
@@ -134,7 +136,10 @@ def test_dino_student_starts_the_same_on_one_and_four_devices(tmp_path, data_dir
     """The first two steps of the DINO smoke run on 4 devices agree with the 1-device run's to float32 rounding
     (the per-image matching happens where each image lives). DINO's augmentation pads the crops, so the encoder's
     sampling points are scaled by valid ratios below 1: the deformable attention's floors and weights must round
-    alike in either program (`layers.rounded`). Later steps are not compared: the top-k of the encoder's proposals
+    alike in either program (`layers.rounded`). The gradient norms to 1e-4, as `test_detection_task.py`'s: each
+    the root of a sum of squares over every parameter's gradient, whose reductions 4 devices split in another
+    order (step 1's `grad_norm/cankd_p6`, at the same parameters, differed by 1.45e-5 on this 2-core machine on
+    2026-12-07, where it had agreed to 1e-5 before; the losses agreed to 4e-7). Later steps are not compared: the top-k of the encoder's proposals
     and the Hungarian matching are discrete, so rounding-level differences between the two topologies' gradient
     sums flip near-ties after a few steps and the runs part (seen at step 3). The 4-device run is the same 4-step
     run given SIGTERM after its second step, so both follow the same learning-rate schedule; it finishes the step
@@ -148,4 +153,4 @@ def test_dino_student_starts_the_same_on_one_and_four_devices(tmp_path, data_dir
     four = cli.rows(workdir)
     assert [r["step"] for r in four] == [1, 2, 3] and cli.checkpoint_steps(workdir) == [2, 3]
     assert not cli.summary(workdir)["finished"]
-    cli.assert_same_training(four[:2], cli.rows(dino_reference)[:2], rtol=1e-5)
+    cli.assert_same_training(four[:2], cli.rows(dino_reference)[:2], rtol=1e-5, norm_rtol=1e-4)

@@ -320,3 +320,25 @@ def test_ctrl_c_asks_for_a_save_and_a_second_one_interrupts():
             os.kill(os.getpid(), signal.SIGINT)
             signal.getsignal(signal.SIGINT)  # Python runs the handler between bytecodes: give it one
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+
+
+def test_a_sigint_a_launcher_set_to_ignore_stays_ignored():
+    """A launcher that runs the job with SIGINT ignored (nohup-style, or `signal.SIG_IGN` in a wrapper) keeps it so:
+    a Ctrl-C reaching the process is neither a notice nor an interrupt. SIGTERM still is."""
+    import signal
+
+    from cankd_jax.train.preemption import Preemption
+
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with Preemption() as preempt:
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+            os.kill(os.getpid(), signal.SIGINT)
+            signal.getsignal(signal.SIGINT)  # a bytecode boundary, where a handler would run
+            assert not preempt.reached(1) and not preempt.requested
+            os.kill(os.getpid(), signal.SIGTERM)
+            signal.getsignal(signal.SIGINT)
+            assert preempt.reached(1)
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, before)

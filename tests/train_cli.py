@@ -21,10 +21,11 @@ def command(workdir, *overrides, config: str = SMOKE) -> list[str]:
     return [sys.executable, os.path.join(ROOT, "train.py"), f"--config={config}", f"--workdir={workdir}", *overrides]
 
 
-def env(devices: int = 4, **extra: str) -> dict[str, str]:
-    """This environment with `devices` host CPU devices per process (conftest's compilation cache is inherited;
-    the flags conftest added for the in-process tests' compile time are not: train.py runs as users run it)."""
-    added = os.environ.get("CANKD_JAX_TESTS_ADDED_FLAGS", "").split()
+def env(devices: int = 4, *, optimized: bool = False, **extra: str) -> dict[str, str]:
+    """This environment with `devices` host CPU devices per process. conftest's compilation cache is inherited, and
+    so is its compile flag (LLVM unoptimised: these runs, too, are mostly compiling) unless `optimized`, which runs
+    train.py with the flags users run it with. Runs compared bit for bit must be built alike."""
+    added = os.environ.get("CANKD_JAX_TESTS_ADDED_FLAGS", "").split() if optimized else []
     flags = " ".join(f for f in os.environ.get("XLA_FLAGS", "").split()
                      if not f.startswith("--xla_force_host_platform_device_count") and f not in added)
     return dict(os.environ, PYTHONUNBUFFERED="1", **extra,
@@ -38,12 +39,13 @@ def free_port() -> int:
 
 
 def start(args: list[str], *, processes: int = 1, devices: int = 4, log_dir=None,
-          fault: Optional[dict[int, str]] = None) -> list[subprocess.Popen]:
+          fault: Optional[dict[int, str]] = None, optimized: bool = False) -> list[subprocess.Popen]:
     """Start `args` as one process, or as `processes` processes of one job (each with `devices` devices).
 
     Output goes to `log_dir/process{i}.log` when given (read it with `read_log`), else to a pipe.
     `fault`: process index -> "SIGNAME@STEP", a signal that process sends itself after that step (0: before
     the first step; `trainer.FAULT_ENV`), so a test interrupts a run at a step rather than at a moment.
+    `optimized`: see `env`.
     """
     extra = []
     if processes > 1:
@@ -56,7 +58,8 @@ def start(args: list[str], *, processes: int = 1, devices: int = 4, log_dir=None
             out = open(os.path.join(log_dir, f"process{i}.log"), "w")  # noqa: SIM115 - the child owns it
         pid_flag = [f"--process_id={i}"] if processes > 1 else []
         procs.append(subprocess.Popen([*args, *extra, *pid_flag], stdout=out, stderr=subprocess.STDOUT, text=True,
-                                      env=env(devices, **({FAULT_ENV: fault[i]} if fault and i in fault else {})),
+                                      env=env(devices, optimized=optimized,
+                                              **({FAULT_ENV: fault[i]} if fault and i in fault else {})),
                                       cwd=ROOT))
     return procs
 
@@ -75,9 +78,9 @@ def finish(procs: list[subprocess.Popen], timeout: float = 400) -> list[tuple[in
     return results
 
 
-def run(args: list[str], *, processes: int = 1, devices: int = 4, log_dir=None) -> list[str]:
+def run(args: list[str], *, processes: int = 1, devices: int = 4, log_dir=None, optimized: bool = False) -> list[str]:
     """Run to the end; every process must exit 0. Returns each process's output (or its log file's)."""
-    results = finish(start(args, processes=processes, devices=devices, log_dir=log_dir))
+    results = finish(start(args, processes=processes, devices=devices, log_dir=log_dir, optimized=optimized))
     outputs = [out or read_log(log_dir, i) for i, (_, out) in enumerate(results)]
     for (code, _), out in zip(results, outputs, strict=True):
         assert code == 0, out[-4000:]
@@ -116,13 +119,16 @@ def summary(workdir) -> dict:
 TRAINING_KEYS = ("loss", "task/", "distill/", "lr", "grad_norm")
 
 
-def assert_same_training(actual: list[dict], expected: list[dict], *, rtol: Optional[float] = None) -> None:
-    """Same steps, and the same training numbers: bit for bit (`rtol=None`) or to `rtol`."""
+def assert_same_training(actual: list[dict], expected: list[dict], *, rtol: Optional[float] = None,
+                         norm_rtol: Optional[float] = None) -> None:
+    """Same steps, and the same training numbers: bit for bit (`rtol=None`) or to `rtol`; the gradient norms to
+    `norm_rtol` where given (else `rtol`)."""
     assert [r["step"] for r in actual] == [r["step"] for r in expected], [r["step"] for r in actual]
     for a, e in zip(actual, expected, strict=True):
         for k in e:
             if k.startswith(TRAINING_KEYS):
-                if rtol is None:
+                tol = norm_rtol if norm_rtol is not None and k.startswith("grad_norm") else rtol
+                if tol is None:
                     assert a[k] == e[k], (e["step"], k, a[k], e[k])
                 else:
-                    assert abs(a[k] - e[k]) <= rtol * max(abs(e[k]), 1e-3), (e["step"], k, a[k], e[k])
+                    assert abs(a[k] - e[k]) <= tol * max(abs(e[k]), 1e-3), (e["step"], k, a[k], e[k])

@@ -7,8 +7,8 @@ each step. Several processes: JAX's preemption sync manager (started by
 through the coordination service, makes `reached(step)` return True on every
 process at the same step (the first step every process can still reach); the
 others would otherwise step on into a collective that the stopped process never
-joins. Its per-step cost is a local flag check (about 1 us, measured on this
-project's 2-core CPU machine); no collective runs until a notice arrives.
+joins. Its per-step cost is a local flag check; no collective runs until a notice
+arrives.
 
 Ctrl-C (SIGINT) is taken as a notice too: the first one saves at the end of the step and stops (in a
 multi-process job it is passed on as SIGTERM, so every process stops at the same step); a second one stops at
