@@ -203,3 +203,27 @@ def test_reading_pth_files_names_the_problem(tmp_path):
     torch.save([torch.zeros(1)], not_sd)
     with pytest.raises(ValueError, match="does not hold a state dict"):
         interop.load_pth(str(not_sd))
+
+
+def test_a_network_is_traced_once_for_its_conversions_and_each_caller_gets_its_own_copy(monkeypatch):
+    """Import and export of equal networks share one trace (a ResNet-101's takes seconds); another width traces
+    again; the constant buffers handed out (Swin's `relative_position_index`) are the caller's to change."""
+    from cankd_jax.interop import torch_models
+
+    traced = []
+    original = torch_models._trace
+    monkeypatch.setattr(torch_models, "_trace", lambda *a: traced.append(a[0]) or original(*a))
+    swin = lambda width: models.make_model("swin_tiny", embed_dims=width, depths=(2, 2, 2, 2),  # noqa: E731
+                                           num_heads=(1, 1, 1, 1))
+    model = swin(13)  # a width no other test uses: not in the cache yet
+    layout = interop.state_dict_layout(model)
+    buffers = torch_models.torch_buffers(swin(13))
+    assert len(traced) == 1
+    key = next(k for k in buffers if k.endswith("relative_position_index"))
+    expected = buffers[key].copy()
+    buffers[key][...] = -1
+    layout.clear()
+    assert np.array_equal(torch_models.torch_buffers(model)[key], expected)
+    assert len(interop.state_dict_layout(model)) > 0 and len(traced) == 1
+    wider = interop.state_dict_layout(swin(14))
+    assert len(traced) == 2 and wider != interop.state_dict_layout(model)

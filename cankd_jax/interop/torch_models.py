@@ -189,9 +189,41 @@ def state_dict_layout(model: nn.Module, *, sample: Any = None) -> dict[str, Slot
     return _layout_and_buffers(model, sample)[0]
 
 
+def _cache_key(model: nn.Module, sample: Any) -> Optional[tuple]:
+    """A hashable key of (model, the sample's structure, shapes and dtypes), or None when there is none: a bound
+    module, or one with an unhashable field. Flax modules compare and hash by their fields."""
+    if model.scope is not None:
+        return None
+    leaves, treedef = jax.tree_util.tree_flatten(sample)
+    try:
+        key = (model, treedef, tuple((tuple(np.shape(x)), str(x.dtype)) for x in leaves))
+        hash(key)
+    except (TypeError, AttributeError):
+        return None
+    return key
+
+
+_LAYOUTS: dict[tuple, tuple[dict[str, Slot], dict[str, np.ndarray]]] = {}
+_LAYOUTS_KEPT = 16  # traces kept, newest last: an export after an import of the same network traces it once
+
+
 def _layout_and_buffers(model: nn.Module, sample: Any) -> tuple[dict[str, Slot], dict[str, np.ndarray]]:
-    """`state_dict_layout` and `torch_buffers` from one trace."""
+    """`state_dict_layout` and `torch_buffers` from one trace (a ResNet-101 takes seconds to trace, so the last
+    few networks' are kept; the caller gets its own copies)."""
     sample = default_sample(model) if sample is None else sample
+    key = _cache_key(model, sample)
+    if key is None or key not in _LAYOUTS:
+        found = _trace_layout(model, sample)
+        if key is None:
+            return found
+        _LAYOUTS[key] = found
+        while len(_LAYOUTS) > _LAYOUTS_KEPT:
+            del _LAYOUTS[next(iter(_LAYOUTS))]
+    layout, buffers = _LAYOUTS[key]
+    return dict(layout), {k: np.array(v, copy=True) for k, v in buffers.items()}
+
+
+def _trace_layout(model: nn.Module, sample: Any) -> tuple[dict[str, Slot], dict[str, np.ndarray]]:
     owners, abstract, buffers = _trace(model, sample)
     order = {path: i for i, path in enumerate(owners)}
     entries = []
@@ -215,7 +247,7 @@ def torch_buffers(model: nn.Module, *, sample: Any = None) -> dict[str, np.ndarr
     """PyTorch key -> value of the constant buffers the PyTorch model keeps in its state dict but which are
     no variables here, since they follow from the configuration (Swin's `relative_position_index`):
     `import_state_dict` checks a checkpoint's against them, `export_state_dict` writes them."""
-    return _trace(model, default_sample(model) if sample is None else sample)[2]
+    return _layout_and_buffers(model, sample)[1]
 
 
 def default_key_prefixes(model: nn.Module) -> dict[str, str]:
