@@ -1,6 +1,6 @@
 """Re-run the README's demos on this checkout and print their numbers next to the committed ones.
 
-    python benchmarks/demos.py                       # the six demos (about 100 min on a 2-core CPU)
+    python benchmarks/demos.py                       # the six demos (about 80 min by their recorded wall times, 2-core CPU)
     python benchmarks/demos.py --demos detection     # one of them
     python benchmarks/demos.py --workdir /tmp/demos  # keep (and resume) the runs there
 

@@ -7,7 +7,7 @@ tests/torch_reference.py (the authors' matmul order: the P x N attention matrix
 is built), on the same machine in the same run, with as many threads as JAX.
 
 Each measurement runs in a fresh subprocess so its peak resident memory
-(ru_maxrss, which includes the framework's own, about 0.25-0.3 GB) is its own. The
+(ru_maxrss, which includes the framework's own, about 0.25-0.35 GB) is its own. The
 literal form is skipped where its attention matrices would not fit in
 --torch-mem-limit-gb.
 

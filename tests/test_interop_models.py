@@ -227,3 +227,24 @@ def test_a_network_is_traced_once_for_its_conversions_and_each_caller_gets_its_o
     assert len(interop.state_dict_layout(model)) > 0 and len(traced) == 1
     wider = interop.state_dict_layout(swin(14))
     assert len(traced) == 2 and wider != interop.state_dict_layout(model)
+
+
+def test_networks_equal_field_by_field_but_sharing_a_layer_differently_get_their_own_layouts():
+    """Flax compares modules by their fields' values: a block whose two fields hold one shared layer (one set of
+    parameters) equals one whose fields hold two equal layers (two sets). Their layouts must not be confused."""
+    import flax.linen as nn
+
+    class Two(nn.Module):
+        a: nn.Module
+        b: nn.Module
+
+        def __call__(self, x, train=False):
+            return self.a(x) + self.b(x)
+
+    sample = jax.ShapeDtypeStruct((1, 4), np.float32)
+    layer = nn.Dense(3)
+    shared, separate = Two(a=layer, b=layer), Two(a=nn.Dense(3), b=nn.Dense(3))
+    assert shared == separate and hash(shared) == hash(separate)  # what the cache must see through
+    assert sorted(interop.state_dict_layout(shared, sample=sample)) == ["a.bias", "a.weight"]
+    assert sorted(interop.state_dict_layout(separate, sample=sample)) == ["a.bias", "a.weight", "b.bias", "b.weight"]
+    assert sorted(interop.state_dict_layout(shared, sample=sample)) == ["a.bias", "a.weight"]

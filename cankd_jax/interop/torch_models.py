@@ -34,6 +34,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import threading
 from typing import Any, Callable, Mapping, Optional
 
 import flax.linen as nn
@@ -189,14 +190,42 @@ def state_dict_layout(model: nn.Module, *, sample: Any = None) -> dict[str, Slot
     return _layout_and_buffers(model, sample)[0]
 
 
+def _sharing(model: nn.Module) -> tuple[int, ...]:
+    """Which submodule fields hold one instance: Flax modules compare by their fields' values, so `M(a=d, b=d)`
+    (one shared layer, one set of parameters) equals `M(a=Dense(3), b=Dense(3))` (two); this tells them apart.
+    Each module met walking the fields gives -1 the first time, the order it was first met after."""
+    seen: dict[int, int] = {}
+    out: list[int] = []
+
+    def visit(x: Any) -> None:
+        if isinstance(x, nn.Module):
+            if id(x) in seen:
+                out.append(seen[id(x)])
+                return
+            seen[id(x)] = len(seen)
+            out.append(-1)
+            for field in dataclasses.fields(x):
+                if field.name not in ("parent", "name"):
+                    visit(getattr(x, field.name, None))
+        elif isinstance(x, (list, tuple)):
+            for v in x:
+                visit(v)
+        elif isinstance(x, Mapping):
+            for v in x.values():
+                visit(v)
+
+    visit(model)
+    return tuple(out)
+
+
 def _cache_key(model: nn.Module, sample: Any) -> Optional[tuple]:
-    """A hashable key of (model, the sample's structure, shapes and dtypes), or None when there is none: a bound
-    module, or one with an unhashable field. Flax modules compare and hash by their fields."""
+    """A hashable key of (model, its sharing of submodules, the sample's structure, shapes and dtypes), or None
+    when there is none: a bound module, or one with an unhashable field."""
     if model.scope is not None:
         return None
     leaves, treedef = jax.tree_util.tree_flatten(sample)
     try:
-        key = (model, treedef, tuple((tuple(np.shape(x)), str(x.dtype)) for x in leaves))
+        key = (model, _sharing(model), treedef, tuple((tuple(np.shape(x)), str(x.dtype)) for x in leaves))
         hash(key)
     except (TypeError, AttributeError):
         return None
@@ -204,7 +233,8 @@ def _cache_key(model: nn.Module, sample: Any) -> Optional[tuple]:
 
 
 _LAYOUTS: dict[tuple, tuple[dict[str, Slot], dict[str, np.ndarray]]] = {}
-_LAYOUTS_KEPT = 16  # traces kept, newest last: an export after an import of the same network traces it once
+_LAYOUTS_KEPT = 16  # the most recently used traces: an export after an import of the same network traces it once
+_LAYOUTS_LOCK = threading.Lock()
 
 
 def _layout_and_buffers(model: nn.Module, sample: Any) -> tuple[dict[str, Slot], dict[str, np.ndarray]]:
@@ -212,14 +242,18 @@ def _layout_and_buffers(model: nn.Module, sample: Any) -> tuple[dict[str, Slot],
     few networks' are kept; the caller gets its own copies)."""
     sample = default_sample(model) if sample is None else sample
     key = _cache_key(model, sample)
-    if key is None or key not in _LAYOUTS:
+    with _LAYOUTS_LOCK:
+        found = _LAYOUTS.pop(key, None) if key is not None else None
+        if found is not None:
+            _LAYOUTS[key] = found  # now the most recent
+    if found is None:
         found = _trace_layout(model, sample)
-        if key is None:
-            return found
-        _LAYOUTS[key] = found
-        while len(_LAYOUTS) > _LAYOUTS_KEPT:
-            del _LAYOUTS[next(iter(_LAYOUTS))]
-    layout, buffers = _LAYOUTS[key]
+        if key is not None:
+            with _LAYOUTS_LOCK:
+                _LAYOUTS[key] = found
+                while len(_LAYOUTS) > _LAYOUTS_KEPT:
+                    _LAYOUTS.pop(next(iter(_LAYOUTS)))
+    layout, buffers = found
     return dict(layout), {k: np.array(v, copy=True) for k, v in buffers.items()}
 
 
