@@ -238,8 +238,8 @@ def test_the_module_gives_the_same_output_on_any_topology():
     valid-ratio product into the sampler's sum in one fusion and not in another, and the sampler's floors and
     weights part (0.25 here, 4 devices and image by image, before `layers.rounded`)."""
     script = os.path.join(os.path.dirname(__file__), "deform_attn_topologies.py")
-    run = subprocess.run([sys.executable, script, "inside"], env=train_cli.env(4, optimized=True), cwd=train_cli.ROOT,
-                         capture_output=True, text=True, timeout=600)
+    run = subprocess.run([sys.executable, script, "inside"], env=train_cli.env(4, optimized=True),
+                         cwd=train_cli.ROOT, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout + run.stderr
     diffs = json.loads(run.stdout.strip().splitlines()[-1])
     assert set(diffs) == {"1_devices", "4_devices", "image_by_image"}, diffs

@@ -137,11 +137,12 @@ def test_dino_student_starts_the_same_on_one_and_four_devices(tmp_path, data_dir
     (the per-image matching happens where each image lives). DINO's augmentation pads the crops, so the encoder's
     sampling points are scaled by valid ratios below 1: the deformable attention's floors and weights must round
     alike in either program (`layers.rounded`; these runs compile with the tests' flag, where LLVM fuses no
-    multiply-add, so the rounding under users' flags is `test_deform_attn.py`'s topology test). The gradient norms to 1e-4, as `test_detection_task.py`'s: each
-    the root of a sum of squares over every parameter's gradient, whose reductions 4 devices split in another
-    order (step 1's `grad_norm/cankd_p6`, at the same parameters, differed by 1.45e-5 on this 2-core machine on
-    2026-12-07, where it had agreed to 1e-5 before; the losses agreed to 4e-7). Later steps are not compared: the top-k of the encoder's proposals
-    and the Hungarian matching are discrete, so rounding-level differences between the two topologies' gradient
+    multiply-add, so the rounding under users' flags is `test_deform_attn.py`'s topology test). The gradient
+    norms to 1e-4, as `test_detection_task.py`'s: each the root of a sum of squares over every parameter's
+    gradient, whose reductions 4 devices split in another order (step 1's `grad_norm/cankd_p6`, at the same
+    parameters, differed by 1.45e-5 on this 2-core machine on 2026-12-07, where it had agreed to 1e-5 before; the
+    losses agreed to 4e-7). Later steps are not compared: the top-k of the encoder's proposals and the Hungarian
+    matching are discrete, so rounding-level differences between the two topologies' gradient
     sums flip near-ties after a few steps and the runs part (seen at step 3). The 4-device run is the same 4-step
     run given SIGTERM after its second step, so both follow the same learning-rate schedule; it finishes the step
     under way (the third), saves it and exits 0."""
