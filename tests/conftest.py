@@ -31,6 +31,15 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="cankd_jax_test_xla_cache_")
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
 
+# Ctrl-C as at a terminal, however pytest was started. A non-interactive shell starts its background jobs (and
+# nohup its command) with SIGINT ignored, every process inherits that, and the trainer keeps an ignored SIGINT
+# ignored (a launcher's choice, tests/test_train_utils.py): the tests that send SIGINT, in this process or in the
+# train.py runs and jobs it starts (exec resets a handled signal to its default), would then see nothing arrive.
+import signal  # noqa: E402
+
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
