@@ -72,12 +72,15 @@ def main(port: str, process_id: str, root: str) -> None:
         r = np.random.default_rng(me if own_file else 0)
         return {"kernel": r.standard_normal((4, 6)).astype(np.float32), "bias": r.standard_normal(6).astype(np.float32)}
 
+    fingerprints = {}
+
     def restored(own_file: bool) -> None:
-        """Each process builds its own shards from what it read, as Orbax's restore of an export/ does."""
+        """Each process builds its own shards from what it read, as Orbax's restore of an export/ does; the
+        trainer's start then compares them and fingerprints them in one pass."""
         host = host_teacher(own_file)
         placed = {k: jax.make_array_from_callback(v.shape, NamedSharding(mesh, specs[k]), lambda i, v=v: v[i])
                   for k, v in host.items()}
-        run_record.check_same_on_every_process(placed, "teacher's weights", "teacher.checkpoint")
+        fingerprints[own_file] = run_record.make_record(ml_collections.ConfigDict(), placed, check=True)["teacher"]
 
     def read_pth(own_file: bool) -> None:
         """A .pth teacher: host arrays placed with device_put, which JAX compares across processes."""
@@ -102,6 +105,7 @@ def main(port: str, process_id: str, root: str) -> None:
             if preempt.reached(step):
                 stopped = step
                 break
+    print(json.dumps({"case": "teacher fingerprint", "stopped": fingerprints.get(False)}), flush=True)
     print(json.dumps({"case": "ctrl-c", "stopped": stopped}), flush=True)
     jax.distributed.shutdown()
 

@@ -11,7 +11,10 @@ import os
 import subprocess
 import sys
 
+import numpy as np
+
 import train_cli as cli
+from cankd_jax.train import run_record
 
 JOB = os.path.join(os.path.dirname(__file__), "agreement_job.py")
 
@@ -48,6 +51,10 @@ def test_processes_that_disagree_on_config_or_workdir_all_stop_naming_it(tmp_pat
             "host must read the same teacher.checkpoint file")
     assert os.path.join(str(tmp_path), "local0") in cases[0]["a workdir per process"]
     assert os.path.join(str(tmp_path), "local1") in cases[1]["a workdir per process"]
+    # One teacher spread over two processes has the digest of the same weights held whole by one process.
+    r = np.random.default_rng(0)  # agreement_job's host_teacher(own_file=False)
+    host = {"kernel": r.standard_normal((4, 6)).astype(np.float32), "bias": r.standard_normal(6).astype(np.float32)}
+    assert cases[0]["teacher fingerprint"] == cases[1]["teacher fingerprint"] == run_record.fingerprint(host)
     stopped = [errors["ctrl-c"] for errors in cases]
     assert stopped[0] == stopped[1] and stopped[0] >= 3, stopped
     assert "Ctrl-C: saving a checkpoint at the end of this step" in results[1][1]

@@ -79,42 +79,36 @@ def _words(data: np.ndarray, index: tuple, shape: tuple) -> np.ndarray:
                          np.sum(_mix(bits * np.uint32(2246822519) + pos), dtype=np.uint32)], np.uint32)
 
 
-def _leaf_words(x: Any) -> np.ndarray:
-    """`_words` of all of `x`. Sums modulo 2**32 do not depend on their order, so this process's part (the shards
-    it holds first copies of) adds up with the other processes' to the same words on any topology and sharding."""
-    if not isinstance(x, jax.Array):
-        return _words(np.asarray(x), (), np.shape(x))
-    words = np.zeros(2, np.uint32)
-    with np.errstate(over="ignore"):
-        for shard in x.addressable_shards:
-            if shard.replica_id == 0:
-                words += _words(np.asarray(shard.data), shard.index, x.shape)
-    return words
+def _hashes(x: Any, *, parts: bool) -> tuple[Optional[np.ndarray], Optional[np.ndarray]]:
+    """`(whole, part)`, each shard hashed once however many of the two need it:
 
-
-def _local_copy_words(x: Any) -> Optional[np.ndarray]:
-    """`_words` of this process's own whole copy of `x`, or None when it holds only parts (spread by FSDP)."""
+    - `whole`: `_words` of this process's own whole copy of `x`, or None where it holds only pieces (FSDP);
+    - `part` (when `parts`): this process's share of `_words` of all of `x`, the sum over the shards it holds first
+      copies of (a host array counts on process 0). Sums modulo 2**32 do not depend on their order, so the
+      processes' shares add up to the same words on any topology and sharding."""
     if not isinstance(x, jax.Array):
-        return _words(np.asarray(x), (), np.shape(x))
+        words = _words(np.asarray(x), (), np.shape(x))
+        return words, (words if jax.process_index() == 0 else np.zeros(2, np.uint32)) if parts else None
+    whole, part = None, np.zeros(2, np.uint32)
     for shard in x.addressable_shards:
-        if _is_whole(shard.index, x.shape):
-            return _words(np.asarray(shard.data), shard.index, x.shape)
-    return None
+        is_whole = _is_whole(shard.index, x.shape)
+        first = parts and shard.replica_id == 0
+        if first or (is_whole and whole is None):
+            words = _words(np.asarray(shard.data), shard.index, x.shape)
+            whole = words if is_whole and whole is None else whole
+            if first:
+                with np.errstate(over="ignore"):
+                    part += words
+    return whole, part if parts else None
 
 
-def check_same_on_every_process(variables: Optional[PyTree], what: str, key: str) -> None:
-    """Raise `ProcessesDisagree` on every process when the processes hold different values of `variables` (each
-    process places its own host arrays: hosts that read different files, allowed to differ in path, would train
-    against different teachers or from different weights, or an FSDP array mixed from both, without a word).
-    Compared: every array each process holds whole (replicated ones; FSDP's small ones). A collective."""
-    flat = jax.tree_util.tree_leaves_with_path(variables) if variables is not None else []
-    if jax.process_count() == 1 or not flat:
-        return
+def _compare(flat: list, whole: list, what: str, key: str) -> None:
+    """Raise `ProcessesDisagree` on every process when the processes' own whole copies (`whole`, one `_hashes` each
+    or None) of the leaves `flat` differ. A collective."""
     from jax.experimental import multihost_utils  # noqa: PLC0415
 
-    local = [_local_copy_words(x) for _, x in flat]
-    held = np.array([w is not None for w in local])
-    words = np.stack([w if w is not None else np.zeros(2, np.uint32) for w in local])
+    held = np.array([w is not None for w in whole])
+    words = np.stack([w if w is not None else np.zeros(2, np.uint32) for w in whole])
     every = np.asarray(multihost_utils.process_allgather(words)).reshape(jax.process_count(), len(flat), 2)
     holds = np.asarray(multihost_utils.process_allgather(held)).reshape(jax.process_count(), len(flat))
     compared = holds.all(axis=0)
@@ -126,15 +120,18 @@ def check_same_on_every_process(variables: Optional[PyTree], what: str, key: str
                                 f"process 0 (e.g. {example}); every host must read the same {key} file")
 
 
-def fingerprint(variables: Optional[PyTree]) -> Optional[str]:
-    """A hex digest of `variables`' values, shapes and names (None for no variables: a student trained alone). The same weights give
-    the same digest however they are placed or were loaded (a .pth, an export, a copy of either); one changed
-    element changes it. On the host, shard by shard: no compiled program (a teacher's hundreds of arrays took
-    seconds to compile), and every process ends with the same digest (a collective in a multi-process job)."""
+def check_same_on_every_process(variables: Optional[PyTree], what: str, key: str) -> None:
+    """Raise `ProcessesDisagree` on every process when the processes hold different values of `variables` (each
+    process places its own host arrays: hosts that read different files, allowed to differ in path, would train
+    against different teachers or from different weights, or an FSDP array mixed from both, without a word).
+    Compared: every array each process holds whole (replicated ones; FSDP's small ones). A collective."""
     flat = jax.tree_util.tree_leaves_with_path(variables) if variables is not None else []
-    if not flat:
-        return None
-    words = np.stack([_leaf_words(x) for _, x in flat])
+    if jax.process_count() > 1 and flat:
+        _compare(flat, [_hashes(x, parts=False)[0] for _, x in flat], what, key)
+
+
+def _digest(flat: list, parts: list) -> str:
+    words = np.stack(parts)
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils  # noqa: PLC0415
 
@@ -147,9 +144,25 @@ def fingerprint(variables: Optional[PyTree]) -> Optional[str]:
     return digest.hexdigest()
 
 
-def make_record(config: ml_collections.ConfigDict, teacher_variables: Optional[PyTree]) -> dict[str, Any]:
-    """`{'config': {dotted key: value}, 'teacher': fingerprint or None}`: JSON, kept in every checkpoint."""
-    return {"config": flat_config(config), "teacher": fingerprint(teacher_variables)}
+def fingerprint(variables: Optional[PyTree]) -> Optional[str]:
+    """A hex digest of `variables`' values, shapes and names (None for no variables: a student trained alone). The same weights give
+    the same digest however they are placed or were loaded (a .pth, an export, a copy of either); one changed
+    element changes it. On the host, shard by shard: no compiled program (a teacher's hundreds of arrays took
+    seconds to compile), and every process ends with the same digest (a collective in a multi-process job)."""
+    flat = jax.tree_util.tree_leaves_with_path(variables) if variables is not None else []
+    return _digest(flat, [_hashes(x, parts=True)[1] for _, x in flat]) if flat else None
+
+
+def make_record(config: ml_collections.ConfigDict, teacher_variables: Optional[PyTree], *,
+                check: bool = False) -> dict[str, Any]:
+    """`{'config': {dotted key: value}, 'teacher': fingerprint or None}`: JSON, kept in every checkpoint. `check`:
+    first `check_same_on_every_process` on the teacher, from the same pass over its arrays (a teacher of 60M
+    float32 parameters takes about 3 s to hash on the 2-core machine: once, not twice)."""
+    flat = jax.tree_util.tree_leaves_with_path(teacher_variables) if teacher_variables is not None else []
+    hashes = [_hashes(x, parts=True) for _, x in flat]
+    if check and jax.process_count() > 1 and flat:
+        _compare(flat, [whole for whole, _ in hashes], "teacher's weights", "teacher.checkpoint")
+    return {"config": flat_config(config), "teacher": _digest(flat, [part for _, part in hashes]) if flat else None}
 
 
 def check_resume(saved: Optional[dict[str, Any]], current: dict[str, Any], *, step: int, where: str) -> list[str]:

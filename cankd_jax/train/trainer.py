@@ -194,8 +194,7 @@ def _train_loop(config: ml_collections.ConfigDict, workdir: str, preempt: Preemp
     plan = plan_state(run.init_variables, run.tx, config.seed, mesh, layout=ParamLayout.from_config(config.get("mesh")))
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=config.keep_checkpoints)
     data_state: Optional[dict] = None
-    run_record.check_same_on_every_process(run.teacher_vars, "teacher's weights", "teacher.checkpoint")
-    record = run_record.make_record(config, run.teacher_vars)
+    record = run_record.make_record(config, run.teacher_vars, check=True)  # processes holding other teachers stop
     restored = ckpt.restore_latest(plan.abstract)
     if restored is not None:
         step0, state, data_state = restored
