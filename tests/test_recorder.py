@@ -7,8 +7,6 @@ against the step with the same features named by the networks' output dicts.
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
 import chex
 import flax.linen as nn
@@ -16,6 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+
+import train_cli as cli
 
 from cankd_jax import models
 from cankd_jax.config_arg import load_config
@@ -275,15 +275,9 @@ def test_a_foreign_teachers_checkpoint_round_trips(tmp_path):
 
 @pytest.mark.slow
 def test_train_py_distils_a_transformers_teacher(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    p = subprocess.run([sys.executable, "train.py", "--config", "configs/foreign_teacher.py", "--workdir",
-                        str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0, p.stderr[-3000:]
-    import json
-
-    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    train = [r for r in rows if "distill/stage" in r]
+    cli.run(cli.command(tmp_path, config=os.path.join(ROOT, "configs", "foreign_teacher.py")), devices=1)
+    train = [r for r in cli.all_rows(tmp_path) if "distill/stage" in r]
     assert len(train) == 5 and all(r["distill/stage"] > 0 for r in train)
-    summary = json.loads((tmp_path / "summary.json").read_text())
+    summary = cli.summary(tmp_path)
     assert "teacher" not in summary and summary["finished"]
     assert (tmp_path / "export" / "student.pth").exists()
