@@ -1,5 +1,6 @@
 """One process of a 2-process job (`python agreement_job.py PORT PROCESS_ID ROOT`) that runs the trainer's
-agreements case by case and prints one JSON line per case: `{"case": ..., "error": <message or None>}`, and last
+agreements case by case and prints one JSON line per case: `{"case": ..., "error": <message or None>}`, then
+`{"case": "fingerprints", "fingerprints": {...}}` (the teacher digests this process computed), and last
 `{"case": "ctrl-c", "stopped": STEP}`: the step at which `Preemption` stopped this process after process 1 got a
 Ctrl-C (SIGINT) after step 3, the processes stepping in lockstep (a barrier per step) as a train loop's
 collectives keep them.
@@ -82,13 +83,21 @@ def main(port: str, process_id: str, root: str) -> None:
                   for k, v in host.items()}
         fingerprints[own_file] = run_record.make_record(ml_collections.ConfigDict(), placed, check=True)["teacher"]
 
+    def initial(own_file: bool) -> None:
+        """Initial student weights read by each process (`student.pretrained`), compared before training."""
+        host = host_teacher(own_file)
+        placed = {k: jax.make_array_from_callback(v.shape, NamedSharding(mesh, specs[k]), lambda i, v=v: v[i])
+                  for k, v in host.items()}
+        run_record.check_same_on_every_process(placed, "initial student weights", "student.pretrained")
+
     def read_pth(own_file: bool) -> None:
         """A .pth teacher: host arrays placed with device_put, which JAX compares across processes."""
         weights.place(host_teacher(own_file), {k: NamedSharding(mesh, s) for k, s in specs.items()})
 
     cases += [("one teacher file, restored", lambda: restored(False)),
               ("a teacher file per host, restored", lambda: restored(True)),
-              ("one teacher .pth", lambda: read_pth(False)), ("a teacher .pth per host", lambda: read_pth(True))]
+              ("one teacher .pth", lambda: read_pth(False)), ("a teacher .pth per host", lambda: read_pth(True)),
+              ("one student file", lambda: initial(False)), ("a student file per host", lambda: initial(True))]
     for name, case in cases:
         try:
             case()
@@ -105,7 +114,8 @@ def main(port: str, process_id: str, root: str) -> None:
             if preempt.reached(step):
                 stopped = step
                 break
-    print(json.dumps({"case": "teacher fingerprint", "stopped": fingerprints.get(False)}), flush=True)
+    fingerprints = {"placed": fingerprints.get(False), "host": run_record.fingerprint(host_teacher(False))}
+    print(json.dumps({"case": "fingerprints", "fingerprints": fingerprints}), flush=True)
     print(json.dumps({"case": "ctrl-c", "stopped": stopped}), flush=True)
     jax.distributed.shutdown()
 

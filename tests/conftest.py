@@ -31,10 +31,11 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="cankd_jax_test_xla_cache_")
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
 
-# Ctrl-C as at a terminal, however pytest was started. A non-interactive shell starts its background jobs (and
-# nohup its command) with SIGINT ignored, every process inherits that, and the trainer keeps an ignored SIGINT
+# Ctrl-C as at a terminal, however pytest was started. A non-interactive shell starts its background jobs
+# (`pytest &` in a script) with SIGINT ignored, every process inherits that, and the trainer keeps an ignored SIGINT
 # ignored (a launcher's choice, tests/test_train_utils.py): the tests that send SIGINT, in this process or in the
 # train.py runs and jobs it starts (exec resets a handled signal to its default), would then see nothing arrive.
+# This overrides, for the tests only, the launcher's choice that the trainer respects.
 import signal  # noqa: E402
 
 if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:

@@ -14,6 +14,7 @@ import sys
 import numpy as np
 
 import train_cli as cli
+
 from cankd_jax.train import run_record
 
 JOB = os.path.join(os.path.dirname(__file__), "agreement_job.py")
@@ -27,9 +28,8 @@ def test_processes_that_disagree_on_config_or_workdir_all_stop_naming_it(tmp_pat
     results = cli.finish(procs, timeout=180)
     for code, out in results:
         assert code == 0, out[-3000:]
-    cases = [{r["case"]: r.get("error", r.get("stopped")) for r in map(json.loads, (line for line in out.splitlines()
-                                                               if line.startswith('{"case"')))}
-             for _, out in results]
+    lines = [[json.loads(line) for line in out.splitlines() if line.startswith('{"case"')] for _, out in results]
+    cases = [{r["case"]: r.get("error", r.get("stopped", r.get("fingerprints"))) for r in rows} for rows in lines]
     for errors in cases:  # each process takes each decision, and both take it alike
         assert errors["a bad count on process 1"].startswith("ProcessesDisagree: process(es) [1] were given another")
         assert "log_every: 2 -> 0" in errors["a bad count on process 1"]
@@ -43,6 +43,10 @@ def test_processes_that_disagree_on_config_or_workdir_all_stop_naming_it(tmp_pat
         assert "process(es) [1] do not see process 0's --workdir" in errors["a workdir per process"]
         assert errors["one shared workdir again"] is None  # the first shared case's lock was let go
         assert errors["one teacher file, restored"] is None and errors["one teacher .pth"] is None
+        assert errors["one student file"] is None
+        assert errors["a student file per host"] == (
+            "ProcessesDisagree: the initial student weights differ between processes: process(es) [1] hold other "
+            "values than process 0 (e.g. ['bias']); every host must read the same student.pretrained file")
         assert errors["a teacher file per host, restored"] == (
             "ProcessesDisagree: the teacher's weights differ between processes: process(es) [1] hold other values "
             "than process 0 (e.g. ['bias']); every host must read the same teacher.checkpoint file")
@@ -51,10 +55,12 @@ def test_processes_that_disagree_on_config_or_workdir_all_stop_naming_it(tmp_pat
             "host must read the same teacher.checkpoint file")
     assert os.path.join(str(tmp_path), "local0") in cases[0]["a workdir per process"]
     assert os.path.join(str(tmp_path), "local1") in cases[1]["a workdir per process"]
-    # One teacher spread over two processes has the digest of the same weights held whole by one process.
+    # One teacher spread over two processes, or held as host arrays by both, has the digest of the same weights
+    # held by one process.
     r = np.random.default_rng(0)  # agreement_job's host_teacher(own_file=False)
     host = {"kernel": r.standard_normal((4, 6)).astype(np.float32), "bias": r.standard_normal(6).astype(np.float32)}
-    assert cases[0]["teacher fingerprint"] == cases[1]["teacher fingerprint"] == run_record.fingerprint(host)
+    one = run_record.fingerprint(host)
+    assert cases[0]["fingerprints"] == cases[1]["fingerprints"] == {"placed": one, "host": one}
     stopped = [errors["ctrl-c"] for errors in cases]
     assert stopped[0] == stopped[1] and stopped[0] >= 3, stopped
     assert "Ctrl-C: saving a checkpoint at the end of this step" in results[1][1]

@@ -84,15 +84,18 @@ def _hashes(x: Any, *, parts: bool) -> tuple[Optional[np.ndarray], Optional[np.n
 
     - `whole`: `_words` of this process's own whole copy of `x`, or None where it holds only pieces (FSDP);
     - `part` (when `parts`): this process's share of `_words` of all of `x`, the sum over the shards it holds first
-      copies of (a host array counts on process 0). Sums modulo 2**32 do not depend on their order, so the
-      processes' shares add up to the same words on any topology and sharding."""
+      copies of. An array each process holds all of by itself (a host array, or one on this process's devices
+      only) counts on process 0 alone. Sums modulo 2**32 do not depend on their order, so the processes' shares
+      add up to the same words on any topology and sharding."""
+    local = not isinstance(x, jax.Array) or (jax.process_count() > 1 and x.is_fully_addressable)
+    counts = parts and (not local or jax.process_index() == 0)
     if not isinstance(x, jax.Array):
         words = _words(np.asarray(x), (), np.shape(x))
-        return words, (words if jax.process_index() == 0 else np.zeros(2, np.uint32)) if parts else None
+        return words, ((words if counts else np.zeros(2, np.uint32)) if parts else None)
     whole, part = None, np.zeros(2, np.uint32)
     for shard in x.addressable_shards:
         is_whole = _is_whole(shard.index, x.shape)
-        first = parts and shard.replica_id == 0
+        first = counts and shard.replica_id == 0
         if first or (is_whole and whole is None):
             words = _words(np.asarray(shard.data), shard.index, x.shape)
             whole = words if is_whole and whole is None else whole
@@ -145,10 +148,11 @@ def _digest(flat: list, parts: list) -> str:
 
 
 def fingerprint(variables: Optional[PyTree]) -> Optional[str]:
-    """A hex digest of `variables`' values, shapes and names (None for no variables: a student trained alone). The same weights give
-    the same digest however they are placed or were loaded (a .pth, an export, a copy of either); one changed
-    element changes it. On the host, shard by shard: no compiled program (a teacher's hundreds of arrays took
-    seconds to compile), and every process ends with the same digest (a collective in a multi-process job)."""
+    """A hex digest of `variables`' values, shapes and names (None for no variables: a student trained alone).
+    The same weights give the same digest however they are placed or were loaded (a .pth, an export, a copy of
+    either); one changed element changes it. On the host, shard by shard: no compiled program (a teacher's
+    hundreds of arrays took seconds to compile), and every process ends with the same digest (a collective in a
+    multi-process job)."""
     flat = jax.tree_util.tree_leaves_with_path(variables) if variables is not None else []
     return _digest(flat, [_hashes(x, parts=True)[1] for _, x in flat]) if flat else None
 
