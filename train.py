@@ -24,8 +24,12 @@ _NPROC = flags.DEFINE_integer("num_processes", None, "number of processes in a m
 _PID = flags.DEFINE_integer("process_id", None, "index of this process in a multi-host run")
 
 
-def _one_line(e: BaseException) -> str:
+def _one_line(e: BaseException, *, unquote: bool = True) -> str:
+    """`e`'s message on one line. `unquote`: undo the quoting config_flags adds to a parse error (a KeyError's
+    message comes quoted, twice); the trainer's own messages keep their quotes ("'x.pth' is not ... b''")."""
     text = " ".join(str(e).replace("\\n", " ").replace("\\'", "'").split())
+    if not unquote:
+        return text or type(e).__name__
     if "Traceback (most recent call last)" in text:  # config_flags embeds get_config's traceback: keep its message
         text = re.split(r"\b\w*(?:Error|Exception): ", text)[-1]
     text = text.replace("' Did you mean", " Did you mean").strip()
@@ -41,24 +45,60 @@ def _one_line(e: BaseException) -> str:
     return text or type(e).__name__
 
 
+def out_of_memory(e: BaseException) -> str | None:
+    """The one-line error for a device that ran out of memory (XLA's RESOURCE_EXHAUSTED): XLA's figure and what
+    to change, rather than its traceback. None for any other error."""
+    if "RESOURCE_EXHAUSTED" not in str(e):
+        return None
+    return (f"out of memory on the device ({_one_line(e, unquote=False)[:300]}); lower --config.batch_size or the "
+            "input size (data.crop_size), or try --config.dtype=bfloat16, --config.remat=nothing_saveable or "
+            "--config.mesh.fsdp=True")
+
+
+def _config_path(argv: list[str]) -> str:
+    """The value of --config in `argv` ('' if none)."""
+    for i, arg in enumerate(argv[1:], 1):
+        if arg.startswith("--config="):
+            return arg.split("=", 1)[1]
+        if arg == "--config" and i + 1 < len(argv):
+            return argv[i + 1]
+    return ""
+
+
 def _parse(argv: list[str]) -> None:
-    for arg in argv[1:]:  # config_flags loads the file lazily; say plainly when it is not there
-        path = arg.split("=", 1)[1] if arg.startswith("--config=") else None
-        if arg == "--config" and argv.index(arg) + 1 < len(argv):
-            path = argv[argv.index(arg) + 1]
-        if path and not os.path.exists(path.split(":", 1)[0]):
-            sys.exit(f"train.py: error: config file {path!r} not found (the configs are in configs/)")
+    path = _config_path(argv)  # config_flags loads the file lazily; say plainly when it is not there
+    if path and not os.path.exists(path.split(":", 1)[0]):
+        sys.exit(f"train.py: error: config file {path!r} not found (the configs are in configs/)")
+    if path and not os.path.isfile(path.split(":", 1)[0]):
+        sys.exit(f"train.py: error: config file {path!r} is not a file (give one of configs/*.py)")
     try:
         flags.FLAGS(argv)
-    except (flags.Error, AttributeError, KeyError, ValueError, TypeError, OSError) as e:
+    except flags.UnrecognizedFlagError as e:
+        name = getattr(e, "flagname", "") or ""
+        if name.startswith("config."):
+            sys.exit(f"train.py: error: unknown config key: {name[len('config.'):]} "
+                     "(see the config file for the valid keys)")
+        sys.exit(f"train.py: error: {_one_line(e)} (train.py takes --config, --workdir, --coordinator_address, "
+                 "--num_processes, --process_id, and config keys as --config.KEY=VALUE)")
+    except (flags.Error, AttributeError, KeyError, ValueError, TypeError, OSError, IndexError) as e:
         msg = _one_line(e)
-        if "Did you mean" in msg or isinstance(e, (AttributeError, KeyError)):
+        if isinstance(e, AttributeError) and "get_config" in msg:
+            msg = f"the config file defines no get_config(arg) ({msg})"
+        elif isinstance(e, IndexError):
+            indexed = [a.split("=", 1)[0] for a in argv[1:] if re.match(r"--config\.\S*\[\d+\]", a)]
+            msg = f"{', '.join(indexed) or 'a list index'}: {msg} (count list items from 0)"
+        elif "Did you mean" in msg or isinstance(e, (AttributeError, KeyError)):
             msg = f"unknown config key: {msg} (see the config file for the valid keys)"
         elif msg.startswith("Could not parse") and re.search(r"\.\d+(\.|'|$)", msg):
             msg += "; a list item is addressed by its index in brackets, e.g. --config.distill[0].loss=cwd"
         sys.exit(f"train.py: error: {msg}")
+    except Exception as e:  # noqa: BLE001 - the config file's own code failed (a syntax error, an import, a raise)
+        sys.exit(f"train.py: error: the config file {_config_path(argv)!r} failed to load: "
+                 f"{type(e).__name__}: {_one_line(e, unquote=False)}")
     if _CONFIG.value is None or _WORKDIR.value is None:
         sys.exit("train.py: error: both --config configs/NAME.py and --workdir DIR are required")
+    if not _WORKDIR.value.strip():
+        sys.exit("train.py: error: --workdir is empty; give the directory for checkpoints, metrics and exports")
 
 
 def main(argv: list[str]) -> None:
@@ -78,7 +118,12 @@ def main(argv: list[str]) -> None:
             FloatingPointError) as e:
         # Configuration, input and setup mistakes, processes that disagree, a diverged run (FloatingPointError:
         # the trainer's non-finite check): one line that says what happened, not a traceback.
-        sys.exit(f"train.py: error: {_one_line(e)}")
+        sys.exit(f"train.py: error: {_one_line(e, unquote=False)}")
+    except Exception as e:
+        message = out_of_memory(e)
+        if message is None:
+            raise
+        sys.exit(f"train.py: error: {message}")
 
 
 if __name__ == "__main__":

@@ -42,12 +42,16 @@ def parse(arg: str, choices: Mapping[str, Sequence[str]], defaults: Mapping[str,
     Raises `ValueError` naming the unknown key or value and the valid ones.
     """
     out = {k: (list(v) if k in lists else v) for k, v in defaults.items()}
+    given: dict[str, str] = {}
     for item in filter(None, (s.strip() for s in arg.split(","))):
         key, eq, value = item.partition("=")
         if not choices:  # a config without choices still refuses one, rather than ignore what the user meant
             raise ValueError(f"{config} takes no argument after ':', got {item!r}")
         if not eq or key not in choices:
             raise ValueError(f"{config} takes {', '.join(f'{k}=...' for k in choices)} after ':', got {item!r}")
+        if key in given:  # the last would win, and the first be dropped without a word
+            raise ValueError(f"{config}: {key} is given twice after ':' ({given[key]!r} and {item!r})")
+        given[key] = item
         values = [v for v in value.split("+") if v] if key in lists else [value]
         bad = [v for v in values if v not in choices[key]] or ([] if values else ["(empty)"])
         if bad:

@@ -18,6 +18,9 @@ import pytest
 
 from cankd_jax.config_arg import load_config
 from cankd_jax.data.dataset import make_data
+from cankd_jax.models.conv import ConvModule
+from cankd_jax.models.dense_heads import RetinaHead
+from cankd_jax.models.registry import make_segmenter
 from cankd_jax.train import build, trainer
 from cankd_jax.train.optim import make_optimizer
 from cankd_jax.train.sharding import make_mesh
@@ -53,6 +56,31 @@ def test_a_negative_clip_norm_would_have_turned_the_gradient_around():
     g = {"w": jnp.array([3.0, 4.0])}
     flipped, _ = tx.update(g, tx.init(g))
     np.testing.assert_allclose(flipped["w"], [-0.6, -0.8], rtol=1e-6)
+
+
+def test_a_floor_above_the_rate_is_refused_where_the_schedule_decays_to_it():
+    """Before: lr=0.001 with min_lr=0.5 trained, the poly schedule raising the rate to 0.31 by step 3."""
+    for schedule in ("poly", "cosine"):
+        with pytest.raises(ValueError, match=rf"optimizer.min_lr=0.5 is above optimizer.lr=0.001: the {schedule} "):
+            make_optimizer(_optimizer(lr=0.001, min_lr=0.5, schedule=schedule), 10)
+    with pytest.raises(ValueError, match=r"optimizer.min_lr=0.0001 \(the default\) is above optimizer.lr=5e-05"):
+        make_optimizer(_optimizer(lr=5e-5, schedule="poly"), 10)
+    _, schedule = make_optimizer(_optimizer(lr=0.001, min_lr=0.5, schedule="step"), 10)  # no floor there
+    assert float(schedule(9)) == pytest.approx(0.001)
+
+
+@pytest.mark.parametrize("build, message", [
+    (lambda: ConvModule(-1), "ConvModule: features must be a positive integer, got -1"),
+    (lambda: ConvModule(8, 0), "ConvModule: kernel_size must be a positive integer, got 0"),
+    (lambda: RetinaHead(num_classes=3, stacked_convs=-1), "RetinaHead: stacked_convs must be an integer >= 0"),
+    (lambda: make_segmenter("fcn", num_classes=3, backbone="resnet18_v1c_d8", channels=0),
+     r"head_channels must be a positive integer \(or unset for the head's default width\), got 0"),
+])
+def test_a_network_width_out_of_range_is_named(build, message):
+    """Before: a negative width failed deep in XLA (broadcast_in_dim), a zero head width became the default one,
+    and a negative tower built no convs at all."""
+    with pytest.raises(ValueError, match=message):
+        build()
 
 
 def test_a_zero_rate_is_allowed_and_stays_zero_under_the_cosine_schedule():

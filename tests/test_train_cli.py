@@ -56,6 +56,73 @@ def test_bad_config_argument_names_the_choices(tmp_path):
     _fails_with_one_line(_command(tmp_path / "run", config=f"{demo}:loss=fitnet+kd"), "unknown loss kd", "cankd")
 
 
+def test_a_config_file_that_cannot_be_loaded_is_named_with_its_error(tmp_path):
+    """Before: a Python traceback through absl and importlib (a syntax error, an import or a raise in the file),
+    'unknown config key' for a file without get_config, and two tracebacks for a directory."""
+    files = {"syntax.py": "def get_config(:\n    return 1\n", "raises.py": "def get_config(arg=''):\n    raise "
+             "RuntimeError('no such sweep')\n", "imports.py": "import no_such_module_xyz\n", "empty.py": "x = 1\n"}
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    expected = {"syntax.py": ("failed to load: SyntaxError: invalid syntax", "line 1"),
+                "raises.py": ("failed to load: RuntimeError: no such sweep",),
+                "imports.py": ("failed to load: ModuleNotFoundError: No module named 'no_such_module_xyz'",),
+                "empty.py": ("the config file defines no get_config(arg)",)}
+    for name, texts in expected.items():
+        _fails_with_one_line(_command(tmp_path / "run", config=str(tmp_path / name)), *texts)
+    _fails_with_one_line(_command(tmp_path / "run", config=os.path.join(ROOT, "configs")), "is not a file")
+
+
+def test_flag_and_override_mistakes_name_the_flag(tmp_path):
+    """An unknown flag lists train.py's flags (it was called an unknown config key); an index past a list's end
+    names the override (an IndexError traceback); an empty --workdir says so ('No such file or directory: ')."""
+    _fails_with_one_line(_command(tmp_path / "run", "--worksdir=x"), "Unknown command line flag 'worksdir'",
+                         "train.py takes --config, --workdir")
+    _fails_with_one_line(_command(tmp_path / "run", "--config.distill[5].loss=cwd"),
+                         "--config.distill[5].loss: list index out of range (count list items from 0)")
+    _fails_with_one_line(_command("", "--config.total_steps=1"), "--workdir is empty")
+
+
+def test_a_workdir_that_cannot_be_made_is_named(tmp_path):
+    """Before: a PermissionError (or NotADirectoryError) traceback from os.makedirs."""
+    (tmp_path / "a_file").write_text("")
+    _fails_with_one_line(_command(tmp_path / "a_file" / "run"), "cannot create --workdir", "a_file/run")
+
+
+def test_a_config_argument_key_given_twice_is_refused(tmp_path):
+    """Before: the last value won (`detector=fcos,detector=dino` trained DINO) without a word."""
+    detection = os.path.join(ROOT, "configs", "detection_smoke.py")
+    _fails_with_one_line(_command(tmp_path / "run", config=f"{detection}:detector=fcos,detector=dino"),
+                         "detector is given twice after ':' ('detector=fcos' and 'detector=dino')")
+
+
+def test_a_message_that_starts_with_a_quote_keeps_it(tmp_path):
+    """The parse errors' quote stripping cut "'x.pth' ... starts with b''" to "x.pth' ... starts with b'"."""
+    (tmp_path / "empty.pth").write_bytes(b"")
+    last = _fails_with_one_line(_command(tmp_path / "run", f"--config.data.data_dir={tmp_path / 'data'}",
+                                         f"--config.teacher.checkpoint={tmp_path / 'empty.pth'}",
+                                         "--config.teacher.random_init=False"), "is not a PyTorch checkpoint")
+    assert last.startswith(f"train.py: error: '{tmp_path / 'empty.pth'}'") and last.endswith("b''"), last
+
+
+def test_out_of_memory_is_one_line_naming_what_to_change():
+    """XLA's RESOURCE_EXHAUSTED (here a real one: a 1 TiB array on the CPU) as the one line train.py prints."""
+    import importlib.util
+
+    import jax.numpy as jnp
+    import pytest
+
+    spec = importlib.util.spec_from_file_location("train_entry", os.path.join(ROOT, "train.py"))
+    train = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train)
+    with pytest.raises(Exception, match="RESOURCE_EXHAUSTED") as caught:
+        jnp.ones((1 << 38,), jnp.float32).block_until_ready()
+    message = train.out_of_memory(caught.value)
+    assert message.startswith("out of memory on the device (RESOURCE_EXHAUSTED: Out of memory allocating "
+                              "1099511627776 bytes.)"), message
+    assert "--config.batch_size" in message and "--config.dtype=bfloat16" in message
+    assert train.out_of_memory(ValueError("a shape")) is None
+
+
 def test_missing_teacher_checkpoint(tmp_path):
     _fails_with_one_line(_command(tmp_path / "run", f"--config.data.data_dir={tmp_path / 'data'}",
                                   f"--config.teacher.checkpoint={tmp_path / 'teacher.pth'}"),

@@ -14,6 +14,7 @@ weight 1 and bias 0.
 
 from __future__ import annotations
 
+import numbers
 import functools
 from typing import Any, Optional, Sequence, Union
 
@@ -317,6 +318,11 @@ class ConvModule(nn.Module):
 
     def __post_init__(self):
         _choice(self.act, "relu", ACTIVATIONS, "act")
+        for field in ("features", "kernel_size", "stride", "dilation", "groups"):
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:  # else a shape error deep in XLA
+                raise ValueError(f"ConvModule{f' {self.name!r}' if isinstance(self.name, str) else ''}: {field} "
+                                 f"must be a positive integer, got {value!r}")
         if _choice(self.norm, "bn", NORMS, "norm") == "gn" and self.features % self.num_groups:
             raise ValueError(f"ConvModule: GroupNorm needs the {self.features} channels to split into "
                              f"num_groups={self.num_groups} equal groups")

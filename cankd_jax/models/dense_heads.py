@@ -22,6 +22,7 @@ loss's prior, 0.01), GroupNorm weight 1 and bias 0, scales 1.
 
 from __future__ import annotations
 
+import numbers
 import math
 from typing import Optional, Sequence, Union
 
@@ -66,6 +67,12 @@ class _DenseHead(nn.Module):
     prior_prob: float = 0.01
     dtype: Optional[Dtype] = None
     param_dtype: Dtype = jnp.float32
+
+    def __post_init__(self):
+        # A negative tower would build no convs at all and train without a word.
+        if isinstance(self.stacked_convs, bool) or not isinstance(self.stacked_convs, numbers.Integral) or self.stacked_convs < 0:
+            raise ValueError(f"{type(self).__name__}: stacked_convs must be an integer >= 0, got {self.stacked_convs!r}")
+        super().__post_init__()
 
     def _tower(self, branch: str, norm: Union[bool, str], num_groups: int, use_bias: Optional[bool]) -> list:
         return [ConvModule(self.feat_channels, 3, norm=norm, num_groups=num_groups, use_bias=use_bias,

@@ -19,6 +19,7 @@
 
 from __future__ import annotations
 
+import numbers
 import dataclasses
 from typing import Any, Callable, Mapping, Optional
 
@@ -208,6 +209,9 @@ def make_segmenter(
             raise ValueError(f"remat={remat!r} rematerialises ResNet blocks; backbone {backbone!r} is not a ResNet "
                              "(use remat='none')")
         bb_fields["remat"] = remat
+    if channels is not None and (isinstance(channels, bool) or not isinstance(channels, numbers.Integral) or channels < 1):
+        raise ValueError(f"head_channels must be a positive integer (or unset for the head's default width), "
+                         f"got {channels!r}")
     if backbone == FOREIGN:
         # Another codebase's model: its own options only; the heads read its features named layer4 / layer3.
         bb = make_foreign(**dict(backbone_kwargs or {}))

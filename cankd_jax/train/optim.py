@@ -29,9 +29,19 @@ def _warmup(base: float, cfg: ml_collections.ConfigDict, main: Schedule) -> Sche
     return optax.join_schedules([ramp, lambda count: main(count + steps)], [steps])
 
 
+def _floor(base: float, cfg: ml_collections.ConfigDict, default: float) -> float:
+    """`optimizer.min_lr` (or `default`), refused above the rate it decays from: the schedule would climb to it."""
+    floor = float(cfg.get("min_lr", default))
+    if floor > base:
+        raise ValueError(f"optimizer.min_lr={floor:g}{'' if 'min_lr' in cfg else ' (the default)'} is above "
+                         f"optimizer.lr={base:g}: the {cfg.get('schedule')} schedule would raise the learning rate "
+                         "towards it; set optimizer.min_lr <= optimizer.lr")
+    return floor
+
+
 def _poly(base: float, cfg: ml_collections.ConfigDict, total_steps: int) -> Schedule:
     # mmseg PolyLR: (base - eta_min) * (1 - t / T) ** power + eta_min.
-    return optax.polynomial_schedule(base, float(cfg.get("min_lr", 1e-4)), float(cfg.get("power", 0.9)), total_steps)
+    return optax.polynomial_schedule(base, _floor(base, cfg, 1e-4), float(cfg.get("power", 0.9)), total_steps)
 
 
 def _step(base: float, cfg: ml_collections.ConfigDict, total_steps: int) -> Schedule:
@@ -46,7 +56,7 @@ def _constant(base: float, cfg: ml_collections.ConfigDict, total_steps: int) -> 
 
 
 def _cosine(base: float, cfg: ml_collections.ConfigDict, total_steps: int) -> Schedule:
-    alpha = float(cfg.get("min_lr", 0.0)) / base if base else 0.0  # a zero rate stays zero
+    alpha = _floor(base, cfg, 0.0) / base if base else 0.0  # a zero rate stays zero
     return optax.cosine_decay_schedule(base, total_steps, alpha=alpha)
 
 

@@ -130,7 +130,10 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, preempt
     for path, what in ((workdir, "--workdir"), (os.path.join(workdir, "checkpoints"), "the workdir's checkpoints")):
         if os.path.exists(path) and not os.path.isdir(path):  # else makedirs, or the first save, fails deep down
             raise ValueError(f"{what} {path!r} is a file, not a directory")
-    os.makedirs(workdir, exist_ok=True)
+    try:
+        os.makedirs(workdir, exist_ok=True)
+    except OSError as e:  # a read-only or foreign filesystem: name the flag, not a makedirs traceback
+        raise ValueError(f"cannot create --workdir {workdir!r}: {e.strerror or e}") from e
     with _workdir_lock(workdir):
         return _train_loop(config, workdir, preempt, t_start)
 
