@@ -83,6 +83,16 @@ def test_a_network_width_out_of_range_is_named(build, message):
         build()
 
 
+@pytest.mark.parametrize("value", [-1, 2.5, "big"])
+def test_an_fsdp_threshold_out_of_range_is_named(value):
+    """Before: a negative threshold was taken (every array counted as large enough) without a word."""
+    from cankd_jax.train.sharding import ParamLayout
+
+    with pytest.raises(ValueError, match=rf"mesh.fsdp_min_size must be an integer >= 0 .*got {value!r}"):
+        ParamLayout.from_config({"fsdp": True, "fsdp_min_size": value})
+    assert ParamLayout.from_config({"fsdp": True, "fsdp_min_size": 0}).min_size == 0
+
+
 def test_a_zero_rate_is_allowed_and_stays_zero_under_the_cosine_schedule():
     _, schedule = make_optimizer(_optimizer(lr=0.0, schedule="cosine", min_lr=0.0), 10)  # was a ZeroDivisionError
     assert [float(schedule(s)) for s in (0, 5, 10)] == [0.0, 0.0, 0.0]
