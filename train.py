@@ -67,9 +67,10 @@ def _config_path(argv: list[str]) -> str:
 
 def _parse(argv: list[str]) -> None:
     path = _config_path(argv)  # config_flags loads the file lazily; say plainly when it is not there
-    if path and not os.path.exists(path.split(":", 1)[0]):
+    file = path.split(":", 1)[0]
+    if path and not os.path.exists(file):
         sys.exit(f"train.py: error: config file {path!r} not found (the configs are in configs/)")
-    if path and not os.path.isfile(path.split(":", 1)[0]):
+    if path and not os.path.isfile(file):
         sys.exit(f"train.py: error: config file {path!r} is not a file (give one of configs/*.py)")
     try:
         flags.FLAGS(argv)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import numbers
 import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -61,6 +62,11 @@ def parse(arg: str, choices: Mapping[str, Sequence[str]], defaults: Mapping[str,
             raise ValueError(f"{config}: {key} names {', '.join(twice)} more than once, in {item!r}")
         out[key] = values if key in lists else values[0]
     return out
+
+
+def is_count(value: Any, least: int) -> bool:
+    """Whether `value` is an integer (not a bool, which Python counts as one) of at least `least`."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= least
 
 
 def check_number(value: Any, what: str, ok: Callable[[float], bool], rule: str) -> float:

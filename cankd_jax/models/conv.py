@@ -14,7 +14,6 @@ weight 1 and bias 0.
 
 from __future__ import annotations
 
-import numbers
 import functools
 from typing import Any, Optional, Sequence, Union
 
@@ -24,6 +23,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from cankd_jax.compute import conv_form_for, dilated_conv_form
+from cankd_jax.config_arg import is_count
 from cankd_jax.layers import BatchNorm, Conv1x1, Dtype, Initializer, torch_bias_init
 
 Array = jax.Array
@@ -320,7 +320,7 @@ class ConvModule(nn.Module):
         _choice(self.act, "relu", ACTIVATIONS, "act")
         for field in ("features", "kernel_size", "stride", "dilation", "groups"):
             value = getattr(self, field)
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:  # else a shape error deep in XLA
+            if not is_count(value, 1):  # else a shape error deep in XLA
                 raise ValueError(f"ConvModule{f' {self.name!r}' if isinstance(self.name, str) else ''}: {field} "
                                  f"must be a positive integer, got {value!r}")
         if _choice(self.norm, "bn", NORMS, "norm") == "gn" and self.features % self.num_groups:

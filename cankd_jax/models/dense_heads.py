@@ -22,7 +22,6 @@ loss's prior, 0.01), GroupNorm weight 1 and bias 0, scales 1.
 
 from __future__ import annotations
 
-import numbers
 import math
 from typing import Optional, Sequence, Union
 
@@ -30,6 +29,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from cankd_jax.config_arg import is_count
 from cankd_jax.layers import Dtype
 from cankd_jax.models.conv import ConvModule
 from cankd_jax.models.ops import check_nhwc
@@ -70,8 +70,9 @@ class _DenseHead(nn.Module):
 
     def __post_init__(self):
         # A negative tower would build no convs at all and train without a word.
-        if isinstance(self.stacked_convs, bool) or not isinstance(self.stacked_convs, numbers.Integral) or self.stacked_convs < 0:
-            raise ValueError(f"{type(self).__name__}: stacked_convs must be an integer >= 0, got {self.stacked_convs!r}")
+        if not is_count(self.stacked_convs, 0):
+            raise ValueError(f"{type(self).__name__}: stacked_convs must be an integer >= 0, "
+                             f"got {self.stacked_convs!r}")
         super().__post_init__()
 
     def _tower(self, branch: str, norm: Union[bool, str], num_groups: int, use_bias: Optional[bool]) -> list:

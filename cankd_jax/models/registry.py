@@ -19,7 +19,6 @@
 
 from __future__ import annotations
 
-import numbers
 import dataclasses
 from typing import Any, Callable, Mapping, Optional
 
@@ -27,6 +26,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from cankd_jax.compute import remat_policy
+from cankd_jax.config_arg import is_count
 from cankd_jax.models.channel_mapper import ChannelMapper
 from cankd_jax.models.dense_heads import FCOSHead, RetinaHead
 from cankd_jax.models.dino import DINO
@@ -209,7 +209,7 @@ def make_segmenter(
             raise ValueError(f"remat={remat!r} rematerialises ResNet blocks; backbone {backbone!r} is not a ResNet "
                              "(use remat='none')")
         bb_fields["remat"] = remat
-    if channels is not None and (isinstance(channels, bool) or not isinstance(channels, numbers.Integral) or channels < 1):
+    if channels is not None and not is_count(channels, 1):
         raise ValueError(f"head_channels must be a positive integer (or unset for the head's default width), "
                          f"got {channels!r}")
     if backbone == FOREIGN:

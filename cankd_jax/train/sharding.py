@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import numbers
 from typing import Any, Mapping, Optional
 
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from cankd_jax.config_arg import is_count
 
 DATA = "data"
 
@@ -55,7 +56,7 @@ class ParamLayout:
         if unknown:
             raise ValueError(f"unknown mesh config key(s) {', '.join(unknown)}; known: fsdp, fsdp_min_size")
         min_size = mesh_cfg.get("fsdp_min_size", cls.min_size)
-        if isinstance(min_size, bool) or not isinstance(min_size, numbers.Integral) or min_size < 0:
+        if not is_count(min_size, 0):
             raise ValueError(f"mesh.fsdp_min_size must be an integer >= 0 (arrays of at least this many elements are "
                              f"spread), got {min_size!r}")
         return cls(bool(mesh_cfg.get("fsdp", False)), int(min_size))

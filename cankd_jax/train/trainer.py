@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from cankd_jax.config_arg import is_count
 from cankd_jax.models import DetectionTrunk, ForeignBackbone, unwrap
 from cankd_jax.train import build, run_record
 from cankd_jax.train.checkpoint import Checkpointer
@@ -119,7 +120,7 @@ def check_loop_config(config: ml_collections.ConfigDict) -> None:
     of a `ZeroDivisionError` at the first step or a run that silently trains nothing or keeps nothing."""
     for key, least, meaning in _LOOP_COUNTS:
         value = config.get(key)
-        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        if not is_count(value, least):
             raise ValueError(f"--config.{key}={value!r}: must be an integer >= {least} ({meaning})")
 
 
