@@ -69,26 +69,29 @@ def main(port: str, process_id: str, root: str) -> None:
 
     specs = {"kernel": PartitionSpec("data"), "bias": PartitionSpec()}  # spread; whole on every process
 
-    def host_teacher(own_file: bool) -> dict:
+    def host_teacher(own_file: bool, nan: bool = False) -> dict:
         r = np.random.default_rng(me if own_file else 0)
-        return {"kernel": r.standard_normal((4, 6)).astype(np.float32), "bias": r.standard_normal(6).astype(np.float32)}
+        kernel = r.standard_normal((4, 6)).astype(np.float32)
+        if nan:
+            kernel[3, 1] = np.nan  # in process 1's half of the spread kernel only
+        return {"kernel": kernel, "bias": r.standard_normal(6).astype(np.float32)}
 
     fingerprints = {}
 
-    def restored(own_file: bool) -> None:
+    def restored(own_file: bool, nan: bool = False) -> None:
         """Each process builds its own shards from what it read, as Orbax's restore of an export/ does; the
-        trainer's start then compares them and fingerprints them in one pass."""
-        host = host_teacher(own_file)
+        trainer's start then compares them, checks them for NaNs and fingerprints them in one pass."""
+        host = host_teacher(own_file, nan)
         placed = {k: jax.make_array_from_callback(v.shape, NamedSharding(mesh, specs[k]), lambda i, v=v: v[i])
                   for k, v in host.items()}
         fingerprints[own_file] = run_record.make_record(ml_collections.ConfigDict(), placed, check=True)["teacher"]
 
-    def initial(own_file: bool) -> None:
-        """Initial student weights read by each process (`student.pretrained`), compared before training."""
-        host = host_teacher(own_file)
+    def initial(own_file: bool, nan: bool = False) -> None:
+        """Initial student weights read by each process (`student.pretrained`), checked before training."""
+        host = host_teacher(own_file, nan)
         placed = {k: jax.make_array_from_callback(v.shape, NamedSharding(mesh, specs[k]), lambda i, v=v: v[i])
                   for k, v in host.items()}
-        run_record.check_same_on_every_process(placed, "initial student weights", "student.pretrained")
+        run_record.check_weights(placed, "initial student weights", "student.pretrained")
 
     def read_pth(own_file: bool) -> None:
         """A .pth teacher: host arrays placed with device_put, which JAX compares across processes."""
@@ -97,7 +100,9 @@ def main(port: str, process_id: str, root: str) -> None:
     cases += [("one teacher file, restored", lambda: restored(False)),
               ("a teacher file per host, restored", lambda: restored(True)),
               ("one teacher .pth", lambda: read_pth(False)), ("a teacher .pth per host", lambda: read_pth(True)),
-              ("one student file", lambda: initial(False)), ("a student file per host", lambda: initial(True))]
+              ("one student file", lambda: initial(False)), ("a student file per host", lambda: initial(True)),
+              ("a NaN in process 1's half of the teacher", lambda: restored(False, nan=True)),
+              ("a NaN in process 1's half of the student", lambda: initial(False, nan=True))]
     for name, case in cases:
         try:
             case()

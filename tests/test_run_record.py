@@ -147,3 +147,29 @@ def test_config_differences_name_list_items_and_take_nan_as_nan():
     assert config_differences(nan, flat_config(config(1.0, float("nan")))) == []
     assert config_differences(nan, flat, ignore=("optimizer",)) == []
     assert config_differences(flat_config(config(2.0, 0.01)), flat, ignore=("distill",)) == []
+
+
+@pytest.mark.parametrize("placement", ["host", "replicated", "spread"])
+def test_weights_holding_nan_or_inf_are_refused_naming_the_arrays(placement):
+    """A teacher (or initial student) with NaNs would otherwise surface only as a non-finite loss at step 1. Each
+    bad element counts once however many devices hold a copy, and an integer array is never 'non-finite'."""
+    bad = _weights()
+    bad["params"]["conv"]["kernel"][2, 1, 3, 5] = np.nan
+    bad["params"]["conv"]["kernel"][0, 0, 0, 0] = -np.inf
+    bad["params"]["embed"] = bad["params"]["embed"].astype(jnp.bfloat16)
+    bad["params"]["embed"][5, 3] = np.inf
+    bad["batch_stats"]["count"] = np.arange(8, dtype=np.int32)
+    if placement != "host":
+        mesh = Mesh(np.array(jax.devices()[:4]), ("data",))
+        bad = _placed(bad, mesh, lambda x: PartitionSpec(*[None] * (x.ndim - 1), "data")  # the NaNs' arrays too
+                      if placement == "spread" and x.shape[-1] % 4 == 0 else PartitionSpec())
+        assert (placement == "spread") == all(x.sharding.spec != PartitionSpec() for x in jax.tree.leaves(bad))
+    expected = (r"the teacher's weights hold NaN or infinite values in 2 of 5 arrays "
+                r"\(\['params'\]\['conv'\]\['kernel'\]: 2 of 288, \['params'\]\['embed'\]: 1 of 24\): "
+                r"the teacher.checkpoint file is damaged")
+    with pytest.raises(run_record.NonFiniteWeights, match=expected):
+        run_record.make_record(ml_collections.ConfigDict(), bad, check=True)
+    with pytest.raises(run_record.NonFiniteWeights, match=r"the initial student weights hold NaN .* 2 of 5 arrays"):
+        run_record.check_weights(bad, "initial student weights", "student.pretrained")
+    assert run_record.make_record(ml_collections.ConfigDict(), bad)["teacher"]  # unchecked: fingerprinted only
+    run_record.check_weights(_weights(), "initial student weights", "student.pretrained")  # finite: no error

@@ -129,6 +129,34 @@ def test_missing_teacher_checkpoint(tmp_path):
                          "teacher checkpoint", "teacher.pth", "not found", "--config.teacher.checkpoint")
 
 
+def test_a_teacher_checkpoint_holding_nan_is_named_before_training(tmp_path):
+    """A teacher saved from a run that diverged trained into a non-finite loss at step 1 that named no cause."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from cankd_jax import models
+    from cankd_jax.interop import torch as torch_interop
+    from cankd_jax.train import build
+
+    sys.path.insert(0, os.path.dirname(SMOKE))
+    try:
+        config = __import__("smoke").get_config()
+    finally:
+        sys.path.pop(0)
+    teacher = models.make_network(build.network_config(config.teacher), num_classes=config.task.num_classes)
+    variables = jax.tree.map(np.array, teacher.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False))
+    variables["params"]["backbone"]["layer3.1"]["conv2"]["kernel"][0, 0, 0, :2] = np.nan
+    torch_interop.export_pytorch_network(teacher, variables, str(tmp_path / "diverged.pth"))
+    _fails_with_one_line(_command(tmp_path / "run", f"--config.data.data_dir={tmp_path / 'data'}",
+                                  f"--config.teacher.checkpoint={tmp_path / 'diverged.pth'}",
+                                  "--config.teacher.random_init=False"),
+                         "the teacher's weights hold NaN or infinite values in 1 of ",
+                         "['params']['backbone']['layer3.1']['conv2']['kernel']: 2 of 36864",
+                         "the teacher.checkpoint file is damaged or was saved from a run that diverged")
+    assert not (tmp_path / "run" / "checkpoints").exists() or not os.listdir(tmp_path / "run" / "checkpoints")
+
+
 def test_batch_not_divisible_by_the_devices(tmp_path):
     _fails_with_one_line(_command(tmp_path / "run", "--config.batch_size=6"),
                          "batch_size=6", "4 devices", "--config.batch_size=4")

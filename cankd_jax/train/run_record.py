@@ -79,30 +79,43 @@ def _words(data: np.ndarray, index: tuple, shape: tuple) -> np.ndarray:
                          np.sum(_mix(bits * np.uint32(2246822519) + pos), dtype=np.uint32)], np.uint32)
 
 
-def _hashes(x: Any, *, parts: bool) -> tuple[Optional[np.ndarray], Optional[np.ndarray]]:
-    """`(whole, part)`, each shard hashed once however many of the two need it:
+def _nonfinite(data: np.ndarray) -> int:
+    """How many elements of `data` are NaN or infinite (none in an integer array)."""
+    if data.dtype.kind != "f" and data.dtype.name != "bfloat16":
+        return 0
+    return int(data.size - np.count_nonzero(np.isfinite(data)))
+
+
+def _hashes(x: Any, *, parts: bool) -> tuple[Optional[np.ndarray], Optional[np.ndarray], int]:
+    """`(whole, part, nonfinite)`, each shard read once however many of the three need it:
 
     - `whole`: `_words` of this process's own whole copy of `x`, or None where it holds only pieces (FSDP);
     - `part` (when `parts`): this process's share of `_words` of all of `x`, the sum over the shards it holds first
       copies of. An array each process holds all of by itself (a host array, or one on this process's devices
       only) counts on process 0 alone. Sums modulo 2**32 do not depend on their order, so the processes' shares
-      add up to the same words on any topology and sharding."""
+      add up to the same words on any topology and sharding;
+    - `nonfinite`: this process's share, over the same shards, of the count of NaN and infinite elements."""
     local = not isinstance(x, jax.Array) or (jax.process_count() > 1 and x.is_fully_addressable)
-    counts = parts and (not local or jax.process_index() == 0)
+    counts = not local or jax.process_index() == 0
     if not isinstance(x, jax.Array):
-        words = _words(np.asarray(x), (), np.shape(x))
-        return words, ((words if counts else np.zeros(2, np.uint32)) if parts else None)
-    whole, part = None, np.zeros(2, np.uint32)
+        data = np.asarray(x)
+        words = _words(data, (), np.shape(x))
+        bad = _nonfinite(data) if counts else 0
+        return words, ((words if counts else np.zeros(2, np.uint32)) if parts else None), bad
+    whole, part, bad = None, np.zeros(2, np.uint32), 0
     for shard in x.addressable_shards:
         is_whole = _is_whole(shard.index, x.shape)
         first = counts and shard.replica_id == 0
         if first or (is_whole and whole is None):
-            words = _words(np.asarray(shard.data), shard.index, x.shape)
+            data = np.asarray(shard.data)
+            words = _words(data, shard.index, x.shape) if (parts and first) or (is_whole and whole is None) else None
             whole = words if is_whole and whole is None else whole
             if first:
-                with np.errstate(over="ignore"):
-                    part += words
-    return whole, part if parts else None
+                bad += _nonfinite(data)
+                if parts:
+                    with np.errstate(over="ignore"):
+                        part += words
+    return whole, part if parts else None, bad
 
 
 def _compare(flat: list, whole: list, what: str, key: str) -> None:
@@ -123,14 +136,40 @@ def _compare(flat: list, whole: list, what: str, key: str) -> None:
                                 f"process 0 (e.g. {example}); every host must read the same {key} file")
 
 
-def check_same_on_every_process(variables: Optional[PyTree], what: str, key: str) -> None:
-    """Raise `ProcessesDisagree` on every process when the processes hold different values of `variables` (each
-    process places its own host arrays: hosts that read different files, allowed to differ in path, would train
-    against different teachers or from different weights, or an FSDP array mixed from both, without a word).
-    Compared: every array each process holds whole (replicated ones; FSDP's small ones). A collective."""
+class NonFiniteWeights(ValueError):
+    """Weights read for a run hold NaN or infinite values: a damaged file, or one saved from a diverged run."""
+
+
+def _check_finite(flat: list, nonfinite: list[int], what: str, key: str) -> None:
+    """Raise `NonFiniteWeights` on every process, naming the arrays, when the leaves `flat` hold NaN or infinite
+    values (`nonfinite`: this process's share of each leaf's count, from `_hashes`). A collective. Without it such
+    weights surface only as a non-finite loss at the first step, with no word of where it came from."""
+    counts = np.asarray(nonfinite, np.int64)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils  # noqa: PLC0415
+
+        counts = np.asarray(multihost_utils.process_allgather(counts)).reshape(jax.process_count(), -1).sum(axis=0)
+    bad = np.flatnonzero(counts)
+    if bad.size:
+        named = ", ".join(f"{jax.tree_util.keystr(flat[i][0])}: {counts[i]} of {np.size(flat[i][1])}"
+                          for i in bad[:3])
+        raise NonFiniteWeights(f"the {what} hold NaN or infinite values in {bad.size} of {len(flat)} arrays "
+                               f"({named}{', ...' if bad.size > 3 else ''}): the {key} file is damaged or was saved "
+                               "from a run that diverged")
+
+
+def check_weights(variables: Optional[PyTree], what: str, key: str) -> None:
+    """Raise on every process when `variables` hold NaN or infinite values (`NonFiniteWeights`), or when the
+    processes hold different values (`ProcessesDisagree`: each process places its own host arrays, so hosts that
+    read different files, allowed to differ in path, would train against different teachers or from different
+    weights, or an FSDP array mixed from both, without a word). Compared across processes: every array each
+    process holds whole (replicated ones; FSDP's small ones). A collective."""
     flat = jax.tree_util.tree_leaves_with_path(variables) if variables is not None else []
-    if jax.process_count() > 1 and flat:
-        _compare(flat, [_hashes(x, parts=False)[0] for _, x in flat], what, key)
+    if flat:
+        hashes = [_hashes(x, parts=False) for _, x in flat]
+        if jax.process_count() > 1:
+            _compare(flat, [whole for whole, _, _ in hashes], what, key)
+        _check_finite(flat, [bad for _, _, bad in hashes], what, key)
 
 
 def _digest(flat: list, parts: list) -> str:
@@ -160,13 +199,15 @@ def fingerprint(variables: Optional[PyTree]) -> Optional[str]:
 def make_record(config: ml_collections.ConfigDict, teacher_variables: Optional[PyTree], *,
                 check: bool = False) -> dict[str, Any]:
     """`{'config': {dotted key: value}, 'teacher': fingerprint or None}`: JSON, kept in every checkpoint. `check`:
-    first `check_same_on_every_process` on the teacher, from the same pass over its arrays (a teacher of 60M
-    float32 parameters takes about 3 s to hash on the 2-core machine: once, not twice)."""
+    first `check_weights` on the teacher, from the same pass over its arrays (a teacher of 60M float32 parameters
+    takes about 3 s to hash on the 2-core machine: once, not twice)."""
     flat = jax.tree_util.tree_leaves_with_path(teacher_variables) if teacher_variables is not None else []
     hashes = [_hashes(x, parts=True) for _, x in flat]
-    if check and jax.process_count() > 1 and flat:
-        _compare(flat, [whole for whole, _ in hashes], "teacher's weights", "teacher.checkpoint")
-    return {"config": flat_config(config), "teacher": _digest(flat, [part for _, part in hashes]) if flat else None}
+    if check and flat:
+        if jax.process_count() > 1:
+            _compare(flat, [whole for whole, _, _ in hashes], "teacher's weights", "teacher.checkpoint")
+        _check_finite(flat, [bad for _, _, bad in hashes], "teacher's weights", "teacher.checkpoint")
+    return {"config": flat_config(config), "teacher": _digest(flat, [part for _, part, _ in hashes]) if flat else None}
 
 
 def check_resume(saved: Optional[dict[str, Any]], current: dict[str, Any], *, step: int, where: str) -> list[str]:

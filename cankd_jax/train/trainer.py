@@ -198,7 +198,7 @@ def _train_loop(config: ml_collections.ConfigDict, workdir: str, preempt: Preemp
     plan = plan_state(run.init_variables, run.tx, config.seed, mesh, layout=ParamLayout.from_config(config.get("mesh")))
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=config.keep_checkpoints)
     data_state: Optional[dict] = None
-    record = run_record.make_record(config, run.teacher_vars, check=True)  # processes holding other teachers stop
+    record = run_record.make_record(config, run.teacher_vars, check=True)  # other teachers, or NaNs, stop it
     restored = ckpt.restore_latest(plan.abstract)
     if restored is not None:
         step0, state, data_state = restored
@@ -209,7 +209,7 @@ def _train_loop(config: ml_collections.ConfigDict, workdir: str, preempt: Preemp
                         "as it stands at step %d", step0, config.total_steps, step0)
     else:
         state = plan.init()
-        run_record.check_same_on_every_process(state.params, "initial student weights", "student.pretrained")
+        run_record.check_weights(state.params, "initial student weights", "student.pretrained")
     log.info("state ready (%.1f s since the start)", time.perf_counter() - t_start)
     start = int(jax.device_get(state.step))
     last_saved = start or None
