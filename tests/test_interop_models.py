@@ -183,18 +183,89 @@ def test_old_checkpoints_without_batch_counters_load_as_zero():
     assert not report.missing and int(variables["batch_stats"]["bn1"]["num_batches_tracked"]) == 0
 
 
-class _Unsafe:
-    pass
+_RAN = []  # what the objects below did when unpickled: nothing, unless their code ran
+
+
+def _ran(what):
+    _RAN.append(what)
+
+
+class _Tripwire:
+    """An object whose unpickling runs code of the file's choosing (here: a harmless record of it)."""
+
+    def __reduce__(self):
+        return _ran, ("reduce",)
+
+
+class _Meta(dict):  # a dict subclass: the restricted unpickler can only fill in plain dicts
+    def __setstate__(self, state):
+        _ran("setstate")
+
+
+def _runner_checkpoint(path, **extra):
+    """A training checkpoint as mmengine's runner writes one (not published: optimizer, schedulers and message
+    hub kept), built from mmengine's own objects and written by its save_checkpoint."""
+    from mmengine.logging import MessageHub
+    from mmengine.optim import MultiStepLR, OptimWrapper
+    from mmengine.runner.checkpoint import save_checkpoint, weights_to_cpu
+
+    net = torch.nn.Conv2d(3, 4, 3)
+    optim = OptimWrapper(torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9))
+    hub = MessageHub.get_instance("cankd_jax_test")
+    hub.update_scalar("train/loss", 1.5)
+    hub.update_scalar("train/lr", np.float64(0.1))
+    schedule = MultiStepLR(optim, milestones=[8, 11], by_epoch=False)
+    net(torch.randn(1, 3, 8, 8)).sum().backward()
+    optim.step()
+    meta = {"epoch": 1, "iter": 3, "seed": np.int64(0), "dataset_meta": {"classes": ("a", "b")}, **extra}
+    save_checkpoint({"meta": meta, "state_dict": weights_to_cpu(net.state_dict()), "message_hub": hub.state_dict(),
+                     "optimizer": optim.state_dict(), "param_schedulers": [schedule.state_dict()]}, str(path))
+    return net.state_dict()
+
+
+def test_a_training_checkpoint_is_read_for_its_weights_without_running_its_code(tmp_path, caplog):
+    """torch.load(weights_only=True) refuses mmengine's training checkpoints (numpy values, HistoryBuffers in the
+    message hub), and train.py had no way past it: the objects beside the weights are now skipped unread."""
+    weights = _runner_checkpoint(tmp_path / "iter_3.pth", tripwire=_Tripwire())
+    with pytest.raises(Exception, match="Unsupported global"):
+        torch.load(tmp_path / "iter_3.pth", weights_only=True)  # what it would be without the stand-ins
+    with caplog.at_level("INFO"):
+        state = interop.load_pth(str(tmp_path / "iter_3.pth"))
+    assert list(state) == list(weights) and all(torch.equal(state[k], weights[k]) for k in weights)
+    assert _RAN == []  # the tripwire's reduce never ran
+    assert "skipped the pickled objects beside the weights" in caplog.text
+    assert "mmengine.logging.history_buffer.HistoryBuffer" in caplog.text and "test_interop_models._ran" in caplog.text
+    assert "numpy" not in caplog.text  # numpy's arrays and scalars are read as themselves, not skipped
+    # numpy arrays as weights are weights
+    arrays = {"w": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.float64(0.5)}
+    torch.save({"state_dict": arrays, "meta": {"note": _Tripwire()}}, tmp_path / "numpy.pth")
+    state = interop.load_pth(str(tmp_path / "numpy.pth"))
+    assert state["w"].dtype == np.float32 and np.array_equal(state["w"], arrays["w"]) and state["b"] == 0.5
+    assert _RAN == []
 
 
 def test_reading_pth_files_names_the_problem(tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere.pth"):
         interop.load_pth(str(tmp_path / "nowhere.pth"))
-    unsafe = tmp_path / "pickled.pth"
-    torch.save({"state_dict": {"w": torch.zeros(1)}, "cfg": _Unsafe()}, unsafe)
-    with pytest.raises(ValueError, match="weights_only=False"):
+    foreign = tmp_path / "foreign.pth"  # an object where a tensor should be: named, not passed on as a weight
+    torch.save({"state_dict": {"w": torch.zeros(1), "step": _Tripwire()}}, foreign)
+    with pytest.raises(ValueError, match=r"foreign.pth': the state dict holds pickled objects, not tensors, under "
+                                         r"step \(of the classes or functions test_interop_models._ran\)"):
+        interop.load_pth(str(foreign))
+    unsafe = tmp_path / "pickled.pth"  # beyond what can be read without running it: why, in one plain line
+    cfg = _Meta(a=1)
+    cfg.note = "state, which its __setstate__ is given"
+    torch.save({"state_dict": {"w": torch.zeros(1)}, "cfg": cfg}, unsafe)
+    with pytest.raises(ValueError) as caught:
         interop.load_pth(str(unsafe))
-    assert set(interop.load_pth(str(unsafe), weights_only=False)) == {"w"}
+    message = str(caught.value)
+    assert message.startswith(f"cannot read {str(unsafe)!r} without running code from it: ")
+    assert "\x1b" not in message and "\n" not in message and "load_pth(" not in message, message
+    assert "torch.save(torch.load(path, weights_only=False)['state_dict'], new_path)" in message
+    assert _RAN == []
+    assert set(interop.load_pth(str(unsafe), weights_only=False)) == {"w"}  # trusted: read as it is
+    assert _RAN == ["setstate"]
+    _RAN.clear()
     text = tmp_path / "notes.pth"  # not written by torch.save: named as such, not as an unpickling refusal
     text.write_text("hi\n")
     with pytest.raises(ValueError, match=r"notes.pth' is not a PyTorch checkpoint: .* this file starts with b'hi'"):

@@ -34,6 +34,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import re
 import threading
 from typing import Any, Callable, Mapping, Optional
 
@@ -448,13 +449,87 @@ def _as_tensors(state_dict: Mapping[str, Any]) -> dict[str, Any]:
 # --- files ----------------------------------------------------------------------------------------------
 
 
+class _ForeignMeta(type):
+    def __call__(cls, *args: Any, **kwargs: Any) -> Any:  # the pickle calls the stand-in (REDUCE): itself again
+        return cls
+
+
+class _Foreign(metaclass=_ForeignMeta):
+    """What each pickled object beside the weights (mmengine's `HistoryBuffer` in `message_hub`, the functions its
+    state names) becomes when read without running its code: this class itself, whatever it is called with,
+    created from (NEWOBJ) or given as state, so that an object built from another's result is one too."""
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Any:
+        return cls
+
+    @staticmethod
+    def __setstate__(state: Any) -> None:  # the pickle sets state on the class itself (BUILD): kept nowhere
+        pass
+
+
+# The allowlist entries that stand `_Foreign` in for each foreign name. BUILD on `_Foreign` checks its type, the
+# metaclass, against the allowlist: it is listed under a name with a newline, which no pickled name can have.
+_FOREIGN_META_ENTRY = (_ForeignMeta, "cankd_jax\nnot a pickled name")
+
+
+def _numpy_global(name: str) -> Any:
+    """numpy's own array, dtype and scalar constructors for their pickled names (numpy 1 and 2 spell the module
+    differently), which build values from bytes and run nothing else: arrays in a state dict are weights too.
+    None for any other name."""
+    module, _, attr = name.rpartition(".")
+    if module in ("numpy.core.multiarray", "numpy._core.multiarray"):
+        # what this numpy pickles arrays and scalars with
+        return {"_reconstruct": np.zeros(1).__reduce__()[0], "scalar": np.float32(0).__reduce__()[0]}.get(attr)
+    if name in ("numpy.ndarray", "numpy.dtype"):
+        return getattr(np, attr)
+    if module == "numpy.dtypes" and isinstance(getattr(np.dtypes, attr, None), type):
+        return getattr(np.dtypes, attr)
+    return None
+
+
+def _unpickling_reason(e: BaseException) -> str:
+    """torch's refusal in one plain line: the unpickler's own reason, without its advice or terminal colours."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))
+    found = re.search(r"WeightsUnpickler error: (.*?)(?:\. Please|\n|$)", text)
+    reason = found.group(1) if found else (text.strip().splitlines() or [type(e).__name__])[0]
+    return reason.strip().rstrip(".")
+
+
+def _load_weights_only(torch: Any, path: str) -> tuple[Any, list[str]]:
+    """`(object, foreign)`: `torch.load(path, weights_only=True)`, where the pickled objects beside the tensors
+    that its unpickler refuses (their classes and functions: `foreign`) are read as the inert `_Foreign`, numpy's
+    arrays as arrays. Nothing in the file runs: the restricted unpickler still decides every opcode, and the
+    foreign names only ever call `_Foreign` or numpy's constructors. A training checkpoint of mmengine's runner
+    (not a published one) is read this way."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True), []
+    except Exception as e:  # torch raises several exception types for the same refusal
+        unsafe = getattr(torch.serialization, "get_unsafe_globals_in_checkpoint", None)  # torch >= 2.5
+        try:
+            foreign = unsafe(path) if unsafe is not None else []
+            if foreign:
+                stand_ins = {name: _numpy_global(name) or _Foreign for name in foreign}
+                if "numpy.dtype" in stand_ins:  # a dtype is built as its class (Float32DType, ...), then set
+                    stand_ins.update({f"numpy.dtypes.{k}": v for k, v in vars(np.dtypes).items()
+                                      if isinstance(v, type) and issubclass(v, np.dtype)})
+                allow = [(obj, name) for name, obj in stand_ins.items()] + [_FOREIGN_META_ENTRY]
+                with torch.serialization.safe_globals(allow):
+                    skipped = sorted(name for name, obj in stand_ins.items() if obj is _Foreign)
+                    return torch.load(path, map_location="cpu", weights_only=True), skipped
+        except Exception:  # a pickled dict subclass (the unpickler fills in only dicts), a pre-1.6 file, ...
+            pass
+        raise e
+
+
 def load_pth(path: str, *, weights_only: bool = True) -> dict[str, Any]:
     """The state dict in a `.pth` file (torch tensors, on CPU).
 
     mmcv/mmengine checkpoints (`{'state_dict': ..., 'meta': ...}`) and
     `{'model': ...}` wrappers are unwrapped; a plain state dict (torchvision) is
-    returned as is. `weights_only=True` refuses pickled code; pass False only
-    for files you trust.
+    returned as is. `weights_only=True` runs no code from the file: objects
+    beside the weights (a training checkpoint's message hub, optimizer and
+    scheduler states) are skipped unread, and a file it still cannot read is
+    an error naming why. Pass False only for files you trust.
     """
     if not os.path.exists(path):
         raise FileNotFoundError(f"checkpoint file {path!r} not found")
@@ -464,17 +539,17 @@ def load_pth(path: str, *, weights_only: bool = True) -> dict[str, Any]:
         raise ValueError(f"{path!r} is not a PyTorch checkpoint: torch.save writes a zip archive or a pickle, and this "
                          f"file starts with {head!r}")
     torch = require_torch()
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=weights_only)
-    except Exception as e:  # torch raises several exception types for the same refusal
-        if not weights_only:
-            raise
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(
-            f"could not read {path!r} with torch.load(weights_only=True): {first}. If the file holds more than "
-            "tensors (e.g. pickled config objects) and you trust it, read it with load_pth(path, weights_only=False); "
-            "that unpickles and can run arbitrary code."
-        ) from e
+    foreign: list[str] = []
+    if not weights_only:
+        obj = torch.load(path, map_location="cpu", weights_only=False)
+    else:
+        try:
+            obj, foreign = _load_weights_only(torch, path)
+        except Exception as e:
+            raise ValueError(
+                f"cannot read {path!r} without running code from it: {_unpickling_reason(e)}. If you trust the "
+                "file, save its weights alone with PyTorch (torch.save(torch.load(path, weights_only=False)"
+                "['state_dict'], new_path)) and read that") from None
     for wrapper in ("state_dict", "model"):
         if isinstance(obj, Mapping) and isinstance(obj.get(wrapper), Mapping):
             obj = obj[wrapper]
@@ -482,6 +557,12 @@ def load_pth(path: str, *, weights_only: bool = True) -> dict[str, Any]:
     if not isinstance(obj, Mapping) or not all(isinstance(k, str) for k in obj):
         raise ValueError(f"{path!r} does not hold a state dict (a mapping of names to tensors), "
                          f"but a {type(obj).__name__}")
+    unread = sorted(k for k, v in obj.items() if v is _Foreign)
+    if unread:
+        raise ValueError(f"{path!r}: the state dict holds pickled objects, not tensors, under {_abbrev(unread)} "
+                         f"(of the classes or functions {', '.join(foreign)})")
+    if foreign:
+        log.info("%s: skipped the pickled objects beside the weights (%s), unread", path, ", ".join(foreign))
     return dict(obj)
 
 
