@@ -162,6 +162,16 @@ def test_batch_not_divisible_by_the_devices(tmp_path):
                          "batch_size=6", "4 devices", "--config.batch_size=4")
 
 
+def test_an_eval_batch_the_devices_cannot_split_is_refused_before_training(tmp_path):
+    """It was found at the first evaluation: after training, for a student whose teacher is not evaluated first."""
+    _fails_with_one_line(_command(tmp_path / "run", f"--config.data.data_dir={tmp_path / 'data'}",
+                                  "--config.data.eval_batch_size=6",
+                                  config=os.path.join(ROOT, "configs", "detection_smoke.py")),  # a trunk teacher
+                         "eval_batch_size=6 is not divisible by the 4 devices",
+                         "--config.data.eval_batch_size to a multiple of 4")
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
 def test_missing_dataset_names_how_to_prepare_it(tmp_path):
     _fails_with_one_line(_command(tmp_path / "run", f"--config.data.data_dir={tmp_path / 'empty'}",
                                   "--config.teacher.random_init=True",

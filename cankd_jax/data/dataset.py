@@ -186,6 +186,11 @@ class Data:
                              f"devices; set --config.data.eval_batch_size to a multiple of {mesh.devices.size}")
         return pipeline.per_process_batch_size(global_batch, shard_options.shard_count if shard_options else None)
 
+    def check_eval_batch_size(self, mesh: Any) -> None:
+        """Raise the eval iterator's `ValueError` for an `eval_batch_size` the devices or processes of `mesh`
+        cannot split, now: a run's first evaluation can come after hours of training."""
+        self._eval_batch_size(mesh, None, None)
+
     def train_iterator(self, global_batch_size: int, *, seed: int, rows: Optional[tuple[int, int]] = None,
                        state: Optional[Mapping[str, Any]] = None) -> pipeline.TrainIterator:
         """Endless augmented training batches: rows `[r0, r1)` (default: all) of each global batch."""

@@ -87,6 +87,7 @@ def build_run(config: ml_collections.ConfigDict, mesh: Mesh, *, input_size: Opti
         if data.num_classes != config.task.num_classes:  # else labels past the logits: NaN or silently wrong
             raise ValueError(f"task.num_classes={config.task.num_classes}, but the data set {data.name!r} has "
                              f"{data.num_classes} classes: set --config.task.num_classes={data.num_classes}")
+        data.check_eval_batch_size(mesh)  # else found at the first evaluation, for a detector after training
     check_input_norm(config)
     if data is not None and hasattr(task, "with_data"):  # detection scores against the eval split's ground truth
         task = task.with_data(data)
