@@ -54,7 +54,7 @@ def test_processes_that_disagree_on_config_or_workdir_all_stop_naming_it(tmp_pat
                                 ("student", "initial student weights", "student.pretrained")):
             assert errors[f"a NaN in process 1's half of the {part}"] == (
                 f"NonFiniteWeights: the {what} hold NaN or infinite values in 1 of 2 arrays (['kernel']: 1 of 24): "
-                f"the {key} file is damaged or was saved from a run that diverged")
+                f"the weights {key} names are damaged or were saved from a run that diverged")
         assert errors["a teacher .pth per host"] == (
             "ProcessesDisagree: the teacher's weights differ between processes (JAX's check of device_put): every "
             "host must read the same teacher.checkpoint file")

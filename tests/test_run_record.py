@@ -166,7 +166,7 @@ def test_weights_holding_nan_or_inf_are_refused_naming_the_arrays(placement):
         assert (placement == "spread") == all(x.sharding.spec != PartitionSpec() for x in jax.tree.leaves(bad))
     expected = (r"the teacher's weights hold NaN or infinite values in 2 of 5 arrays "
                 r"\(\['params'\]\['conv'\]\['kernel'\]: 2 of 288, \['params'\]\['embed'\]: 1 of 24\): "
-                r"the teacher.checkpoint file is damaged")
+                r"the weights teacher.checkpoint names are damaged")
     with pytest.raises(run_record.NonFiniteWeights, match=expected):
         run_record.make_record(ml_collections.ConfigDict(), bad, check=True)
     with pytest.raises(run_record.NonFiniteWeights, match=r"the initial student weights hold NaN .* 2 of 5 arrays"):

@@ -136,8 +136,8 @@ def test_a_teacher_checkpoint_holding_nan_is_named_before_training(tmp_path):
     import numpy as np
 
     from cankd_jax import models
-    from cankd_jax.interop import torch as torch_interop
     from cankd_jax.train import build
+    from cankd_jax.train.export import export_student
 
     sys.path.insert(0, os.path.dirname(SMOKE))
     try:
@@ -145,15 +145,17 @@ def test_a_teacher_checkpoint_holding_nan_is_named_before_training(tmp_path):
     finally:
         sys.path.pop(0)
     teacher = models.make_network(build.network_config(config.teacher), num_classes=config.task.num_classes)
-    variables = jax.tree.map(np.array, teacher.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False))
+    shapes = jax.eval_shape(lambda: teacher.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False))
+    rng = np.random.default_rng(0)  # any values: the run stops before it computes with them
+    variables = jax.tree.map(lambda s: rng.standard_normal(s.shape).astype(s.dtype), shapes)
     variables["params"]["backbone"]["layer3.1"]["conv2"]["kernel"][0, 0, 0, :2] = np.nan
-    torch_interop.export_pytorch_network(teacher, variables, str(tmp_path / "diverged.pth"))
+    export_student(teacher, jax.tree.map(jnp.asarray, variables), str(tmp_path / "diverged"), pytorch=False)
     _fails_with_one_line(_command(tmp_path / "run", f"--config.data.data_dir={tmp_path / 'data'}",
-                                  f"--config.teacher.checkpoint={tmp_path / 'diverged.pth'}",
+                                  f"--config.teacher.checkpoint={tmp_path / 'diverged'}",
                                   "--config.teacher.random_init=False"),
                          "the teacher's weights hold NaN or infinite values in 1 of ",
                          "['params']['backbone']['layer3.1']['conv2']['kernel']: 2 of 36864",
-                         "the teacher.checkpoint file is damaged or was saved from a run that diverged")
+                         "the weights teacher.checkpoint names are damaged or were saved from a run that diverged")
     assert not (tmp_path / "run" / "checkpoints").exists() or not os.listdir(tmp_path / "run" / "checkpoints")
 
 

@@ -154,8 +154,8 @@ def _check_finite(flat: list, nonfinite: list[int], what: str, key: str) -> None
         named = ", ".join(f"{jax.tree_util.keystr(flat[i][0])}: {counts[i]} of {np.size(flat[i][1])}"
                           for i in bad[:3])
         raise NonFiniteWeights(f"the {what} hold NaN or infinite values in {bad.size} of {len(flat)} arrays "
-                               f"({named}{', ...' if bad.size > 3 else ''}): the {key} file is damaged or was saved "
-                               "from a run that diverged")
+                               f"({named}{', ...' if bad.size > 3 else ''}): the weights {key} names are damaged or "
+                               "were saved from a run that diverged")
 
 
 def check_weights(variables: Optional[PyTree], what: str, key: str) -> None:
