@@ -236,6 +236,15 @@ def test_a_training_checkpoint_is_read_for_its_weights_without_running_its_code(
     assert "skipped the pickled objects beside the weights" in caplog.text
     assert "mmengine.logging.history_buffer.HistoryBuffer" in caplog.text and "test_interop_models._ran" in caplog.text
     assert "numpy" not in caplog.text  # numpy's arrays and scalars are read as themselves, not skipped
+    # The same in the format torch.save wrote before 1.6 (a plain pickle stream; many 2020 model-zoo files)
+    legacy = {"meta": {"seed": np.int64(0), "palette": np.zeros((2, 3), np.int64), "note": _Tripwire()},
+              "state_dict": weights}
+    torch.save(legacy, tmp_path / "legacy.pth", _use_new_zipfile_serialization=False)
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        state = interop.load_pth(str(tmp_path / "legacy.pth"))
+    assert list(state) == list(weights) and all(torch.equal(state[k], weights[k]) for k in weights)
+    assert "(test_interop_models._ran), unread" in caplog.text and _RAN == []
     # numpy arrays as weights are weights
     arrays = {"w": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.float64(0.5)}
     torch.save({"state_dict": arrays, "meta": {"note": _Tripwire()}}, tmp_path / "numpy.pth")

@@ -34,8 +34,10 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import pickletools
 import re
 import threading
+import zipfile
 from typing import Any, Callable, Mapping, Optional
 
 import flax.linen as nn
@@ -495,6 +497,25 @@ def _unpickling_reason(e: BaseException) -> str:
     return reason.strip().rstrip(".")
 
 
+def _refused_names(torch: Any, path: str) -> list[str]:
+    """The classes and functions (`module.qualname`) that the pickle in a `torch.save` file names and
+    `weights_only=True` does not allow: read from the pickle's opcodes, nothing run."""
+    if zipfile.is_zipfile(path):  # torch >= 1.6
+        return torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    names = set()
+    with open(path, "rb") as f:  # the legacy format: four pickles (magic number, protocol, system info, the object)
+        for _ in range(4):
+            names.update(arg.replace(" ", ".") for op, arg, _ in pickletools.genops(f) if op.name == "GLOBAL")
+    try:  # torch's default allowlist (no public accessor; without it every name gets a stand-in, which the
+        # defaults still take precedence over: only the log's list of skipped objects grows)
+        from torch._weights_only_unpickler import _get_allowed_globals  # noqa: PLC0415
+
+        names -= set(_get_allowed_globals())
+    except ImportError:
+        pass
+    return sorted(names)
+
+
 def _load_weights_only(torch: Any, path: str) -> tuple[Any, list[str]]:
     """`(object, foreign)`: `torch.load(path, weights_only=True)`, where the pickled objects beside the tensors
     that its unpickler refuses (their classes and functions: `foreign`) are read as the inert `_Foreign`, numpy's
@@ -504,9 +525,8 @@ def _load_weights_only(torch: Any, path: str) -> tuple[Any, list[str]]:
     try:
         return torch.load(path, map_location="cpu", weights_only=True), []
     except Exception as e:  # torch raises several exception types for the same refusal
-        unsafe = getattr(torch.serialization, "get_unsafe_globals_in_checkpoint", None)  # torch >= 2.5
         try:
-            foreign = unsafe(path) if unsafe is not None else []
+            foreign = _refused_names(torch, path)
             if foreign:
                 stand_ins = {name: _numpy_global(name) or _Foreign for name in foreign}
                 if "numpy.dtype" in stand_ins:  # a dtype is built as its class (Float32DType, ...), then set
@@ -516,7 +536,7 @@ def _load_weights_only(torch: Any, path: str) -> tuple[Any, list[str]]:
                 with torch.serialization.safe_globals(allow):
                     skipped = sorted(name for name, obj in stand_ins.items() if obj is _Foreign)
                     return torch.load(path, map_location="cpu", weights_only=True), skipped
-        except Exception:  # a pickled dict subclass (the unpickler fills in only dicts), a pre-1.6 file, ...
+        except Exception:  # a pickled dict subclass (the unpickler fills in only dicts), ...
             pass
         raise e
 
