@@ -72,9 +72,11 @@ def main(port: str, process_id: str, root: str) -> None:
     def host_teacher(own_file: bool, nan: bool = False) -> dict:
         r = np.random.default_rng(me if own_file else 0)
         kernel = r.standard_normal((4, 6)).astype(np.float32)
+        bias = r.standard_normal(6).astype(np.float32)
         if nan:
             kernel[3, 1] = np.nan  # in process 1's half of the spread kernel only
-        return {"kernel": kernel, "bias": r.standard_normal(6).astype(np.float32)}
+            bias[2] = np.inf  # on both processes: one element, counted once
+        return {"kernel": kernel, "bias": bias}
 
     fingerprints = {}
 
@@ -101,8 +103,8 @@ def main(port: str, process_id: str, root: str) -> None:
               ("a teacher file per host, restored", lambda: restored(True)),
               ("one teacher .pth", lambda: read_pth(False)), ("a teacher .pth per host", lambda: read_pth(True)),
               ("one student file", lambda: initial(False)), ("a student file per host", lambda: initial(True)),
-              ("a NaN in process 1's half of the teacher", lambda: restored(False, nan=True)),
-              ("a NaN in process 1's half of the student", lambda: initial(False, nan=True))]
+              ("non-finite teacher", lambda: restored(False, nan=True)),
+              ("non-finite student", lambda: initial(False, nan=True))]
     for name, case in cases:
         try:
             case()

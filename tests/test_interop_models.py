@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+
 import chex
 import jax
 import numpy as np
@@ -235,7 +237,7 @@ def test_a_training_checkpoint_is_read_for_its_weights_without_running_its_code(
     assert _RAN == []  # the tripwire's reduce never ran
     assert "skipped the pickled objects beside the weights" in caplog.text
     assert "mmengine.logging.history_buffer.HistoryBuffer" in caplog.text and "test_interop_models._ran" in caplog.text
-    assert "numpy" not in caplog.text  # numpy's arrays and scalars are read as themselves, not skipped
+    assert "numpy._core.multiarray.scalar" in caplog.text  # numpy's objects too: never built from a file
     # The same in the format torch.save wrote before 1.6 (a plain pickle stream; many 2020 model-zoo files)
     legacy = {"meta": {"seed": np.int64(0), "palette": np.zeros((2, 3), np.int64), "note": _Tripwire()},
               "state_dict": weights}
@@ -244,13 +246,72 @@ def test_a_training_checkpoint_is_read_for_its_weights_without_running_its_code(
     with caplog.at_level("INFO"):
         state = interop.load_pth(str(tmp_path / "legacy.pth"))
     assert list(state) == list(weights) and all(torch.equal(state[k], weights[k]) for k in weights)
-    assert "(test_interop_models._ran), unread" in caplog.text and _RAN == []
-    # numpy arrays as weights are weights
-    arrays = {"w": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.float64(0.5)}
-    torch.save({"state_dict": arrays, "meta": {"note": _Tripwire()}}, tmp_path / "numpy.pth")
-    state = interop.load_pth(str(tmp_path / "numpy.pth"))
-    assert state["w"].dtype == np.float32 and np.array_equal(state["w"], arrays["w"]) and state["b"] == 0.5
-    assert _RAN == []
+    assert "numpy.ndarray, test_interop_models._ran), unread" in caplog.text and _RAN == []
+
+
+def _crafted_numpy_pickle(path):
+    """A pickle that, were numpy's constructors allowed, would make numpy read 8 bytes of the file as an object
+    pointer (a structured dtype's flags set from the pickle: how an object array over raw memory is built)."""
+    import struct
+    import zipfile
+
+    out = bytearray(b"\x80\x02}")  # protocol 2, an empty dict
+
+    def text(s):
+        out.extend(b"X" + struct.pack("<I", len(s.encode())) + s.encode())
+
+    def name(module, attr):
+        out.extend(f"c{module}\n{attr}\n".encode())
+
+    def call(*parts):  # MARK, the arguments, TUPLE, REDUCE
+        out.extend(b"(")
+        for part in parts:
+            part()
+        out.extend(b"tR")
+
+    def object_dtype():
+        name("numpy", "dtype")
+        call(lambda: text("O"), lambda: out.extend(b"\x89\x88"))
+
+    text("x")
+    name("numpy._core.multiarray", "_reconstruct")
+    call(lambda: name("numpy", "ndarray"), lambda: out.extend(b"(K\x00t"), lambda: text("b"))
+    out.extend(b"(K\x01(K\x01t")  # the array's state: version 1, shape (1,), then its dtype:
+    name("numpy", "dtype")
+    call(lambda: out.extend(b"](("), lambda: text("a"), lambda: text("O"), lambda: out.extend(b"te\x89\x88"))
+    out.extend(b"(K\x03")
+    text("|")
+    out.extend(b"N(")
+    text("a")
+    out.extend(b"t}(")
+    text("a")
+    out.extend(b"(")
+    object_dtype()
+    out.extend(b"K\x00tuK\x08K\x01K=tb\x89")  # ... its flags 0x3d (objects, not pickled as a list), BUILD
+    name("_codecs", "encode")
+    call(lambda: text("AAAAAAAA"), lambda: text("latin1"))
+    out.extend(b"tbs.")  # the array's BUILD from those bytes, SETITEM, STOP
+    template = io.BytesIO()
+    torch.save({}, template)
+    with zipfile.ZipFile(template) as original, zipfile.ZipFile(path, "w") as crafted:
+        for info in original.infolist():
+            crafted.writestr(info.filename, bytes(out) if info.filename.endswith("/data.pkl") else
+                             original.read(info.filename))
+
+
+def test_numpy_values_are_never_built_from_a_pickle(tmp_path):
+    """Objects beside the weights stand in as one inert class; numpy's constructors are no exception: given a
+    pickle's dtype state, numpy builds object arrays over raw pointers (this process died reading the file below
+    when the stand-ins let numpy build arrays). A state dict of numpy arrays is refused as weights_only refuses it."""
+    _crafted_numpy_pickle(tmp_path / "crafted.pth")
+    with pytest.raises(ValueError, match=r"crafted.pth': the state dict holds pickled objects, not tensors, under "
+                                         r"x \(of the classes or functions numpy.*_reconstruct"):
+        interop.load_pth(str(tmp_path / "crafted.pth"))
+    arrays = {"w": np.arange(6, dtype=np.float32).reshape(2, 3)}
+    torch.save({"state_dict": arrays}, tmp_path / "numpy.pth")
+    with pytest.raises(ValueError, match="holds pickled objects, not tensors, under w"):
+        interop.load_pth(str(tmp_path / "numpy.pth"))
+    assert np.array_equal(interop.load_pth(str(tmp_path / "numpy.pth"), weights_only=False)["w"], arrays["w"])
 
 
 def test_reading_pth_files_names_the_problem(tmp_path):

@@ -52,8 +52,9 @@ def test_processes_that_disagree_on_config_or_workdir_all_stop_naming_it(tmp_pat
             "than process 0 (e.g. ['bias']); every host must read the same teacher.checkpoint file")
         for part, what, key in (("teacher", "teacher's weights", "teacher.checkpoint"),
                                 ("student", "initial student weights", "student.pretrained")):
-            assert errors[f"a NaN in process 1's half of the {part}"] == (
-                f"NonFiniteWeights: the {what} hold NaN or infinite values in 1 of 2 arrays (['kernel']: 1 of 24): "
+            assert errors[f"non-finite {part}"] == (
+                f"NonFiniteWeights: the {what} hold NaN or infinite values in 2 of 2 arrays (['bias']: 1 of 6, "
+                "['kernel']: 1 of 24): "
                 f"the weights {key} names are damaged or were saved from a run that diverged")
         assert errors["a teacher .pth per host"] == (
             "ProcessesDisagree: the teacher's weights differ between processes (JAX's check of device_put): every "

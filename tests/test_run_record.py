@@ -8,6 +8,7 @@ import logging
 import jax
 import jax.numpy as jnp
 import ml_collections
+import ml_dtypes
 import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -159,17 +160,18 @@ def test_weights_holding_nan_or_inf_are_refused_naming_the_arrays(placement):
     bad["params"]["embed"] = bad["params"]["embed"].astype(jnp.bfloat16)
     bad["params"]["embed"][5, 3] = np.inf
     bad["batch_stats"]["count"] = np.arange(8, dtype=np.int32)
+    bad["batch_stats"]["scale"] = np.array([1, np.nan, 2, 3], ml_dtypes.float8_e4m3fn)  # numpy's kind 'V' too
     if placement != "host":
         mesh = Mesh(np.array(jax.devices()[:4]), ("data",))
         bad = _placed(bad, mesh, lambda x: PartitionSpec(*[None] * (x.ndim - 1), "data")  # the NaNs' arrays too
                       if placement == "spread" and x.shape[-1] % 4 == 0 else PartitionSpec())
         assert (placement == "spread") == all(x.sharding.spec != PartitionSpec() for x in jax.tree.leaves(bad))
-    expected = (r"the teacher's weights hold NaN or infinite values in 2 of 5 arrays "
-                r"\(\['params'\]\['conv'\]\['kernel'\]: 2 of 288, \['params'\]\['embed'\]: 1 of 24\): "
-                r"the weights teacher.checkpoint names are damaged")
+    expected = (r"the teacher's weights hold NaN or infinite values in 3 of 6 arrays "
+                r"\(\['batch_stats'\]\['scale'\]: 1 of 4, \['params'\]\['conv'\]\['kernel'\]: 2 of 288, "
+                r"\['params'\]\['embed'\]: 1 of 24\): the weights teacher.checkpoint names are damaged")
     with pytest.raises(run_record.NonFiniteWeights, match=expected):
         run_record.make_record(ml_collections.ConfigDict(), bad, check=True)
-    with pytest.raises(run_record.NonFiniteWeights, match=r"the initial student weights hold NaN .* 2 of 5 arrays"):
+    with pytest.raises(run_record.NonFiniteWeights, match=r"the initial student weights hold NaN .* 3 of 6 arrays"):
         run_record.check_weights(bad, "initial student weights", "student.pretrained")
     assert run_record.make_record(ml_collections.ConfigDict(), bad)["teacher"]  # unchecked: fingerprinted only
     run_record.check_weights(_weights(), "initial student weights", "student.pretrained")  # finite: no error

@@ -457,9 +457,10 @@ class _ForeignMeta(type):
 
 
 class _Foreign(metaclass=_ForeignMeta):
-    """What each pickled object beside the weights (mmengine's `HistoryBuffer` in `message_hub`, the functions its
-    state names) becomes when read without running its code: this class itself, whatever it is called with,
-    created from (NEWOBJ) or given as state, so that an object built from another's result is one too."""
+    """What each pickled object beside the weights (mmengine's `HistoryBuffer` in `message_hub`, numpy's arrays
+    and scalars, the functions their states name) becomes when read without running its code: this class itself,
+    whatever it is called with, created from (NEWOBJ) or given as state, so that an object built from another's
+    result is one too."""
 
     def __new__(cls, *args: Any, **kwargs: Any) -> Any:
         return cls
@@ -472,21 +473,6 @@ class _Foreign(metaclass=_ForeignMeta):
 # The allowlist entries that stand `_Foreign` in for each foreign name. BUILD on `_Foreign` checks its type, the
 # metaclass, against the allowlist: it is listed under a name with a newline, which no pickled name can have.
 _FOREIGN_META_ENTRY = (_ForeignMeta, "cankd_jax\nnot a pickled name")
-
-
-def _numpy_global(name: str) -> Any:
-    """numpy's own array, dtype and scalar constructors for their pickled names (numpy 1 and 2 spell the module
-    differently), which build values from bytes and run nothing else: arrays in a state dict are weights too.
-    None for any other name."""
-    module, _, attr = name.rpartition(".")
-    if module in ("numpy.core.multiarray", "numpy._core.multiarray"):
-        # what this numpy pickles arrays and scalars with
-        return {"_reconstruct": np.zeros(1).__reduce__()[0], "scalar": np.float32(0).__reduce__()[0]}.get(attr)
-    if name in ("numpy.ndarray", "numpy.dtype"):
-        return getattr(np, attr)
-    if module == "numpy.dtypes" and isinstance(getattr(np.dtypes, attr, None), type):
-        return getattr(np.dtypes, attr)
-    return None
 
 
 def _unpickling_reason(e: BaseException) -> str:
@@ -503,8 +489,9 @@ def _refused_names(torch: Any, path: str) -> list[str]:
     if zipfile.is_zipfile(path):  # torch >= 1.6
         return torch.serialization.get_unsafe_globals_in_checkpoint(path)
     names = set()
-    with open(path, "rb") as f:  # the legacy format: four pickles (magic number, protocol, system info, the object)
-        for _ in range(4):
+    with open(path, "rb") as f:  # the legacy format: five pickles (magic number, protocol, system info, the
+        # object, its storages' keys)
+        for _ in range(5):
             names.update(arg.replace(" ", ".") for op, arg, _ in pickletools.genops(f) if op.name == "GLOBAL")
     try:  # torch's default allowlist (no public accessor; without it every name gets a stand-in, which the
         # defaults still take precedence over: only the log's list of skipped objects grows)
@@ -518,24 +505,22 @@ def _refused_names(torch: Any, path: str) -> list[str]:
 
 def _load_weights_only(torch: Any, path: str) -> tuple[Any, list[str]]:
     """`(object, foreign)`: `torch.load(path, weights_only=True)`, where the pickled objects beside the tensors
-    that its unpickler refuses (their classes and functions: `foreign`) are read as the inert `_Foreign`, numpy's
-    arrays as arrays. Nothing in the file runs: the restricted unpickler still decides every opcode, and the
-    foreign names only ever call `_Foreign` or numpy's constructors. A training checkpoint of mmengine's runner
-    (not a published one) is read this way."""
+    that its unpickler refuses (their classes and functions: `foreign`) are read as the inert `_Foreign`. Nothing
+    in the file runs: the restricted unpickler still decides every opcode, and the foreign names only ever reach
+    `_Foreign`. A training checkpoint of mmengine's runner (not a published one) is read this way."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True), []
     except Exception as e:  # torch raises several exception types for the same refusal
         try:
             foreign = _refused_names(torch, path)
             if foreign:
-                stand_ins = {name: _numpy_global(name) or _Foreign for name in foreign}
-                if "numpy.dtype" in stand_ins:  # a dtype is built as its class (Float32DType, ...), then set
-                    stand_ins.update({f"numpy.dtypes.{k}": v for k, v in vars(np.dtypes).items()
-                                      if isinstance(v, type) and issubclass(v, np.dtype)})
-                allow = [(obj, name) for name, obj in stand_ins.items()] + [_FOREIGN_META_ENTRY]
+                # numpy's own constructors are stood in for too: given a pickle's dtype state, numpy builds
+                # object arrays over raw pointers (torch leaves numpy off its allowlist for that reason).
+                # torch's allowlist is process-wide for the `with`: a load in another thread meanwhile may meet
+                # the same inert stand-ins, nothing more.
+                allow = [(_Foreign, name) for name in foreign] + [_FOREIGN_META_ENTRY]
                 with torch.serialization.safe_globals(allow):
-                    skipped = sorted(name for name, obj in stand_ins.items() if obj is _Foreign)
-                    return torch.load(path, map_location="cpu", weights_only=True), skipped
+                    return torch.load(path, map_location="cpu", weights_only=True), foreign
         except Exception:  # a pickled dict subclass (the unpickler fills in only dicts), ...
             pass
         raise e

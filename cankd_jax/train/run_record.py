@@ -21,6 +21,7 @@ import logging
 from typing import Any, Optional
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -53,10 +54,10 @@ def _mix(h: np.ndarray) -> np.ndarray:
 
 
 def _bits(data: np.ndarray) -> np.ndarray:
-    """The elements' bit patterns as uint32 (float32 itself; 16-bit floats widened; 64-bit values folded)."""
+    """The elements' bit patterns as uint32 (float32 itself; 8- and 16-bit floats widened; 64-bit values folded)."""
     data = np.ascontiguousarray(data).reshape(-1)
     if data.dtype.kind == "f" or data.dtype.name == "bfloat16":
-        data = data.view({2: np.uint16, 4: np.uint32, 8: np.uint64}[data.dtype.itemsize])
+        data = data.view({1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}[data.dtype.itemsize])
     if data.dtype.itemsize == 8:
         data = data.view(np.uint64)
         return (data & np.uint64(0xFFFFFFFF)).astype(np.uint32) ^ _mix((data >> np.uint64(32)).astype(np.uint32))
@@ -81,7 +82,7 @@ def _words(data: np.ndarray, index: tuple, shape: tuple) -> np.ndarray:
 
 def _nonfinite(data: np.ndarray) -> int:
     """How many elements of `data` are NaN or infinite (none in an integer array)."""
-    if data.dtype.kind != "f" and data.dtype.name != "bfloat16":
+    if not jnp.issubdtype(data.dtype, jnp.inexact):  # bfloat16 and float8 too (numpy's kind 'V'), complex
         return 0
     return int(data.size - np.count_nonzero(np.isfinite(data)))
 
@@ -144,11 +145,12 @@ def _check_finite(flat: list, nonfinite: list[int], what: str, key: str) -> None
     """Raise `NonFiniteWeights` on every process, naming the arrays, when the leaves `flat` hold NaN or infinite
     values (`nonfinite`: this process's share of each leaf's count, from `_hashes`). A collective. Without it such
     weights surface only as a non-finite loss at the first step, with no word of where it came from."""
-    counts = np.asarray(nonfinite, np.int64)
+    counts = np.minimum(np.asarray(nonfinite, np.int64), np.iinfo(np.int32).max)  # gathered as int32 without x64
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils  # noqa: PLC0415
 
-        counts = np.asarray(multihost_utils.process_allgather(counts)).reshape(jax.process_count(), -1).sum(axis=0)
+        counts = np.asarray(multihost_utils.process_allgather(counts), np.int64).reshape(jax.process_count(), -1)
+        counts = counts.sum(axis=0)
     bad = np.flatnonzero(counts)
     if bad.size:
         named = ", ".join(f"{jax.tree_util.keystr(flat[i][0])}: {counts[i]} of {np.size(flat[i][1])}"
