@@ -6,6 +6,7 @@ import io
 
 import chex
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -314,9 +315,33 @@ def test_numpy_values_are_never_built_from_a_pickle(tmp_path):
     assert np.array_equal(interop.load_pth(str(tmp_path / "numpy.pth"), weights_only=False)["w"], arrays["w"])
 
 
+def test_variables_of_another_network_are_named_not_converted():
+    """A 3-class classifier's variables exported as a 5-class model's state dict with a (64, 3) fc, and a partial
+    load that kept another width's init_variables (found only at apply, as a Flax shape error)."""
+    x = jnp.zeros((1, 32, 32, 3))
+    three, five = (models.make_model("resnet18", num_classes=n, **NARROW) for n in (3, 5))
+    variables = jax.jit(lambda: three.init(jax.random.key(0), x, train=False))()
+    with pytest.raises(ValueError, match=r"variables params/fc/kernel has shape \(64, 3\), but this ResNet's is "
+                                         r"\(64, 5\): variables of another network\?"):
+        interop.export_state_dict(five, variables)
+    backbone = models.make_model("resnet18", **NARROW)
+    partial = {k: v for k, v in interop.export_state_dict(three, variables).items() if not k.startswith("layer4")}
+    wider = models.make_model("resnet18", **{**NARROW, "base_width": 2 * NARROW["base_width"]})
+    other = jax.eval_shape(lambda: wider.init(jax.random.key(0), x, train=False))
+    with pytest.raises(ValueError, match=r"init_variables params/layer4.0/conv1/kernel has shape \(3, 3, 64, 128\), "
+                                         r"but this ResNet's is \(3, 3, 32, 64\)"):
+        interop.import_state_dict(backbone, partial, strict=False, init_variables=other)
+
+
 def test_reading_pth_files_names_the_problem(tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere.pth"):
         interop.load_pth(str(tmp_path / "nowhere.pth"))
+    with pytest.raises(TypeError, match="a checkpoint path must be a str or os.PathLike, got NoneType None"):
+        interop.load_pth(None)
+    keyed = tmp_path / "keyed.pth"
+    torch.save({"w": torch.zeros(1), 3: torch.zeros(1)}, keyed)
+    with pytest.raises(ValueError, match=r"does not hold a state dict: its keys are not all names, e.g. 3 \(int\)"):
+        interop.load_pth(keyed)  # a Path works as well as a str
     foreign = tmp_path / "foreign.pth"  # an object where a tensor should be: named, not passed on as a weight
     torch.save({"state_dict": {"w": torch.zeros(1), "step": _Tripwire()}}, foreign)
     with pytest.raises(ValueError, match=r"foreign.pth': the state dict holds pickled objects, not tensors, under "

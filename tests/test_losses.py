@@ -276,3 +276,49 @@ def test_loader_names_missing_misshaped_and_unexpected_keys():
     with pytest.raises(ValueError, match=r"unexpected keys: .*concatination"):
         load_cankd_loss(extra, in_channels=C, prefix="distill_losses.loss_s0.")
     load_cankd_loss(extra, in_channels=C, prefix="distill_losses.loss_s0.", strict=False)
+
+
+def test_mistyped_inputs_and_options_are_named():
+    """Each was a chex AssertionError, a Flax/JAX TypeError from deep inside, or (a text loss weight) an error
+    only at the first call."""
+    s, t = jnp.zeros((2, 6, 6, 8)), jnp.ones((2, 6, 6, 8))
+    with pytest.raises(ValueError, match="L2Loss: the student feature must be floating point, got int32"):
+        make_loss("fitnet").apply({}, s.astype(jnp.int32), t)
+    with pytest.raises(ValueError, match="L2Loss: the teacher feature must be floating point, got bool"):
+        jax.jit(lambda a, b: make_loss("fitnet").apply({}, a, b))(s, t.astype(bool))  # also under jit
+    with pytest.raises(TypeError, match="L2Loss: the student feature must be an array .* got a list"):
+        make_loss("fitnet").apply({}, [[1.0]], t)
+    for bad in (16.0, "16", True, 0):
+        with pytest.raises(ValueError, match=f"CanKDLoss: in_channels must be a positive integer, got {bad!r}"):
+            CanKDLoss(bad)
+    with pytest.raises(ValueError, match=r"CanKDLoss: dtype must be a float dtype \(e.g. 'bfloat16'\) or None, got 'bf16'"):
+        CanKDLoss(8, dtype="bf16")
+    assert CanKDLoss(8, dtype="bfloat16").dtype == "bfloat16" and CanKDLoss(np.int64(8)).in_channels == 8
+    with pytest.raises(ValueError, match="loss 'fitnet': option loss_weight must be a finite number, got '10'"):
+        make_loss("fitnet", loss_weight="10")
+    with pytest.raises(ValueError, match="loss 'cwd': option tau must be a finite number, got nan"):
+        make_loss("cwd", tau=float("nan"))
+    assert make_loss("fitnet", loss_weight=np.float32(2.0)).loss_weight == 2.0
+    with pytest.raises(ValueError, match="Connector: out_channels must be a positive integer, got 0"):
+        Connector(0)
+    mgd = make_loss("mgd", teacher_channels=16)  # its own field's name, not 'in_channels'
+    with pytest.raises(ValueError, match="have 8 channels but the loss was built with teacher_channels=16"):
+        mgd.init({"params": jax.random.key(0), "mask": jax.random.key(1)}, s, t)
+
+
+def test_the_exporter_refuses_options_that_would_leave_trained_parameters_out():
+    """bn_layer=False or another attention on a loss built with BatchNorm and the dot form wrote a file without the
+    BatchNorm or without theta/phi, silently."""
+    s, t = _pair()
+    variables = CanKDLoss(C).init(jax.random.key(0), s, t, train=False)
+    for options in (dict(bn_layer=False), dict(attention="gaussian"), dict(attention="concatenation")):
+        with pytest.raises(ValueError, match=r"the variables' modules \['W', 'W_bn', 'g', 'phi', 'theta'\] are not "
+                                             r"those of attention=.*pass the options the loss was built with"):
+            export_cankd_loss(variables, **options)
+    with pytest.raises(ValueError, match=r"hold no params/non_local_att .* but \['student_non_local'\]"):
+        export_cankd_loss({"params": {"student_non_local": {}}})
+    # an integer (or float64) copy of the official weights loads as float32, trainable
+    sd = export_cankd_loss(variables)
+    loaded = load_cankd_loss({k: v.astype(np.int32) for k, v in sd.items()}, in_channels=C)
+    assert {x.dtype for x in jax.tree.leaves(loaded["params"])} == {np.dtype(np.float32)}
+    assert loaded["batch_stats"]["non_local_att"]["W_bn"]["mean"].dtype == np.float32

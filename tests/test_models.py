@@ -134,6 +134,27 @@ def test_bad_inputs_and_fields_raise_clear_errors():
     seg = models.Segmenter(models.ResNet(depth=18, **NARROW), models.FCNHead(3, 4), decode_in="layer5")
     with pytest.raises(ValueError, match="'layer5'.*layer4"):
         _shapes(seg, (1, 32, 32, 3))
+    # Counts that gave logits of no class, a ZeroDivisionError in an initialiser or an error inside XLA, and a
+    # dropout ratio that zeroed every training logit.
+    for bad in (0, -1, "3", 2.0):
+        with pytest.raises(ValueError, match=f"ResNet: num_classes must be an integer >= 1 .* got {bad!r}"):
+            models.make_model("resnet18", num_classes=bad)
+        with pytest.raises(ValueError, match=f"segmenter 'fcn': num_classes must be an integer >= 1, got {bad!r}"):
+            models.make_model("fcn", backbone="resnet18_v1c_d8", num_classes=bad)
+        with pytest.raises(ValueError, match=f"detector 'retinanet': num_classes must be .* got {bad!r}"):
+            models.make_model("retinanet", backbone="resnet18", num_classes=bad)
+    with pytest.raises(ValueError, match="segmenter 'pspnet': num_classes must be an integer >= 1, got None"):
+        models.make_network({"name": "pspnet", "backbone": "resnet18_v1c_d8"}, num_classes=None)
+    for field in ("in_channels", "stem_width", "base_width"):
+        with pytest.raises(ValueError, match=f"ResNet: {field} must be an integer >= 1, got 0"):
+            models.ResNet(depth=18, **{field: 0})
+    for ratio in (1.5, 1, -0.1, "0.1"):
+        with pytest.raises(ValueError, match=f"dropout_ratio must be a number in \\[0, 1\\).* got {ratio!r}"):
+            models.make_model("fcn", backbone="resnet18_v1c_d8", num_classes=3, dropout_ratio=ratio)
+    with pytest.raises(ValueError, match="network config dtype 'bfloat61' is not a float dtype"):
+        models.make_network({"name": "resnet18", "dtype": "bfloat61"}, num_classes=3)
+    with pytest.raises(ValueError, match="network config dtype 'int8' is not a float dtype"):
+        models.make_network({"name": "resnet18", "dtype": "int8"}, num_classes=3)
 
 
 def _seg_step_setup(**backbone_fields):

@@ -19,7 +19,7 @@ import train_cli as cli
 
 from cankd_jax import models
 from cankd_jax.config_arg import load_config
-from cankd_jax.models.recorder import Recorded, module_paths
+from cankd_jax.models.recorder import Recorded, module_paths, with_recorded
 from cankd_jax.train import build
 from cankd_jax.train.aot import compile_for_analysis
 from cankd_jax.train.sharding import global_batch, make_mesh
@@ -114,6 +114,14 @@ def test_bad_paths_are_one_line_errors(net, name, message):
     with pytest.raises(ValueError, match=message) as e:
         Recorded(m, [name]).apply(v, X, train=False)
     assert "\n" not in str(e.value)
+
+
+def test_one_path_given_as_a_string_is_refused_not_read_letter_by_letter():
+    r18 = models.make_model("resnet18")
+    with pytest.raises(TypeError, match=r"features must be a list of paths, .* \(one feature: \['layer4.1:output'\]\)"):
+        Recorded(r18, "layer4.1:output")
+    with pytest.raises(TypeError, match=r"names must be a list of feature names, got the string 'backbone/layer4.1'"):
+        with_recorded(r18, "backbone/layer4.1")
 
 
 def test_module_paths_lists_what_runs(net):

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Optional
 
+import jax
 import numpy as np
 
 from cankd_jax.interop.state_dict import (
@@ -86,11 +87,13 @@ def load_cankd_loss(
         if all(v is not None for v in bn.values()) and count is not None:
             params["W_bn"] = {"scale": bn["weight"].copy(), "bias": bn["bias"].copy()}
             batch_stats["W_bn"] = {
-                "mean": bn["running_mean"].copy(),
-                "var": bn["running_var"].copy(),
+                "mean": np.asarray(bn["running_mean"], np.float32),
+                "var": np.asarray(bn["running_var"], np.float32),
                 "num_batches_tracked": np.asarray(count, np.int32),
             }
     rd.finish(strict=strict)
+    # float32 whatever the file holds (a float64 or integer copy would train in that dtype, or not at all)
+    params = jax.tree.map(lambda a: np.asarray(a, np.float32), params)
     out: dict[str, Any] = {"params": {"non_local_att": params}}
     if batch_stats:
         out["batch_stats"] = {"non_local_att": batch_stats}
@@ -131,10 +134,21 @@ def export_cankd_loss(
     """
     check_choice(attention, ATTENTIONS, field="attention", loss="export_cankd_loss")
     check_choice(projection, PROJECTIONS, field="projection", loss="export_cankd_loss")
-    params = variables["params"]["non_local_att"]
+    params = variables.get("params", {}).get("non_local_att") if isinstance(variables, Mapping) else None
+    if not isinstance(params, Mapping):
+        held = sorted(variables.get("params", {})) if isinstance(variables, Mapping) else type(variables).__name__
+        raise ValueError(f"export_cankd_loss: the variables hold no params/non_local_att (CanKD's attention block; "
+                         f"CanKDLoss's variables have it), but {held}")
+    names = _torch_names(sub_sample=sub_sample, bn_layer=bn_layer, attention=attention)
+    expected = set(names) | ({"concat_project"} if attention == "concatenation" else set()) | (
+        {"W_bn"} if bn_layer else set())
+    if set(params) != expected:  # else trained parameters left out of the file, or a KeyError
+        raise ValueError(f"export_cankd_loss: the variables' modules {sorted(params)} are not those of "
+                         f"attention={attention!r}, bn_layer={bn_layer} ({sorted(expected)}): pass the options the "
+                         "loss was built with")
     out: dict[str, np.ndarray] = {}
     key = lambda k: prefix + _BLOCK + k  # noqa: E731
-    for ours, theirs in _torch_names(sub_sample=sub_sample, bn_layer=bn_layer, attention=attention).items():
+    for ours, theirs in names.items():
         if projection == "deform":
             out.update({key(k): v for k, v in _export_deform(params[ours], theirs).items()})
             continue

@@ -309,6 +309,17 @@ def _get(tree: Mapping, path: tuple[str, ...], what: str) -> Any:
     return node
 
 
+def _get_slot(tree: Mapping, slot: Slot, what: str, model: nn.Module) -> Any:
+    """`tree`'s value for `slot`, which must have the model's shape: variables of another network (another class
+    count, width or input channels) are named, not exported or kept with the wrong shape."""
+    path = (slot.collection,) + slot.path
+    value = _get(tree, path, what)
+    if tuple(np.shape(value)) != tuple(slot.shape):
+        raise ValueError(f"{what} {'/'.join(path)} has shape {tuple(np.shape(value))}, but this "
+                         f"{type(model).__name__}'s is {tuple(slot.shape)}: variables of another network?")
+    return value
+
+
 def _put(tree: dict, path: tuple[str, ...], value: Any) -> None:
     for name in path[:-1]:
         tree = tree.setdefault(name, {})
@@ -375,7 +386,7 @@ def import_state_dict(
         if source is None or not reader.has(source):
             missing.append(key if source is None or source == key else f"{source} (model key {key})")
             if init_variables is not None:
-                _put(variables, where, _get(init_variables, where, "init_variables"))
+                _put(variables, where, _get_slot(init_variables, slot, "init_variables", model))
             continue
         found = tuple(np.shape(to_numpy(state_dict[source])))
         if found != slot.torch_shape:
@@ -384,7 +395,7 @@ def import_state_dict(
             if skip_mismatched:  # kept from init_variables, as a missing key is
                 missing.append(key)
                 if init_variables is not None:
-                    _put(variables, where, _get(init_variables, where, "init_variables"))
+                    _put(variables, where, _get_slot(init_variables, slot, "init_variables", model))
             continue
         value = _KINDS[slot.kind].to_flax(reader.get(source, slot.torch_shape)).astype(slot.dtype)
         _put(variables, where, jnp.asarray(value))
@@ -434,7 +445,7 @@ def export_state_dict(
     out: dict[str, Any] = {}
     layout, buffers = _layout_and_buffers(model, sample)
     for key, slot in layout.items():
-        value = np.asarray(jax.device_get(_get(variables, (slot.collection,) + slot.path, "variables")))
+        value = np.asarray(jax.device_get(_get_slot(variables, slot, "variables", model)))
         value = _KINDS[slot.kind].from_flax(value).astype(np.int64 if slot.is_counter else np.float32)
         out[key_prefix + key] = value
     out.update({key_prefix + key: value for key, value in buffers.items()})
@@ -536,6 +547,9 @@ def load_pth(path: str, *, weights_only: bool = True) -> dict[str, Any]:
     scheduler states) are skipped unread, and a file it still cannot read is
     an error naming why. Pass False only for files you trust.
     """
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"a checkpoint path must be a str or os.PathLike, got {type(path).__name__} {path!r}")
+    path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"checkpoint file {path!r} not found")
     with open(path, "rb") as f:
@@ -559,9 +573,13 @@ def load_pth(path: str, *, weights_only: bool = True) -> dict[str, Any]:
         if isinstance(obj, Mapping) and isinstance(obj.get(wrapper), Mapping):
             obj = obj[wrapper]
             break
-    if not isinstance(obj, Mapping) or not all(isinstance(k, str) for k in obj):
+    if not isinstance(obj, Mapping):
         raise ValueError(f"{path!r} does not hold a state dict (a mapping of names to tensors), "
                          f"but a {type(obj).__name__}")
+    other = [k for k in obj if not isinstance(k, str)]
+    if other:
+        raise ValueError(f"{path!r} does not hold a state dict: its keys are not all names, e.g. {other[0]!r} "
+                         f"({type(other[0]).__name__})")
     unread = sorted(k for k, v in obj.items() if v is _Foreign)
     if unread:
         raise ValueError(f"{path!r}: the state dict holds pickled objects, not tensors, under {_abbrev(unread)} "

@@ -25,6 +25,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from cankd_jax.config_arg import is_count
 from cankd_jax.layers import (
     BatchNorm, Conv1x1, dense_nhwc, instance_norm, max_pool_2x2, resize_bilinear, torch_bias_init, torch_kernel_init,
 )
@@ -170,12 +171,19 @@ class _NonLocalLossBase(nn.Module):
             raise ValueError(f"{name}: projection='deform' is the authors' DCN_NLKD_Loss, which has the dot form "
                              f"and W followed by BatchNorm only; got attention={self.attention!r}, "
                              f"bn_layer={self.bn_layer}")
-        if self.in_channels < 1:
-            raise ValueError(f"{name}: in_channels must be positive, got {self.in_channels}")
-        if self.inter_channels is not None and self.inter_channels < 1:
-            raise ValueError(f"{name}: inter_channels must be positive or None, got {self.inter_channels}")
-        if self.query_block < 1:
-            raise ValueError(f"{name}: query_block must be positive, got {self.query_block}")
+        if not is_count(self.in_channels, 1):
+            raise ValueError(f"{name}: in_channels must be a positive integer, got {self.in_channels!r}")
+        if self.inter_channels is not None and not is_count(self.inter_channels, 1):
+            raise ValueError(f"{name}: inter_channels must be a positive integer or None, got {self.inter_channels!r}")
+        if not is_count(self.query_block, 1):
+            raise ValueError(f"{name}: query_block must be a positive integer, got {self.query_block!r}")
+        if self.dtype is not None:
+            try:
+                ok = jnp.issubdtype(jnp.dtype(self.dtype), jnp.floating)
+            except TypeError:
+                ok = False
+            if not ok:
+                raise ValueError(f"{name}: dtype must be a float dtype (e.g. 'bfloat16') or None, got {self.dtype!r}")
         super().__post_init__()
 
     @property

@@ -7,6 +7,7 @@ from typing import Any, Optional
 import flax.linen as nn
 import jax
 
+from cankd_jax.config_arg import is_count
 from cankd_jax.layers import Conv1x1
 from cankd_jax.losses.checks import check_rank4
 
@@ -21,6 +22,11 @@ class Connector(nn.Module):
     out_channels: int
     use_bias: bool = True
     dtype: Optional[Any] = None  # computation dtype (None: the input's); the parameters stay float32
+
+    def __post_init__(self):
+        if not is_count(self.out_channels, 1):
+            raise ValueError(f"Connector: out_channels must be a positive integer, got {self.out_channels!r}")
+        super().__post_init__()
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:

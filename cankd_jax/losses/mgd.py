@@ -52,7 +52,8 @@ class MGDLoss(nn.Module):
         self, student: jax.Array, teacher: jax.Array, *, train: bool = True, rng: Optional[jax.Array] = None
     ) -> jax.Array:
         del train
-        check_feature_pair(student, teacher, loss="MGDLoss", same_channels=False, in_channels=self.teacher_channels)
+        check_feature_pair(student, teacher, loss="MGDLoss", same_channels=False, in_channels=self.teacher_channels,
+                           channels_field="teacher_channels")
         c = self.teacher_channels
         if student.shape[-1] != c:
             student = Conv1x1(c, name="align")(student)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from typing import Any
 
 import flax.linen as nn
@@ -54,6 +56,12 @@ def make_loss(name: str, **kwargs: Any) -> nn.Module:
     missing = [f for f in required if f not in kwargs]
     if missing:
         raise ValueError(f"loss {name!r} needs option(s) {', '.join(missing)}")
+    for field in dataclasses.fields(cls):  # a number given as text ('10' from a hand-written dict) or a bool
+        default, value = field.default, kwargs.get(field.name)
+        numeric = isinstance(default, (int, float)) and not isinstance(default, bool)
+        if numeric and field.name in kwargs and (isinstance(value, bool) or not isinstance(value, numbers.Real)
+                                                 or not math.isfinite(value)):
+            raise ValueError(f"loss {name!r}: option {field.name} must be a finite number, got {value!r}")
     return cls(**kwargs)
 
 

@@ -138,6 +138,9 @@ class Recorded:
 
     def __init__(self, model: nn.Module, features: Sequence[str]):
         self.model = model
+        if isinstance(features, str):  # else read letter by letter, each letter a 'path'
+            raise TypeError(f"Recorded: features must be a list of paths, got the string {features!r} "
+                            f"(one feature: [{features!r}])")
         self.features = tuple(FeaturePath.parse(f) for f in dict.fromkeys(features))
         self._resolved: dict[str, dict[str, tuple[str, int]]] = {}
 
@@ -205,6 +208,9 @@ def unwrap(model: Any) -> Any:
 
 def with_recorded(model: Any, names: Iterable[str]) -> Any:
     """`model` wrapped in a `Recorded` for those of `names` that are module paths (unchanged if none is)."""
+    if isinstance(names, str):
+        raise TypeError(f"with_recorded: names must be a list of feature names, got the string {names!r} "
+                        f"(one feature: [{names!r}])")
     paths = [n for n in names if is_module_path(n)]
     return Recorded(model, paths) if paths and model is not None else model
 

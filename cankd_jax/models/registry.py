@@ -212,6 +212,10 @@ def make_segmenter(
     if channels is not None and not is_count(channels, 1):
         raise ValueError(f"head_channels must be a positive integer (or unset for the head's default width), "
                          f"got {channels!r}")
+    check_num_classes(num_classes, f"segmenter {head!r}")
+    if isinstance(dropout_ratio, bool) or not isinstance(dropout_ratio, (int, float)) or not 0 <= dropout_ratio < 1:
+        raise ValueError(f"dropout_ratio must be a number in [0, 1) (the share of the head's features dropped in "
+                         f"training; 1 would zero every logit), got {dropout_ratio!r}")
     if backbone == FOREIGN:
         # Another codebase's model: its own options only; the heads read its features named layer4 / layer3.
         bb = make_foreign(**dict(backbone_kwargs or {}))
@@ -333,6 +337,7 @@ def make_detector(
     """
     if name not in DETECTORS:
         raise ValueError(f"unknown detector {name!r}; choose one of {', '.join(sorted(DETECTORS))}")
+    check_num_classes(num_classes, f"detector {name!r}")
     spec = DETECTORS[name]
     bb, neck = _backbone_and_neck(spec.trunk, f"detector {name!r}", backbone or spec.backbone,
                                   {**spec.backbone_defaults, **(backbone_kwargs or {})},
@@ -391,8 +396,24 @@ _LOADER_FIELDS = {"checkpoint", "checkpoint_prefixes", "random_init", "pretraine
                   "inherit_prefixes", "inherit_skip_mismatched"}
 
 
+def check_num_classes(num_classes: Any, what: str) -> None:
+    """Raise `ValueError` unless `num_classes` is an integer >= 1 (0 gave logits of no class, a negative count an
+    error deep inside XLA)."""
+    if not is_count(num_classes, 1):
+        raise ValueError(f"{what}: num_classes must be an integer >= 1, got {num_classes!r}")
+
+
 def _dtype(value: Any) -> Any:
-    return jnp.dtype(value) if value else None
+    """A network config's `dtype` / `param_dtype`: a float dtype's name, or unset."""
+    if not value:
+        return None
+    try:
+        dtype = jnp.dtype(value)
+    except TypeError:
+        dtype = None
+    if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+        raise ValueError(f"network config dtype {value!r} is not a float dtype (e.g. 'float32', 'bfloat16')")
+    return dtype
 
 
 def make_network(cfg: Any, *, num_classes: int) -> nn.Module:

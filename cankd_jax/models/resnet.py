@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from cankd_jax.compute import remat_policy
+from cankd_jax.config_arg import is_count
 from cankd_jax.layers import Dtype, torch_bias_init, torch_kernel_init
 from cankd_jax.models.conv import batch_norm, conv2d
 from cankd_jax.models.deform_conv import DCN_LAYERS, make_dcn
@@ -220,6 +221,12 @@ class ResNet(nn.Module):
     def _validate(self) -> None:
         if self.depth not in ARCHITECTURES:
             raise ValueError(f"ResNet: unknown depth {self.depth!r}; choose one of {', '.join(map(str, ARCHITECTURES))}")
+        if self.num_classes is not None and not is_count(self.num_classes, 1):
+            raise ValueError(f"ResNet: num_classes must be an integer >= 1 (or None for a backbone), "
+                             f"got {self.num_classes!r}")
+        for field in ("in_channels", "stem_width", "base_width"):
+            if not is_count(getattr(self, field), 1):
+                raise ValueError(f"ResNet: {field} must be an integer >= 1, got {getattr(self, field)!r}")
         for field in ("strides", "dilations") + (("stage_blocks",) if self.stage_blocks is not None else ()):
             value = tuple(getattr(self, field))
             if len(value) != 4 or any(int(v) < 1 for v in value):
