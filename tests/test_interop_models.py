@@ -343,9 +343,10 @@ def test_reading_pth_files_names_the_problem(tmp_path):
     with pytest.raises(ValueError, match=r"does not hold a state dict: its keys are not all names, e.g. 3 \(int\)"):
         interop.load_pth(keyed)  # a Path works as well as a str
     foreign = tmp_path / "foreign.pth"  # an object where a tensor should be: named, not passed on as a weight
-    torch.save({"state_dict": {"w": torch.zeros(1), "step": _Tripwire()}}, foreign)
+    torch.save({"state_dict": {"w": torch.zeros(1), "step": _Tripwire(), "steps": [torch.zeros(1), _Tripwire()]}},
+               foreign)
     with pytest.raises(ValueError, match=r"foreign.pth': the state dict holds pickled objects, not tensors, under "
-                                         r"step \(of the classes or functions test_interop_models._ran\)"):
+                                         r"step, steps \(of the classes or functions test_interop_models._ran\)"):
         interop.load_pth(str(foreign))
     unsafe = tmp_path / "pickled.pth"  # beyond what can be read without running it: why, in one plain line
     cfg = _Meta(a=1)

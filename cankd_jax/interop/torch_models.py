@@ -580,7 +580,7 @@ def load_pth(path: str, *, weights_only: bool = True) -> dict[str, Any]:
     if other:
         raise ValueError(f"{path!r} does not hold a state dict: its keys are not all names, e.g. {other[0]!r} "
                          f"({type(other[0]).__name__})")
-    unread = sorted(k for k, v in obj.items() if v is _Foreign)
+    unread = sorted(k for k, v in obj.items() if any(leaf is _Foreign for leaf in jax.tree.leaves(v)))
     if unread:
         raise ValueError(f"{path!r}: the state dict holds pickled objects, not tensors, under {_abbrev(unread)} "
                          f"(of the classes or functions {', '.join(foreign)})")
