@@ -74,7 +74,7 @@ def test_a_record_hashes_each_array_once_for_the_check_and_the_fingerprint(monke
 
 
 @pytest.mark.parametrize("change", ["one ulp", "two swapped", "two signs flipped", "negated", "renamed", "bfloat16",
-                                    "float64 high bits", "other seed"])
+                                    "float64 high bits", "float8 zero's sign", "other seed"])
 def test_any_change_to_the_weights_changes_the_fingerprint(change):
     base = _weights()
     other = jax.tree.map(np.copy, base)
@@ -95,6 +95,9 @@ def test_any_change_to_the_weights_changes_the_fingerprint(change):
         base["batch_stats"]["mean"] = np.arange(8, dtype=np.float64)
         other["batch_stats"]["mean"] = np.arange(8, dtype=np.float64)
         other["batch_stats"]["mean"][2] = 3.0  # 2.0 and 3.0 share their low 32 bits (all zero)
+    elif change == "float8 zero's sign":  # bits, not values: float8_e4m3fn is numpy kind 'V', not 'f'
+        base["batch_stats"]["scale"] = np.zeros(4, ml_dtypes.float8_e4m3fn)
+        other["batch_stats"]["scale"] = -np.zeros(4, ml_dtypes.float8_e4m3fn)
     else:
         other = _weights(seed=1)
     assert run_record.fingerprint(other) != run_record.fingerprint(base)

@@ -56,7 +56,7 @@ def _mix(h: np.ndarray) -> np.ndarray:
 def _bits(data: np.ndarray) -> np.ndarray:
     """The elements' bit patterns as uint32 (float32 itself; 8- and 16-bit floats widened; 64-bit values folded)."""
     data = np.ascontiguousarray(data).reshape(-1)
-    if data.dtype.kind == "f" or data.dtype.name == "bfloat16":
+    if jnp.issubdtype(data.dtype, jnp.floating):  # bfloat16 and float8 too (numpy's kind 'V')
         data = data.view({1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}[data.dtype.itemsize])
     if data.dtype.itemsize == 8:
         data = data.view(np.uint64)
@@ -87,10 +87,11 @@ def _nonfinite(data: np.ndarray) -> int:
     return int(data.size - np.count_nonzero(np.isfinite(data)))
 
 
-def _hashes(x: Any, *, parts: bool) -> tuple[Optional[np.ndarray], Optional[np.ndarray], int]:
+def _hashes(x: Any, *, parts: bool, wholes: bool = True) -> tuple[Optional[np.ndarray], Optional[np.ndarray], int]:
     """`(whole, part, nonfinite)`, each shard read once however many of the three need it:
 
-    - `whole`: `_words` of this process's own whole copy of `x`, or None where it holds only pieces (FSDP);
+    - `whole` (when `wholes`): `_words` of this process's own whole copy of `x`, or None where it holds only pieces
+      (FSDP);
     - `part` (when `parts`): this process's share of `_words` of all of `x`, the sum over the shards it holds first
       copies of. An array each process holds all of by itself (a host array, or one on this process's devices
       only) counts on process 0 alone. Sums modulo 2**32 do not depend on their order, so the processes' shares
@@ -100,12 +101,12 @@ def _hashes(x: Any, *, parts: bool) -> tuple[Optional[np.ndarray], Optional[np.n
     counts = not local or jax.process_index() == 0
     if not isinstance(x, jax.Array):
         data = np.asarray(x)
-        words = _words(data, (), np.shape(x))
+        words = _words(data, (), np.shape(x)) if parts or wholes else None
         bad = _nonfinite(data) if counts else 0
-        return words, ((words if counts else np.zeros(2, np.uint32)) if parts else None), bad
+        return (words if wholes else None), ((words if counts else np.zeros(2, np.uint32)) if parts else None), bad
     whole, part, bad = None, np.zeros(2, np.uint32), 0
     for shard in x.addressable_shards:
-        is_whole = _is_whole(shard.index, x.shape)
+        is_whole = wholes and _is_whole(shard.index, x.shape)
         first = counts and shard.replica_id == 0
         if first or (is_whole and whole is None):
             data = np.asarray(shard.data)
@@ -168,7 +169,7 @@ def check_weights(variables: Optional[PyTree], what: str, key: str) -> None:
     process holds whole (replicated ones; FSDP's small ones). A collective."""
     flat = jax.tree_util.tree_leaves_with_path(variables) if variables is not None else []
     if flat:
-        hashes = [_hashes(x, parts=False) for _, x in flat]
+        hashes = [_hashes(x, parts=False, wholes=jax.process_count() > 1) for _, x in flat]
         if jax.process_count() > 1:
             _compare(flat, [whole for whole, _, _ in hashes], what, key)
         _check_finite(flat, [bad for _, _, bad in hashes], what, key)
