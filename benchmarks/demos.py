@@ -5,20 +5,20 @@
     python benchmarks/demos.py --workdir /tmp/demos  # keep (and resume) the runs there
 
 The committed figures come from `results/`, not from the README's text: `results/demo/summary.json`,
-`results/detection_demo/summary.json`, `results/detection_demo/faster_rcnn/summary.json`,
-`results/detection_demo/swin/summary.json`, `results/detection_demo/reppoints/summary.json` and
-`results/detection_demo/dino/summary.json`, each the summary
-of the demo's last measured run. Any change to the
-step, a loss or a model re-runs this before it lands; a row whose numbers differ means the README's figures
-(and those files) are from an older commit, or from another machine: the runs are deterministic on one
-machine (the same commit gives the same numbers to the last digit), but XLA:CPU compiles differently for
-different processors, and training from scratch turns last-bit differences into different numbers
-(`results/demo/README.md`).
+`results/detection_demo/summary.json` and `results/detection_demo/{faster_rcnn,swin,reppoints,dino}/summary.json`,
+each the summary of the demo's run on the project's AMD EPYC machine, or, where a `summary_*.json` beside it
+was measured on this machine's processor (its 'host' entry, /proc/cpuinfo's model name), that record. Any change
+to the step, a loss or a model re-runs this before it lands; a row whose numbers differ means the README's
+figures (and those files) are from an older commit, or from another processor without a record: the runs are
+deterministic on one machine (the same commit gives the same numbers to the last digit), but XLA:CPU compiles
+differently for different processors, and training from scratch turns last-bit differences into different
+numbers (`results/demo/README.md`).
 """
 
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
 import subprocess
@@ -45,11 +45,27 @@ RESULTS = {"segmentation": "results/demo/summary.json", "detection": "results/de
            "dino": "results/detection_demo/dino/summary.json"}
 
 
-def committed(demo: str) -> dict[str, float]:
-    """The committed figures of `demo`'s phases, in percent."""
-    with open(os.path.join(ROOT, RESULTS[demo])) as f:
+def processor() -> str:
+    """This machine's processor model as /proc/cpuinfo names it ('' where it does not)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        return ""
+
+
+def committed(demo: str, host: str = "") -> tuple[dict[str, float], str]:
+    """The committed figures of `demo`'s phases, in percent, and the file they come from: the record measured on
+    a processor named `host` (`summary_*.json` beside `summary.json`, with a 'host' entry) where there is one,
+    since the figures depend on the processor; else `summary.json`."""
+    path = os.path.join(ROOT, RESULTS[demo])
+    for other in sorted(glob.glob(os.path.join(os.path.dirname(path), "summary_*.json"))):
+        with open(other) as f:
+            if host and json.load(f).get("host") == host:
+                path = other
+    with open(path) as f:
         summary = json.load(f)
-    return {phase: 100 * summary[phase] for phase in DEMOS[demo][1]}
+    return {phase: 100 * summary[phase] for phase in DEMOS[demo][1]}, os.path.relpath(path, ROOT)
 
 
 def run(demo: str, workdir: str) -> tuple[dict[str, float], float]:
@@ -70,15 +86,18 @@ def main(argv: list[str]) -> None:
     args = ap.parse_args(argv)
     root = args.workdir or tempfile.mkdtemp(prefix="cankd_demos_")
     rows, differ = [], False
+    host = processor()
     for demo in args.demos:
         got, wall = run(demo, os.path.join(root, demo))
-        want = committed(demo)
+        want, record = committed(demo, host)
         for phase in DEMOS[demo][1]:
             same = f"{got[phase]:.2f}" == f"{want[phase]:.2f}"
             differ |= not same
-            rows.append(f"| {demo} | {phase} | {got[phase]:.2f} | {want[phase]:.2f} | {'yes' if same else '**no**'} |")
-        rows.append(f"| {demo} | (wall time) | {wall / 60:.1f} min | | |")
-    print("\n| demo | phase | this checkout | committed | same |\n|---|---|---|---|---|\n" + "\n".join(rows))
+            rows.append(f"| {demo} | {phase} | {got[phase]:.2f} | {want[phase]:.2f} | {'yes' if same else '**no**'} "
+                        f"| {record} |")
+        rows.append(f"| {demo} | (wall time) | {wall / 60:.1f} min | | | |")
+    print(f"\nprocessor: {host or 'unknown'}\n\n| demo | phase | this checkout | committed | same | record |\n"
+          "|---|---|---|---|---|---|\n" + "\n".join(rows))
     print(f"\nruns in {root}")
     if differ:
         print("some figures differ from the committed ones: update results/ and the README from these runs")

@@ -42,3 +42,27 @@ def test_a_script_refuses_a_zero_count_before_any_work(script, option):
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", script), option, "0"],
                           capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert proc.returncode == 2 and f"argument {option}: must be at least 1, got 0" in proc.stderr, proc.stderr
+
+
+def test_the_demos_are_compared_with_the_record_of_the_processor_they_run_on():
+    """The demos' figures depend on the processor (XLA:CPU compiles for it): a run on the Xeon host is held to the
+    record measured there, anywhere else to summary.json (the AMD EPYC machine's)."""
+    import json
+
+    import demos
+
+    recorded = [demo for demo, path in demos.RESULTS.items()
+                if os.path.exists(os.path.join(ROOT, path.replace("summary.json", "summary_xeon.json")))]
+    assert len(recorded) >= 5, recorded
+    for demo in recorded:
+        path = demos.RESULTS[demo]
+        with open(os.path.join(ROOT, path)) as f:
+            epyc = json.load(f)
+        with open(os.path.join(ROOT, path.replace("summary.json", "summary_xeon.json"))) as f:
+            xeon = json.load(f)
+        figures, record = demos.committed(demo, xeon["host"])
+        assert record == path.replace("summary.json", "summary_xeon.json")
+        assert figures == {p: 100 * xeon[p] for p in ("teacher", "student", "cankd")}
+        figures, record = demos.committed(demo, "AMD EPYC 9R14")
+        assert record == path and figures == {p: 100 * epyc[p] for p in ("teacher", "student", "cankd")}
+        assert demos.committed(demo, "")[1] == path
