@@ -84,6 +84,16 @@ REMAT_POLICIES: dict[str, Optional[Callable[..., bool]]] = {
 }
 
 
+def float_dtype(value: Any) -> Optional[Any]:
+    """`value` (a name or a dtype) as a floating dtype, bfloat16 included; None where it names none (an unknown
+    name, an integer dtype)."""
+    try:
+        dtype = jnp.dtype(value)
+    except TypeError:
+        return None
+    return dtype if jnp.issubdtype(dtype, jnp.floating) else None
+
+
 def compute_dtype(name: Optional[str]) -> Optional[Any]:
     """The modules' `dtype` for `config.dtype`: None for float32 (they compute in their inputs' dtype,
     float32), `jnp.bfloat16` for bfloat16. Unknown names raise a ValueError listing the valid ones."""

@@ -25,6 +25,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from cankd_jax.compute import float_dtype
 from cankd_jax.config_arg import is_count
 from cankd_jax.layers import (
     BatchNorm, Conv1x1, dense_nhwc, instance_norm, max_pool_2x2, resize_bilinear, torch_bias_init, torch_kernel_init,
@@ -177,13 +178,8 @@ class _NonLocalLossBase(nn.Module):
             raise ValueError(f"{name}: inter_channels must be a positive integer or None, got {self.inter_channels!r}")
         if not is_count(self.query_block, 1):
             raise ValueError(f"{name}: query_block must be a positive integer, got {self.query_block!r}")
-        if self.dtype is not None:
-            try:
-                ok = jnp.issubdtype(jnp.dtype(self.dtype), jnp.floating)
-            except TypeError:
-                ok = False
-            if not ok:
-                raise ValueError(f"{name}: dtype must be a float dtype (e.g. 'bfloat16') or None, got {self.dtype!r}")
+        if self.dtype is not None and float_dtype(self.dtype) is None:
+            raise ValueError(f"{name}: dtype must be a float dtype (e.g. 'bfloat16') or None, got {self.dtype!r}")
         super().__post_init__()
 
     @property

@@ -25,7 +25,7 @@ from typing import Any, Callable, Mapping, Optional
 import flax.linen as nn
 import jax.numpy as jnp
 
-from cankd_jax.compute import remat_policy
+from cankd_jax.compute import float_dtype, remat_policy
 from cankd_jax.config_arg import is_count
 from cankd_jax.models.channel_mapper import ChannelMapper
 from cankd_jax.models.dense_heads import FCOSHead, RetinaHead
@@ -407,11 +407,8 @@ def _dtype(value: Any) -> Any:
     """A network config's `dtype` / `param_dtype`: a float dtype's name, or unset."""
     if not value:
         return None
-    try:
-        dtype = jnp.dtype(value)
-    except TypeError:
-        dtype = None
-    if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+    dtype = float_dtype(value)
+    if dtype is None:
         raise ValueError(f"network config dtype {value!r} is not a float dtype (e.g. 'float32', 'bfloat16')")
     return dtype
 
