@@ -234,8 +234,30 @@ def test_mock_cifar10_classification():
     assert len(evals) == 3 and sum(int(b["valid"].sum()) for b in evals) == 12
 
 
+def _paired_segmentation_mock(image_key: str, label_key: str, label_channels: int, label_high: int, n: int):
+    """`tfds.testing.mock_data` serving `n` random segmentation examples whose label map has its image's size
+    (the default mock draws each feature's size on its own, a pair the pipeline refuses) and values in
+    [0, label_high]."""
+
+    class Source:
+        def __init__(self, split: str):
+            self.split = split
+
+        def __len__(self) -> int:
+            return n
+
+        def __getitem__(self, i: int) -> dict:
+            rng = np.random.default_rng([int(i), len(self.split)])
+            h, w = (int(x) for x in rng.integers(12, 40, 2))
+            return {image_key: rng.integers(0, 256, (h, w, 3), dtype=np.uint8),
+                    label_key: rng.integers(0, label_high + 1, (h, w, label_channels), dtype=np.uint8)}
+
+    return tfds.testing.mock_data(as_data_source_fn=lambda builder, split, **kwargs: Source(split))
+
+
 def test_mock_scene_parse150_reduces_zero_label():
-    with tfds.testing.mock_data(num_examples=4):
+    # The red channel holds class + 1 (0: unlabelled) of the 100 classes.
+    with _paired_segmentation_mock("image", "annotation", 3, label_high=100, n=4):
         data = make_data({"name": "ade20k", "data_dir": "/nonexistent", "crop_size": (16, 16), "scale": (32, 16),
                           "eval_scale": (16, 16), "eval_batch_size": 4}, task="segmentation")
         raw = tfds.data_source("scene_parse150", split="train")[0]
@@ -251,7 +273,7 @@ def test_mock_scene_parse150_reduces_zero_label():
 
 
 def test_mock_cityscapes_maps_label_ids_to_train_ids():
-    with tfds.testing.mock_data(num_examples=2):
+    with _paired_segmentation_mock("image_left", "segmentation_label", 1, label_high=40, n=2):
         data = make_data({"name": "cityscapes", "data_dir": "/nonexistent", "crop_size": (16, 32),
                           "scale": (64, 32), "eval_scale": (64, 32), "eval_batch_size": 2}, task="segmentation")
         raw = tfds.data_source("cityscapes", split="train")[0]

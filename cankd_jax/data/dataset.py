@@ -92,8 +92,16 @@ def _check_sizes(opts: Mapping[str, Any]) -> None:
     padding; a zero batch or negative worker count fails deep in the pipeline), each named by its key."""
     for k in ("crop_size", "scale", "eval_scale", "eval_pad_size"):
         v = opts.get(k)
-        if v is not None and not (len(v) == 2 and all(_positive(x) for x in v)):
-            raise ValueError(f"data.{k} must be two positive sizes, got {v!r}")
+        if v is not None and not (len(v) == 2 and all(_positive(x) and float(x).is_integer() for x in v)):
+            raise ValueError(f"data.{k} must be two positive whole numbers of pixels, got {v!r}")
+    ranges = {"ratio_range": (float("inf"), "0 < low <= high"), "crop_scale": (1.0, "0 < low <= high <= 1")}
+    for k, (top, rule) in ranges.items():
+        v = opts.get(k)
+        if v is not None and not (len(v) == 2 and all(_positive(x) for x in v) and v[0] <= v[1] <= top):
+            raise ValueError(f"data.{k} must be (low, high) with {rule}, got {v!r}")
+    ratio = opts.get("cat_max_ratio", 1.0)
+    if not (_positive(ratio) and ratio <= 1):
+        raise ValueError(f"data.cat_max_ratio must be in (0, 1] (1: no re-draws), got {ratio!r}")
     if not _positive(opts.get("eval_batch_size", 1)):
         raise ValueError(f"data.eval_batch_size must be a positive number of images, got {opts['eval_batch_size']!r}")
     workers = opts.get("workers", 0)
@@ -126,6 +134,8 @@ def _resolve(cfg: Mapping[str, Any]) -> tuple[str, DatasetSpec, dict[str, Any]]:
     opts.update(cfg)
     for k in ("crop_size", "scale", "eval_scale", "eval_pad_size", "ratio_range", "crop_scale"):
         if k in opts and opts[k] is not None:
+            if isinstance(opts[k], (str, bytes)) or not hasattr(opts[k], "__len__"):
+                raise ValueError(f"data.{k} must be a pair of numbers such as (512, 1024), got {opts[k]!r}")
             opts[k] = tuple(opts[k]) or None  # () means "none" too (ConfigDicts cannot always hold None)
     _check_sizes(opts)
     if key == "synthetic":
@@ -302,9 +312,11 @@ def make_data(cfg: Mapping[str, Any], task: Optional[str] = None) -> Data:
     docstring. `task` (if given) must match the dataset's task.
     """
     cfg = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
+    if task is not None and cfg.get("name") and dataset_spec(cfg["name"]).task != task:
+        # Before the keys: a data section written for another task holds keys this data set does not take.
+        raise ValueError(f"dataset {cfg['name']!r} is for {dataset_spec(cfg['name']).task}, but task.name is "
+                         f"{task!r}; use a {dataset_spec(cfg['name']).task} config (see configs/)")
     key, spec, o = _resolve(cfg)
-    if task is not None and task != spec.task:
-        raise ValueError(f"dataset {key!r} is for {spec.task}, but task.name is {task!r}")
     data_dir = o["data_dir"] or None
     if data_dir and os.path.exists(data_dir) and not os.path.isdir(data_dir):
         raise ValueError(f"data.data_dir {data_dir!r} is a file, not a directory")
@@ -315,6 +327,10 @@ def make_data(cfg: Mapping[str, Any], task: Optional[str] = None) -> Data:
     train_split, eval_split = o["train_split"] or spec.train_split, o["eval_split"] or spec.eval_split
     train = open_source(key, train_split, data_dir, synthetic_options=synthetic_options)
     evaluation = open_source(key, eval_split, data_dir, synthetic_options=synthetic_options)
+    for split, source in ((train_split, train), (eval_split, evaluation)):
+        if not len(source):
+            raise ValueError(f"split {split!r} of dataset {key!r} holds no examples; choose another "
+                             "(data.train_split, data.eval_split) or prepare the data set again")
     if spec.task == "detection":
         return _detection_data(key, spec, o, train, evaluation, train_split, eval_split, synthetic_options)
     if spec.task == "segmentation":
@@ -325,6 +341,9 @@ def make_data(cfg: Mapping[str, Any], task: Optional[str] = None) -> Data:
                                    pad_size=o["eval_pad_size"])
     else:
         resize = o["eval_resize"] or round(o["crop_size"][0] / 0.875)  # the usual 224 / 256
+        if not (_positive(resize) and resize >= max(o["crop_size"])):
+            raise ValueError(f"data.eval_resize={resize!r} must be a short edge >= crop_size {o['crop_size']} "
+                             "(evaluation resizes, then centre-crops)")
         train_t = ClsTrainAugment(crop_size=o["crop_size"], scale=o["crop_scale"], flip_prob=o["flip_prob"])
         eval_t = ClsEvalPreprocess(crop_size=o["crop_size"], resize=int(resize))
     return Data(key, spec, o, train, evaluation, train_t, eval_t)

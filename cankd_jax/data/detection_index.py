@@ -196,16 +196,35 @@ class DetectionSplits:
         return [np.flatnonzero(groups == b) for b in range(len(self.buckets))]
 
 
+def _has_ground_truth(index: DetectionIndex) -> bool:
+    """Whether any object of `index` is one COCOeval scores detections against: a box of positive width and height
+    (what `coco_ground_truth` keeps) that is not a crowd box (crowd boxes only excuse detections)."""
+    wide = (index.boxes[:, 2] > index.boxes[:, 0]) & (index.boxes[:, 3] > index.boxes[:, 1])
+    return bool((wide & ~index.is_crowd).any())
+
+
 def make_splits(train_source: Any, eval_source: Any, *, scale: Sequence[int], cache_dir: Optional[str],
                 cache_key: str, max_boxes: int = 0, filter_empty: bool = True, min_size: int = 0) -> DetectionSplits:
     """Index both splits, choose the trained records and the box count `G` (0: the split's maximum, rounded up
     to a multiple of 8)."""
-    train_index = load_index(train_source, cache_dir, f"{cache_key}-train{len(train_source)}")
-    eval_index = load_index(eval_source, cache_dir, f"{cache_key}-eval{len(eval_source)}")
+    def key(source: Any, split: str) -> str:
+        # The files' fingerprint: a data set prepared again in the same place (same lengths) is indexed again.
+        return "-".join(filter(None, (cache_key, f"{split}{len(source)}", getattr(source, "fingerprint", ""))))
+
+    train_index = load_index(train_source, cache_dir, key(train_source, "train"))
+    eval_index = load_index(eval_source, cache_dir, key(eval_source, "eval"))
     records = train_index.trainable(filter_empty=filter_empty, min_size=min_size)
     if not len(records):
         raise ValueError(f"no training image of {train_source!r} has an annotation and both sides >= {min_size}")
-    most = int(train_index.training_counts()[records].max())
+    counts = train_index.training_counts()[records]
+    if not counts.any():  # mmdet's filter keeps them, but every target would be background
+        raise ValueError(f"no training image of {train_source!r} has a box that trains: its "
+                         f"{int(np.diff(train_index.offsets)[records].sum())} annotations are all crowd boxes or "
+                         "under 1 pixel wide or tall")
+    if not _has_ground_truth(eval_index):
+        raise ValueError(f"the eval split {eval_source!r} holds no annotated object (a non-crowd box of positive "
+                         "width and height): COCO's mAP is undefined there (-1); evaluate on a split with annotations")
+    most = int(counts.max())
     if not max_boxes:
         max_boxes = max(8, ceil_to(most, 8))
     elif most > max_boxes:

@@ -482,5 +482,11 @@ def _pad_rows(rows: list[Mapping[str, Any]], template: Mapping[str, Any], batch_
             continue
         fill = IGNORE if key == "label" and top else 0
         pad = [np.full(np.shape(value), fill, np.asarray(value).dtype)] * (batch_size - len(rows))
+        shapes = sorted({np.shape(r[key]) for r in rows} | {np.shape(value)})
+        if len(shapes) > 1:  # else numpy's "all input arrays must have the same shape", naming nothing
+            raise ValueError(f"eval examples of different shapes in one batch ({key}: "
+                             f"{', '.join(map(str, shapes))}); give the eval images one size: set "
+                             "--config.data.eval_pad_size (h, w), or a fixed data.eval_scale with "
+                             "data.eval_keep_ratio=False")
         out[key] = np.stack([r[key] for r in rows] + pad)
     return out

@@ -5,7 +5,9 @@ label is an (H, W) uint8 class map (255 = ignore) for segmentation or an int32
 class id for classification; detection records carry the objects instead
 (`to_detection_record`: boxes in pixels, contiguous labels, crowd flags, the image
 id). The per-dataset differences (feature names, label encodings, splits, how to
-obtain the data) live in the `DATASETS` table.
+obtain the data) live in the `DATASETS` table. A record the pipeline cannot use as
+it is (undecodable, labels outside the classes, a label map of another size than
+its image) raises `BadRecord`, naming the data set, split and record.
 
 Reading goes through `tfds.data_source` (ArrayRecord, random access, no
 TensorFlow). Catalogue image features are PNG/JPEG inside the records, and TFDS
@@ -17,15 +19,18 @@ neither.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import io
+import json
 import logging
+import os
 from collections.abc import Sequence
 from typing import Any, Optional
 
 import numpy as np
 import tensorflow_datasets as tfds
 
-from cankd_jax.data import image_ops, synthetic
+from cankd_jax.data import synthetic
 from cankd_jax.data.image_ops import IGNORE
 from cankd_jax.data.scenes import NUM_CLASSES as SYNTHETIC_CLASSES
 
@@ -122,6 +127,11 @@ def dataset_spec(name: str) -> DatasetSpec:
     return DATASETS[key]
 
 
+class BadRecord(ValueError):
+    """A record the pipeline cannot use as it is (undecodable, of another dtype or channel count, labels outside
+    the classes, a label map of another size than its image), named by its data set, split and index."""
+
+
 class MappedSource:
     """A random-access source of common records over a TFDS source (anything with len and [])
 
@@ -142,8 +152,31 @@ class MappedSource:
     def __len__(self) -> int:
         return len(self._source)
 
+    @property
+    def fingerprint(self) -> str:
+        """A short hash of the prepared files' names, sizes and modification times ('' where the source has no
+        directory of its own): what a cache of this source's annotations is keyed by, so that a data set prepared
+        again in the same place is indexed again."""
+        return files_fingerprint(getattr(getattr(self._source, "dataset_info", None), "data_dir", None))
+
+    def _read(self, key: int) -> dict:
+        try:
+            return self._source[key]
+        except Exception as e:  # noqa: BLE001 - a damaged file or image surfaces as anything from deep in TFDS
+            folder = getattr(getattr(self._source, "dataset_info", None), "data_dir", None)
+            fix = (f"delete {folder} and it is generated again" if self._spec.tfds_name == synthetic.NAME and folder
+                   else self._spec.how_to_get)
+            raise BadRecord(f"{self._name}:{self._split} record {key} cannot be read ({type(e).__name__}: "
+                            f"{' '.join(str(e).split())[:300]}); the prepared files may be damaged or incomplete: "
+                            f"{fix}") from e
+
     def __getitem__(self, key: int) -> dict[str, np.ndarray]:
-        return to_record(self._source[int(key)], self._spec, int(key))
+        key = int(key)
+        example = self._read(key)
+        try:
+            return to_record(example, self._spec, key)
+        except BadRecord as e:
+            raise BadRecord(f"{self._name}:{self._split} record {key}: {e}") from None
 
     def annotations(self, key: int) -> dict[str, np.ndarray]:
         """A detection record without `image`: `size` (2,) int32 (h, w) plus the objects of `to_detection_record`."""
@@ -152,10 +185,14 @@ class MappedSource:
             try:
                 example = self._header_source[key]
                 size = encoded_image_size(example[self._spec.image_key])
-                return {"size": np.asarray(size, np.int32), **detection_objects(example, self._spec, size, key)}
+                objects = detection_objects(example, self._spec, size, key)
+            except BadRecord as e:
+                raise BadRecord(f"{self._name}:{self._split} record {key}: {e}") from None
             except Exception as e:  # noqa: BLE001 - anything wrong with the cheap path: decode instead
                 log.info("%r: reading image sizes from headers failed (%s); decoding images instead", self, e)
                 self._header_source = None
+            else:
+                return {"size": np.asarray(size, np.int32), **objects}
         record = self[key]
         image = record.pop("image")
         return {"size": np.asarray(image.shape[:2], np.int32), **record}
@@ -197,32 +234,74 @@ def detection_objects(example: dict[str, Any], spec: DatasetSpec, size: tuple[in
     if area is None:
         area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
     image_id = np.asarray(example[spec.image_id_key]).reshape(()) if spec.image_id_key else key
+    labels = labels[:n].astype(np.int64) - spec.label_offset
+    if len(labels) and (labels.min() < 0 or labels.max() >= spec.num_classes):
+        # A data set of another class list (COCO's 91 ids, a custom set): the targets would drop these objects.
+        raise BadRecord(f"object labels {_span(labels + spec.label_offset)} are outside the data set's "
+                        f"{spec.num_classes} classes ({spec.label_offset}..{spec.num_classes - 1 + spec.label_offset} "
+                        "as stored)")
     return {"image_id": np.asarray(image_id, np.int64), "boxes": boxes,
-            "labels": (labels[:n].astype(np.int64) - spec.label_offset).astype(np.int32),
+            "labels": labels.astype(np.int32),
             "is_crowd": crowd[:n], "area": np.asarray(area[:n], np.float32)}
 
 
 def to_record(example: dict[str, Any], spec: DatasetSpec, key: int = 0) -> dict[str, np.ndarray]:
     """One TFDS example -> `{'image': (H, W, 3) uint8, 'label': (H, W) uint8 or () int32}`, or for detection
     `{'image', 'image_id', 'boxes', 'labels', 'is_crowd', 'area'}` (`detection_objects`; `key` is the record's
-    index, the image id of a data set without ids)."""
-    image = np.asarray(example[spec.image_key], np.uint8)
-    if image.ndim == 2 or image.shape[-1] == 1:  # grayscale -> RGB
+    index, the image id of a data set without ids). A record that cannot be used as it is raises `BadRecord`."""
+    image = np.asarray(example[spec.image_key])
+    if image.dtype != np.uint8:  # a 16-bit PNG: a cast would keep its values mod 256
+        raise BadRecord(f"the image is {image.dtype}, not 8-bit (uint8); convert the data set's images to 8 bits")
+    if image.ndim == 2 or (image.ndim == 3 and image.shape[-1] == 1):  # grayscale -> RGB
         image = np.repeat(image.reshape(image.shape[:2] + (1,)), 3, axis=-1)
+    elif image.ndim == 3 and image.shape[-1] == 4:  # RGBA: the alpha channel dropped, as OpenCV's colour read does
+        image = image[..., :3]
+    elif image.ndim != 3 or image.shape[-1] != 3:
+        raise BadRecord(f"the image has shape {image.shape}; expected (H, W, 3) RGB, (H, W, 4) RGBA or grayscale")
     if spec.task == "detection":
         return {"image": image, **detection_objects(example, spec, image.shape[:2], key)}
     label = np.asarray(example[spec.label_key])
     if spec.task == "classification":
+        if label.size != 1 or not 0 <= int(label.reshape(())) < spec.num_classes:
+            raise BadRecord(f"the class label {label.tolist()} is not one of the data set's {spec.num_classes} "
+                            f"classes (0..{spec.num_classes - 1})")
         return {"image": image, "label": label.astype(np.int32).reshape(())}
     if label.ndim == 3:  # PNG label images decode as (H, W, C); the class is in the first channel
         label = label[..., 0]
-    label = label.astype(np.uint8)
+    if not np.issubdtype(label.dtype, np.integer):
+        raise BadRecord(f"the label map is {label.dtype}, not integer class indices")
+    if label.dtype != np.uint8:
+        if label.size and (label.min() < 0 or label.max() > IGNORE):
+            raise BadRecord(f"label values {_span(label)} do not fit 8-bit class maps (0..{IGNORE})")
+        label = label.astype(np.uint8)
     if spec.label_lut is not None:
         label = spec.label_lut[label]
-    if label.shape != image.shape[:2]:
-        # Only TFDS mock data draws image and label sizes independently; real pairs always match.
-        label = image_ops.resize_nearest(label, image.shape[:2])
+    if label.shape != image.shape[:2]:  # cropping one with the other's coordinates would misplace every label
+        raise BadRecord(f"the label map is {label.shape[0]}x{label.shape[1]} for a "
+                        f"{image.shape[0]}x{image.shape[1]} image")
+    outside = label[(label >= spec.num_classes) & (label != IGNORE)]
+    if outside.size:  # the loss would read past its logits (NaN), the evaluation would drop these pixels
+        raise BadRecord(f"label values {_span(outside)} are outside the data set's {spec.num_classes} classes "
+                        f"(0..{spec.num_classes - 1}, {IGNORE} ignored) after its label mapping")
     return {"image": image, "label": label}
+
+
+def _span(values: np.ndarray) -> str:
+    lo, hi = int(np.min(values)), int(np.max(values))
+    return str(lo) if lo == hi else f"{lo}..{hi}"
+
+
+def files_fingerprint(directory: Optional[str]) -> str:
+    """12 hex digits over the names, sizes and modification times of the files in `directory` ('' if it is not
+    a local directory)."""
+    if not directory or not os.path.isdir(directory):
+        return ""
+    h = hashlib.sha1()
+    for entry in sorted(os.scandir(directory), key=lambda e: e.name):
+        if entry.is_file():
+            st = entry.stat()
+            h.update(f"{entry.name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:12]
 
 
 def open_source(name: str, split: str, data_dir: Optional[str] = None, *,
@@ -251,6 +330,26 @@ def open_source(name: str, split: str, data_dir: Optional[str] = None, *,
     return MappedSource(source, spec, ALIASES.get(name, name), split, header_source=header)
 
 
+def _what_is_there(spec: DatasetSpec, where: str) -> str:
+    """What a data directory holds of `spec`'s data set where TFDS finds none it can read: other versions, or
+    metadata that does not parse ('' when there is nothing of it)."""
+    name, _, version = spec.tfds_name.partition(":")
+    folder = os.path.join(os.path.expanduser(where), name)
+    if not version or not os.path.isdir(folder):
+        return ""
+    found = sorted(v for v in os.listdir(folder) if os.path.isdir(os.path.join(folder, v)))
+    if found and version not in found:
+        return f" (it holds version{'s' if len(found) > 1 else ''} {', '.join(found)}; this project reads {version})"
+    info = os.path.join(folder, version, "dataset_info.json")
+    if version in found and os.path.exists(info):
+        try:
+            with open(info) as f:
+                json.load(f)
+        except (OSError, ValueError) as e:
+            return f" ({info} cannot be read: {' '.join(str(e).split())[:120]})"
+    return ""
+
+
 def _missing_error(name: str, spec: DatasetSpec, data_dir: Optional[str], split: str) -> Exception:
     where = data_dir or tfds.core.constants.DATA_DIR
     try:
@@ -259,8 +358,12 @@ def _missing_error(name: str, spec: DatasetSpec, data_dir: Optional[str], split:
     except Exception:
         builder, prepared = None, False
     if not prepared:
-        return FileNotFoundError(f"dataset {name!r} not found under {where}; {spec.how_to_get}")
+        return FileNotFoundError(f"dataset {name!r} not found under {where}{_what_is_there(spec, where)}; "
+                                 f"{spec.how_to_get}")
     if split not in builder.info.splits:
         return ValueError(f"dataset {name!r} has no split {split!r}; it has {', '.join(builder.info.splits)}")
+    if not builder.info.splits[split].num_examples:
+        return ValueError(f"split {split!r} of dataset {name!r} under {where} holds no examples; choose another "
+                          "(data.train_split, data.eval_split) or prepare the data set again")
     return ValueError(f"dataset {name!r} under {where} is not in ArrayRecord format (random access needs it); "
                       f"rebuild it with file_format=array_record")

@@ -121,8 +121,7 @@ def prepare_synthetic(data_dir: Optional[str] = None, *, image_size: int = 64, n
         config = config.name  # TFDS refuses a new config object that shadows a listed one
     builder = CankdSyntheticScenes(data_dir=data_dir, config=config, file_format="array_record")
     if not builder.is_prepared():
-        os.makedirs(data_dir, exist_ok=True)
-        with _file_lock(os.path.join(data_dir, f".{NAME}.lock")):
+        with _generation_lock(data_dir):
             builder = CankdSyntheticScenes(data_dir=data_dir, config=config, file_format="array_record")
             if not builder.is_prepared():  # another process may have finished while we waited
                 builder.download_and_prepare()
@@ -130,8 +129,16 @@ def prepare_synthetic(data_dir: Optional[str] = None, *, image_size: int = 64, n
 
 
 @contextlib.contextmanager
-def _file_lock(path: str):
-    with open(path, "w") as f:
+def _generation_lock(data_dir: str):
+    """`data_dir`'s lock for generating the set, the directory created first; one that cannot be written is a
+    `ValueError` naming it."""
+    try:
+        os.makedirs(data_dir, exist_ok=True)
+        f = open(os.path.join(data_dir, f".{NAME}.lock"), "w")
+    except OSError as e:
+        raise ValueError(f"the synthetic data set cannot be generated into data.data_dir {data_dir!r}: "
+                         f"{e.strerror or e}; give a directory this process can write") from None
+    with f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
             yield
