@@ -96,6 +96,9 @@ def _parse(argv: list[str]) -> None:
     except Exception as e:  # noqa: BLE001 - the config file's own code failed (a syntax error, an import, a raise)
         sys.exit(f"train.py: error: the config file {_config_path(argv)!r} failed to load: "
                  f"{type(e).__name__}: {_one_line(e, unquote=False)}")
+    if _CONFIG.value is None and _config_path(argv):
+        sys.exit(f"train.py: error: get_config in {_config_path(argv)!r} returned None; it must return the "
+                 "run's ml_collections.ConfigDict")
     if _CONFIG.value is None or _WORKDIR.value is None:
         sys.exit("train.py: error: both --config configs/NAME.py and --workdir DIR are required")
     if not _WORKDIR.value.strip():

@@ -135,8 +135,8 @@ def test_a_negative_task_weight_is_named_even_inside_a_per_class_list():
 
 
 @pytest.mark.parametrize("fields, message", [
-    (dict(scale=(0, 32)), r"data.scale must be two positive sizes, got \(0, 32\)"),
-    (dict(crop_size=(16,)), r"data.crop_size must be two positive sizes, got \(16,\)"),
+    (dict(scale=(0, 32)), r"data.scale must be two positive whole numbers of pixels, got \(0, 32\)"),
+    (dict(crop_size=(16,)), r"data.crop_size must be two positive whole numbers of pixels, got \(16,\)"),
     (dict(eval_batch_size=0), "data.eval_batch_size must be a positive number of images, got 0"),
     (dict(workers=-1), r"data.workers must be >= 0 \(0: in-process\), got -1"),
 ])
@@ -350,3 +350,34 @@ def test_a_pretrained_student_fed_another_input_normalisation_is_warned(detector
         wants = "caffe" if detector == "fcos" else "pytorch"
         assert f"data.norm='{norm}'" in message and f"made for '{wants}' input" in message
         assert f"--config.data.norm={wants}" in message
+
+
+@pytest.mark.slow  # a training loop (14 s): the slow tier keeps the quick one near 5 minutes
+def test_an_evaluation_that_fails_keeps_the_checkpoint_of_its_step(tmp_path, monkeypatch):
+    """The last step's checkpoint was written only after its evaluation: an eval split that could not be batched
+    (images of several sizes) lost the whole run, and the failure left an unfinished Orbax save behind."""
+    def failing(task, data, mesh):
+        def evaluate(model, variables):
+            raise ValueError("eval examples of different shapes in one batch")
+        return evaluate
+
+    monkeypatch.setattr(trainer, "make_evaluator", failing)
+    config = load_config(SMOKE)
+    with config.unlocked():
+        config.total_steps, config.eval_every, config.checkpoint_every = 1, 1, 1
+        config.distill = []  # the student alone: the loop is what is under test, and it compiles in a third the time
+    workdir = str(tmp_path / "run")
+    with pytest.raises(ValueError, match="eval examples of different shapes"):
+        trainer.train_and_evaluate(config, workdir)
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["1"]  # finished, not a tmp folder
+
+
+def test_an_lr_mult_key_that_matches_no_parameter_is_refused():
+    from cankd_jax.train.optim import scale_by_name  # noqa: PLC0415
+
+    params = {"student": {"backbone": {"conv1": {"kernel": jnp.ones(2)}}, "head": {"bias": jnp.ones(1)}},
+              "distill": {"backbone_proj": {"kernel": jnp.ones(1)}}}
+    scale_by_name({"backbone": 0.1, "head.bias": 2.0}).init(params)
+    with pytest.raises(ValueError, match=r"optimizer\.lr_mult key\(s\) \['backbon\.'\] match no trained student "
+                                         r"parameter \(names look like 'backbone\.conv1\.kernel'\)"):
+        scale_by_name({"backbone": 0.1, "backbon.": 0.5}).init(params)

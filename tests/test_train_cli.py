@@ -60,13 +60,15 @@ def test_a_config_file_that_cannot_be_loaded_is_named_with_its_error(tmp_path):
     """Before: a Python traceback through absl and importlib (a syntax error, an import or a raise in the file),
     'unknown config key' for a file without get_config, and two tracebacks for a directory."""
     files = {"syntax.py": "def get_config(:\n    return 1\n", "raises.py": "def get_config(arg=''):\n    raise "
-             "RuntimeError('no such sweep')\n", "imports.py": "import no_such_module_xyz\n", "empty.py": "x = 1\n"}
+             "RuntimeError('no such sweep')\n", "imports.py": "import no_such_module_xyz\n", "empty.py": "x = 1\n",
+             "none.py": "def get_config(arg=''):\n    return None\n"}
     for name, text in files.items():
         (tmp_path / name).write_text(text)
     expected = {"syntax.py": ("failed to load: SyntaxError: invalid syntax", "line 1"),
                 "raises.py": ("failed to load: RuntimeError: no such sweep",),
                 "imports.py": ("failed to load: ModuleNotFoundError: No module named 'no_such_module_xyz'",),
-                "empty.py": ("the config file defines no get_config(arg)",)}
+                "empty.py": ("the config file defines no get_config(arg)",),
+                "none.py": ("get_config in", "none.py' returned None; it must return the run's ml_collections"),}
     for name, texts in expected.items():
         _fails_with_one_line(_command(tmp_path / "run", config=str(tmp_path / name)), *texts)
     _fails_with_one_line(_command(tmp_path / "run", config=os.path.join(ROOT, "configs")), "is not a file")
@@ -222,3 +224,13 @@ def test_partial_slurm_environment_is_one_line_and_complete_but_broken_too(tmp_p
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert last.startswith("train.py: error: multi-host auto-detection failed"), last
     assert "--coordinator_address" in last
+
+
+def test_a_config_without_its_sections_is_named(tmp_path):
+    """An AttributeError traceback from inside ml_collections, for a config file with the loop's keys only."""
+    smoke = open(SMOKE).read()
+    partial = tmp_path / "partial.py"
+    partial.write_text(smoke + "\n\n_full = get_config\n\n\ndef get_config(arg=''):\n    c = _full(arg)\n"
+                       "    del c['optimizer'], c['data']\n    return c\n")
+    _fails_with_one_line(_command(tmp_path / "run", config=str(partial)),
+                         "the config defines no optimizer, data sections")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Mapping
 from typing import Any, Callable, Optional
 
 import flax
@@ -66,6 +67,12 @@ def build_run(config: ml_collections.ConfigDict, mesh: Mesh, *, input_size: Opti
 
     Cheap mistakes (unknown names and keys, a teacher without weights) fail before any data is read.
     """
+    sections = ("task", "student", "optimizer") + (("data",) if input_size is None else ())
+    sections += ("teacher",) if config.get("distill") else ()
+    missing = [k for k in sections if not isinstance(config.get(k), (Mapping, ml_collections.ConfigDict))]
+    if missing:
+        raise ValueError(f"the config defines no {', '.join(missing)} section{'s' * (len(missing) > 1)} (a "
+                         f"ConfigDict each; see configs/smoke.py for a complete config)")
     check_values(config.optimizer)
     task = make_task(config.task)
     dtype, remat = config.get("dtype", "float32"), config.get("remat", "none")

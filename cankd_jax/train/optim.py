@@ -168,4 +168,13 @@ def scale_by_name(lr_mult: Mapping[str, float]) -> optax.GradientTransformation:
         del params
         return jax.tree_util.tree_map_with_path(scaled, updates), state
 
-    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+    def init(params):
+        names = [dotted_key(path) for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+        names = [n[len("student."):] for n in names if n.startswith("student.")]
+        unused = sorted(k for k in lr_mult if not any(k in n for n in names))
+        if names and unused:  # a misspelt fragment would leave its parameters at factor 1 without a word
+            raise ValueError(f"optimizer.lr_mult key(s) {unused} match no trained student parameter (names look like "
+                             f"{names[0]!r}); a key scales every parameter whose dotted name contains it")
+        return optax.EmptyState()
+
+    return optax.GradientTransformation(init, update)

@@ -277,13 +277,13 @@ def _train_loop(config: ml_collections.ConfigDict, workdir: str, preempt: Preemp
                 if save or step % config.eval_every == 0:
                     finish(*pending)  # never save or report a state before its step has been checked
                     pending = None
+                if save:  # before evaluating: an evaluation that fails (a bad eval image) loses no training
+                    ckpt.save(step, state, {"train": train_iter.get_state(), "run": record})
+                    last_saved = step
                 if step % config.eval_every == 0 or step == config.total_steps:
                     ev = evaluate(unwrap(run.student), run.student_variables(state))
                     writer.write(step, {f"eval/{k}": v for k, v in ev.items()})
                     summary["eval"] = ev
-                if save:
-                    ckpt.save(step, state, {"train": train_iter.get_state(), "run": record})
-                    last_saved = step
                 if stop:
                     break
                 if step == fault_step:
@@ -295,7 +295,7 @@ def _train_loop(config: ml_collections.ConfigDict, workdir: str, preempt: Preemp
                     os.kill(os.getpid(), fault_signal)
             if pending is not None:
                 finish(*pending)
-    except NonFiniteError:
+    except Exception:  # a diverged step, an evaluation that failed, a record that cannot be read
         ckpt.close()  # the saves already under way hold the newest good state: let them finish
         writer.close()
         raise
