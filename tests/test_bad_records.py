@@ -96,16 +96,24 @@ def _examples(n: int, offset: int = 0, **kwargs) -> list[dict]:
     return [coco_example(offset + i, **kwargs) for i in range(n)]
 
 
-def test_an_image_that_cannot_be_decoded_is_named_before_training(tmp_path):
-    train = _examples(4)
-    train[2] = coco_example(2, image=encode_jpeg(_rgb(48, 64))[:200])  # truncated: the header reads, not the rest
-    train[3] = coco_example(3, image=b"not an image at all")
-    write_coco(str(tmp_path), {"train": train, "validation": _examples(2, 10)})
-    with pytest.raises(BadRecord, match=r"^coco:train record 2 cannot be read \(.*\); the prepared files may be "
-                                        r"damaged or incomplete: prepare it with `tfds build coco/2017"):
-        data = make_data(_config(str(tmp_path)), task="detection")
-        for i in range(len(data.train_source)):
-            data.train_source[i]
+def test_an_image_that_cannot_be_decoded_is_named(tmp_path):
+    # Bytes that are no image fail when the split is indexed (its sizes come from the headers), before training;
+    # a JPEG cut short after its header passes the index and fails where a batch reads it.
+    jpeg = encode_jpeg(_rgb(48, 64))
+    for name, image, at_index in (("garbage", b"not an image at all", True), ("cut", jpeg[:len(jpeg) // 2], False)):
+        train = _examples(4)
+        train[2] = coco_example(2, image=image)
+        write_coco(str(tmp_path / name), {"train": train, "validation": _examples(2, 10)})
+        expected = (r"^coco:train record 2 cannot be read \(.*\); the prepared files may be damaged or incomplete: "
+                    r"prepare it with `tfds build coco/2017")
+        if at_index:
+            with pytest.raises(BadRecord, match=expected):
+                make_data(_config(str(tmp_path / name)), task="detection")
+            continue
+        data = make_data(_config(str(tmp_path / name)), task="detection")
+        assert int(data.train_source[1]["image_id"]) == 1001  # every image trains: the records around it read
+        with pytest.raises(BadRecord, match=expected):
+            data.train_source[2]
 
 
 def test_a_missing_shard_is_named(tmp_path):
@@ -209,12 +217,17 @@ def test_a_data_set_of_another_task_is_named_before_its_keys():
         make_data({"name": "synthetic_detection", "ratio_range": (0.5, 2.0)}, task="segmentation")
 
 
-def test_eval_examples_of_different_sizes_are_named():
+def test_eval_examples_of_different_sizes_are_named_within_a_batch_only():
     rows = [{"image": np.zeros((32, 48, 3), np.float32), "label": np.zeros((32, 48), np.int32)},
             {"image": np.zeros((40, 48, 3), np.float32), "label": np.zeros((40, 48), np.int32)}]
     with pytest.raises(ValueError, match=r"eval examples of different shapes in one batch \(image: \(32, 48, 3\), "
                                          r"\(40, 48, 3\)\); .* --config\.data\.eval_pad_size"):
         _pad_batch(rows, rows[0], 4)
+    # One size per batch (native-size evaluation, one image per batch): each batch pads to its own example's shape
+    batch = _pad_batch(rows[1:], rows[0], 2)
+    assert batch["image"].shape == (2, 40, 48, 3) and batch["valid"].tolist() == [True, False]
+    assert (batch["label"][1] == 255).all()
+    assert _pad_batch([], rows[0], 2)["image"].shape == (2, 32, 48, 3)  # all padding: the template's shape
 
 
 def test_a_synthetic_set_that_cannot_be_written_or_read_is_named(tmp_path):

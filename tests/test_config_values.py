@@ -5,6 +5,7 @@ width)."""
 
 from __future__ import annotations
 
+import json
 import math
 import os
 
@@ -361,6 +362,7 @@ def test_an_evaluation_that_fails_keeps_the_checkpoint_of_its_step(tmp_path, mon
             raise ValueError("eval examples of different shapes in one batch")
         return evaluate
 
+    working = trainer.make_evaluator
     monkeypatch.setattr(trainer, "make_evaluator", failing)
     config = load_config(SMOKE)
     with config.unlocked():
@@ -371,6 +373,15 @@ def test_an_evaluation_that_fails_keeps_the_checkpoint_of_its_step(tmp_path, mon
         trainer.train_and_evaluate(config, workdir)
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["1"]  # finished, not a tmp folder
 
+    # Re-run once the evaluation works: the step whose evaluation failed is evaluated (and logged) once
+    monkeypatch.setattr(trainer, "make_evaluator", working)
+    for _ in range(2):
+        summary = trainer.train_and_evaluate(config, workdir)
+        with open(os.path.join(workdir, "metrics.jsonl")) as f:
+            rows = [json.loads(line) for line in f]
+        evals = [r for r in rows if any(k.startswith("eval/") for k in r)]
+        assert [r["step"] for r in evals] == [1] and summary["eval"]["mIoU"] == evals[0]["eval/mIoU"]
+
 
 def test_an_lr_mult_key_that_matches_no_parameter_is_refused():
     from cankd_jax.train.optim import scale_by_name  # noqa: PLC0415
@@ -378,6 +389,11 @@ def test_an_lr_mult_key_that_matches_no_parameter_is_refused():
     params = {"student": {"backbone": {"conv1": {"kernel": jnp.ones(2)}}, "head": {"bias": jnp.ones(1)}},
               "distill": {"backbone_proj": {"kernel": jnp.ones(1)}}}
     scale_by_name({"backbone": 0.1, "head.bias": 2.0}).init(params)
-    with pytest.raises(ValueError, match=r"optimizer\.lr_mult key\(s\) \['backbon\.'\] match no trained student "
+    with pytest.raises(ValueError, match=r"optimizer\.lr_mult key\(s\) \['backbon\.'\] match no student "
                                          r"parameter \(names look like 'backbone\.conv1\.kernel'\)"):
         scale_by_name({"backbone": 0.1, "backbon.": 0.5}).init(params)
+    # A key that names only frozen parameters is valid, as in mmengine (multi_transform hands them in masked)
+    frozen = jax.tree.map(lambda _: "trainable", params)
+    frozen["student"]["backbone"] = jax.tree.map(lambda _: "frozen", params["student"]["backbone"])
+    tx = optax.multi_transform({"trainable": scale_by_name({"backbone": 0.1}), "frozen": optax.set_to_zero()}, frozen)
+    tx.init(params)

@@ -340,7 +340,7 @@ def make_data(cfg: Mapping[str, Any], task: Optional[str] = None) -> Data:
         eval_t = SegEvalPreprocess(scale=o["eval_scale"], keep_ratio=bool(o["eval_keep_ratio"]),
                                    pad_size=o["eval_pad_size"])
     else:
-        resize = o["eval_resize"] or round(o["crop_size"][0] / 0.875)  # the usual 224 / 256
+        resize = o["eval_resize"] or round(max(o["crop_size"]) / 0.875)  # the usual 224 / 256
         if not (_positive(resize) and resize >= max(o["crop_size"])):
             raise ValueError(f"data.eval_resize={resize!r} must be a short edge >= crop_size {o['crop_size']} "
                              "(evaluation resizes, then centre-crops)")

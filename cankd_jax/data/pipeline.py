@@ -481,12 +481,14 @@ def _pad_rows(rows: list[Mapping[str, Any]], template: Mapping[str, Any], batch_
             out[key] = _pad_rows([r[key] for r in rows], value, batch_size, top=False)
             continue
         fill = IGNORE if key == "label" and top else 0
-        pad = [np.full(np.shape(value), fill, np.asarray(value).dtype)] * (batch_size - len(rows))
-        shapes = sorted({np.shape(r[key]) for r in rows} | {np.shape(value)})
+        shapes = sorted({np.shape(r[key]) for r in rows})
         if len(shapes) > 1:  # else numpy's "all input arrays must have the same shape", naming nothing
             raise ValueError(f"eval examples of different shapes in one batch ({key}: "
-                             f"{', '.join(map(str, shapes))}); give the eval images one size: set "
+                             f"{', '.join(map(str, shapes))}); give the eval images one size (segmentation: "
                              "--config.data.eval_pad_size (h, w), or a fixed data.eval_scale with "
-                             "data.eval_keep_ratio=False")
+                             "data.eval_keep_ratio=False) or evaluate one image per process at a time")
+        # Padding rows take the shape of this batch's examples; an all-padding batch, the template's.
+        like = np.asarray(rows[0][key] if rows else value)
+        pad = [np.full(like.shape, fill, like.dtype)] * (batch_size - len(rows))
         out[key] = np.stack([r[key] for r in rows] + pad)
     return out

@@ -154,7 +154,7 @@ class MappedSource:
 
     @property
     def fingerprint(self) -> str:
-        """A short hash of the prepared files' names, sizes and modification times ('' where the source has no
+        """A short hash of the prepared files' names, sizes, first and last bytes ('' where the source has no
         directory of its own): what a cache of this source's annotations is keyed by, so that a data set prepared
         again in the same place is indexed again."""
         return files_fingerprint(getattr(getattr(self._source, "dataset_info", None), "data_dir", None))
@@ -162,6 +162,8 @@ class MappedSource:
     def _read(self, key: int) -> dict:
         try:
             return self._source[key]
+        except (IndexError, MemoryError):  # a key past the end, or the machine: not the files' fault
+            raise
         except Exception as e:  # noqa: BLE001 - a damaged file or image surfaces as anything from deep in TFDS
             folder = getattr(getattr(self._source, "dataset_info", None), "data_dir", None)
             fix = (f"delete {folder} and it is generated again" if self._spec.tfds_name == synthetic.NAME and folder
@@ -277,7 +279,7 @@ def to_record(example: dict[str, Any], spec: DatasetSpec, key: int = 0) -> dict[
     if spec.label_lut is not None:
         label = spec.label_lut[label]
     if label.shape != image.shape[:2]:  # cropping one with the other's coordinates would misplace every label
-        raise BadRecord(f"the label map is {label.shape[0]}x{label.shape[1]} for a "
+        raise BadRecord(f"the label map is {'x'.join(map(str, label.shape))} for a "
                         f"{image.shape[0]}x{image.shape[1]} image")
     outside = label[(label >= spec.num_classes) & (label != IGNORE)]
     if outside.size:  # the loss would read past its logits (NaN), the evaluation would drop these pixels
@@ -291,16 +293,23 @@ def _span(values: np.ndarray) -> str:
     return str(lo) if lo == hi else f"{lo}..{hi}"
 
 
-def files_fingerprint(directory: Optional[str]) -> str:
-    """12 hex digits over the names, sizes and modification times of the files in `directory` ('' if it is not
-    a local directory)."""
+def files_fingerprint(directory: Optional[str], *, sample: int = 1 << 16) -> str:
+    """12 hex digits over the names and sizes of the files in `directory` and the first and last `sample` bytes
+    of each ('' if it is not a local directory): ArrayRecord files are padded to whole blocks, so a set prepared
+    again with other records can keep every size. Not the files' times: a copy staged per job without them has the
+    same fingerprint, so a shared index cache serves it."""
     if not directory or not os.path.isdir(directory):
         return ""
     h = hashlib.sha1()
     for entry in sorted(os.scandir(directory), key=lambda e: e.name):
         if entry.is_file():
-            st = entry.stat()
-            h.update(f"{entry.name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+            size = entry.stat().st_size
+            h.update(f"{entry.name}\0{size}\n".encode())
+            with open(entry.path, "rb") as f:
+                h.update(f.read(sample))
+                if size > sample:
+                    f.seek(max(sample, size - sample))
+                    h.update(f.read(sample))
     return h.hexdigest()[:12]
 
 

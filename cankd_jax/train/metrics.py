@@ -60,6 +60,21 @@ class MetricsWriter:
                 if k != "step" and isinstance(v, (int, float)):
                     self._tb.add_scalar(k, v, int(step))
 
+    def has_row(self, step: int, prefix: str) -> bool:
+        """Whether `metrics.jsonl` holds a row of `step` with a key starting with `prefix` (process 0's answer;
+        False on the others)."""
+        if not self.enabled or not os.path.exists(self.path):
+            return False
+        with open(self.path) as f:
+            for line in f:
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if row.get("step") == step and any(k.startswith(prefix) for k in row):
+                    return True
+        return False
+
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()

@@ -169,11 +169,13 @@ def scale_by_name(lr_mult: Mapping[str, float]) -> optax.GradientTransformation:
         return jax.tree_util.tree_map_with_path(scaled, updates), state
 
     def init(params):
-        names = [dotted_key(path) for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
-        names = [n[len("student."):] for n in names if n.startswith("student.")]
+        # Frozen parameters arrive as optax.MaskedNode (no leaves) under multi_transform: a key that names only
+        # frozen ones is as valid as in mmengine, so they count as leaves here.
+        leaves = jax.tree_util.tree_flatten_with_path(params, is_leaf=lambda x: isinstance(x, optax.MaskedNode))[0]
+        names = [n[len("student."):] for n in (dotted_key(path) for path, _ in leaves) if n.startswith("student.")]
         unused = sorted(k for k in lr_mult if not any(k in n for n in names))
         if names and unused:  # a misspelt fragment would leave its parameters at factor 1 without a word
-            raise ValueError(f"optimizer.lr_mult key(s) {unused} match no trained student parameter (names look like "
+            raise ValueError(f"optimizer.lr_mult key(s) {unused} match no student parameter (names look like "
                              f"{names[0]!r}); a key scales every parameter whose dotted name contains it")
         return optax.EmptyState()
 

@@ -236,6 +236,14 @@ def _train_loop(config: ml_collections.ConfigDict, workdir: str, preempt: Preemp
         summary["teacher"] = evaluate(run.teacher, run.teacher_vars)
         writer.write(0, {f"teacher/{k}": v for k, v in summary["teacher"].items()})
 
+    # The checkpoint of an evaluation step is written before its evaluation: a run that stopped during that evaluation
+    # (it failed, or the process died) evaluates the step now, so metrics.jsonl has no hole where it was.
+    due = 0 < start <= config.total_steps and (start % config.eval_every == 0 or start == config.total_steps)
+    if due and each_process_text("" if writer.has_row(start, "eval/") else "missing")[0]:
+        log.info("evaluating step %d, whose evaluation the previous attempt did not finish", start)
+        summary["eval"] = evaluate(unwrap(run.student), run.student_variables(state))
+        writer.write(start, {f"eval/{k}": v for k, v in summary["eval"].items()})
+
     progress = Progress(config.total_steps, start)
     timer = {"step": start, "time": time.perf_counter()}
     last_metrics: dict[str, float] = {}
@@ -296,8 +304,11 @@ def _train_loop(config: ml_collections.ConfigDict, workdir: str, preempt: Preemp
             if pending is not None:
                 finish(*pending)
     except Exception:  # a diverged step, an evaluation that failed, a record that cannot be read
-        ckpt.close()  # the saves already under way hold the newest good state: let them finish
-        writer.close()
+        for close in (ckpt.close, writer.close):  # the saves under way hold the newest good state: let them finish
+            try:
+                close()
+            except Exception as e:  # noqa: BLE001 - the error that stopped the run is the one to report
+                log.error("while stopping after an error: %s: %s", type(e).__name__, e)
         raise
     progress.close()
     ckpt.wait()
