@@ -327,10 +327,6 @@ def make_data(cfg: Mapping[str, Any], task: Optional[str] = None) -> Data:
     train_split, eval_split = o["train_split"] or spec.train_split, o["eval_split"] or spec.eval_split
     train = open_source(key, train_split, data_dir, synthetic_options=synthetic_options)
     evaluation = open_source(key, eval_split, data_dir, synthetic_options=synthetic_options)
-    for split, source in ((train_split, train), (eval_split, evaluation)):
-        if not len(source):
-            raise ValueError(f"split {split!r} of dataset {key!r} holds no examples; choose another "
-                             "(data.train_split, data.eval_split) or prepare the data set again")
     if spec.task == "detection":
         return _detection_data(key, spec, o, train, evaluation, train_split, eval_split, synthetic_options)
     if spec.task == "segmentation":

@@ -153,11 +153,19 @@ class MappedSource:
         return len(self._source)
 
     @property
+    def _folder(self) -> Optional[str]:
+        """The directory of the prepared files (None for a source without one, e.g. TFDS mock data)."""
+        return getattr(getattr(self._source, "dataset_info", None), "data_dir", None)
+
+    @property
     def fingerprint(self) -> str:
         """A short hash of the prepared files' names, sizes, first and last bytes ('' where the source has no
         directory of its own): what a cache of this source's annotations is keyed by, so that a data set prepared
         again in the same place is indexed again."""
-        return files_fingerprint(getattr(getattr(self._source, "dataset_info", None), "data_dir", None))
+        return files_fingerprint(self._folder)
+
+    def _named(self, key: int, e: BadRecord) -> BadRecord:
+        return BadRecord(f"{self._name}:{self._split} record {key}: {e}")
 
     def _read(self, key: int) -> dict:
         try:
@@ -165,9 +173,8 @@ class MappedSource:
         except (IndexError, MemoryError):  # a key past the end, or the machine: not the files' fault
             raise
         except Exception as e:  # noqa: BLE001 - a damaged file or image surfaces as anything from deep in TFDS
-            folder = getattr(getattr(self._source, "dataset_info", None), "data_dir", None)
-            fix = (f"delete {folder} and it is generated again" if self._spec.tfds_name == synthetic.NAME and folder
-                   else self._spec.how_to_get)
+            fix = (f"delete {self._folder} and it is generated again"
+                   if self._spec.tfds_name == synthetic.NAME and self._folder else self._spec.how_to_get)
             raise BadRecord(f"{self._name}:{self._split} record {key} cannot be read ({type(e).__name__}: "
                             f"{' '.join(str(e).split())[:300]}); the prepared files may be damaged or incomplete: "
                             f"{fix}") from e
@@ -178,7 +185,7 @@ class MappedSource:
         try:
             return to_record(example, self._spec, key)
         except BadRecord as e:
-            raise BadRecord(f"{self._name}:{self._split} record {key}: {e}") from None
+            raise self._named(key, e) from None
 
     def annotations(self, key: int) -> dict[str, np.ndarray]:
         """A detection record without `image`: `size` (2,) int32 (h, w) plus the objects of `to_detection_record`."""
@@ -189,7 +196,7 @@ class MappedSource:
                 size = encoded_image_size(example[self._spec.image_key])
                 objects = detection_objects(example, self._spec, size, key)
             except BadRecord as e:
-                raise BadRecord(f"{self._name}:{self._split} record {key}: {e}") from None
+                raise self._named(key, e) from None
             except Exception as e:  # noqa: BLE001 - anything wrong with the cheap path: decode instead
                 log.info("%r: reading image sizes from headers failed (%s); decoding images instead", self, e)
                 self._header_source = None
@@ -336,7 +343,14 @@ def open_source(name: str, split: str, data_dir: Optional[str] = None, *,
                                           decoders={spec.image_key: tfds.decode.SkipDecoding()})
             except Exception:  # noqa: BLE001 - annotations() decodes the images instead
                 header = None
+    if not len(source):  # TFDS refuses most empty splits itself (`_missing_error`); a source may still be empty
+        raise _empty_split(name, split, data_dir or tfds.core.constants.DATA_DIR)
     return MappedSource(source, spec, ALIASES.get(name, name), split, header_source=header)
+
+
+def _empty_split(name: str, split: str, where: str) -> ValueError:
+    return ValueError(f"split {split!r} of dataset {name!r} under {where} holds no examples; choose another "
+                      "(data.train_split, data.eval_split) or prepare the data set again")
 
 
 def _what_is_there(spec: DatasetSpec, where: str) -> str:
@@ -372,7 +386,6 @@ def _missing_error(name: str, spec: DatasetSpec, data_dir: Optional[str], split:
     if split not in builder.info.splits:
         return ValueError(f"dataset {name!r} has no split {split!r}; it has {', '.join(builder.info.splits)}")
     if not builder.info.splits[split].num_examples:
-        return ValueError(f"split {split!r} of dataset {name!r} under {where} holds no examples; choose another "
-                          "(data.train_split, data.eval_split) or prepare the data set again")
+        return _empty_split(name, split, where)
     return ValueError(f"dataset {name!r} under {where} is not in ArrayRecord format (random access needs it); "
                       f"rebuild it with file_format=array_record")
