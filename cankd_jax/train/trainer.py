@@ -236,13 +236,16 @@ def _train_loop(config: ml_collections.ConfigDict, workdir: str, preempt: Preemp
         summary["teacher"] = evaluate(run.teacher, run.teacher_vars)
         writer.write(0, {f"teacher/{k}": v for k, v in summary["teacher"].items()})
 
+    def evaluate_student(step: int) -> None:
+        summary["eval"] = evaluate(unwrap(run.student), run.student_variables(state))
+        writer.write(step, {f"eval/{k}": v for k, v in summary["eval"].items()})
+
     # The checkpoint of an evaluation step is written before its evaluation: a run that stopped during that evaluation
     # (it failed, or the process died) evaluates the step now, so metrics.jsonl has no hole where it was.
     due = 0 < start <= config.total_steps and (start % config.eval_every == 0 or start == config.total_steps)
     if due and each_process_text("" if writer.has_row(start, "eval/") else "missing")[0]:
         log.info("evaluating step %d, whose evaluation the previous attempt did not finish", start)
-        summary["eval"] = evaluate(unwrap(run.student), run.student_variables(state))
-        writer.write(start, {f"eval/{k}": v for k, v in summary["eval"].items()})
+        evaluate_student(start)
 
     progress = Progress(config.total_steps, start)
     timer = {"step": start, "time": time.perf_counter()}
@@ -289,9 +292,7 @@ def _train_loop(config: ml_collections.ConfigDict, workdir: str, preempt: Preemp
                     ckpt.save(step, state, {"train": train_iter.get_state(), "run": record})
                     last_saved = step
                 if step % config.eval_every == 0 or step == config.total_steps:
-                    ev = evaluate(unwrap(run.student), run.student_variables(state))
-                    writer.write(step, {f"eval/{k}": v for k, v in ev.items()})
-                    summary["eval"] = ev
+                    evaluate_student(step)
                 if stop:
                     break
                 if step == fault_step:
