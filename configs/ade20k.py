@@ -18,6 +18,7 @@ trained by mmseg on ADE20K-150 does not fit it: train the teacher here first
 import ml_collections
 
 from cankd_jax import config_arg
+from cankd_jax.data.options import data_section
 from cankd_jax.losses.presets import PRESET_LOSSES, distill_term
 
 
@@ -36,8 +37,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.keep_checkpoints = 3
     c.metric = "mIoU"
     c.task = dict(name="segmentation", num_classes=100, aux_weight=0.4, avg_non_ignore=False)
-    c.data = dict(name="scene_parse150", data_dir="", crop_size=(512, 512), scale=(2048, 512), ratio_range=(0.5, 2.0),
-                  cat_max_ratio=0.75, eval_scale=(512, 512), eval_keep_ratio=False, eval_batch_size=16, workers=8)
+    c.data = data_section("scene_parse150", data_dir="", crop_size=(512, 512), scale=(2048, 512),
+                          ratio_range=(0.5, 2.0), cat_max_ratio=0.75, eval_scale=(512, 512), eval_keep_ratio=False,
+                          eval_batch_size=16, workers=8)
     c.student = dict(name=a["head"], backbone="resnet18_v1c_d8", frozen_stages=-1, norm_eval=False,
                      pretrained="", pretrained_prefixes=[("backbone.", "")])
     c.teacher = dict(name=a["head"], backbone="resnet101_v1c_d8", checkpoint="", random_init=False)

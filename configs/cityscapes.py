@@ -37,6 +37,7 @@ DeepLabV3 R18 76.70 -> 77.34 (79.74).
 import ml_collections
 
 from cankd_jax import config_arg
+from cankd_jax.data.options import data_section
 from cankd_jax.losses.presets import PRESET_LOSSES, distill_term
 
 HEADS = ("deeplabv3", "pspnet")
@@ -68,8 +69,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.metric = "mIoU"
 
     c.task = dict(name="segmentation", num_classes=19, aux_weight=0.4, avg_non_ignore=False)
-    c.data = dict(name="cityscapes", data_dir="", crop_size=(512, 1024), scale=(2048, 1024), ratio_range=(0.5, 2.0),
-                  cat_max_ratio=0.75, eval_scale=(2048, 1024), eval_batch_size=8, workers=8)
+    c.data = data_section("cityscapes", data_dir="", crop_size=(512, 1024), scale=(2048, 1024), ratio_range=(0.5, 2.0),
+                          cat_max_ratio=0.75, eval_scale=(2048, 1024), eval_batch_size=8, workers=8)
     # Heads at mmseg's widths (a quarter of layer4 / layer3 for ResNets; 512 / 256 for MobileNetV2).
     c.student = dict(name=a["head"], backbone=backbone, frozen_stages=-1, norm_eval=False,
                      pretrained="", pretrained_prefixes=[prefixes])  # an ImageNet .pth of the backbone

@@ -20,6 +20,7 @@ a 512 -> 2048 connector; SGD lr 0.1, batch 128, 200 epochs, cosine decay.
 import ml_collections
 
 from cankd_jax import config_arg
+from cankd_jax.data.options import data_section
 from cankd_jax.losses.presets import PRESET_LOSSES, distill_term
 
 # dataset -> (student, teacher, student / teacher layer4 widths, epochs, train images, global batch, schedule)
@@ -48,7 +49,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.keep_checkpoints = 3
     c.metric = "top1"
     c.task = dict(name="classification", num_classes=1000 if a["data"] == "imagenet2012" else 10)
-    c.data = dict(name=a["data"], data_dir="", eval_batch_size=batch, workers=8)
+    c.data = data_section(a["data"], data_dir="", eval_batch_size=batch, workers=8)
     c.student = dict(name=student)
     c.teacher = dict(name=teacher, checkpoint="", random_init=False)
     if a["loss"] == "cwd":

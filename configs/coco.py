@@ -99,6 +99,7 @@ Faster R-CNN R101 -> R50 39.8 / 38.4 / 40.1 / 40.7; Cascade Mask R-CNN X101 -> F
 import ml_collections
 
 from cankd_jax import config_arg
+from cankd_jax.data.options import data_section
 from cankd_jax.losses.presets import PRESET_LOSSES, SIZE_ALIGNED, align_sizes, detection_terms
 
 TRAIN_IMAGES = 117_266  # COCO train2017 images with annotations (mmdet's filter_empty_gt)
@@ -194,8 +195,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.metric = "mAP"
 
     c.task = dict(name="detection", num_classes=80, detector=detector)
-    c.data = dict(name="coco", data_dir="", scale=(1333, 800), norm=norm, augment="resize_flip", flip_prob=0.5,
-                  max_boxes=0, min_size=32, filter_empty=True, eval_batch_size=8, workers=8, index_cache="")
+    c.data = data_section("coco", data_dir="", scale=(1333, 800), norm=norm, augment="resize_flip", flip_prob=0.5,
+                          max_boxes=0, min_size=32, filter_empty=True, eval_batch_size=8, workers=8, index_cache="")
     c.student = dict(student, frozen_stages=1, norm_eval=True,
                      pretrained="",  # the ImageNet backbone .pth (torchvision resnet50 / detectron resnet50_caffe)
                      pretrained_prefixes=[("backbone.", "")],

@@ -43,6 +43,7 @@ Paper results (COCO val mAP, teacher / student / student+CanKD): DINO R101 -> R5
 import ml_collections
 
 from cankd_jax import config_arg
+from cankd_jax.data.options import data_section
 from cankd_jax.losses.presets import PRESET_LOSSES, detection_terms
 
 TRAIN_IMAGES = 118_287  # COCO train2017 (filter_empty_gt=False keeps the images without annotations)
@@ -86,8 +87,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.metric = "mAP"
 
     c.task = dict(name="detection", num_classes=80, detector="dino", dn_queries=100)
-    c.data = dict(name="coco", data_dir="", scale=(1333, 800), norm="pytorch", augment="detr", flip_prob=0.5,
-                  max_boxes=0, min_size=32, filter_empty=False, eval_batch_size=8, workers=8, index_cache="")
+    c.data = data_section("coco", data_dir="", scale=(1333, 800), norm="pytorch", augment="detr", flip_prob=0.5,
+                          max_boxes=0, min_size=32, filter_empty=False, eval_batch_size=8, workers=8, index_cache="")
     c.student = dict(student,
                      pretrained="",  # the ImageNet backbone .pth (torchvision resnet50 / the Swin release's Swin-B)
                      pretrained_prefixes=[("backbone.", "")],

@@ -26,6 +26,7 @@ ablations cankd_no_in, cankd_no_skip, cankd_gaussian, cankd_embedded_gaussian, c
 import ml_collections
 
 from cankd_jax import config_arg
+from cankd_jax.data.options import data_section
 from cankd_jax.losses.presets import PRESET_LOSSES, distill_term
 
 STEPS = 1000             # each student phase
@@ -57,8 +58,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     # past the predict-everything-background plateau within the demo's minutes.
     c.task = dict(name="segmentation", num_classes=7, aux_weight=0.4, avg_non_ignore=False,
                   class_weight=(0.2, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0))
-    c.data = dict(name="synthetic", data_dir="", image_size=64, num_train=2000, num_test=500,
-                  ratio_range=(0.75, 1.5), photometric=False, eval_batch_size=50, workers=0)
+    c.data = data_section("synthetic", data_dir="", image_size=64, num_train=2000, num_test=500,
+                          ratio_range=(0.75, 1.5), photometric=False, eval_batch_size=50, workers=0)
     c.student = _network(STUDENT_WIDTH)
     c.teacher = dict(_network(TEACHER_WIDTH), checkpoint="{workdir}/teacher/export")
     c.distill = []

@@ -57,6 +57,7 @@ from typing import Optional
 import ml_collections
 
 from cankd_jax import config_arg
+from cankd_jax.data.options import data_section
 from cankd_jax.losses.presets import PRESET_LOSSES, SIZE_ALIGNED, align_sizes, detection_terms
 
 STEPS = 700              # each student phase
@@ -143,8 +144,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         c.task.update(RCNN_COUNTS)
     if detector == "dino":
         c.task.update(dn_queries=20)
-    c.data = dict(name="synthetic_detection", data_dir="", image_size=64, num_train=2000, num_test=500,
-                  scale=(128, 128), norm="pytorch", augment="resize_flip", eval_batch_size=50, workers=0)
+    c.data = data_section("synthetic_detection", data_dir="", image_size=64, num_train=2000, num_test=500,
+                          scale=(128, 128), norm="pytorch", augment="resize_flip", eval_batch_size=50, workers=0)
     c.student = _network(detector, STUDENT_WIDTH)
     # The teacher run's export holds the whole detector; the distilling runs read its backbone and neck.
     trunk = {k: v for k, v in _network(detector, TEACHER_WIDTH).items() if k not in ("head_kwargs", "roi_head_kwargs")}

@@ -21,6 +21,7 @@ mmdet's sizes).
 import ml_collections
 
 from cankd_jax import config_arg
+from cankd_jax.data.options import data_section
 from cankd_jax.losses.presets import detection_terms
 
 NECK = 16
@@ -48,8 +49,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.keep_checkpoints = 2
 
     c.task = ml_collections.ConfigDict(dict(name="detection", num_classes=6, detector=detector))
-    c.data = ml_collections.ConfigDict(dict(
-        name="synthetic_detection", data_dir="", image_size=64, num_train=32, num_test=16, scale=(128, 128),
+    c.data = ml_collections.ConfigDict(data_section(
+        "synthetic_detection", data_dir="", image_size=64, num_train=32, num_test=16, scale=(128, 128),
         norm="pytorch", augment="detr" if detector == "dino" else "resize_flip", eval_batch_size=8, workers=0,
     ))
     head = dict(feat_channels=NECK, stacked_convs=1)

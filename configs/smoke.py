@@ -10,6 +10,7 @@ CanKD on layer4 through a connector.
 import ml_collections
 
 from cankd_jax import config_arg
+from cankd_jax.data.options import data_section
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
@@ -26,8 +27,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.keep_checkpoints = 2
 
     c.task = ml_collections.ConfigDict(dict(name="segmentation", num_classes=7, aux_weight=0.4, avg_non_ignore=False))
-    c.data = ml_collections.ConfigDict(dict(
-        name="synthetic", data_dir="", image_size=32, num_train=64, num_test=16,
+    c.data = ml_collections.ConfigDict(data_section(
+        "synthetic", data_dir="", image_size=32, num_train=64, num_test=16,
         crop_size=(32, 32), scale=(32, 32), ratio_range=(0.75, 1.5), eval_batch_size=8, workers=0,
     ))
     c.student = ml_collections.ConfigDict(dict(

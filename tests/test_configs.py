@@ -14,6 +14,7 @@ import pytest
 
 from cankd_jax import models
 from cankd_jax.config_arg import load_config
+from cankd_jax.data import options, sources
 from cankd_jax.train.trainer import check_loop_config
 from cankd_jax.train.build import make_terms
 from cankd_jax.train.tasks import make_task
@@ -118,6 +119,25 @@ def test_config_builds_and_its_terms_line_up(file, arg):
                 assert term.loss.teacher_channels == t_ch, term.name
             if term.loss.__class__.__name__ in ("L2Loss", "PKDLoss", "CWDLoss"):
                 assert s_ch == t_ch, term.name
+
+
+def test_every_data_key_is_in_each_config_so_the_command_line_can_set_it():
+    """ml_collections refuses `--config.data.KEY=VALUE` for a key the section lacks, and for one whose value is
+    None: before `data_section`, no config could take `data.train_split`, and Cityscapes' could not take
+    `data.flip_prob` or `data.eval_pad_size`."""
+    for file, arg in CASES + [("foreign_teacher.py", "")]:
+        for cfg in runs(load(file, arg)):
+            key = options.dataset_key(cfg.data.name)
+            assert set(cfg.data) == set(options.allowed_keys(key)), (file, arg)
+            unset = [k for k, v in cfg.data.items() if v is None]
+            assert not unset, (file, arg, unset)
+
+
+def test_the_option_tables_name_the_data_sets_and_tasks_the_sources_serve():
+    assert {k: spec.task for k, spec in sources.DATASETS.items()} == options.TASKS
+    assert set(options.DATASET_DEFAULTS) == set(options.TASKS)
+    with pytest.raises(ValueError, match=r"unknown data config key\(s\) \['ratio_range'\] for dataset 'coco'"):
+        options.data_section("coco", ratio_range=(0.5, 2.0))
 
 
 def test_unknown_config_arguments_are_named():

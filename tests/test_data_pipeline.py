@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import grain.python as grain
 import numpy as np
@@ -164,6 +165,7 @@ def test_per_process_batch_size():
 # --- the config facade on the synthetic set -------------------------------------------------------------
 
 
+SMOKE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "smoke.py")
 SYNTH = dict(name="synthetic", image_size=32, num_train=40, num_test=10, crop_size=(24, 24), scale=(32, 32),
              ratio_range=(0.75, 1.5), eval_batch_size=4, workers=0)
 
@@ -208,6 +210,28 @@ def test_config_errors(tmp_path):
         make_data(dict(SYNTH, data_dir=str(tmp_path)), task="classification")
     with pytest.raises(ValueError, match="unknown dataset 'mnist'"):
         make_data({"name": "mnist"})
+
+
+def test_splits_and_unset_sizes_can_be_set_on_the_command_line(tmp_path, monkeypatch):
+    """`--config.data.train_split` / `eval_split` (a TFDS split or slice) and a size the config leaves unset reach
+    the data, through the flag parser `train.py` uses; a split the set lacks is named with the ones it has."""
+    from absl import flags  # noqa: PLC0415
+    from ml_collections import config_flags  # noqa: PLC0415
+
+    values = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, "", flag_values=values, lock_config=True)
+    argv = ["train.py", f"--config={SMOKE}", f"--config.data.data_dir={tmp_path}",
+            "--config.data.train_split=train[:40]", "--config.data.eval_split=train[60:]",
+            "--config.data.eval_pad_size=(48, 40)"]
+    monkeypatch.setattr("sys.argv", argv)  # config_flags reads the overrides from sys.argv
+    values(argv)
+    data = make_data(values.config.data, task="segmentation")
+    assert (len(data.train_source), len(data.eval_source)) == (40, 4)  # the smoke set: 64 train, 16 test images
+    batch = next(data.eval_iterator(shard_options=grain.ShardOptions(0, 1)))
+    assert batch["image"].shape[1:3] == (48, 40)
+    assert data.identity.startswith("synthetic:train[:40](")
+    with pytest.raises(ValueError, match=r"dataset 'synthetic' cannot read split 'val' .*it has train, test"):
+        make_data(dict(values.config.data, eval_split="val"), task="segmentation")
 
 
 def test_missing_dataset_is_a_one_line_error_naming_the_fix(tmp_path):

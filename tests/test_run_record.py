@@ -137,6 +137,23 @@ def test_a_resume_with_changed_settings_names_each_and_the_schedule(caplog):
     assert run_record.check_resume(None, _record(seed=3), step=4, where="w") == []  # a checkpoint before records
 
 
+def test_a_record_from_before_whole_data_sections_resumes_without_a_reported_change(caplog):
+    """A checkpoint written when configs named only some data keys: the keys it lacks held their defaults then,
+    so a config whose section now writes them all out reports nothing; a key set to another value still shows."""
+    from cankd_jax.data.options import data_section
+
+    old = dict(name="cityscapes", data_dir="", crop_size=(512, 1024), scale=(2048, 1024), eval_batch_size=8)
+    saved = run_record.make_record(ml_collections.ConfigDict(dict(seed=0, data=old)), None)
+    now = dict(seed=0, data=data_section("cityscapes", crop_size=(512, 1024), scale=(2048, 1024), eval_batch_size=8))
+    assert len(now["data"]) > len(old) + 8
+    assert run_record.check_resume(saved, run_record.make_record(ml_collections.ConfigDict(now), None), step=4,
+                                   where="w") == []
+    now["data"].update(flip_prob=0.0, eval_pad_size=(1024, 2048))
+    changed = run_record.check_resume(saved, run_record.make_record(ml_collections.ConfigDict(now), None), step=4,
+                                      where="w")
+    assert changed == ["data.eval_pad_size: [] -> [1024, 2048]", "data.flip_prob: 0.5 -> 0.0"]
+
+
 def test_config_differences_name_list_items_and_take_nan_as_nan():
     from cankd_jax.train.distributed import config_differences, flat_config
 

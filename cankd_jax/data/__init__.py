@@ -2,6 +2,7 @@
 
 A trainer needs `make_data(config.data, task=...)` (see `dataset.py`); the pieces
 are public for other uses:
+  options.py          the keys of a config's data section and their defaults, `data_section`
   sources.py          dataset table, `open_source` -> {'image', 'label'} records
   synthetic.py        the `cankd_synthetic_scenes` TFDS builder, `prepare_synthetic`
   scenes.py           its numpy scene generator
@@ -20,7 +21,8 @@ Grain or TFDS: benchmarks and memory estimates run where those are not installed
 import importlib
 
 _EXPORTS = {
-    "DATASET_DEFAULTS": "dataset", "Data": "dataset", "make_data": "dataset", "train_example_layouts": "dataset",
+    "DATASET_DEFAULTS": "options", "data_section": "options",
+    "Data": "dataset", "make_data": "dataset", "train_example_layouts": "dataset",
     "TrainIterator": "pipeline", "eval_batch_count": "pipeline", "make_eval_iterator": "pipeline",
     "make_train_iterator": "pipeline", "per_process_batch_size": "pipeline",
     "DATASETS": "sources", "open_source": "sources",

@@ -6,7 +6,8 @@
     saved = it.get_state()  # JSON-serialisable dict, valid on any topology: store it in the checkpoint
     for batch in data.eval_iterator(mesh): ...  # same keys + 'valid': (B,) bool; each example once
 
-Config keys (all optional except `name`; `DATASET_DEFAULTS` fills per-dataset values):
+Config keys (all optional except `name`; `options.DATASET_DEFAULTS` fills per-dataset values, and
+`options.data_section` writes a config's whole section):
   name            synthetic | synthetic_detection | cityscapes | scene_parse150 (ade20k) |
                   imagenet2012 (imagenet) | cifar10 | coco (coco/2017)
   data_dir        TFDS data directory ("" = TFDS's default)
@@ -44,47 +45,18 @@ from cankd_jax.data.segmentation import (
     SegEvalPreprocess,
     SegTrainAugment,
 )
+from cankd_jax.data.options import PAIRS, allowed_keys, dataset_key
 from cankd_jax.data.sources import (
-    ALIASES,
     DatasetSpec,
     MappedSource,
     dataset_spec,
     open_source,
 )
 
-_COMMON = dict(name=None, data_dir="", train_split="", eval_split="", eval_batch_size=8, workers=0,
-               flip_prob=0.5, crop_size=None)
-_SEGMENTATION = dict(scale=None, ratio_range=(0.5, 2.0), cat_max_ratio=0.75, photometric=True,
-                     eval_scale=None, eval_keep_ratio=True, eval_pad_size=None)
-_SYNTHETIC = dict(image_size=64, num_train=2000, num_test=500, synthetic_seed=0)
-_CLASSIFICATION = dict(crop_scale=(0.08, 1.0), eval_resize=None)
-_DETECTION = dict(scale=(1333, 800), norm="pytorch", max_boxes=0, filter_empty=True, min_size=0, index_cache="",
-                  augment="resize_flip")
 NORMS = {"pytorch": detection.PYTORCH_NORM, "caffe": detection.CAFFE_NORM}
 # data.augment -> the detection training augmentation at data.scale: mmdet's resize + flip (the CNN detectors) or
 # its DETR multi-scale resize / resize-crop-resize (DINO)
 DETECTION_AUGMENTS = {"resize_flip": detection.DetTrainAugment, "detr": detection.DetrTrainAugment.for_scale}
-
-# mmseg's / the usual settings per dataset; a config overrides any of them.
-DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
-    "synthetic": {},  # crop and scale default to the image size
-    "synthetic_detection": {},  # scale defaults to the image size
-    "cityscapes": dict(scale=(2048, 1024), crop_size=(512, 1024), eval_scale=(2048, 1024)),
-    # Sizes vary, so evaluation resizes to a fixed 512 x 512 (mmseg tests keep-ratio at (2048, 512)).
-    "scene_parse150": dict(scale=(2048, 512), crop_size=(512, 512), eval_scale=(512, 512), eval_keep_ratio=False),
-    "imagenet2012": dict(crop_size=(224, 224), eval_resize=256),
-    "cifar10": dict(crop_size=(32, 32), crop_scale=(0.5, 1.0), eval_resize=32),
-    # mmdet's coco_detection: 1333 x 800, filter_cfg=dict(filter_empty_gt=True, min_size=32).
-    "coco": dict(scale=(1333, 800), min_size=32),
-}
-
-
-def _allowed_keys(spec: DatasetSpec, key: str) -> dict[str, Any]:
-    keys = dict(_COMMON)
-    keys.update({"segmentation": _SEGMENTATION, "classification": _CLASSIFICATION, "detection": _DETECTION}[spec.task])
-    if key in ("synthetic", "synthetic_detection"):
-        keys.update(_SYNTHETIC)
-    return keys
 
 
 def _check_sizes(opts: Mapping[str, Any]) -> None:
@@ -124,15 +96,14 @@ def _resolve(cfg: Mapping[str, Any]) -> tuple[str, DatasetSpec, dict[str, Any]]:
     """Config mapping -> (dataset key, spec, full option dict), rejecting unknown keys."""
     if not cfg.get("name"):
         raise ValueError("data config needs a dataset name: set --config.data.name")
-    spec = dataset_spec(cfg["name"])
-    key = ALIASES.get(cfg["name"], cfg["name"])
-    opts = _allowed_keys(spec, key)
+    key = dataset_key(cfg["name"])
+    spec = dataset_spec(key)
+    opts = allowed_keys(key)
     unknown = sorted(set(cfg) - set(opts))
     if unknown:
         raise ValueError(f"unknown data config key(s) {unknown} for dataset {key!r}; known: {', '.join(sorted(opts))}")
-    opts.update(DATASET_DEFAULTS[key])
     opts.update(cfg)
-    for k in ("crop_size", "scale", "eval_scale", "eval_pad_size", "ratio_range", "crop_scale"):
+    for k in PAIRS:
         if k in opts and opts[k] is not None:
             if isinstance(opts[k], (str, bytes)) or not hasattr(opts[k], "__len__"):
                 raise ValueError(f"data.{k} must be a pair of numbers such as (512, 1024), got {opts[k]!r}")
@@ -146,7 +117,7 @@ def _resolve(cfg: Mapping[str, Any]) -> tuple[str, DatasetSpec, dict[str, Any]]:
         if opts.get("crop_size") is not None:  # detection resizes to data.scale (DINO crops by its own rule)
             raise ValueError(f"dataset {key!r} does not crop to data.crop_size (detection resizes to data.scale); "
                              "drop data.crop_size")
-        if key == "synthetic_detection" and "scale" not in cfg:
+        if key == "synthetic_detection" and not opts["scale"]:
             opts["scale"] = (int(opts["image_size"]),) * 2
         if not opts["scale"] or len(opts["scale"]) != 2:
             raise ValueError(f"dataset {key!r} needs --config.data.scale (long, short), e.g. (1333, 800)")

@@ -32,6 +32,7 @@ import tensorflow_datasets as tfds
 
 from cankd_jax.data import synthetic
 from cankd_jax.data.image_ops import IGNORE
+from cankd_jax.data.options import ALIASES, dataset_key
 from cankd_jax.data.scenes import NUM_CLASSES as SYNTHETIC_CLASSES
 
 log = logging.getLogger(__name__)
@@ -116,15 +117,11 @@ DATASETS: dict[str, DatasetSpec] = {
         f"prepare it with `tfds build cifar10 --file_format=array_record` (see {_TFDS_CATALOG}cifar10), "
         "then pass --config.data.data_dir"),
 }
-ALIASES = {"ade20k": "scene_parse150", "imagenet": "imagenet2012", "coco/2017": "coco"}
 
 
 def dataset_spec(name: str) -> DatasetSpec:
     """The table entry for `name` (or an alias), with a clear error for unknown names."""
-    key = ALIASES.get(name, name)
-    if key not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(sorted([*DATASETS, *ALIASES]))}")
-    return DATASETS[key]
+    return DATASETS[dataset_key(name)]
 
 
 class BadRecord(ValueError):
@@ -331,7 +328,12 @@ def open_source(name: str, split: str, data_dir: Optional[str] = None, *,
     spec = dataset_spec(name)
     header = None
     if spec.tfds_name == synthetic.NAME:
-        source = synthetic.prepare_synthetic(data_dir, **(synthetic_options or {})).as_data_source(split=split)
+        builder = synthetic.prepare_synthetic(data_dir, **(synthetic_options or {}))
+        try:
+            source = builder.as_data_source(split=split)
+        except ValueError as e:  # an unknown split, or a slice TFDS cannot read
+            raise ValueError(f"dataset {name!r} cannot read split {split!r} ({' '.join(str(e).split())}); it has "
+                             f"{', '.join(builder.info.splits)} (data.train_split, data.eval_split)") from e
     else:
         try:
             source = tfds.data_source(spec.tfds_name, split=split, data_dir=data_dir, download=False)

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from cankd_jax.data import options
 from cankd_jax.train.distributed import ProcessesDisagree, config_differences, flat_config
 
 log = logging.getLogger(__name__)
@@ -213,6 +214,16 @@ def make_record(config: ml_collections.ConfigDict, teacher_variables: Optional[P
     return {"config": flat_config(config), "teacher": _digest(flat, [part for _, part, _ in hashes]) if flat else None}
 
 
+def with_data_defaults(config: dict[str, Any]) -> dict[str, Any]:
+    """A record's dotted config with the `data` keys it lacks at the values they had then: a config written before
+    its data section held every key (`options.data_section`) left them to the defaults, which a resume now
+    under such a section must not report as changed settings."""
+    name = config.get("data.name")
+    if not isinstance(name, str) or options.ALIASES.get(name, name) not in options.TASKS:
+        return config
+    return {**flat_config({"data": options.data_section(name)}), **config}
+
+
 def check_resume(saved: Optional[dict[str, Any]], current: dict[str, Any], *, step: int, where: str) -> list[str]:
     """Raise `TeacherChanged` when the checkpoint at `step` (in `where`) was distilled from other teacher weights;
     return (and log as a warning) the keys whose values changed since it was written. `saved` None: a checkpoint
@@ -230,7 +241,7 @@ def check_resume(saved: Optional[dict[str, Any]], current: dict[str, Any], *, st
             f"loads (then: {source(saved.get('config', {}))}, fingerprint {before[:12]}; now: "
             f"{source(current['config'])}, fingerprint {now[:12]}; a teacher retrained since?). Going on would mix "
             "two teachers in one result: give this run a new --workdir, or delete that workdir to distil again")
-    changed = config_differences(current["config"], saved.get("config", {}), ignore=BOOKKEEPING)
+    changed = config_differences(current["config"], with_data_defaults(saved.get("config", {})), ignore=BOOKKEEPING)
     if changed:
         note = ("; the learning-rate schedule is drawn for the new total_steps from here on"
                 if any(c.startswith("total_steps:") for c in changed) else "")
