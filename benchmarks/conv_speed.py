@@ -1,7 +1,8 @@
 """The paper's Cityscapes pairing convolution by convolution: each k x k convolution of the student's train step
 (forward + backward) and of the teacher's part of the step, in XLA's form ('native'), as tap matmuls ('taps',
-`cankd_jax.models.conv.conv_as_tap_matmuls`), with the forward pass only as taps ('tap_forward') and in PyTorch
-(`F.conv2d`, eager, as many threads as cores), in the same run.
+`cankd_jax.models.conv.conv_as_tap_matmuls`), with the forward pass only as taps ('tap_forward'), as one im2col
+matmul in training ('im2col', `conv_im2col`) and in PyTorch (`F.conv2d`, eager, as many threads as cores), in the
+same run.
 
 The convolutions are read off the networks themselves: the student's forward pass and the teacher's as the step
 runs it (`step.teacher_features`: inference mode, up to the features the distillation terms read, its other heads
@@ -14,10 +15,12 @@ BatchNorm without affine parameters (forward + backward as the networks run it: 
 feeds a BatchNorm, most of them a ReLU after it, so the forward output is computed and the backward's cotangent depends on it; the
 gradients of a plain `sum(y * g)` need no forward pass, which XLA then drops and PyTorch does not). Compilation
 excluded, median of `--repeats` calls, each waited for. 'tap_forward' (`conv_tap_forward`: the forward pass as
-taps, XLA's gradient convolutions) has its own timing in the student's rows only; in a forward row it is the taps'.
-The `wide_taps picks` column is the form `conv_form('wide_taps')` runs for that convolution (`compute.conv_form_for`:
-taps from 256 input channels, in the gradients too where padding takes a quarter of the native reads), and the
-ratio is its time against PyTorch's. Totals weight each row by its count.
+taps, XLA's gradient convolutions) and 'im2col' (the taps where nothing is differentiated, one matmul over the
+input's shifted copies in training) have their own timings in the student's rows only; in a forward row they are
+the taps'. The `wide_taps picks` column is the form `conv_form('wide_taps')` runs for that convolution
+(`compute.conv_form_for`: from 256 input channels taps, in the gradients too where padding takes a quarter of
+the native reads, else im2col where the convolution keeps half its channels), and the ratio is its time against
+PyTorch's. Totals weight each row by its count.
 
     python benchmarks/conv_speed.py                                   # dlv3 at the CPU shape: 128x256, 2 images
     python benchmarks/conv_speed.py --height 512 --width 1024 --batch 8 --no-teacher
@@ -42,7 +45,7 @@ from train_speed import case_config  # noqa: E402
 from jax._src.interpreters import partial_eval as pe  # noqa: E402 - dce_jaxpr: no public dead-code elimination
 
 from cankd_jax.compute import conv_form, conv_form_for, dilated_conv  # noqa: E402
-from cankd_jax.models.conv import conv_as_tap_matmuls, conv_tap_forward  # noqa: E402
+from cankd_jax.models.conv import conv_as_tap_matmuls, conv_im2col, conv_tap_forward  # noqa: E402
 import arg_types  # this folder's command-line value types  # noqa: E402
 
 # (input shape, kernel shape, strides, padding, dilation, groups)
@@ -88,7 +91,9 @@ def network_convs(module, size: tuple[int, int], batch: int) -> collections.Coun
     return traced_convs(lambda x: module.init_with_output(jax.random.key(0), x, train=False), x)
 
 
-JAX_FORMS = {"native": jax.lax.conv_general_dilated, "taps": conv_as_tap_matmuls, "tap_forward": conv_tap_forward}
+JAX_FORMS = {"native": jax.lax.conv_general_dilated, "taps": conv_as_tap_matmuls, "tap_forward": conv_tap_forward,
+             "im2col": conv_im2col}
+TAP_FORMS = ("taps", "tap_forward", "im2col")  # not for grouped convolutions
 
 
 def jax_conv(form: str):
@@ -149,8 +154,9 @@ def measure(spec: Conv, backward: bool, repeats: int) -> dict:
            "torch": time_torch(spec, x, w, g, backward, repeats)}
     if groups == 1:
         row["taps"] = time_jax("taps", spec, x, w, g, backward, repeats)
-        # Its forward pass is the taps' own: timed only where the gradients run too.
-        row["tap_forward"] = time_jax("tap_forward", spec, x, w, g, True, repeats) if backward else row["taps"]
+        # Their forward passes are the taps' own: timed only where the gradients run too.
+        for form in ("tap_forward", "im2col"):
+            row[form] = time_jax(form, spec, x, w, g, True, repeats) if backward else row["taps"]
     return row
 
 
@@ -158,26 +164,27 @@ def table(title: str, found: collections.Counter, backward: bool, repeats: int) 
     what = "forward + backward, each with a BatchNorm and a ReLU" if backward else "forward"
     lines = [f"### {title}: {sum(found.values())} convolutions, {len(found)} distinct ({what}, ms per call)", "",
              "| input (B, H, W, C) | kernel (kh, kw, C/g, O) | stride | dilation | groups | count | native | taps "
-             "| tap_forward | PyTorch | wide_taps picks | wide_taps / PyTorch |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| tap_forward | im2col | PyTorch | wide_taps picks | wide_taps / PyTorch |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     totals = collections.Counter()
     for spec, count in sorted(found.items(), key=lambda kv: (-kv[0][0][1], kv[0][0][3], kv[0][4])):
         row = measure(spec, backward, repeats)
         xs, ws, strides, _, dilation, groups = spec
         with conv_form("wide_taps"):  # the library's own rule picks the column
-            picks = conv_form_for(xs[1:3], xs[-1], ws[0], strides[0], dilation[0], groups)
+            picks = conv_form_for(xs[1:3], xs[-1], ws[0], strides[0], dilation[0], groups, ws[-1])
         row["wide_taps"] = row[picks]
         for k, v in row.items():
             totals[k] += count * v * 1e3
-        for form in ("taps", "tap_forward"):  # grouped: native in every total
+        for form in TAP_FORMS:  # grouped: native in every total
             totals[form] += 0 if form in row else count * row["native"] * 1e3
-        taps, tap_forward = (f"{row[f] * 1e3:.1f}" if f in row else "-" for f in ("taps", "tap_forward"))
+        taps = " | ".join(f"{row[f] * 1e3:.1f}" if f in row else "-" for f in TAP_FORMS)
         lines.append(f"| {xs} | {ws} | {strides[0]} | {dilation[0]} | {groups} | {count} | "
-                     f"{row['native'] * 1e3:.1f} | {taps} | {tap_forward} | {row['torch'] * 1e3:.1f} | {picks} | "
+                     f"{row['native'] * 1e3:.1f} | {taps} | {row['torch'] * 1e3:.1f} | {picks} | "
                      f"{row['wide_taps'] / row['torch']:.2f} |")
         print(lines[-1], file=sys.stderr, flush=True)
-    lines.append(f"| **total (x count)** | | | | | | **{totals['native']:.0f}** | **{totals['taps']:.0f}** | "
-                 f"**{totals['tap_forward']:.0f}** | **{totals['torch']:.0f}** | **{totals['wide_taps']:.0f}** | "
+    lines.append(f"| **total (x count)** | | | | | | **{totals['native']:.0f}** | "
+                 + "".join(f"**{totals[f]:.0f}** | " for f in TAP_FORMS)
+                 + f"**{totals['torch']:.0f}** | **{totals['wide_taps']:.0f}** | "
                  f"**{totals['wide_taps'] / totals['torch']:.2f}** |")
     return "\n".join(lines)
 

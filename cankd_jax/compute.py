@@ -40,10 +40,13 @@ the pixels it reaches, with the tap's (C, O) kernel slice (`models.conv.conv_as_
 so the forward pass and both gradients are matmuls, and a dilated tap that reaches no
 pixel (the ASPP's dilations 24/36 on a small map) costs nothing; 'tap_forward' computes the
 forward pass as taps and the gradients as XLA's convolutions (`models.conv.conv_tap_forward`);
+'im2col' is the taps where nothing is differentiated and, in training, one matmul over the input's
+k x k shifted copies side by side, its gradients two matmuls (`models.conv.conv_im2col`);
 'wide_taps' picks per convolution: below 256 input channels native, from 256 'taps' where at
-least a quarter of the native form's reads fall on padding (`real_share`), 'tap_forward'
-elsewhere; grouped convolutions, and dilated ones in the 'batched'/'wgrad' forms, stay as they
-are. 'auto' (the default) is 'wide_taps' on CPUs and 'native' on other backends (cuDNN's
+least a quarter of the native form's reads fall on padding (`real_share`), else 'im2col' where
+the convolution keeps at least half its channels and 'tap_forward' where it narrows them more;
+grouped convolutions, and dilated ones in the 'batched'/'wgrad' forms, stay as they are.
+'auto' (the default) is 'wide_taps' on CPUs and 'native' on other backends (cuDNN's
 convolutions are fast; TPUs unmeasured).
 
 Why, on this project's 2-core CPU (`results/train_speed/conv_cpu.md`): XLA:CPU's convolutions
@@ -56,7 +59,10 @@ student's 512-channel 3x3, forward + backward with its BatchNorm and ReLU, 86 ms
 as taps, 80 ms as 'tap_forward'), except where padding dominates (that student's ASPP branch
 with dilation 36 on a 16 x 32 map: 76 ms native, 4 ms as taps). At 32 and 64 channels taps are
 slower, at 128 even, and a small network's step (the segmentation demo, 64-192 channels on 8x8
-maps) ran slower with taps from 64 channels (51-54 ms against 39-51 ms native).
+maps) ran slower with taps from 64 channels (51-54 ms against 39-51 ms native). In training, one im2col
+matmul of depth k k C beats both where the convolution keeps or widens its channels (the same 512-channel 3x3:
+87 ms against 106 native and 116 'tap_forward' on an Intel Xeon host, 2026-12-08); where it narrows them
+(640 -> 128) the input-wide cotangent of its copies costs more than the matmul saves (47 ms against 35).
 """
 
 from __future__ import annotations
@@ -117,7 +123,7 @@ def checkpointed(fn: Callable, name: Optional[str]) -> Callable:
     return fn if (name or "none") == "none" else jax.checkpoint(fn, policy=policy)
 
 
-CONV_FORMS = ("auto", "native", "taps", "tap_forward", "wide_taps")
+CONV_FORMS = ("auto", "native", "taps", "tap_forward", "im2col", "wide_taps")
 # Below this many input channels a tap's matmul is too thin to beat XLA:CPU's convolution (conv_cpu.md: slower
 # at 32 and 64, even at 128, ahead from 256).
 TAPS_MIN_CHANNELS = 256
@@ -125,6 +131,10 @@ TAPS_MIN_CHANNELS = 256
 # multiply-adds on padding (a real share <= 0.75: the ASPP's dilations 12/24/36 on small maps); with less padding
 # XLA:CPU's own gradient convolutions beat the taps' (conv_cpu.md, 2026-12-07).
 TAPS_MAX_REAL_SHARE = 0.75
+# In training, a wide convolution that keeps at least half its channels runs fastest as one im2col matmul; one that
+# narrows them more (640 -> 128, 256 -> 64) pays more for its input-wide cotangent than the matmul saves
+# (conv_cpu.md, 2026-12-08).
+IM2COL_MIN_WIDTH = 0.5
 _conv_form: contextvars.ContextVar[str] = contextvars.ContextVar("conv_form", default="auto")
 
 
@@ -141,8 +151,8 @@ def _traced_in(var: contextvars.ContextVar[str], name: str, known: tuple[str, ..
 
 
 def conv_form(name: str) -> contextlib.AbstractContextManager[None]:
-    """Trace k x k convolutions in the named form ('auto', 'native', 'taps', 'tap_forward' or 'wide_taps') inside
-    the block."""
+    """Trace k x k convolutions in the named form ('auto', 'native', 'taps', 'tap_forward', 'im2col' or
+    'wide_taps') inside the block."""
     return _traced_in(_conv_form, name, CONV_FORMS, "convolution")
 
 
@@ -160,11 +170,13 @@ def real_share(size: tuple[int, int], kernel_size: int, stride: int, dilation: i
 
 
 def conv_form_for(size: tuple[int, int], in_channels: int, kernel_size: int, stride: int, dilation: int,
-                  groups: int) -> str:
-    """The form a k x k convolution over a `size = (H, W)` map with `in_channels` inputs is traced in here:
-    'native', 'taps' or 'tap_forward'. 'auto' is 'wide_taps' on CPUs, else 'native'. 'wide_taps' resolves by the
-    convolution: below `TAPS_MIN_CHANNELS` inputs 'native'; from there 'taps' if at most `TAPS_MAX_REAL_SHARE`
-    of its native reads are real (`real_share`), else 'tap_forward'. Grouped convolutions stay native."""
+                  groups: int, out_channels: int) -> str:
+    """The form a k x k convolution over a `size = (H, W)` map from `in_channels` to `out_channels` is traced in
+    here: 'native', 'taps', 'tap_forward' or 'im2col'. 'auto' is 'wide_taps' on CPUs, else 'native'. 'wide_taps'
+    resolves by the convolution: below `TAPS_MIN_CHANNELS` inputs 'native'; from there 'taps' if at most
+    `TAPS_MAX_REAL_SHARE` of its native reads are real (`real_share`); else 'im2col' if it keeps at least
+    `IM2COL_MIN_WIDTH` of its channels, 'tap_forward' if it narrows them more. Grouped convolutions stay
+    native."""
     form = _conv_form.get()
     if form == "auto":
         form = "wide_taps" if jax.default_backend() == "cpu" else "native"
@@ -173,7 +185,9 @@ def conv_form_for(size: tuple[int, int], in_channels: int, kernel_size: int, str
     if form == "wide_taps":
         if in_channels < TAPS_MIN_CHANNELS:
             return "native"
-        return "taps" if real_share(size, kernel_size, stride, dilation) <= TAPS_MAX_REAL_SHARE else "tap_forward"
+        if real_share(size, kernel_size, stride, dilation) <= TAPS_MAX_REAL_SHARE:
+            return "taps"
+        return "im2col" if out_channels >= IM2COL_MIN_WIDTH * in_channels else "tap_forward"
     return form
 
 

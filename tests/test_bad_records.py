@@ -169,6 +169,23 @@ def test_another_version_or_unreadable_metadata_is_named(tmp_path):
         make_data(_config(str(tmp_path / "b")), task="detection")
 
 
+def test_a_split_slice_is_checked_as_a_split(tmp_path):
+    """`data.train_split` may be a TFDS slice. A set TFDS cannot open (here: prepared as TFRecord, which random
+    access cannot read) is named for that, not for lacking the slice; a slice of a split it lacks is named as
+    that split."""
+    directory = write_coco(str(tmp_path), {"train": _examples(2), "validation": _examples(2, 10)})
+    info = os.path.join(directory, "dataset_info.json")
+    with open(info) as f:
+        text = f.read()
+    assert '"array_record"' in text
+    with open(info, "w") as f:
+        f.write(text.replace('"array_record"', '"tfrecord"'))
+    with pytest.raises(ValueError, match="is not in ArrayRecord format"):
+        make_data(_config(str(tmp_path), train_split="train[:1]"), task="detection")
+    with pytest.raises(ValueError, match=r"has no split 'test\[:1\]'; it has train, validation"):
+        make_data(_config(str(tmp_path), train_split="test[:1]"), task="detection")
+
+
 def test_the_index_cache_follows_a_set_prepared_again_in_the_same_place(tmp_path):
     data_dir, cache = str(tmp_path / "data"), str(tmp_path / "cache")
     first = {"train": _examples(3), "validation": _examples(2, 10)}

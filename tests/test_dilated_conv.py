@@ -48,7 +48,7 @@ CASES = [(8, 16, 2, 3, 1), (9, 13, 2, 3, 1), (7, 5, 4, 3, 1), (8, 8, 12, 3, 1), 
          (11, 6, 3, 5, 1), (9, 7, 2, 3, 2), (6, 9, 4, 3, 6)]
 
 
-def _check_against_torch(m: _Conv, h: int, w: int):
+def _check_against_torch(m: _Conv, h: int, w: int, *, training_forward: bool = False):
     with jax.enable_x64():
         x = np.random.default_rng(0).standard_normal((2, h, w, 6))
         variables = m.init(jax.random.key(0), jnp.asarray(x))
@@ -61,6 +61,9 @@ def _check_against_torch(m: _Conv, h: int, w: int):
         # Jitted: one program per case compiles faster than dispatching a 7x7 kernel's 49 taps op by op.
         y = jax.jit(m.apply)(variables, jnp.asarray(x))
         gv, gx = jax.jit(jax.grad(loss, argnums=(0, 1)))(variables, jnp.asarray(x))
+        if training_forward:  # the output a differentiated pass computes, where a form computes it otherwise
+            y_train = jax.jit(lambda v, x: jax.vjp(m.apply, v, x)[0])(variables, jnp.asarray(x))
+            np.testing.assert_allclose(y_train, y_ref, rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(y, y_ref, rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(gx, gx_ref, rtol=1e-12, atol=1e-11)
     np.testing.assert_allclose(gv["params"]["conv"]["kernel"], gk_ref, rtol=1e-12, atol=1e-11)
@@ -94,6 +97,17 @@ def test_tap_forward_conv_matches_torch(h, w, d, k, stride):
         _check_against_torch(_Conv(features=6, kernel_size=k, dilation=d, stride=stride), h, w)
 
 
+@pytest.mark.parametrize("h, w, d, k, stride", [TAP_CASES[i] for i in (1, 2, 4, 7, 8, 9)])
+def test_im2col_conv_matches_torch(h, w, d, k, stride):
+    """'im2col': the taps' forward pass where nothing is differentiated (tested above on every case), and under a
+    gradient one matmul over the input's shifted copies, its output and both gradients: a dilation the size does
+    not divide, one wider than the map, a 5x5, a strided 7x7, a stride-3 dilated conv, a dilation the map is
+    narrower than in one direction."""
+    with dilated_conv("native"), conv_form("im2col"):
+        _check_against_torch(_Conv(features=6, kernel_size=k, dilation=d, stride=stride), h, w,
+                             training_forward=True)
+
+
 def test_real_share_counts_the_reads_on_real_pixels():
     """By hand: the real share of the kernel's rows times that of its columns."""
     # A 3x3 over 4 x 5 (padding 1): taps at offsets -1, 0, +1 read a real row for 3, 4, 3 of the 4 output rows,
@@ -107,23 +121,26 @@ def test_real_share_counts_the_reads_on_real_pixels():
 
 
 def test_wide_taps_choose_by_channels_and_padding(monkeypatch):
-    """'wide_taps': convolutions from 256 input channels run their forward pass as tap matmuls, and their
-    gradients too where at least a quarter of the native reads fall on padding (a dilation wide for the map);
-    thinner and grouped ones stay XLA convolutions. Read off the compiled programs: no convolution left in a
-    'taps' one, the gradients' convolutions only in a 'tap_forward' one. 'auto' is 'wide_taps' on CPUs only."""
+    """'wide_taps': convolutions from 256 input channels run their forward pass as tap matmuls; their gradients
+    too where at least a quarter of the native reads fall on padding (a dilation wide for the map); elsewhere
+    one im2col matmul in training where they keep at least half their channels, XLA's gradient convolutions
+    where they narrow them more; thinner and grouped ones stay XLA convolutions. Read off the compiled programs:
+    no convolution left in a 'taps' or an 'im2col' one, the gradients' convolutions only in a 'tap_forward' one.
+    'auto' is 'wide_taps' on CPUs only."""
     padded, plain = ((16, 16), 3, 1, 12), ((16, 16), 3, 1, 1)  # real shares 0.25 and 0.92
     with conv_form("wide_taps"):
-        assert conv_form_for(padded[0], 256, *padded[1:], 1) == "taps"
-        assert conv_form_for(plain[0], 256, *plain[1:], 1) == "tap_forward"
-        assert conv_form_for(padded[0], 255, *padded[1:], 1) == "native"
-        assert conv_form_for(padded[0], 256, *padded[1:], 2) == "native"
+        assert conv_form_for(padded[0], 256, *padded[1:], 1, 256) == "taps"
+        assert conv_form_for(plain[0], 256, *plain[1:], 1, 128) == "im2col"
+        assert conv_form_for(plain[0], 256, *plain[1:], 1, 127) == "tap_forward"
+        assert conv_form_for(padded[0], 255, *padded[1:], 1, 256) == "native"
+        assert conv_form_for(padded[0], 256, *padded[1:], 2, 256) == "native"
     assert jax.default_backend() == "cpu"
-    assert conv_form_for(plain[0], 256, *plain[1:], 1) == "tap_forward"
+    assert conv_form_for(plain[0], 256, *plain[1:], 1, 8) == "tap_forward"
     with conv_form("native"):
-        assert conv_form_for(padded[0], 256, *padded[1:], 1) == "native"
+        assert conv_form_for(padded[0], 256, *padded[1:], 1, 256) == "native"
     with monkeypatch.context() as m:
         m.setattr(jax, "default_backend", lambda: "gpu")
-        assert conv_form_for(padded[0], 256, *padded[1:], 1) == "native"
+        assert conv_form_for(padded[0], 256, *padded[1:], 1, 256) == "native"
 
     def programs(m, c):
         x = jnp.ones((1, 16, 16, c))
@@ -138,6 +155,8 @@ def test_wide_taps_choose_by_channels_and_padding(monkeypatch):
             for stride in (1, 2):
                 forward, grad = programs(_Conv(features=8, kernel_size=3, dilation=1, stride=stride), 256)
                 assert "convolution" not in forward and grad.count("stablehlo.convolution") == 2
+                forward, grad = programs(_Conv(features=128, kernel_size=3, dilation=1, stride=stride), 256)
+                assert "convolution" not in forward and "convolution" not in grad
             assert "convolution" in programs(_Conv(features=8, kernel_size=3, dilation=12), 128)[0]
             assert "convolution" in programs(_Conv(features=256, kernel_size=3, dilation=1, groups=256), 256)[0]
     with conv_form("native"):

@@ -73,6 +73,7 @@ def data_section(name: str, **values: Any) -> dict[str, Any]:
     section = allowed_keys(key)
     unknown = sorted(set(values) - set(section))
     if unknown:
-        raise ValueError(f"unknown data config key(s) {unknown} for dataset {key!r}; known: {', '.join(sorted(section))}")
+        raise ValueError(f"unknown data config key(s) {unknown} for dataset {key!r}; "
+                         f"known: {', '.join(sorted(section))}")
     section.update(values, name=name)
     return {k: (() if v is None and k in PAIRS else v) for k, v in section.items()}

@@ -385,9 +385,11 @@ def _missing_error(name: str, spec: DatasetSpec, data_dir: Optional[str], split:
     if not prepared:
         return FileNotFoundError(f"dataset {name!r} not found under {where}{_what_is_there(spec, where)}; "
                                  f"{spec.how_to_get}")
-    if split not in builder.info.splits:
+    try:  # `in` does not resolve a slice ('validation[:500]'); indexing does
+        info = builder.info.splits[split]
+    except (KeyError, ValueError):
         return ValueError(f"dataset {name!r} has no split {split!r}; it has {', '.join(builder.info.splits)}")
-    if not builder.info.splits[split].num_examples:
+    if not info.num_examples:
         return _empty_split(name, split, where)
     return ValueError(f"dataset {name!r} under {where} is not in ArrayRecord format (random access needs it); "
                       f"rebuild it with file_format=array_record")

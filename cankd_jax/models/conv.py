@@ -6,7 +6,8 @@ symmetric padding `dilation * (k // 2)`, so output sizes match PyTorch's for
 odd inputs and strides too. On GPUs a stride-1 dilated convolution runs undilated
 over its input's interleaved sub-images (`dilated_as_batched`; `compute.dilated_conv`); under
 `compute.conv_form` a convolution is a sum of per-tap matmuls (`conv_as_tap_matmuls`), in its gradients
-too or in its forward pass only (`conv_tap_forward`).
+too or in its forward pass only (`conv_tap_forward`), or in training one matmul over the input's shifted copies
+(`conv_im2col`).
 Default initialisation is the one the PyTorch networks start from: Kaiming-normal
 over fan-out for convolutions (torchvision's ResNet, mmcv's ConvModule), BatchNorm
 weight 1 and bias 0.
@@ -68,7 +69,7 @@ def conv2d(
     fan_in = (x.shape[-1] // groups) * kernel_size * kernel_size
     form = dilated_conv_form() if dilation > 1 and stride == 1 else "native"
     if form == "native":
-        form = conv_form_for(x.shape[1:3], x.shape[-1], kernel_size, stride, dilation, groups)
+        form = conv_form_for(x.shape[1:3], x.shape[-1], kernel_size, stride, dilation, groups, features)
     batched = form == "batched"
     conv = nn.Conv(
         features,
@@ -83,7 +84,7 @@ def conv2d(
         dtype=dtype,
         param_dtype=param_dtype,
         conv_general_dilated={"wgrad": dilated_conv_batched_wgrad, "taps": conv_as_tap_matmuls,
-                              "tap_forward": conv_tap_forward}.get(form),
+                              "tap_forward": conv_tap_forward, "im2col": conv_im2col}.get(form),
         name=name,
     )
     return dilated_as_batched(conv, x, kernel_size, dilation, pad) if batched else conv(x)
@@ -205,6 +206,79 @@ def _tap_forward_bwd(strides, pads, dilation, dn, groups, precision, res, g):
 
 
 _tap_forward.defvjp(_tap_forward_fwd, _tap_forward_bwd)
+
+
+def conv_im2col(lhs: Array, rhs: Array, window_strides: Sequence[int], padding: Any, *,
+                lhs_dilation: Optional[Sequence[int]] = None, rhs_dilation: Optional[Sequence[int]] = None,
+                dimension_numbers: Any = None, feature_group_count: int = 1, precision: Any = None) -> Array:
+    """`lax.conv_general_dilated` that is `conv_as_tap_matmuls` where it is not differentiated (a teacher's
+    forward pass, an evaluation) and, where it is (training), one matmul of the `(k k C, O)` kernel with the
+    input's k x k shifted copies side by side on the channel axis (im2col: `(B, H', W', k k C)`), whose gradients
+    are two matmuls and the copies' cotangents added back in place. The same function, so the same values and
+    gradients up to float rounding (the training and the inference forward pass round differently: in the last
+    bits in float32, by a few roundings in bfloat16). Takes what `conv_as_tap_matmuls` takes.
+
+    Why: on XLA:CPU, in training, its one matmul of depth k k C and two gradient matmuls beat both XLA's
+    convolutions and the taps (each tap's product padded back to the map and summed) where the convolution keeps
+    or widens its channels (the dlv3 student's 512-channel 3x3, forward + backward with its BatchNorm and ReLU:
+    87 ms against 106 native and 116 'tap_forward'); where it narrows them (640 -> 128) its input-wide cotangent
+    costs more than it saves (`results/train_speed/conv_cpu.md`). The copies are kept from the forward pass to
+    the backward pass for the kernel's gradient: k k times the input of each such convolution, a CPU trade."""
+    strides = tuple(window_strides)
+    dilation = tuple(rhs_dilation or (1, 1))
+    dn = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+    if (isinstance(padding, str) or tuple(lhs_dilation or (1, 1)) != (1, 1) or feature_group_count != 1
+            or dn != lax.conv_dimension_numbers(lhs.shape, rhs.shape, ("NHWC", "HWIO", "NHWC"))):
+        # conv_as_tap_matmuls names what neither takes (the gradient path below would not trace it first).
+        return conv_as_tap_matmuls(lhs, rhs, strides, padding, lhs_dilation=lhs_dilation, rhs_dilation=dilation,
+                                   dimension_numbers=dimension_numbers, feature_group_count=feature_group_count)
+    pads = tuple((int(lo), int(hi)) for lo, hi in padding)
+    if min(min(p) for p in pads) < 0:  # a crop: the copies below pad with jnp.pad, which cannot cut
+        raise ValueError(f"conv_im2col: padding must be non-negative, got {padding!r}")
+    return _im2col(lhs, rhs, strides, pads, dilation, dn, feature_group_count, precision)
+
+
+def _im2col_copies(lhs, kernel_shape, strides, pads, dilation):
+    """`(B, H, W, C) -> (B, H', W', kh kw C)`: the input pixels each output pixel's taps read, tap by tap
+    (NHWC/HWIO, no groups, padding >= 0). Linear in `lhs`."""
+    b, h, w, c = lhs.shape
+    kh, kw = kernel_shape[:2]
+    (sh, sw), (dh, dw), ((pt, pb), (pl, pr)) = strides, dilation, pads
+    ho, wo = (h + pt + pb - dh * (kh - 1) - 1) // sh + 1, (w + pl + pr - dw * (kw - 1) - 1) // sw + 1
+    x = jnp.pad(lhs, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
+    return jnp.concatenate([lax.slice(x, (0, i * dh, j * dw, 0),
+                                      (b, i * dh + (ho - 1) * sh + 1, j * dw + (wo - 1) * sw + 1, c), (1, sh, sw, 1))
+                            for i in range(kh) for j in range(kw)], axis=-1)
+
+
+def _flat_kernel(rhs):
+    # HWIO reshaped to (kh kw C, O) is ordered tap by tap, channels within: the copies' order.
+    kh, kw, c, o = rhs.shape
+    return rhs.reshape(kh * kw * c, o)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5, 6, 7))
+def _im2col(lhs, rhs, strides, pads, dilation, dn, groups, precision):
+    return conv_as_tap_matmuls(lhs, rhs, strides, pads, rhs_dilation=dilation, dimension_numbers=dn,
+                               feature_group_count=groups, precision=precision)
+
+
+def _im2col_fwd(lhs, rhs, strides, pads, dilation, dn, groups, precision):
+    copies = _im2col_copies(lhs, rhs.shape, strides, pads, dilation)
+    # The copies are kept for the kernel's gradient (XLA would merge copies made again with these anyway).
+    return jnp.einsum("bhwk,ko->bhwo", copies, _flat_kernel(rhs), precision=precision), (lhs, copies, rhs)
+
+
+def _im2col_bwd(strides, pads, dilation, dn, groups, precision, res, g):
+    lhs, copies, rhs = res  # lhs for its shape only: its value is not read
+    dw = jnp.einsum("bhwk,bhwo->ko", copies, g, precision=precision).reshape(rhs.shape)
+    dcopies = jnp.einsum("bhwo,ko->bhwk", g, _flat_kernel(rhs), precision=precision).astype(copies.dtype)
+    # Each copy's cotangent added back where it was read: the transpose of the copying.
+    (dx,) = jax.linear_transpose(lambda x: _im2col_copies(x, rhs.shape, strides, pads, dilation), lhs)(dcopies)
+    return dx.astype(lhs.dtype), dw.astype(rhs.dtype)
+
+
+_im2col.defvjp(_im2col_fwd, _im2col_bwd)
 
 
 def _space_to_batch(x: Array, d: int) -> Array:

@@ -215,9 +215,10 @@ def make_record(config: ml_collections.ConfigDict, teacher_variables: Optional[P
 
 
 def with_data_defaults(config: dict[str, Any]) -> dict[str, Any]:
-    """A record's dotted config with the `data` keys it lacks at the values they had then: a config written before
-    its data section held every key (`options.data_section`) left them to the defaults, which a resume now
-    under such a section must not report as changed settings."""
+    """A dotted config with the `data` keys it lacks at their defaults (this code's tables: the values such a run
+    had, as long as the tables have not changed since). A config whose data section does not hold every key (one
+    written before `options.data_section`, or by hand) left them to the defaults; a resume must not report them
+    as changed settings, on either side."""
     name = config.get("data.name")
     if not isinstance(name, str) or options.ALIASES.get(name, name) not in options.TASKS:
         return config
@@ -241,7 +242,8 @@ def check_resume(saved: Optional[dict[str, Any]], current: dict[str, Any], *, st
             f"loads (then: {source(saved.get('config', {}))}, fingerprint {before[:12]}; now: "
             f"{source(current['config'])}, fingerprint {now[:12]}; a teacher retrained since?). Going on would mix "
             "two teachers in one result: give this run a new --workdir, or delete that workdir to distil again")
-    changed = config_differences(current["config"], with_data_defaults(saved.get("config", {})), ignore=BOOKKEEPING)
+    changed = config_differences(with_data_defaults(current["config"]), with_data_defaults(saved.get("config", {})),
+                                 ignore=BOOKKEEPING)
     if changed:
         note = ("; the learning-rate schedule is drawn for the new total_steps from here on"
                 if any(c.startswith("total_steps:") for c in changed) else "")
